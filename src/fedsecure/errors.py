@@ -1,0 +1,62 @@
+"""Typed exceptions, named after the rule that was broken.
+
+Errors are split by who is at fault (as in h11): the caller misused the API
+(`FedsecureError` subclasses that are also `ValueError`/`TypeError`/...), or a
+peer sent something it should not have (`ProtocolError`).
+"""
+
+from __future__ import annotations
+
+
+class FedsecureError(Exception):
+    """Base class of every error fedsecure raises on purpose."""
+
+
+class PermissionDenied(FedsecureError, PermissionError):
+    """A worker refused to release or move a value; the message names the rule.
+
+    The value stays where it was: a refusal loses nothing.
+    """
+
+    def __init__(self, message: str, *, rule: str) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+class OperationNotAllowed(FedsecureError, TypeError):
+    """The operation is not on the worker's allow-list (or not supported on pointers)."""
+
+    def __init__(self, message: str, *, op: str) -> None:
+        super().__init__(message)
+        self.op = op
+
+
+class WorkerMismatch(FedsecureError, ValueError):
+    """Operands live on different workers (or one is local and one remote)."""
+
+
+class ObjectNotFound(FedsecureError, KeyError):
+    """A worker holds no object under the given id (freed, moved, or never sent)."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want a sentence
+        return str(self.args[0]) if self.args else ""
+
+
+class WorkerUnavailable(FedsecureError, ConnectionError):
+    """A worker could not be reached within the deadline."""
+
+
+class ProtocolError(FedsecureError, ValueError):
+    """A message could not be decoded or violates the protocol (the peer's fault)."""
+
+
+class RemoteError(FedsecureError, RuntimeError):
+    """An allowed operation failed on the worker (for example a shape mismatch).
+
+    ``op`` names the operation and ``worker`` the worker it ran on.
+    """
+
+    def __init__(self, message: str, *, op: str, worker: str) -> None:
+        super().__init__(message)
+        self.op = op
+        self.worker = worker

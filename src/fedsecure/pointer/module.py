@@ -1,0 +1,244 @@
+"""Models on workers: ``send``, ``get``, ``move`` and ``copy`` for `torch.nn.Module`.
+
+A sent model keeps its Python object: its parameters and buffers become
+pointers, so ``model.parameters()``, ``model.weight.data`` and ``torch.optim``
+work on it unchanged. If every layer is on the worker's layer allow-list, the
+worker also builds the model itself and ``model(x)`` is one message (the whole
+forward pass runs there); otherwise the forward pass runs op by op on pointers.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any
+
+from torch import nn
+
+from fedsecure.errors import OperationNotAllowed, WorkerMismatch
+from fedsecure.wire import messages as m
+from fedsecure.worker.client import WorkerClient
+from fedsecure.worker.core import new_id
+from fedsecure.worker.modules import describe
+
+from fedsecure.pointer.tensor import PointerTensor, call, send_tensor
+
+_ATTR = "_fedsecure_remote"
+
+
+class RemoteModule:
+    """Where a sent model lives. ``module_id`` is None for models sent as weights only."""
+
+    __slots__ = ("worker", "module_id", "live", "__weakref__")
+
+    def __init__(self, worker: WorkerClient, module_id: int | None) -> None:
+        self.worker = worker
+        self.module_id = module_id
+        self.live = True
+
+    def release(self) -> None:
+        if self.live and self.module_id is not None:
+            self.live = False
+            self.worker.release(self.module_id)
+
+
+class _RemoteForward:
+    """Installed as the sent model's ``forward``: one message runs the whole pass."""
+
+    def __init__(self, module: nn.Module, remote: RemoteModule) -> None:
+        self.module = weakref.ref(module)
+        self.remote = remote
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module()
+        assert module is not None
+        return call(
+            "model.forward",
+            args,
+            kwargs,
+            module_id=self.remote.module_id,
+            training=module.training,
+            worker=self.remote.worker,
+        )
+
+
+def remote_of(module: nn.Module) -> RemoteModule | None:
+    return module.__dict__.get(_ATTR)
+
+
+def _slots(module: nn.Module) -> list[tuple[dict[str, Any], str]]:
+    """Every parameter and buffer slot, in the order `state_tensors` lists them."""
+    params = [
+        (sub._parameters, name)
+        for _, sub in module.named_modules(remove_duplicate=False)
+        for name, p in sub._parameters.items()
+        if p is not None
+    ]
+    buffers = [
+        (sub._buffers, name)
+        for _, sub in module.named_modules(remove_duplicate=False)
+        for name, b in sub._buffers.items()
+        if b is not None
+    ]
+    return params + buffers
+
+
+def _install(module: nn.Module, remote: RemoteModule, pointers: list[PointerTensor]) -> None:
+    for (slot, name), ptr in zip(_slots(module), pointers, strict=True):
+        slot[name] = ptr
+    module.__dict__[_ATTR] = remote
+    if remote.module_id is not None:
+        module.__dict__["forward"] = _RemoteForward(module, remote)
+        weakref.finalize(module, remote.release)
+
+
+def send_module(module: nn.Module, worker: WorkerClient, *, private: bool = False) -> nn.Module:
+    """Send ``module``'s weights (and, if allow-listed, its architecture) to ``worker``.
+
+    The module object itself is returned, now pointing to the worker.
+    """
+    remote = remote_of(module)
+    if remote is not None:
+        raise OperationNotAllowed(
+            f"this model is already on {remote.worker.id!r}; use model.move(worker)", op="send"
+        )
+    if not isinstance(worker, WorkerClient):
+        raise TypeError(f"send() needs a worker, got {type(worker).__name__}")
+    slots = _slots(module)
+    tensors = [slot[name] for slot, name in slots]
+    spec = describe(module)
+    if spec is None:  # weights only: the forward pass runs op by op
+        pointers = [send_tensor(t, worker, private=private) for t in tensors]
+        _install(module, RemoteModule(worker, None), pointers)
+        return module
+    module_id, ids = new_id(), [new_id() for _ in tensors]
+    worker.request(
+        m.PutModule(worker.take_release(), module_id, spec, [t.detach() for t in tensors], ids, private)
+    )
+    pointers = [
+        PointerTensor(worker, i, t.shape, t.dtype, t.requires_grad, [worker.id] if private else [])
+        for i, t in zip(ids, tensors, strict=True)
+    ]
+    _install(module, RemoteModule(worker, module_id), pointers)
+    return module
+
+
+def _pointers(module: nn.Module) -> list[PointerTensor]:
+    out = []
+    for slot, name in _slots(module):
+        ptr = slot[name]
+        if not isinstance(ptr, PointerTensor):
+            raise WorkerMismatch(f"parameter {name!r} of this model is local, not on a worker")
+        out.append(ptr)
+    return out
+
+
+def _require_remote(module: nn.Module, verb: str) -> RemoteModule:
+    remote = remote_of(module)
+    if remote is None:
+        raise OperationNotAllowed(f"{verb}() of a local model: send it to a worker first", op=verb)
+    return remote
+
+
+def get_module(module: nn.Module) -> nn.Module:
+    """Fetch the weights back (if the worker's policy allows); the model becomes local."""
+    remote = _require_remote(module, "get")
+    pointers = _pointers(module)
+    if remote.module_id is None:
+        values = [p.get() for p in pointers]
+    else:
+        values = remote.worker.request(m.GetModule(remote.worker.take_release(), remote.module_id))
+        remote.live = False
+    param_slots = {id(sub._parameters) for sub in module.modules()}
+    for (slot, name), ptr, value in zip(_slots(module), pointers, values, strict=True):
+        if id(slot) in param_slots:
+            slot[name] = nn.Parameter(value, requires_grad=ptr.requires_grad)
+        else:
+            slot[name] = value
+    del module.__dict__[_ATTR]
+    module.__dict__.pop("forward", None)
+    return module
+
+
+def move_module(module: nn.Module, worker: WorkerClient) -> nn.Module:
+    """Send the model straight from its worker to ``worker``; the caller sends only the order."""
+    remote = _require_remote(module, "move")
+    if worker is remote.worker:
+        return module
+    pointers = _pointers(module)
+    if remote.module_id is None:
+        for p in pointers:
+            p.move(worker)
+        remote.worker = worker
+        return module
+    module_id, ids = new_id(), [new_id() for _ in pointers]
+    # The old pointers' ids are freed at the source with this very request.
+    release = remote.worker.take_release() + [p._fs.id for p in pointers if p._fs.live]
+    remote.worker.request(m.MoveModule(release, remote.module_id, worker.id, module_id, ids))
+    for p, i in zip(pointers, ids, strict=True):
+        p._fs.worker, p._fs.id, p._fs.live = worker, i, True
+    remote.worker, remote.module_id = worker, module_id
+    return module
+
+
+def _proxy_copy(module: nn.Module, worker: WorkerClient, module_id: int, ids: list[int]) -> nn.Module:
+    """A new local proxy of ``module``'s structure for the remote model ``module_id``."""
+    pointers = _pointers(module)
+    fresh = [
+        PointerTensor(worker, i, p.shape, p.dtype, p.requires_grad, p.owners)
+        for p, i in zip(pointers, ids, strict=True)
+    ]
+    memo: dict[int, Any] = {id(p): f for p, f in zip(pointers, fresh, strict=True)}
+    old_remote = remote_of(module)
+    memo[id(old_remote)] = None
+    memo[id(module.__dict__.get("forward"))] = None
+    clone = copy.deepcopy(module, memo)
+    clone.__dict__.pop("forward", None)
+    _install(clone, RemoteModule(worker, module_id), fresh)
+    return clone
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """A copy of the model: local models are deep-copied, remote ones copied on their worker."""
+    remote = remote_of(module)
+    if remote is None:
+        return copy.deepcopy(module)
+    if remote.module_id is None:
+        return copy.deepcopy(module)  # each pointer copies itself remotely
+    ids = [new_id() for _ in _slots(module)]
+    module_id = new_id()
+    remote.worker.request(m.CopyModule(remote.worker.take_release(), remote.module_id, module_id, ids))
+    return _proxy_copy(module, remote.worker, module_id, ids)
+
+
+def aggregate(worker: WorkerClient, values: list[Any], weighted: bool) -> Any:
+    """``worker.aggregate(values)``: see `WorkerClient.aggregate`."""
+    if not values:
+        raise ValueError("aggregate() needs at least one value")
+    if all(isinstance(v, PointerTensor) for v in values):
+        for v in values:
+            if v.location is not worker:
+                raise WorkerMismatch(f"a value lives on {v.location.id!r}; move it to {worker.id!r} first")
+        result_id = new_id()
+        meta = worker.request(
+            m.Aggregate(worker.take_release(), [v.id_at_location for v in values], weighted, result_id)
+        )
+        return PointerTensor._from_meta(worker, meta)
+    if all(isinstance(v, nn.Module) for v in values):
+        remotes = [remote_of(v) for v in values]
+        for r in remotes:
+            if r is None or r.module_id is None or r.worker is not worker:
+                raise WorkerMismatch(
+                    f"aggregate() takes models sent to {worker.id!r} whose layers are all on the "
+                    "allow-list; move them there first"
+                )
+        ids = [new_id() for _ in _slots(values[0])]
+        module_id = new_id()
+        worker.request(
+            m.AggregateModules(
+                worker.take_release(), [r.module_id for r in remotes], weighted, module_id, ids  # type: ignore[union-attr]
+            )
+        )
+        return _proxy_copy(values[0], worker, module_id, ids)
+    raise TypeError("aggregate() takes a list of pointers or a list of sent models")
+

@@ -1,0 +1,280 @@
+"""The worker protocol's messages: small frozen dataclasses, validated on construction.
+
+A request is encoded as ``[kind, release, *fields]``: ``release`` lists object ids
+the sender no longer points to (freed lazily, piggybacked on the next request).
+A reply is ``[0, value]`` or ``[1, error_kind, message, detail]``.
+
+Decoding validates every field's type before a worker sees it, so a hostile
+message fails here with `ProtocolError` and never reaches an executor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+
+from fedsecure.errors import ProtocolError
+from fedsecure.wire.codec import decode, encode
+
+_U64 = 2**64
+
+
+def _valid(value: Any, kind: str) -> bool:
+    if kind == "id":
+        return type(value) is int and 0 <= value < _U64
+    if kind == "ids":
+        return isinstance(value, list) and all(type(v) is int and 0 <= v < _U64 for v in value)
+    if kind == "str":
+        return isinstance(value, str) and len(value) <= 256
+    if kind == "bool":
+        return type(value) is bool
+    if kind == "int":
+        return type(value) is int
+    if kind == "list":
+        return isinstance(value, list | tuple)
+    if kind == "dict":
+        return isinstance(value, dict)
+    if kind == "tensor":
+        return isinstance(value, torch.Tensor)
+    if kind == "tensors":
+        return isinstance(value, list) and all(isinstance(v, torch.Tensor) for v in value)
+    if kind == "strs":
+        return isinstance(value, list) and all(isinstance(v, str) and len(v) <= 256 for v in value)
+    if kind == "any":
+        return True
+    raise AssertionError(kind)
+
+
+class Request:
+    """Base of every request; subclasses declare ``KIND`` and typed ``SPEC``."""
+
+    KIND: ClassVar[int]
+    SPEC: ClassVar[tuple[str, ...]]
+    PEER_ONLY: ClassVar[bool] = False
+    release: list[int]
+
+    def __post_init__(self) -> None:
+        for f, kind in zip(fields(self)[1:], self.SPEC, strict=True):
+            if not _valid(getattr(self, f.name), kind):
+                raise ProtocolError(
+                    f"{type(self).__name__}.{f.name} must be {kind}, "
+                    f"got {type(getattr(self, f.name)).__name__}"
+                )
+        if not _valid(self.release, "ids"):
+            raise ProtocolError(f"{type(self).__name__}.release must be a list of ids")
+
+
+def _request(kind: int, spec: tuple[str, ...], peer_only: bool = False):  # type: ignore[no-untyped-def]
+    def wrap(cls):  # type: ignore[no-untyped-def]
+        cls.KIND, cls.SPEC, cls.PEER_ONLY = kind, spec, peer_only
+        cls = dataclass(frozen=True, slots=True)(cls)
+        REQUESTS[kind] = cls
+        return cls
+
+    return wrap
+
+
+REQUESTS: dict[int, type[Request]] = {}
+
+
+@_request(1, ("str", "list", "dict", "id", "bool"))
+class Call(Request):
+    """Run the allow-listed op ``op`` on stored objects; store a tensor result at ``result_id``."""
+
+    release: list[int]
+    op: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    result_id: int
+    grad_enabled: bool
+
+
+@_request(2, ("id", "list", "dict", "id", "bool", "bool"))
+class CallModule(Request):
+    """Run a stored module's forward pass (the whole pass is one message)."""
+
+    release: list[int]
+    module_id: int
+    args: list[Any]
+    kwargs: dict[str, Any]
+    result_id: int
+    grad_enabled: bool
+    training: bool
+
+
+@_request(3, ("id", "tensor", "bool", "bool", "strs"))
+class Put(Request):
+    """Store a tensor sent by the model owner (``private`` simulates the owner's own data)."""
+
+    release: list[int]
+    object_id: int
+    value: torch.Tensor
+    requires_grad: bool
+    private: bool
+    tags: list[str]
+
+
+@_request(4, ("id", "dict", "tensors", "ids", "bool"))
+class PutModule(Request):
+    """Build a module from an allow-listed architecture description and its weights."""
+
+    release: list[int]
+    module_id: int
+    spec: dict[str, Any]
+    tensors: list[torch.Tensor]
+    ids: list[int]
+    private: bool
+
+
+@_request(5, ("id", "str", "id", "list", "str"))
+class PutRef(Request):
+    """Store a pointer to an object on another worker (a pointer to a pointer)."""
+
+    release: list[int]
+    object_id: int
+    location: str
+    ref_id: int
+    shape: list[int]
+    dtype: str
+
+
+@_request(6, ("id",))
+class Get(Request):
+    """Release an object to the caller and delete it, if the release policy allows."""
+
+    release: list[int]
+    object_id: int
+
+
+@_request(7, ("id",))
+class GetModule(Request):
+    release: list[int]
+    module_id: int
+
+
+@_request(8, ())
+class Count(Request):
+    release: list[int]
+
+
+@_request(9, ("str",))
+class Search(Request):
+    release: list[int]
+    tag: str
+
+
+@_request(10, ("id", "str", "id"))
+class Move(Request):
+    """Send an object straight to another worker; the caller sends only this instruction."""
+
+    release: list[int]
+    object_id: int
+    destination: str
+    new_id: int
+
+
+@_request(11, ("id", "str", "id", "ids"))
+class MoveModule(Request):
+    release: list[int]
+    module_id: int
+    destination: str
+    new_module_id: int
+    new_ids: list[int]
+
+
+@_request(12, ("id", "id", "ids"))
+class CopyModule(Request):
+    release: list[int]
+    module_id: int
+    new_module_id: int
+    new_ids: list[int]
+
+
+@_request(13, ("ids", "bool", "id"))
+class Aggregate(Request):
+    """The aggregator's own fixed function: (weighted) mean of received tensors."""
+
+    release: list[int]
+    ids: list[int]
+    weighted: bool
+    result_id: int
+
+
+@_request(14, ("ids", "bool", "id", "ids"))
+class AggregateModules(Request):
+    release: list[int]
+    module_ids: list[int]
+    weighted: bool
+    new_module_id: int
+    new_ids: list[int]
+
+
+@_request(20, ("id", "any", "list", "int", "bool"), peer_only=True)
+class Deliver(Request):
+    """Worker to worker: a moved tensor with its provenance labels."""
+
+    release: list[int]
+    object_id: int
+    value: torch.Tensor
+    labels: list[Any]
+    samples: int
+    requires_grad: bool
+
+
+@_request(21, ("id", "dict", "tensors", "ids", "list", "int"), peer_only=True)
+class DeliverModule(Request):
+    """Worker to worker: a moved module, its weights and each weight's labels."""
+
+    release: list[int]
+    module_id: int
+    spec: dict[str, Any]
+    tensors: list[torch.Tensor]
+    ids: list[int]
+    labels: list[Any]
+    samples: int
+
+
+def encode_request(msg: Request) -> bytes:
+    return encode([msg.KIND, *(getattr(msg, f.name) for f in fields(msg))])
+
+
+def decode_request(data: bytes) -> Request:
+    raw = decode(data)
+    if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
+        raise ProtocolError("a request must be a list starting with its kind")
+    cls = REQUESTS.get(raw[0])
+    if cls is None:
+        raise ProtocolError(f"unknown request kind {raw[0]}")
+    if len(raw) - 1 != len(cls.SPEC) + 1:
+        raise ProtocolError(f"{cls.__name__} needs {len(cls.SPEC) + 1} fields, got {len(raw) - 1}")
+    return cls(*raw[1:])
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """``error`` is None on success; otherwise (kind, message, detail) of the failure."""
+
+    value: Any = None
+    error: tuple[str, str, str] | None = field(default=None)
+
+
+def encode_reply(reply: Reply) -> bytes:
+    if reply.error is None:
+        return encode([0, reply.value])
+    return encode([1, *reply.error])
+
+
+def decode_reply(data: bytes) -> Reply:
+    raw = decode(data)
+    if isinstance(raw, list) and len(raw) == 2 and raw[0] == 0:
+        return Reply(raw[1])
+    if (
+        isinstance(raw, list)
+        and len(raw) == 4
+        and raw[0] == 1
+        and all(isinstance(x, str) for x in raw[1:])
+    ):
+        return Reply(None, (raw[1], raw[2], raw[3]))
+    raise ProtocolError("malformed reply")

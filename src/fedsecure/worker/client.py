@@ -1,0 +1,96 @@
+"""The model owner's handle on one worker: the same interface over any transport.
+
+`WorkerClient` turns calls into `wire` requests, sends their bytes through a
+transport (one function, bytes in and bytes out) and turns error replies back
+into typed exceptions. `VirtualWorker` gives it a transport that calls an
+in-process `WorkerCore`; a network transport gives it one that calls a server.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from fedsecure.wire import messages as m
+from fedsecure.worker.core import exception_from_reply
+
+Transport = Callable[[bytes], bytes]
+
+_RELEASE_BATCH = 256
+
+
+class PointerFactory(Protocol):
+    """How the pointer layer (above this one) wraps what workers return."""
+
+    def tensor(self, worker: WorkerClient, meta: dict[str, Any]) -> Any: ...
+
+    def aggregate(self, worker: WorkerClient, values: list[Any], weighted: bool) -> Any: ...
+
+
+_pointers: list[PointerFactory] = []
+
+
+def register_pointer_factory(factory: PointerFactory) -> None:
+    _pointers[:] = [factory]
+
+
+class WorkerClient:
+    """A worker as the model owner sees it. ``id`` names the worker."""
+
+    def __init__(self, id: str, transport: Transport) -> None:
+        self.id = id
+        self._transport = transport
+        self._release: list[int] = []
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} id={self.id!r}>"
+
+    # -- used by pointers --------------------------------------------------------------
+
+    def release(self, obj_id: int) -> None:
+        """Forget ``obj_id``; the worker frees it with the next request (or a batch)."""
+        self._release.append(obj_id)
+        if len(self._release) >= _RELEASE_BATCH:
+            self.flush()
+
+    def take_release(self) -> list[int]:
+        ids, self._release = self._release, []
+        return ids
+
+    def request(self, msg: m.Request) -> Any:
+        data = m.encode_request(msg)
+        self.bytes_sent += len(data)
+        raw = self._transport(data)
+        self.bytes_received += len(raw)
+        reply = m.decode_reply(raw)
+        if reply.error is not None:
+            raise exception_from_reply(reply.error, worker=self.id)
+        return reply.value
+
+    # -- public ------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Free every object whose last pointer is gone, now."""
+        self.request(m.Count(self.take_release()))
+
+    def object_count(self) -> int:
+        """How many objects the worker holds (after freeing those no pointer refers to)."""
+        gc.collect()  # pointers caught in reference cycles are freed too
+        return int(self.request(m.Count(self.take_release())))
+
+    def search(self, tag: str) -> list[Any]:
+        """Pointers to the tensors this worker serves under ``tag`` ("#x" or "x")."""
+        metas = self.request(m.Search(self.take_release(), tag))
+        return [_pointers[0].tensor(self, meta) for meta in metas]
+
+    def aggregate(self, values: list[Any], *, weighted: bool = False) -> Any:
+        """This worker's own aggregation function: the (sample-weighted) mean of ``values``.
+
+        ``values`` are pointers, or sent models, all held by this worker. A strict
+        aggregator releases nothing else; weights are the sample counts that the
+        contributing workers reported themselves, never the caller's.
+        """
+        return _pointers[0].aggregate(self, list(values), weighted)

@@ -1,0 +1,679 @@
+"""The worker's protocol core (sans-I/O): request bytes in, reply bytes out.
+
+`WorkerCore` owns the object store, applies the release policy and runs
+allow-listed operations. It owns no socket: `VirtualWorker` calls `handle`
+directly, a network server calls it from its servicer, and worker-to-worker
+moves leave through the ``send_to_peer`` function it is given.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fedsecure.errors import (
+    FedsecureError,
+    ObjectNotFound,
+    OperationNotAllowed,
+    PermissionDenied,
+    ProtocolError,
+    RemoteError,
+    WorkerMismatch,
+    WorkerUnavailable,
+)
+from fedsecure.wire import codec
+from fedsecure.wire import messages as m
+from fedsecure.wire.codec import Ref
+from fedsecure.worker import labels as lb
+from fedsecure.worker.allowlist import ALLOWED
+from fedsecure.worker.modules import build, describe, load_state, state_tensors
+
+PeerSend = Callable[[str, bytes], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """Who sent a request, as the transport authenticated it."""
+
+    kind: Literal["client", "peer"]
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRecord:
+    """A pointer held by this worker to an object on another worker."""
+
+    location: str
+    ref_id: int
+    shape: list[int]
+    dtype: str
+
+
+@dataclass(slots=True)
+class Entry:
+    obj: Any  # torch.Tensor | nn.Module | RemoteRecord
+    tags: frozenset[str] = frozenset()
+    aggregate: bool = False  # the output of this worker's own aggregation function
+    source: str | None = None  # the worker it was moved from
+    version: int = -1  # the tensor's version when received (strict mode checks it is unmodified)
+    samples: int = 0  # sample count its source reported
+
+
+ERROR_KINDS: dict[type[FedsecureError], str] = {
+    PermissionDenied: "permission",
+    OperationNotAllowed: "not_allowed",
+    ObjectNotFound: "not_found",
+    ProtocolError: "protocol",
+    RemoteError: "remote",
+    WorkerMismatch: "mismatch",
+    WorkerUnavailable: "unavailable",
+}
+
+
+def new_id() -> int:
+    """Object ids are 64 random bits: unguessable, so holding an id is the capability."""
+    return secrets.randbits(64)
+
+
+def _meta(obj_id: int, t: torch.Tensor) -> dict[str, Any]:
+    return {
+        "id": obj_id,
+        "shape": list(t.shape),
+        "dtype": codec.dtype_name(t.dtype),
+        "requires_grad": t.requires_grad,
+        "owners": lb.owners(lb.labels_of(t)),
+    }
+
+
+def _count_scalars(value: Any) -> int:
+    if isinstance(value, list | tuple):
+        return sum(_count_scalars(v) for v in value)
+    return 1
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, bool | int | float):
+        return True
+    return isinstance(value, list | tuple) and all(_plain(v) for v in value)
+
+
+def _accumulate_grad_leaves(root: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors whose ``.grad`` a backward pass from ``root`` writes."""
+    leaves: list[torch.Tensor] = []
+    fn = root.grad_fn
+    if fn is None:
+        return [root] if root.requires_grad else []
+    seen, stack = {fn}, [fn]
+    while stack:
+        node = stack.pop()
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.append(variable)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return leaves
+
+
+class WorkerCore:
+    """One worker: its objects, its policy, and the executor of allowed operations."""
+
+    def __init__(
+        self,
+        id: str,
+        *,
+        policy: lb.Policy | None = None,
+        send_to_peer: PeerSend | None = None,
+    ) -> None:
+        self.id = id
+        self.policy = policy or lb.Policy()
+        self.objects: dict[int, Entry] = {}
+        self.samples = 0  # rows of private data, reported with moved updates
+        self._send_to_peer = send_to_peer
+        self._handlers: dict[type[m.Request], Callable[[Any, Sender], Any]] = {
+            m.Call: self._call,
+            m.CallModule: self._call_module,
+            m.Put: self._put,
+            m.PutModule: self._put_module,
+            m.PutRef: self._put_ref,
+            m.Get: self._get,
+            m.GetModule: self._get_module,
+            m.Count: lambda msg, s: len(self.objects),
+            m.Search: self._search,
+            m.Move: self._move,
+            m.MoveModule: self._move_module,
+            m.CopyModule: self._copy_module,
+            m.Aggregate: self._aggregate,
+            m.AggregateModules: self._aggregate_modules,
+            m.Deliver: self._deliver,
+            m.DeliverModule: self._deliver_module,
+        }
+
+    # -- the data owner's own side (not reachable by messages) ---------------------------
+
+    @property
+    def own_label(self) -> lb.Label:
+        return self.policy.label_for(self.id)
+
+    def load(self, tensor: torch.Tensor, tags: tuple[str, ...] = ()) -> int:
+        """Hold ``tensor`` as this owner's private data, findable by ``tags``."""
+        t = tensor.detach().clone()
+        lb.add_labels(t, frozenset({self.own_label}))
+        obj_id = new_id()
+        self.objects[obj_id] = Entry(t, tags=frozenset(_tag(x) for x in tags))
+        if t.dim() > 0:
+            self.samples = max(self.samples, t.shape[0])
+        return obj_id
+
+    # -- the protocol --------------------------------------------------------------------
+
+    def handle(self, data: bytes, sender: Sender) -> bytes:
+        """Answer one request. Never raises: every failure becomes an error reply."""
+        try:
+            msg = m.decode_request(data)
+            if msg.PEER_ONLY != (sender.kind == "peer"):
+                raise ProtocolError(
+                    f"{type(msg).__name__} is not accepted from a {sender.kind} ({sender.id!r})"
+                )
+            for obj_id in msg.release:
+                self.objects.pop(obj_id, None)
+            value = self._handlers[type(msg)](msg, sender)
+            return m.encode_reply(m.Reply(value))
+        except FedsecureError as exc:
+            return m.encode_reply(m.Reply(None, _error(exc)))
+        except Exception as exc:  # a bug here must not take the worker down
+            return m.encode_reply(
+                m.Reply(None, ("internal", f"{type(exc).__name__}: {exc}", self.id))
+            )
+
+    def _entry(self, obj_id: int) -> Entry:
+        try:
+            return self.objects[obj_id]
+        except KeyError:
+            raise ObjectNotFound(
+                f"worker {self.id!r} holds no object {obj_id:#x} (it was freed, moved or "
+                "fetched with get(), or never sent here)"
+            ) from None
+
+    def _tensor(self, obj_id: int) -> torch.Tensor:
+        obj = self._entry(obj_id).obj
+        if not isinstance(obj, torch.Tensor):
+            raise OperationNotAllowed(
+                f"object {obj_id:#x} on {self.id!r} is a {type(obj).__name__}, not a tensor",
+                op="resolve",
+            )
+        return obj
+
+    def _resolve(self, value: Any, tensors: list[torch.Tensor], ids: dict[int, int]) -> Any:
+        """Replace `Ref`s by stored tensors, collecting every tensor input."""
+        if isinstance(value, Ref):
+            t = self._tensor(value.id)
+            tensors.append(t)
+            ids[id(t)] = value.id
+            return t
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            return value
+        if isinstance(value, list):
+            return [self._resolve(v, tensors, ids) for v in value]
+        if isinstance(value, tuple):
+            return tuple(self._resolve(v, tensors, ids) for v in value)
+        if isinstance(value, dict):
+            return {k: self._resolve(v, tensors, ids) for k, v in value.items()}
+        return value
+
+    def _refuse_if_strict(self, labels: lb.Labels, op: str) -> None:
+        if self.policy.strict and labels:
+            raise PermissionDenied(
+                f"{self.id!r} is a strict aggregator: it runs no {op} on values derived from "
+                f"private data of {lb.owners(labels)}; it only aggregates them "
+                f"({self.id}.aggregate([...]))",
+                rule="strict-aggregator",
+            )
+
+    def _call(self, msg: m.Call, sender: Sender) -> Any:
+        fn = ALLOWED.get(msg.op)
+        if fn is None:
+            raise OperationNotAllowed(
+                f"operation {msg.op!r} is not on {self.id!r}'s allow-list "
+                "(see docs/allowlist.md)",
+                op=msg.op,
+            )
+        if "out" in msg.kwargs:
+            raise OperationNotAllowed(f"{msg.op}: the out= argument is not supported", op=msg.op)
+        tensors: list[torch.Tensor] = []
+        ids: dict[int, int] = {}
+        args = self._resolve(msg.args, tensors, ids)
+        kwargs = self._resolve(msg.kwargs, tensors, ids)
+        if msg.op == "Tensor.backward":
+            fn = _backward
+        return self._execute(msg.op, fn, args, kwargs, tensors, ids, msg.result_id, msg.grad_enabled)
+
+    def _execute(
+        self,
+        op: str,
+        fn: Callable[..., Any],
+        args: list[Any],
+        kwargs: dict[str, Any],
+        tensors: list[torch.Tensor],
+        ids: dict[int, int],
+        result_id: int,
+        grad_enabled: bool,
+    ) -> Any:
+        labels = lb.union(tensors)
+        self._refuse_if_strict(labels, op)
+        versions = [t._version for t in tensors]
+        try:
+            if grad_enabled == torch.is_grad_enabled():
+                result = fn(*args, **kwargs)
+            else:
+                with torch.set_grad_enabled(grad_enabled):
+                    result = fn(*args, **kwargs)
+        except FedsecureError:
+            raise
+        except Exception as exc:
+            detail = (
+                f"{type(exc).__name__}: {exc}"
+                if not labels
+                else f"{type(exc).__name__} (details withheld: the inputs derive from private "
+                f"data of {lb.owners(labels)})"
+            )
+            raise RemoteError(f"{op} failed on {self.id!r}: {detail}", op=op, worker=self.id) from None
+        # Whatever an op wrote to (in-place ops, out-of-place ops with side effects such as
+        # batch_norm's running stats) now derives from all of its inputs.
+        for t, v in zip(tensors, versions, strict=True):
+            if t._version != v:
+                lb.add_labels(t, labels)
+        if op == "Tensor.data.__set__":
+            lb.merge(args[0], args[1])
+        return self._outputs(result, op, tensors, ids, labels, result_id)
+
+    def _outputs(
+        self,
+        result: Any,
+        op: str,
+        tensors: list[torch.Tensor],
+        ids: dict[int, int],
+        labels: lb.Labels,
+        result_id: int | None,
+    ) -> Any:
+        if isinstance(result, torch.Tensor):
+            known = ids.get(id(result))
+            if known is not None and any(result is t for t in tensors):
+                return _meta(known, result)  # in place: the caller's pointer stays valid
+            ptr = result.untyped_storage().data_ptr() if result.numel() else 0
+            source = next(
+                (t for t in tensors if ptr and t.numel() and t.untyped_storage().data_ptr() == ptr),
+                None,
+            )
+            if source is not None:
+                lb.share_cell(result, source)
+            lb.add_labels(result, labels)
+            obj_id = result_id if result_id is not None else new_id()
+            self.objects[obj_id] = Entry(result)
+            return _meta(obj_id, result)
+        if result is None:
+            return None
+        if _plain(result):
+            lb.check_release(
+                labels,
+                _count_scalars(result),
+                holder=self.id,
+                policy=self.policy,
+                aggregate=False,
+                what=f"the result of {op}",
+            )
+            return result
+        if isinstance(result, tuple | list):  # several tensors (split, max(dim), ...)
+            return tuple(
+                self._outputs(r, op, tensors, ids, labels, result_id if i == 0 else None)
+                for i, r in enumerate(result)
+            )
+        raise OperationNotAllowed(
+            f"{op} returned a {type(result).__name__}, which cannot leave a worker", op=op
+        )
+
+    def _module(self, obj_id: int) -> tuple[Entry, nn.Module]:
+        entry = self._entry(obj_id)
+        if not isinstance(entry.obj, nn.Module):
+            raise OperationNotAllowed(f"object {obj_id:#x} on {self.id!r} is not a model", op="call")
+        return entry, entry.obj
+
+    def _call_module(self, msg: m.CallModule, sender: Sender) -> Any:
+        _, module = self._module(msg.module_id)
+        tensors: list[torch.Tensor] = []
+        ids: dict[int, int] = {}
+        args = self._resolve(msg.args, tensors, ids)
+        kwargs = self._resolve(msg.kwargs, tensors, ids)
+        tensors.extend(t for _, t in state_tensors(module))
+        if module.training != msg.training:
+            module.train(msg.training)
+        return self._execute(
+            "model.forward", module, args, kwargs, tensors, ids, msg.result_id, msg.grad_enabled
+        )
+
+    def _put(self, msg: m.Put, sender: Sender) -> Any:
+        t = msg.value
+        if msg.requires_grad:
+            if not (t.is_floating_point() or t.is_complex()):
+                raise ProtocolError("only floating point tensors can require gradients")
+            t.requires_grad_(True)
+        if msg.private:
+            lb.add_labels(t, frozenset({self.own_label}))
+            if t.dim() > 0:
+                self.samples = max(self.samples, t.shape[0])
+        self.objects[msg.object_id] = Entry(t, tags=frozenset(_tag(x) for x in msg.tags))
+        return _meta(msg.object_id, t)
+
+    def _install_module(
+        self, module: nn.Module, module_id: int, ids: list[int], entry: Entry
+    ) -> list[torch.Tensor]:
+        own = [t for _, t in state_tensors(module)]
+        if len(ids) != len(own):
+            raise ProtocolError(f"the model has {len(own)} tensors, {len(ids)} ids were given")
+        self.objects[module_id] = entry
+        for obj_id, t in zip(ids, own, strict=True):
+            self.objects[obj_id] = Entry(t, aggregate=entry.aggregate)
+        return own
+
+    def _put_module(self, msg: m.PutModule, sender: Sender) -> Any:
+        module = build(msg.spec)
+        own = load_state(module, msg.tensors)
+        if msg.private:
+            for t in own:
+                lb.add_labels(t, frozenset({self.own_label}))
+        self._install_module(module, msg.module_id, msg.ids, Entry(module))
+        return None
+
+    def _put_ref(self, msg: m.PutRef, sender: Sender) -> Any:
+        codec.parse_dtype(msg.dtype)
+        self.objects[msg.object_id] = Entry(RemoteRecord(msg.location, msg.ref_id, msg.shape, msg.dtype))
+        return None
+
+    def _get(self, msg: m.Get, sender: Sender) -> Any:
+        entry = self._entry(msg.object_id)
+        obj = entry.obj
+        if isinstance(obj, RemoteRecord):
+            del self.objects[msg.object_id]
+            return {"ref": [obj.location, obj.ref_id]}
+        if not isinstance(obj, torch.Tensor):
+            raise OperationNotAllowed("get() of a model: use model.get()", op="get")
+        lb.check_release(
+            lb.labels_of(obj),
+            obj.numel(),
+            holder=self.id,
+            policy=self.policy,
+            aggregate=entry.aggregate,
+            what="the tensor",
+        )
+        del self.objects[msg.object_id]
+        return {"tensor": obj.detach(), "requires_grad": obj.requires_grad}
+
+    def _get_module(self, msg: m.GetModule, sender: Sender) -> Any:
+        entry, module = self._module(msg.module_id)
+        own = [t for _, t in state_tensors(module)]
+        lb.check_release(
+            lb.union(own),
+            sum(t.numel() for t in own),
+            holder=self.id,
+            policy=self.policy,
+            aggregate=entry.aggregate,
+            what="the model",
+        )
+        del self.objects[msg.module_id]
+        return [t.detach() for t in own]
+
+    def _search(self, msg: m.Search, sender: Sender) -> Any:
+        tag = _tag(msg.tag)
+        found = []
+        for entry in list(self.objects.values()):
+            if tag in entry.tags and isinstance(entry.obj, torch.Tensor):
+                obj_id = new_id()
+                self.objects[obj_id] = Entry(entry.obj)
+                found.append(_meta(obj_id, entry.obj))
+        return found
+
+    # -- moves: straight from this worker to another ----------------------------------
+
+    def _check_leaving(self, entry: Entry, labels: lb.Labels, destination: str, what: str) -> None:
+        if destination == self.id:
+            raise ProtocolError(f"{what} is already on {self.id!r}")
+        if self.policy.strict and labels and not entry.aggregate:
+            raise PermissionDenied(
+                f"{self.id!r} is a strict aggregator: values derived from private data leave it "
+                "only as results of its aggregation",
+                rule="strict-aggregator",
+            )
+        lb.check_destination(labels, destination, holder=self.id, what=what)
+
+    def _peer(self, destination: str, msg: m.Request) -> None:
+        if self._send_to_peer is None:
+            raise WorkerUnavailable(f"{self.id!r} has no link to other workers")
+        reply = m.decode_reply(self._send_to_peer(destination, m.encode_request(msg)))
+        if reply.error is not None:
+            raise _exception(reply.error, worker=destination)
+
+    def _move(self, msg: m.Move, sender: Sender) -> Any:
+        entry = self._entry(msg.object_id)
+        t = self._tensor(msg.object_id)
+        labels = lb.labels_of(t)
+        self._check_leaving(entry, labels, msg.destination, "the tensor")
+        self._peer(
+            msg.destination,
+            m.Deliver(
+                [], msg.new_id, t.detach(), lb.labels_to_wire(labels), self._samples_of(entry), t.requires_grad
+            ),
+        )
+        del self.objects[msg.object_id]
+        return None
+
+    def _samples_of(self, entry: Entry) -> int:
+        return entry.samples if entry.source is not None else self.samples
+
+    def _move_module(self, msg: m.MoveModule, sender: Sender) -> Any:
+        entry, module = self._module(msg.module_id)
+        own = [t for _, t in state_tensors(module)]
+        labels = lb.union(own)
+        self._check_leaving(entry, labels, msg.destination, "the model")
+        spec = describe(module)
+        assert spec is not None  # every module here was built from a description
+        self._peer(
+            msg.destination,
+            m.DeliverModule(
+                [],
+                msg.new_module_id,
+                spec,
+                [t.detach() for t in own],
+                msg.new_ids,
+                [lb.labels_to_wire(lb.labels_of(t)) for t in own],
+                self._samples_of(entry),
+            ),
+        )
+        del self.objects[msg.module_id]
+        return None
+
+    def _copy_module(self, msg: m.CopyModule, sender: Sender) -> Any:
+        entry, module = self._module(msg.module_id)
+        own = [t for _, t in state_tensors(module)]
+        self._refuse_if_strict(lb.union(own), "copy")
+        spec = describe(module)
+        assert spec is not None
+        clone = build(spec)
+        for mine, t in zip(load_state(clone, [t.detach() for t in own]), own, strict=True):
+            lb.add_labels(mine, lb.labels_of(t))
+        self._install_module(clone, msg.new_module_id, msg.new_ids, Entry(clone))
+        return None
+
+    def _receive_check(self, labels: lb.Labels, sender: Sender) -> None:
+        # The receiver checks too: an owner's trust goes with its label, not with the sender.
+        lb.check_destination(labels, self.id, holder=sender.id, what="a value sent here")
+
+    def _deliver(self, msg: m.Deliver, sender: Sender) -> Any:
+        labels = lb.labels_from_wire(msg.labels)
+        self._receive_check(labels, sender)
+        t = msg.value
+        if msg.requires_grad:
+            t.requires_grad_(True)
+        lb.add_labels(t, labels)
+        self.objects[msg.object_id] = Entry(
+            t, source=sender.id, version=t._version, samples=msg.samples
+        )
+        return None
+
+    def _deliver_module(self, msg: m.DeliverModule, sender: Sender) -> Any:
+        per_tensor = [lb.labels_from_wire(x) for x in msg.labels]
+        self._receive_check(frozenset().union(*per_tensor), sender)
+        module = build(msg.spec)
+        own = load_state(module, msg.tensors)
+        if len(per_tensor) != len(own):
+            raise ProtocolError("one label list per tensor is required")
+        for t, labels in zip(own, per_tensor, strict=True):
+            lb.add_labels(t, labels)
+        entry = Entry(module, source=sender.id, version=sum(t._version for t in own), samples=msg.samples)
+        self._install_module(module, msg.module_id, msg.ids, entry)
+        return None
+
+    # -- the aggregator's fixed functions ----------------------------------------------
+
+    def _weights(self, entries: list[Entry], labelled: bool, weighted: bool) -> list[float]:
+        if self.policy.strict and labelled:
+            sources = [e.source for e in entries]
+            if None in sources:
+                raise PermissionDenied(
+                    "a strict aggregator aggregates only values moved to it by their owners",
+                    rule="strict-aggregator",
+                )
+            if len(set(sources)) != len(sources):
+                raise PermissionDenied(
+                    f"a strict aggregator takes one value per owner, got sources {sources}",
+                    rule="strict-aggregator",
+                )
+        if not weighted:
+            return [1.0 / len(entries)] * len(entries)
+        counts = [e.samples if e.source is not None else self.samples for e in entries]
+        if any(c <= 0 for c in counts):
+            raise ProtocolError(
+                "a weighted mean needs every contributor's sample count; a worker reports the "
+                "number of rows of its private data, and some inputs come from workers without any"
+            )
+        total = float(sum(counts))
+        return [c / total for c in counts]
+
+    def _check_contributors(self, labels: lb.Labels) -> None:
+        if not labels:
+            return
+        need = max([self.policy.min_contributors, *(x.min_contributors for x in labels)])
+        have = lb.owners(labels)
+        if len(have) < need:
+            raise PermissionDenied(
+                f"an aggregate must combine at least {need} data owners, these inputs come from "
+                f"{have}",
+                rule="min-contributors",
+            )
+
+    def _aggregate(self, msg: m.Aggregate, sender: Sender) -> Any:
+        if len(msg.ids) < 1:
+            raise ProtocolError("nothing to aggregate")
+        entries = [self._entry(i) for i in msg.ids]
+        tensors = [self._tensor(i) for i in msg.ids]
+        if self.policy.strict:
+            for e, t in zip(entries, tensors, strict=True):
+                if e.source is not None and t._version != e.version:
+                    raise PermissionDenied("an input was modified after it arrived", rule="strict-aggregator")
+        labels = lb.union(tensors)
+        self._check_contributors(labels)
+        weights = self._weights(entries, bool(labels), msg.weighted)
+        with torch.no_grad():
+            out = torch.zeros_like(tensors[0], dtype=torch.float64 if tensors[0].dtype == torch.float64 else torch.float32)
+            for w, t in zip(weights, tensors, strict=True):
+                out.add_(t, alpha=w)
+            out = out.to(tensors[0].dtype)
+        lb.add_labels(out, labels)
+        self.objects[msg.result_id] = Entry(out, aggregate=True)
+        return _meta(msg.result_id, out)
+
+    def _aggregate_modules(self, msg: m.AggregateModules, sender: Sender) -> Any:
+        if len(msg.module_ids) < 1:
+            raise ProtocolError("nothing to aggregate")
+        pairs = [self._module(i) for i in msg.module_ids]
+        entries = [e for e, _ in pairs]
+        states = [[t for _, t in state_tensors(mod)] for _, mod in pairs]
+        spec = describe(pairs[0][1])
+        if any(describe(mod) != spec for _, mod in pairs[1:]) or spec is None:
+            raise ProtocolError("only models of the same architecture can be averaged")
+        if self.policy.strict:
+            for e, s in zip(entries, states, strict=True):
+                if e.source is not None and sum(t._version for t in s) != e.version:
+                    raise PermissionDenied("an input was modified after it arrived", rule="strict-aggregator")
+        labels = frozenset().union(*(lb.union(s) for s in states))
+        self._check_contributors(labels)
+        weights = self._weights(entries, bool(labels), msg.weighted)
+        clone = build(spec)
+        own = [t for _, t in state_tensors(clone)]
+        with torch.no_grad():
+            for i, target in enumerate(own):
+                if target.is_floating_point():
+                    acc = torch.zeros_like(target, dtype=torch.float64)
+                    for w, s in zip(weights, states, strict=True):
+                        acc.add_(s[i], alpha=w)
+                    target.copy_(acc)
+                else:  # counters such as num_batches_tracked: take the largest
+                    target.copy_(torch.stack([s[i] for s in states]).max(0).values)
+                lb.add_labels(target, labels)
+        self._install_module(clone, msg.new_module_id, msg.new_ids, Entry(clone, aggregate=True))
+        return None
+
+
+def _backward(
+    loss: torch.Tensor,
+    gradient: torch.Tensor | None = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    inputs: Any = None,
+) -> None:
+    """``loss.backward()``, then label every gradient it wrote with the loss's labels."""
+    labels = lb.union([loss] if gradient is None else [loss, gradient])
+    leaves = _accumulate_grad_leaves(loss) if labels else []
+    loss.backward(gradient, retain_graph, create_graph, inputs)
+    for leaf in leaves:
+        if leaf.grad is not None:
+            lb.add_labels(leaf.grad, labels | lb.labels_of(leaf))
+
+
+def _tag(tag: str) -> str:
+    return tag[1:] if tag.startswith("#") else tag
+
+
+def _error(exc: FedsecureError) -> tuple[str, str, str]:
+    kind = next((k for cls, k in ERROR_KINDS.items() if isinstance(exc, cls)), "internal")
+    detail = getattr(exc, "rule", None) or getattr(exc, "op", None) or ""
+    return kind, str(exc), detail
+
+
+def _exception(error: tuple[str, str, str], *, worker: str) -> FedsecureError:
+    """The typed exception for an error reply (used by clients and by peers)."""
+    kind, message, detail = error
+    if kind == "permission":
+        return PermissionDenied(message, rule=detail)
+    if kind == "not_allowed":
+        return OperationNotAllowed(message, op=detail)
+    if kind == "not_found":
+        return ObjectNotFound(message)
+    if kind == "protocol":
+        return ProtocolError(message)
+    if kind == "remote":
+        return RemoteError(message, op=detail, worker=worker)
+    if kind == "mismatch":
+        return WorkerMismatch(message)
+    if kind == "unavailable":
+        return WorkerUnavailable(message)
+    return RemoteError(f"internal error on {worker!r}: {message}", op="", worker=worker)
+
+
+exception_from_reply = _exception

@@ -1,0 +1,150 @@
+"""Models on the wire: an architecture built only from allow-listed layers, plus weights.
+
+A worker never runs model code it was sent. It builds the model itself from a
+description naming layer types from the table below (exact types: a subclass
+could override ``forward``) and their constructor arguments, then loads the
+weights. Models with other parts are not described; they are sent as weights
+only and their forward pass runs op by op on pointers (see fedsecure.pointer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedsecure.errors import OperationNotAllowed, ProtocolError
+
+
+def _args(*names: str) -> Callable[[nn.Module], dict[str, Any]]:
+    def extract(m: nn.Module) -> dict[str, Any]:
+        return {n: getattr(m, n) for n in names}
+
+    return extract
+
+
+def _with_bias(*names: str) -> Callable[[nn.Module], dict[str, Any]]:
+    base = _args(*names)
+
+    def extract(m: nn.Module) -> dict[str, Any]:
+        return {**base(m), "bias": getattr(m, "bias", None) is not None}
+
+    return extract
+
+
+_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+_NORM = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+
+# layer type -> how to read its constructor arguments back from an instance
+LAYERS: dict[str, tuple[type[nn.Module], Callable[[nn.Module], dict[str, Any]]]] = {
+    "Linear": (nn.Linear, _with_bias("in_features", "out_features")),
+    "Conv1d": (nn.Conv1d, _with_bias(*_CONV)),
+    "Conv2d": (nn.Conv2d, _with_bias(*_CONV)),
+    "MaxPool1d": (nn.MaxPool1d, _args("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
+    "MaxPool2d": (nn.MaxPool2d, _args("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
+    "AvgPool2d": (nn.AvgPool2d, _args("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")),
+    "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, _args("output_size")),
+    "BatchNorm1d": (nn.BatchNorm1d, _args(*_NORM)),
+    "BatchNorm2d": (nn.BatchNorm2d, _args(*_NORM)),
+    "LayerNorm": (nn.LayerNorm, _args("normalized_shape", "eps", "elementwise_affine")),
+    "Embedding": (nn.Embedding, _args("num_embeddings", "embedding_dim", "padding_idx")),
+    "Dropout": (nn.Dropout, _args("p")),
+    "Dropout2d": (nn.Dropout2d, _args("p")),
+    "Flatten": (nn.Flatten, _args("start_dim", "end_dim")),
+    "ReLU": (nn.ReLU, lambda m: {}),  # in-place variants are built out of place
+    "ReLU6": (nn.ReLU6, lambda m: {}),
+    "LeakyReLU": (nn.LeakyReLU, _args("negative_slope")),
+    "ELU": (nn.ELU, _args("alpha")),
+    "GELU": (nn.GELU, _args("approximate")),
+    "SiLU": (nn.SiLU, lambda m: {}),
+    "Sigmoid": (nn.Sigmoid, lambda m: {}),
+    "Tanh": (nn.Tanh, lambda m: {}),
+    "Softplus": (nn.Softplus, _args("beta", "threshold")),
+    "Softmax": (nn.Softmax, _args("dim")),
+    "LogSoftmax": (nn.LogSoftmax, _args("dim")),
+    "Identity": (nn.Identity, lambda m: {}),
+    "Sequential": (nn.Sequential, lambda m: {}),
+}
+_TYPE_NAMES = {cls: name for name, (cls, _) in LAYERS.items()}
+_SCALAR = (bool, int, float, str, type(None))
+
+
+def describe(module: nn.Module) -> dict[str, Any] | None:
+    """The architecture of ``module``, or None if it uses parts outside the table."""
+    name = _TYPE_NAMES.get(type(module))
+    if name is None or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    children = []
+    for child_name, child in module.named_children():
+        spec = describe(child)
+        if spec is None:
+            return None
+        children.append([child_name, spec])
+    if name != "Sequential" and children:
+        return None
+    args = LAYERS[name][1](module)
+    return {"type": name, "args": args, "children": children, "training": module.training}
+
+
+def _valid_arg(value: Any) -> bool:
+    if isinstance(value, _SCALAR):
+        return True
+    return isinstance(value, tuple | list) and len(value) <= 8 and all(
+        type(v) is int for v in value
+    )
+
+
+def build(spec: Any, depth: int = 0) -> nn.Module:
+    """Build a module from a description received from a peer (validated here)."""
+    if depth > 32 or not isinstance(spec, dict) or set(spec) != {"type", "args", "children", "training"}:
+        raise ProtocolError("malformed module description")
+    kind, args, children = spec["type"], spec["args"], spec["children"]
+    if kind not in LAYERS:
+        raise OperationNotAllowed(f"layer type {kind!r} is not on the allow-list", op=str(kind))
+    if not isinstance(args, dict) or not all(
+        isinstance(k, str) and _valid_arg(v) for k, v in args.items()
+    ):
+        raise ProtocolError(f"malformed arguments for {kind}")
+    if not isinstance(children, list) or len(children) > 10_000:
+        raise ProtocolError("malformed children")
+    if kind != "Sequential" and children:
+        raise ProtocolError(f"{kind} has no children")
+    cls = LAYERS[kind][0]
+    try:
+        if kind == "Sequential":
+            module: nn.Module = cls()
+            for item in children:
+                if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+                    raise ProtocolError("malformed child")
+                if not item[0].isidentifier() and not item[0].isdigit():
+                    raise ProtocolError(f"bad child name {item[0]!r}")
+                module.add_module(item[0], build(item[1], depth + 1))
+        else:
+            module = cls(**args)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"cannot build {kind}({args}): {exc}") from exc
+    module.train(bool(spec["training"]))
+    return module
+
+
+def state_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters then buffers, in a fixed order both ends agree on."""
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
+def load_state(module: nn.Module, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copy ``tensors`` into a freshly built module; return its own tensors in the same order."""
+    own = [t for _, t in state_tensors(module)]
+    if len(own) != len(tensors):
+        raise ProtocolError(f"the module has {len(own)} tensors, the message {len(tensors)}")
+    with torch.no_grad():
+        for mine, theirs in zip(own, tensors, strict=True):
+            if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+                raise ProtocolError(
+                    f"weight of shape {tuple(theirs.shape)} {theirs.dtype} does not fit "
+                    f"{tuple(mine.shape)} {mine.dtype}"
+                )
+            mine.copy_(theirs)
+    return own

@@ -1,0 +1,87 @@
+"""`VirtualWorker`: a worker in the caller's process, reached through the message layer."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from fedsecure.errors import WorkerUnavailable
+from fedsecure.wire import messages as m
+from fedsecure.worker.client import WorkerClient
+from fedsecure.worker.core import Sender, WorkerCore, _error
+from fedsecure.worker.labels import Policy
+
+
+class Federation:
+    """The in-process network: routes worker-to-worker messages and counts their bytes."""
+
+    def __init__(self) -> None:
+        self.cores: dict[str, WorkerCore] = {}
+        self.link_bytes: dict[tuple[str, str], int] = {}
+
+    def add(self, core: WorkerCore) -> None:
+        self.cores[core.id] = core
+
+    def send(self, source: str, destination: str, data: bytes) -> bytes:
+        core = self.cores.get(destination)
+        if core is None:
+            err = WorkerUnavailable(f"no worker {destination!r} in this federation")
+            return m.encode_reply(m.Reply(None, _error(err)))
+        key = (source, destination)
+        self.link_bytes[key] = self.link_bytes.get(key, 0) + len(data)
+        return core.handle(data, Sender("peer", source))
+
+
+default_federation = Federation()
+
+
+class VirtualWorker(WorkerClient):
+    """A worker living in this process.
+
+    ``VirtualWorker(hook, id="bob")`` as in PySyft (the hook is optional).
+    ``data`` is the owner's own data: a tensor, or a mapping from tag to tensor;
+    it is private to this worker, found with ``search(tag)``.
+    ``policy`` holds the owner's release rules (`fedsecure.Policy`); in one process
+    the default trusts every other worker as an aggregator.
+    """
+
+    def __init__(
+        self,
+        hook: Any = None,
+        id: str | None = None,
+        *,
+        data: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+        policy: Policy | None = None,
+        federation: Federation | None = None,
+    ) -> None:
+        if isinstance(hook, str) and id is None:  # VirtualWorker("bob")
+            hook, id = None, hook
+        if id is None:
+            id = f"worker-{secrets.token_hex(3)}"
+        if not isinstance(id, str) or not id:
+            raise TypeError(f"a worker id must be a non-empty string, got {id!r}")
+        self.federation = federation or getattr(hook, "federation", None) or default_federation
+        fed = self.federation
+        self.core = WorkerCore(
+            id, policy=policy, send_to_peer=lambda dest, data: fed.send(id, dest, data)
+        )
+        fed.add(self.core)
+        owner = Sender("client", "model-owner")
+        super().__init__(id, lambda data: self.core.handle(data, owner))
+        if data is not None:
+            items = data.items() if isinstance(data, Mapping) else [("data", data)]
+            for tag, tensor in items:
+                self.load(tensor, tags=[tag])
+
+    @property
+    def policy(self) -> Policy:
+        return self.core.policy
+
+    def load(self, tensor: torch.Tensor, tags: Iterable[str] = ()) -> None:
+        """Hold ``tensor`` as this owner's private data (the owner's side, not a message)."""
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"load() takes a tensor, got {type(tensor).__name__}")
+        self.core.load(tensor, tuple(tags))
