@@ -126,7 +126,11 @@ class PointerTensor(torch.Tensor):
 
     @property
     def owners(self) -> list[str]:
-        """The data owners whose private data this value derives from (as of its creation)."""
+        """The data owners whose private data this value derives from.
+
+        As the worker last reported it (with this pointer's creation or the last
+        in-place op on it); the worker's own labels are what it enforces.
+        """
         return list(self._fs_owners)
 
     def __repr__(self) -> str:
@@ -275,8 +279,9 @@ def _encode(value: Any, site: _Site) -> Any:
 def _decode(value: Any, worker: WorkerClient, site: _Site) -> Any:
     if isinstance(value, dict):
         same = site.pointers.get(value["id"])
-        if same is not None:
-            return same  # in-place: the same pointer
+        if same is not None:  # in place: the same pointer, perhaps with new owners
+            same._fs_owners = value["owners"]
+            return same
         return PointerTensor._from_meta(worker, value)
     if isinstance(value, tuple):
         return tuple(_decode(v, worker, site) for v in value)
