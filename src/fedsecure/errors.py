@@ -1,7 +1,7 @@
 """Typed exceptions, named after the rule that was broken.
 
 Errors are split by who is at fault (as in h11): the caller misused the API
-(`FedsecureError` subclasses that are also `ValueError`/`TypeError`/...), or a
+(`FedsecureError` subclasses that are also `ValueError`/`PermissionError`/...), or a
 peer sent something it should not have (`ProtocolError`).
 """
 
@@ -23,8 +23,12 @@ class PermissionDenied(FedsecureError, PermissionError):
         self.rule = rule
 
 
-class OperationNotAllowed(FedsecureError, TypeError):
-    """The operation is not on the worker's allow-list (or not supported on pointers)."""
+class OperationNotAllowed(FedsecureError, RuntimeError):
+    """The operation is not on the worker's allow-list (or not supported on pointers).
+
+    Not a TypeError on purpose: torch turns a TypeError raised inside a binary
+    operator into NotImplemented, which would hide this message.
+    """
 
     def __init__(self, message: str, *, op: str) -> None:
         super().__init__(message)

@@ -290,6 +290,9 @@ class WorkerCore:
         for t, v in zip(tensors, versions, strict=True):
             if t._version != v:
                 lb.add_labels(t, labels)
+        if op == "F.batch_norm":  # writes running stats without bumping their versions
+            for t in tensors:
+                lb.add_labels(t, labels)
         if op == "Tensor.data.__set__":
             lb.merge(args[0], args[1])
         return self._outputs(result, op, tensors, ids, labels, result_id)
@@ -324,6 +327,7 @@ class WorkerCore:
             lb.check_release(
                 labels,
                 _count_scalars(result),
+                scalar=not isinstance(result, list | tuple),
                 holder=self.id,
                 policy=self.policy,
                 aggregate=False,
@@ -354,9 +358,15 @@ class WorkerCore:
         tensors.extend(t for _, t in state_tensors(module))
         if module.training != msg.training:
             module.train(msg.training)
-        return self._execute(
+        out = self._execute(
             "model.forward", module, args, kwargs, tensors, ids, msg.result_id, msg.grad_enabled
         )
+        if module.training:
+            # Running statistics are updated in place without a version bump: label them.
+            labels = lb.union(tensors)
+            for buffer in module.buffers():
+                lb.add_labels(buffer, labels)
+        return out
 
     def _put(self, msg: m.Put, sender: Sender) -> Any:
         t = msg.value
@@ -407,6 +417,7 @@ class WorkerCore:
         lb.check_release(
             lb.labels_of(obj),
             obj.numel(),
+            scalar=obj.dim() == 0,
             holder=self.id,
             policy=self.policy,
             aggregate=entry.aggregate,
@@ -421,6 +432,7 @@ class WorkerCore:
         lb.check_release(
             lb.union(own),
             sum(t.numel() for t in own),
+            scalar=False,
             holder=self.id,
             policy=self.policy,
             aggregate=entry.aggregate,

@@ -146,7 +146,9 @@ class Policy:
     ``trusted_aggregators``: workers that may receive values derived from this
     worker's private data (None: every worker, the in-process default).
     ``max_metric_numel``: a labelled value with at most this many elements may
-    leave as a metric (a scalar loss by default; 0 switches metrics off).
+    leave as a metric (1, the default, admits 0-dimensional scalars such as a loss;
+    0 switches metrics off). Each metric reveals one number about the data: see
+    docs/privacy.md for what that allows.
     ``min_contributors``: an aggregate leaves only if it combines the private data
     of at least this many distinct owners.
     ``strict``: as an aggregator, run no op on labelled values and release only
@@ -172,15 +174,34 @@ class Policy:
         return Label(owner, self.trusted_aggregators, self.max_metric_numel, self.min_contributors)
 
 
+def is_metric(numel: int, scalar: bool, limit: int) -> bool:
+    """A metric is a scalar (a loss, an accuracy) or, if the owner allows, a small tensor.
+
+    With the default limit of 1 only 0-dimensional values count: a model's bias of
+    shape (1,) is a weight, not a metric.
+    """
+    return numel <= limit and (scalar or limit > 1)
+
+
 def check_release(
-    labels: Labels, numel: int, *, holder: str, policy: Policy, aggregate: bool, what: str
+    labels: Labels,
+    numel: int,
+    *,
+    scalar: bool,
+    holder: str,
+    policy: Policy,
+    aggregate: bool,
+    what: str,
 ) -> None:
-    """Raise `PermissionDenied` unless a value with ``labels`` may leave ``holder``."""
+    """Raise `PermissionDenied` unless a value with ``labels`` may leave ``holder``.
+
+    ``scalar``: the value is 0-dimensional (a Python number or a 0-dim tensor).
+    """
     if not labels:
         return
     names = owners(labels)
     limit = min(label.max_metric_numel for label in labels)
-    if numel <= limit:
+    if is_metric(numel, scalar, limit):
         return
     if policy.strict:
         if aggregate:
@@ -198,7 +219,7 @@ def check_release(
     raise PermissionDenied(
         f"{what} on {holder!r} ({numel} elements) derives from private data of {names} and may "
         f"not leave: only aggregates combining at least {need} data owners, or metrics of at most "
-        f"{limit} element(s), are released. Move it to an aggregator the owner trusts and "
+        f"{limit} element(s) (0-dimensional if 1), are released. Move it to an aggregator the owner trusts and "
         "combine it with other owners' values there.",
         rule=rule,
     )
