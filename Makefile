@@ -26,7 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/pointer_overhead.py
 
 docs: $(STAMP)
-	$(PY) -m fedsecure.worker.allowlist > docs/allowlist.md
+	$(PY) -c "from fedsecure.worker.allowlist import markdown; print(markdown(), end='')" > docs/allowlist.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

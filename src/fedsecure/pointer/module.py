@@ -16,12 +16,11 @@ from typing import Any
 from torch import nn
 
 from fedsecure.errors import OperationNotAllowed, WorkerMismatch
+from fedsecure.pointer.tensor import PointerTensor, call, send_tensor
 from fedsecure.wire import messages as m
 from fedsecure.worker.client import WorkerClient
 from fedsecure.worker.core import new_id
 from fedsecure.worker.modules import describe
-
-from fedsecure.pointer.tensor import PointerTensor, call, send_tensor
 
 _ATTR = "_fedsecure_remote"
 
@@ -225,19 +224,19 @@ def aggregate(worker: WorkerClient, values: list[Any], weighted: bool) -> Any:
         )
         return PointerTensor._from_meta(worker, meta)
     if all(isinstance(v, nn.Module) for v in values):
-        remotes = [remote_of(v) for v in values]
-        for r in remotes:
+        module_ids: list[int] = []
+        for v in values:
+            r = remote_of(v)
             if r is None or r.module_id is None or r.worker is not worker:
                 raise WorkerMismatch(
                     f"aggregate() takes models sent to {worker.id!r} whose layers are all on the "
                     "allow-list; move them there first"
                 )
+            module_ids.append(r.module_id)
         ids = [new_id() for _ in _slots(values[0])]
         module_id = new_id()
         worker.request(
-            m.AggregateModules(
-                worker.take_release(), [r.module_id for r in remotes], weighted, module_id, ids  # type: ignore[union-attr]
-            )
+            m.AggregateModules(worker.take_release(), module_ids, weighted, module_id, ids)
         )
         return _proxy_copy(values[0], worker, module_id, ids)
     raise TypeError("aggregate() takes a list of pointers or a list of sent models")

@@ -27,24 +27,17 @@ from fedsecure.worker.client import WorkerClient
 from fedsecure.worker.core import new_id
 
 _T = torch.Tensor
+_CPU = torch.device("cpu")
 
 # Answered from the pointer's own spec, never sent.
 _LOCAL: set[Any] = {
     *(
         getattr(_T, name).__get__
-        for name in (
-            "shape dtype device requires_grad is_leaf layout is_sparse is_sparse_csr is_cuda "
-            "is_meta is_quantized is_mkldnn is_nested is_cpu is_xpu is_mps ndim grad_fn "
-            "output_nr _version retains_grad itemsize nbytes"
-        ).split()
+        for name in ["shape", "dtype", "device", "requires_grad", "is_leaf", "layout", "is_sparse", "is_sparse_csr", "is_cuda", "is_meta", "is_quantized", "is_mkldnn", "is_nested", "is_cpu", "is_xpu", "is_mps", "ndim", "grad_fn", "output_nr", "_version", "retains_grad", "itemsize", "nbytes"]
     ),
     *(
         getattr(_T, name)
-        for name in (
-            "size dim ndimension numel nelement __len__ element_size is_complex "
-            "is_floating_point is_signed is_contiguous stride get_device __hash__ "
-            "is_inference storage_offset"
-        ).split()
+        for name in ["size", "dim", "ndimension", "numel", "nelement", "__len__", "element_size", "is_complex", "is_floating_point", "is_signed", "is_contiguous", "stride", "get_device", "__hash__", "is_inference", "storage_offset"]
     ),
     torch.is_complex,
     torch.is_floating_point,
@@ -52,7 +45,7 @@ _LOCAL: set[Any] = {
 }
 
 # Python-level spellings of allowed ops, mapped onto them.
-_ALIASES: dict[Any, str] = {_T.requires_grad.__set__: "Tensor.requires_grad_"}
+_ALIASES: dict[Any, str] = {_T.requires_grad.__set__: "Tensor.requires_grad_"}  # type: ignore[attr-defined]
 
 
 class _Remote:
@@ -93,7 +86,7 @@ class PointerTensor(torch.Tensor):
         owners: list[str] | None = None,
     ) -> PointerTensor:
         r = _T._make_wrapper_subclass(
-            cls, shape, dtype=dtype, device="cpu", requires_grad=requires_grad
+            cls, shape, dtype=dtype, device=_CPU, requires_grad=requires_grad
         )
         remote = _Remote(worker, obj_id)
         r._fs = remote
@@ -133,7 +126,7 @@ class PointerTensor(torch.Tensor):
         """
         return list(self._fs_owners)
 
-    def __repr__(self) -> str:
+    def __repr__(self, **_: Any) -> str:  # type: ignore[override]
         with DisableTorchFunctionSubclass():
             shape, dtype = tuple(self.shape), self.dtype
         private = f", private to {self._fs_owners}" if self._fs_owners else ""
@@ -226,7 +219,7 @@ class PointerTensor(torch.Tensor):
         return call(name, args, kwargs)
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
         # Reached only by a path that bypassed __torch_function__: refuse rather than guess.
         raise OperationNotAllowed(f"{func} reached a pointer below the dispatcher", op=str(func))
 

@@ -10,8 +10,9 @@ message fails here with `ProtocolError` and never reaches an executor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -56,7 +57,8 @@ class Request:
     release: list[int]
 
     def __post_init__(self) -> None:
-        for f, kind in zip(fields(self)[1:], self.SPEC, strict=True):
+        own = fields(self)[1:]  # type: ignore[arg-type]
+        for f, kind in zip(own, self.SPEC, strict=True):
             if not _valid(getattr(self, f.name), kind):
                 raise ProtocolError(
                     f"{type(self).__name__}.{f.name} must be {kind}, "
@@ -66,20 +68,27 @@ class Request:
             raise ProtocolError(f"{type(self).__name__}.release must be a list of ids")
 
 
-def _request(kind: int, spec: tuple[str, ...], peer_only: bool = False):  # type: ignore[no-untyped-def]
-    def wrap(cls):  # type: ignore[no-untyped-def]
+REQUESTS: dict[int, type[Request]] = {}
+R = TypeVar("R", bound=Request)
+
+
+def _request(
+    kind: int, spec: tuple[str, ...], peer_only: bool = False
+) -> Callable[[type[R]], type[R]]:
+    """Register a request class under its wire ``kind`` with its field types."""
+
+    def register(cls: type[R]) -> type[R]:
         cls.KIND, cls.SPEC, cls.PEER_ONLY = kind, spec, peer_only
-        cls = dataclass(frozen=True, slots=True)(cls)
         REQUESTS[kind] = cls
         return cls
 
-    return wrap
+    return register
 
 
-REQUESTS: dict[int, type[Request]] = {}
 
 
 @_request(1, ("str", "list", "dict", "id", "bool"))
+@dataclass(frozen=True, slots=True)
 class Call(Request):
     """Run the allow-listed op ``op`` on stored objects; store a tensor result at ``result_id``."""
 
@@ -92,6 +101,7 @@ class Call(Request):
 
 
 @_request(2, ("id", "list", "dict", "id", "bool", "bool"))
+@dataclass(frozen=True, slots=True)
 class CallModule(Request):
     """Run a stored module's forward pass (the whole pass is one message)."""
 
@@ -105,6 +115,7 @@ class CallModule(Request):
 
 
 @_request(3, ("id", "tensor", "bool", "bool", "strs"))
+@dataclass(frozen=True, slots=True)
 class Put(Request):
     """Store a tensor sent by the model owner (``private`` simulates the owner's own data)."""
 
@@ -117,6 +128,7 @@ class Put(Request):
 
 
 @_request(4, ("id", "dict", "tensors", "ids", "bool"))
+@dataclass(frozen=True, slots=True)
 class PutModule(Request):
     """Build a module from an allow-listed architecture description and its weights."""
 
@@ -129,6 +141,7 @@ class PutModule(Request):
 
 
 @_request(5, ("id", "str", "id", "list", "str"))
+@dataclass(frozen=True, slots=True)
 class PutRef(Request):
     """Store a pointer to an object on another worker (a pointer to a pointer)."""
 
@@ -141,6 +154,7 @@ class PutRef(Request):
 
 
 @_request(6, ("id",))
+@dataclass(frozen=True, slots=True)
 class Get(Request):
     """Release an object to the caller and delete it, if the release policy allows."""
 
@@ -149,23 +163,27 @@ class Get(Request):
 
 
 @_request(7, ("id",))
+@dataclass(frozen=True, slots=True)
 class GetModule(Request):
     release: list[int]
     module_id: int
 
 
 @_request(8, ())
+@dataclass(frozen=True, slots=True)
 class Count(Request):
     release: list[int]
 
 
 @_request(9, ("str",))
+@dataclass(frozen=True, slots=True)
 class Search(Request):
     release: list[int]
     tag: str
 
 
 @_request(10, ("id", "str", "id"))
+@dataclass(frozen=True, slots=True)
 class Move(Request):
     """Send an object straight to another worker; the caller sends only this instruction."""
 
@@ -176,6 +194,7 @@ class Move(Request):
 
 
 @_request(11, ("id", "str", "id", "ids"))
+@dataclass(frozen=True, slots=True)
 class MoveModule(Request):
     release: list[int]
     module_id: int
@@ -185,6 +204,7 @@ class MoveModule(Request):
 
 
 @_request(12, ("id", "id", "ids"))
+@dataclass(frozen=True, slots=True)
 class CopyModule(Request):
     release: list[int]
     module_id: int
@@ -193,6 +213,7 @@ class CopyModule(Request):
 
 
 @_request(13, ("ids", "bool", "id"))
+@dataclass(frozen=True, slots=True)
 class Aggregate(Request):
     """The aggregator's own fixed function: (weighted) mean of received tensors."""
 
@@ -203,6 +224,7 @@ class Aggregate(Request):
 
 
 @_request(14, ("ids", "bool", "id", "ids"))
+@dataclass(frozen=True, slots=True)
 class AggregateModules(Request):
     release: list[int]
     module_ids: list[int]
@@ -212,6 +234,7 @@ class AggregateModules(Request):
 
 
 @_request(20, ("id", "any", "list", "int", "bool"), peer_only=True)
+@dataclass(frozen=True, slots=True)
 class Deliver(Request):
     """Worker to worker: a moved tensor with its provenance labels."""
 
@@ -224,6 +247,7 @@ class Deliver(Request):
 
 
 @_request(21, ("id", "dict", "tensors", "ids", "list", "int"), peer_only=True)
+@dataclass(frozen=True, slots=True)
 class DeliverModule(Request):
     """Worker to worker: a moved module, its weights and each weight's labels."""
 
@@ -237,7 +261,7 @@ class DeliverModule(Request):
 
 
 def encode_request(msg: Request) -> bytes:
-    return encode([msg.KIND, *(getattr(msg, f.name) for f in fields(msg))])
+    return encode([msg.KIND, *(getattr(msg, f.name) for f in fields(msg))])  # type: ignore[arg-type]
 
 
 def decode_request(data: bytes) -> Request:

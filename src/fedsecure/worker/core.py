@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -177,7 +177,7 @@ class WorkerCore:
         """Answer one request. Never raises: every failure becomes an error reply."""
         try:
             msg = m.decode_request(data)
-            if msg.PEER_ONLY != (sender.kind == "peer"):
+            if (sender.kind == "peer") != msg.PEER_ONLY:
                 raise ProtocolError(
                     f"{type(msg).__name__} is not accepted from a {sender.kind} ({sender.id!r})"
                 )
