@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build).
-	$(PY) -m pip install --quiet "torch==2.13.0" || $(PY) -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
