@@ -177,3 +177,17 @@ def test_many_rounds_do_not_leak_remote_objects(
         del models, m, opt, loss
         counts.append((bob.object_count(), alice.object_count(), secure_worker.object_count()))
     assert counts[-1] == counts[2] == (2, 2, 0), counts
+
+
+def test_copy_of_a_remote_custom_model_trains_independently(bob: sy.VirtualWorker) -> None:
+    torch.manual_seed(0)
+    remote = Custom().send(bob)
+    twin = remote.copy()
+    assert all(p.location is bob for p in twin.parameters())
+    assert all(p.requires_grad for p in twin.parameters())
+    x, y = torch.randn(4, 3).send(bob), torch.randn(4, 1).send(bob)
+    before = [p.copy().get() for p in remote.parameters()]
+    losses = _train(twin, lambda p: optim.SGD(p, lr=0.05), x, y, 5)
+    assert losses[-1] < losses[0]
+    for p, b in zip(remote.parameters(), before, strict=True):
+        assert torch.equal(p.copy().get(), b)  # the original did not move

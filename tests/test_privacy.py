@@ -315,3 +315,13 @@ def test_strict_aggregation_of_tensors(make_worker: Make) -> None:
     assert torch.allclose(weighted, torch.full((3,), (3 * 2.0 + 9 * 1.0) / 12))
     with pytest.raises(sy.PermissionDenied):
         (bm + am).get()
+
+
+def test_functional_batch_norm_labels_the_running_stats_it_writes(owners) -> None:  # type: ignore[no-untyped-def]
+    bob, _, _ = owners
+    (x,) = bob.search("x")
+    running_mean, running_var = torch.zeros(2).send(bob), torch.ones(2).send(bob)
+    torch.nn.functional.batch_norm(x, running_mean, running_var, training=True)
+    for stat in (running_mean, running_var):
+        with pytest.raises(sy.PermissionDenied):
+            stat.get()

@@ -202,8 +202,8 @@ def copy_module(module: nn.Module) -> nn.Module:
     remote = remote_of(module)
     if remote is None:
         return copy.deepcopy(module)
-    if remote.module_id is None:
-        return copy.deepcopy(module)  # each pointer copies itself remotely
+    if remote.module_id is None:  # each pointer copies itself on its worker
+        return copy.deepcopy(module, {id(remote): RemoteModule(remote.worker, None)})
     ids = [new_id() for _ in _slots(module)]
     module_id = new_id()
     remote.worker.request(m.CopyModule(remote.worker.take_release(), remote.module_id, module_id, ids))

@@ -197,8 +197,12 @@ class PointerTensor(torch.Tensor):
         return ptr
 
     def copy(self) -> PointerTensor:
-        """A new remote copy of the value, on the same worker."""
-        return self.clone()  # type: ignore[return-value]
+        """A new remote copy of the value, on the same worker (a leaf, like ``deepcopy``)."""
+        with torch.no_grad():
+            twin = self.detach().clone()
+        if self.requires_grad:
+            twin.requires_grad_(True)
+        return twin  # type: ignore[no-any-return]
 
     # -- the dispatcher ------------------------------------------------------------------
 

@@ -48,6 +48,13 @@ class WorkerClient:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} id={self.id!r}>"
 
+    # A worker is an identity: copying a model that points to it must not copy it.
+    def __copy__(self) -> WorkerClient:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> WorkerClient:
+        return self
+
     # -- used by pointers --------------------------------------------------------------
 
     def release(self, obj_id: int) -> None:
