@@ -202,7 +202,7 @@ class PointerTensor(torch.Tensor):
             twin = self.detach().clone()
         if self.requires_grad:
             twin.requires_grad_(True)
-        return twin  # type: ignore[no-any-return]
+        return twin  # type: ignore[return-value]
 
     # -- the dispatcher ------------------------------------------------------------------
 
