@@ -1,15 +1,16 @@
 """Values on the wire: msgpack with a handful of extension types.
 
 Plain values (None, bool, int, float, str, bytes, lists, string-keyed maps) are
-msgpack's own. Everything else that may cross a trust boundary has an explicit
-extension type below; a decoder meets nothing else, so decoding can build only
-these types, and never runs code. Tensors travel as dtype, shape and their raw
+msgpack's own (and msgpack's own timestamp extension, which no operation
+accepts). Everything else that may cross a trust boundary has an explicit
+extension type below, so decoding builds only these types and never runs code. Tensors travel as dtype, shape and their raw
 bytes (no Python lists, no pickle).
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,10 @@ MEMORY_FORMAT_NAMES = {v: k for k, v in MEMORY_FORMATS.items()}
 
 # Largest single message a decoder accepts (the transport may set its own, lower).
 MAX_MESSAGE_BYTES = 2**31 - 1
+# Extension values nest (a tuple in a tuple); each level re-enters the C unpacker, so the
+# depth is capped well below what the C stack of any thread can take.
+MAX_EXT_DEPTH = 32
+_depth = threading.local()
 _MAX_DIMS = 32
 _ID = struct.Struct(">Q")
 
@@ -78,7 +83,7 @@ def parse_dtype(name: object) -> torch.dtype:
 
 
 def tensor_to_wire(tensor: torch.Tensor) -> msgpack.ExtType:
-    t = tensor.detach()
+    t = tensor.detach().resolve_conj().resolve_neg()
     if t.layout != torch.strided:
         raise TypeError(f"only dense tensors can be sent, not {t.layout}")
     if t.device.type != "cpu":
@@ -149,6 +154,17 @@ def _default(obj: Any) -> Any:
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
+    depth = getattr(_depth, "value", 0)
+    if depth >= MAX_EXT_DEPTH:
+        raise ProtocolError(f"values nested deeper than {MAX_EXT_DEPTH} levels")
+    _depth.value = depth + 1
+    try:
+        return _ext_value(code, data)
+    finally:
+        _depth.value = depth
+
+
+def _ext_value(code: int, data: bytes) -> Any:
     if code == EXT_REF:
         if len(data) != _ID.size:
             raise ProtocolError("malformed object reference")

@@ -102,23 +102,48 @@ def _plain(value: Any) -> bool:
     return isinstance(value, list | tuple) and all(_plain(v) for v in value)
 
 
-def _accumulate_grad_leaves(root: torch.Tensor) -> list[torch.Tensor]:
-    """The leaf tensors whose ``.grad`` a backward pass from ``root`` writes."""
-    leaves: list[torch.Tensor] = []
+_INPUT_CELLS = "fedsecure_inputs"
+
+
+def _record_inputs(result: Any, tensors: list[torch.Tensor]) -> None:
+    """Remember, on the autograd node that made ``result``, the label cells of its inputs.
+
+    A backward pass recomputes with the tensors saved in the forward pass; if private
+    data was written into one of them since (through ``.data``, which autograd does not
+    see), the gradients depend on it. The cells are read again at backward time.
+    """
+    if isinstance(result, torch.Tensor):
+        node = result.grad_fn
+        if node is not None:
+            node.metadata[_INPUT_CELLS] = lb.cells(tensors)  # type: ignore[index]
+    elif isinstance(result, tuple | list):
+        for r in result:
+            _record_inputs(r, tensors)
+
+
+def _graph(root: torch.Tensor) -> tuple[list[torch.Tensor], lb.Labels]:
+    """The leaves whose ``.grad`` a backward pass from ``root`` writes, and the current
+    labels of every tensor the pass reads."""
     fn = root.grad_fn
     if fn is None:
-        return [root] if root.requires_grad else []
+        return ([root] if root.requires_grad else []), lb.labels_of(root)
+    leaves: list[torch.Tensor] = []
+    labels = lb.labels_of(root)
     seen, stack = {fn}, [fn]
     while stack:
         node = stack.pop()
         variable = getattr(node, "variable", None)
         if variable is not None:
             leaves.append(variable)
+            labels = labels | lb.labels_of(variable)
+        recorded = node.metadata.get(_INPUT_CELLS)  # type: ignore[attr-defined]
+        if recorded:
+            labels = labels | lb.union_cells(recorded)
         for nxt, _ in node.next_functions:
             if nxt is not None and nxt not in seen:
                 seen.add(nxt)
                 stack.append(nxt)
-    return leaves
+    return leaves, labels
 
 
 class WorkerCore:
@@ -187,6 +212,9 @@ class WorkerCore:
             return m.encode_reply(m.Reply(value))
         except FedsecureError as exc:
             return m.encode_reply(m.Reply(None, _error(exc)))
+        except RecursionError:
+            err = ProtocolError("the message is nested too deeply")
+            return m.encode_reply(m.Reply(None, _error(err)))
         except Exception as exc:  # a bug here must not take the worker down
             return m.encode_reply(
                 m.Reply(None, ("internal", f"{type(exc).__name__}: {exc}", self.id))
@@ -290,6 +318,7 @@ class WorkerCore:
         for t, v in zip(tensors, versions, strict=True):
             if t._version != v:
                 lb.add_labels(t, labels)
+        _record_inputs(result, tensors)
         if op == "F.batch_norm":  # writes running stats without bumping their versions
             for t in tensors:
                 lb.add_labels(t, labels)
@@ -307,6 +336,12 @@ class WorkerCore:
         result_id: int | None,
     ) -> Any:
         if isinstance(result, torch.Tensor):
+            if result.device.type not in ("cpu", "cuda") or result.layout != torch.strided:
+                raise OperationNotAllowed(
+                    f"{op} produced a {result.device.type} {result.layout} tensor; workers hold "
+                    "dense tensors on their own devices",
+                    op=op,
+                )
             known = ids.get(id(result))
             if known is not None and any(result is t for t in tensors):
                 return _meta(known, result)  # in place: the caller's pointer stays valid
@@ -423,8 +458,9 @@ class WorkerCore:
             aggregate=entry.aggregate,
             what="the tensor",
         )
+        value = codec.tensor_to_wire(obj)  # encode first: a failure must lose nothing
         del self.objects[msg.object_id]
-        return {"tensor": obj.detach(), "requires_grad": obj.requires_grad}
+        return {"tensor": value, "requires_grad": obj.requires_grad}
 
     def _get_module(self, msg: m.GetModule, sender: Sender) -> Any:
         entry, module = self._module(msg.module_id)
@@ -438,8 +474,9 @@ class WorkerCore:
             aggregate=entry.aggregate,
             what="the model",
         )
+        values = [codec.tensor_to_wire(t) for t in own]
         del self.objects[msg.module_id]
-        return [t.detach() for t in own]
+        return values
 
     def _search(self, msg: m.Search, sender: Sender) -> Any:
         tag = _tag(msg.tag)
@@ -649,13 +686,16 @@ def _backward(
     create_graph: bool = False,
     inputs: Any = None,
 ) -> None:
-    """``loss.backward()``, then label every gradient it wrote with the loss's labels."""
-    labels = lb.union([loss] if gradient is None else [loss, gradient])
-    leaves = _accumulate_grad_leaves(loss) if labels else []
+    """``loss.backward()``, then label every gradient it wrote with the labels of
+    everything the backward pass read."""
+    leaves, labels = _graph(loss)
+    if gradient is not None:
+        labels = labels | lb.labels_of(gradient)
     loss.backward(gradient, retain_graph, create_graph, inputs)
-    for leaf in leaves:
-        if leaf.grad is not None:
-            lb.add_labels(leaf.grad, labels | lb.labels_of(leaf))
+    if labels:
+        for leaf in leaves:
+            if leaf.grad is not None:
+                lb.add_labels(leaf.grad, labels)
 
 
 def _tag(tag: str) -> str:

@@ -128,6 +128,27 @@ def merge(a: torch.Tensor, b: torch.Tensor) -> None:
         ra.labels = ra.labels | rb.labels
 
 
+def cells(tensors: Iterable[torch.Tensor]) -> list[Cell]:
+    """The cells of ``tensors`` (created if missing), to read their labels later."""
+    out = []
+    for t in tensors:
+        cell = getattr(t, _CELL, None)
+        if cell is None:
+            cell = Cell()
+            setattr(t, _CELL, cell)
+        out.append(cell)
+    return out
+
+
+def union_cells(items: Iterable[Cell]) -> Labels:
+    out: Labels = NO_LABELS
+    for cell in items:
+        labels = cell.root().labels
+        if labels:
+            out = out | labels
+    return out
+
+
 def union(items: Iterable[Any]) -> Labels:
     out: Labels = NO_LABELS
     for item in items:
