@@ -195,3 +195,16 @@ def test_a_fetched_pointer_cannot_be_used(bob: sy.VirtualWorker) -> None:
 def test_send_without_the_hook_methods(bob: sy.VirtualWorker) -> None:
     ptr = sy.send(torch.ones(2), bob)
     assert torch.equal(sy.get(ptr), torch.ones(2))
+
+
+def test_in_place_ops_do_not_wait_and_their_errors_surface_next(bob: sy.VirtualWorker) -> None:
+    ptr = torch.ones(3).send(bob)
+    sent = bob.bytes_received
+    ptr.add_(1)
+    ptr.mul_(2)
+    assert bob.bytes_received == sent  # no round trip yet
+    assert torch.equal(ptr.copy().get(), torch.full((3,), 4.0))  # ran, in order, before the copy
+    ptr.add_(torch.ones(2).send(bob))  # wrong shape: noticed by the worker, later
+    with pytest.raises(sy.RemoteError, match="Tensor.add_, sent earlier without waiting"):
+        ptr.sum().get()
+    assert torch.equal(ptr.get(), torch.full((3,), 4.0))  # nothing after the failure ran twice

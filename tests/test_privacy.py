@@ -325,3 +325,15 @@ def test_functional_batch_norm_labels_the_running_stats_it_writes(owners) -> Non
     for stat in (running_mean, running_var):
         with pytest.raises(sy.PermissionDenied):
             stat.get()
+
+
+def test_a_refused_model_move_loses_nothing(make_worker: Make) -> None:
+    bob = make_worker("bob", data={"x": torch.randn(4, 2), "y": torch.randn(4, 1)}, policy=sy.Policy(trusted_aggregators={"agg"}))
+    alice = make_worker("alice")
+    remote = _trained(bob, nn.Linear(2, 1))
+    with pytest.raises(sy.PermissionDenied):
+        remote.move(alice)
+    assert remote.weight.location is bob
+    (x,) = bob.search("x")
+    assert remote(x).shape == (4, 1)  # still there, still usable
+    assert remote.weight.owners == ["bob"]

@@ -171,11 +171,13 @@ def move_module(module: nn.Module, worker: WorkerClient) -> nn.Module:
         remote.worker = worker
         return module
     module_id, ids = new_id(), [new_id() for _ in pointers]
-    # The old pointers' ids are freed at the source with this very request.
-    release = remote.worker.take_release() + [p._fs.id for p in pointers if p._fs.live]
-    remote.worker.request(m.MoveModule(release, remote.module_id, worker.id, module_id, ids))
+    source = remote.worker
+    source.request(m.MoveModule(source.take_release(), remote.module_id, worker.id, module_id, ids))
     for p, i in zip(pointers, ids, strict=True):
+        if p._fs.live:  # the source's entry for the old id goes with the next request
+            source.release(p._fs.id)
         p._fs.worker, p._fs.id, p._fs.live = worker, i, True
+        p._fs_grad = None
     remote.worker, remote.module_id = worker, module_id
     return module
 

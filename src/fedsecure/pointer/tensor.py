@@ -11,7 +11,6 @@ pointers to two workers, or a pointer with a local tensor.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -74,6 +73,8 @@ class PointerTensor(torch.Tensor):
     _fs: _Remote
     _fs_owners: list[str]
     _fs_child: PointerTensor | None
+    # (the worker's gradient epoch, the gradient pointer or None) when last read or set
+    _fs_grad: tuple[int, PointerTensor | None] | None
 
     @staticmethod
     def __new__(
@@ -92,8 +93,16 @@ class PointerTensor(torch.Tensor):
         r._fs = remote
         r._fs_owners = owners or []
         r._fs_child = None
-        weakref.finalize(r, remote.release)
+        r._fs_grad = None
         return r
+
+    def __del__(self) -> None:
+        # Frees the remote object lazily (with the next request); cheaper than a
+        # weakref.finalize per pointer, and a pointer is never resurrected (no C++
+        # structure holds it: every torch call on it stops at __torch_function__).
+        remote = self.__dict__.get("_fs")
+        if remote is not None:
+            remote.release()
 
     @classmethod
     def _from_meta(cls, worker: WorkerClient, meta: dict[str, Any]) -> PointerTensor:
@@ -119,11 +128,10 @@ class PointerTensor(torch.Tensor):
 
     @property
     def owners(self) -> list[str]:
-        """The data owners whose private data this value derives from.
-
-        As the worker last reported it (with this pointer's creation or the last
-        in-place op on it); the worker's own labels are what it enforces.
-        """
+        """The data owners whose private data this value derives from, as the worker
+        labels it now (one message; ``repr`` shows the last answer without asking)."""
+        remote = self._fs
+        self._fs_owners = remote.worker.request(m.Owners(remote.worker.take_release(), remote.id))
         return list(self._fs_owners)
 
     def __repr__(self, **_: Any) -> str:  # type: ignore[override]
@@ -175,6 +183,7 @@ class PointerTensor(torch.Tensor):
         obj_id = new_id()
         remote.worker.request(m.Move(remote.worker.take_release(), remote.id, worker.id, obj_id))
         remote.worker, remote.id = worker, obj_id
+        self._fs_grad = None
         return self
 
     def send(self, worker: WorkerClient, **_: Any) -> PointerTensor:
@@ -213,6 +222,8 @@ class PointerTensor(torch.Tensor):
             with DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         name = NAME_OF.get(func) or _ALIASES.get(func)
+        if name in _GRAD_OPS:
+            return _grad(name, args, kwargs)
         if name is None:
             raise OperationNotAllowed(
                 f"{resolve_name(func) or func} is not supported on pointers (it is not on the "
@@ -228,6 +239,35 @@ class PointerTensor(torch.Tensor):
         raise OperationNotAllowed(f"{func} reached a pointer below the dispatcher", op=str(func))
 
 
+_GRAD_OPS = frozenset({"Tensor.grad.__get__", "Tensor.grad.__set__", "Tensor.backward"})
+
+
+def _grad(name: str, args: Any, kwargs: dict[str, Any]) -> Any:
+    """``.grad`` reads come from a cache that every gradient-changing op invalidates.
+
+    torch.optim reads ``p.grad`` several times per parameter and step; each read was
+    a message. A worker's gradients change only through ``backward`` and ``.grad = ``,
+    both sent by this client, so the client counts them (``grad_epoch``) and a cached
+    gradient pointer stays valid until the count moves.
+    """
+    self: PointerTensor = args[0]
+    worker = self._fs.worker
+    if name == "Tensor.grad.__get__":
+        cached = self._fs_grad
+        if cached is not None and cached[0] == worker.grad_epoch:
+            grad = cached[1]
+            if grad is None or (grad._fs.live and grad._fs.worker is worker):
+                return grad
+        grad = call(name, args, kwargs)
+        self._fs_grad = (worker.grad_epoch, grad)
+        return grad
+    out = call(name, args, kwargs)
+    worker.grad_epoch += 1
+    if name == "Tensor.grad.__set__":
+        self._fs_grad = (worker.grad_epoch, args[1])
+    return out
+
+
 class _Site:
     """The worker an op runs on, found while encoding its arguments."""
 
@@ -239,7 +279,12 @@ class _Site:
         self.pointers: dict[int, PointerTensor] = {}
 
 
+_PLAIN = frozenset({int, float, bool, str, type(None)})
+
+
 def _encode(value: Any, site: _Site) -> Any:
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, PointerTensor):
         remote = value._fs
         if not remote.live:
@@ -285,7 +330,32 @@ def _decode(value: Any, worker: WorkerClient, site: _Site) -> Any:
     return value
 
 
-def call(op: str, args: Any, kwargs: dict[str, Any], module_id: int | None = None, training: bool = False, worker: WorkerClient | None = None) -> Any:
+def _deferrable(name: str) -> bool:
+    if not name.startswith("Tensor."):
+        return False
+    method = name[len("Tensor.") :]
+    if method in ("requires_grad_", "detach_"):  # they change the pointer's own metadata
+        return False
+    plain_in_place = "." not in method and method.endswith("_") and not method.startswith("__")
+    return plain_in_place or method in (
+        "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ipow__",
+        "grad.__set__", "data.__set__",
+    )
+
+
+# In-place ops: their result is the pointer they were called on (or None for setters),
+# so the client need not wait for the worker. They go with the next request.
+DEFERRED = frozenset(name for name in NAME_OF.values() if _deferrable(name))
+
+
+def call(
+    op: str,
+    args: Any,
+    kwargs: dict[str, Any],
+    module_id: int | None = None,
+    training: bool = False,
+    worker: WorkerClient | None = None,
+) -> Any:
     """Run ``op`` on the worker that holds the pointers among its arguments."""
     site = _Site(op)
     site.worker = worker
@@ -299,6 +369,9 @@ def call(op: str, args: Any, kwargs: dict[str, Any], module_id: int | None = Non
     msg: m.Request
     if module_id is None:
         msg = m.Call(target.take_release(), op, wire_args, wire_kwargs, result_id, grad)
+        if op in DEFERRED:
+            target.defer(msg)
+            return None if op.endswith(("__set__", "__setitem__")) else args[0]
     else:
         msg = m.CallModule(target.take_release(), module_id, wire_args, wire_kwargs, result_id, grad, training)
     out = _decode(target.request(msg), target, site)

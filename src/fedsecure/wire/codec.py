@@ -130,11 +130,11 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, Ref):
         return msgpack.ExtType(EXT_REF, _ID.pack(obj.id))
     if isinstance(obj, tuple):  # torch.Size included
-        return msgpack.ExtType(EXT_TUPLE, encode(list(obj)))
+        return msgpack.ExtType(EXT_TUPLE, _nested(list(obj)))
     if isinstance(obj, torch.Tensor):
         return tensor_to_wire(obj)
     if isinstance(obj, slice):
-        return msgpack.ExtType(EXT_SLICE, encode([obj.start, obj.stop, obj.step]))
+        return msgpack.ExtType(EXT_SLICE, _nested([obj.start, obj.stop, obj.step]))
     if obj is Ellipsis:
         return msgpack.ExtType(EXT_ELLIPSIS, b"")
     if isinstance(obj, torch.dtype):
@@ -202,9 +202,26 @@ def _ext_value(code: int, data: bytes) -> Any:
     raise ProtocolError(f"unknown extension type {code}")
 
 
+_packers = threading.local()
+
+
+def _nested(value: Any) -> bytes:
+    # The thread's packer is busy with the enclosing value: a fresh one, then.
+    return msgpack.packb(value, default=_default, strict_types=True, use_bin_type=True)  # type: ignore[no-any-return]
+
+
 def encode(value: Any) -> bytes:
     """Encode a value built from plain values and the extension types above."""
-    return msgpack.packb(value, default=_default, strict_types=True, use_bin_type=True)
+    packer = getattr(_packers, "packer", None)
+    if packer is None:  # one per thread: a Packer is not thread-safe, and costly to make
+        packer = _packers.packer = msgpack.Packer(
+            default=_default, strict_types=True, use_bin_type=True
+        )
+    try:
+        return packer.pack(value)  # type: ignore[no-any-return]
+    except BaseException:
+        packer.reset()
+        raise
 
 
 def decode(data: bytes) -> Any:

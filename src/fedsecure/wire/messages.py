@@ -22,50 +22,44 @@ from fedsecure.wire.codec import decode, encode
 _U64 = 2**64
 
 
-def _valid(value: Any, kind: str) -> bool:
-    if kind == "id":
-        return type(value) is int and 0 <= value < _U64
-    if kind == "ids":
-        return isinstance(value, list) and all(type(v) is int and 0 <= v < _U64 for v in value)
-    if kind == "str":
-        return isinstance(value, str) and len(value) <= 256
-    if kind == "bool":
-        return type(value) is bool
-    if kind == "int":
-        return type(value) is int
-    if kind == "list":
-        return isinstance(value, list | tuple)
-    if kind == "dict":
-        return isinstance(value, dict)
-    if kind == "tensor":
-        return isinstance(value, torch.Tensor)
-    if kind == "tensors":
-        return isinstance(value, list) and all(isinstance(v, torch.Tensor) for v in value)
-    if kind == "strs":
-        return isinstance(value, list) and all(isinstance(v, str) and len(v) <= 256 for v in value)
-    if kind == "any":
-        return True
-    raise AssertionError(kind)
+def _is_id(v: Any) -> bool:
+    return type(v) is int and 0 <= v < _U64
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str) and len(v) <= 256
+
+
+# field type -> its check; a decoded request is checked field by field before use
+CHECKS: dict[str, Callable[[Any], bool]] = {
+    "id": _is_id,
+    "ids": lambda v: isinstance(v, list) and all(_is_id(x) for x in v),
+    "str": _is_str,
+    "strs": lambda v: isinstance(v, list) and all(_is_str(x) for x in v),
+    "bool": lambda v: type(v) is bool,
+    "int": lambda v: type(v) is int,
+    "list": lambda v: isinstance(v, list | tuple),
+    "dict": lambda v: isinstance(v, dict),
+    "tensor": lambda v: isinstance(v, torch.Tensor),
+    "tensors": lambda v: isinstance(v, list) and all(isinstance(x, torch.Tensor) for x in v),
+    "any": lambda v: True,
+    "blobs": lambda v: isinstance(v, list) and len(v) <= 4096 and all(isinstance(x, bytes) for x in v),
+}
 
 
 class Request:
-    """Base of every request; subclasses declare ``KIND`` and typed ``SPEC``."""
+    """Base of every request; subclasses declare ``KIND`` and the types of their fields.
+
+    Requests are checked where they cross the trust boundary, in `decode_request`,
+    not on construction: the sender builds them from its own values, and checking
+    twice doubled the cost of a message.
+    """
 
     KIND: ClassVar[int]
     SPEC: ClassVar[tuple[str, ...]]
+    FIELDS: ClassVar[tuple[str, ...]]
     PEER_ONLY: ClassVar[bool] = False
     release: list[int]
-
-    def __post_init__(self) -> None:
-        own = fields(self)[1:]  # type: ignore[arg-type]
-        for f, kind in zip(own, self.SPEC, strict=True):
-            if not _valid(getattr(self, f.name), kind):
-                raise ProtocolError(
-                    f"{type(self).__name__}.{f.name} must be {kind}, "
-                    f"got {type(getattr(self, f.name)).__name__}"
-                )
-        if not _valid(self.release, "ids"):
-            raise ProtocolError(f"{type(self).__name__}.release must be a list of ids")
 
 
 REQUESTS: dict[int, type[Request]] = {}
@@ -78,13 +72,13 @@ def _request(
     """Register a request class under its wire ``kind`` with its field types."""
 
     def register(cls: type[R]) -> type[R]:
-        cls.KIND, cls.SPEC, cls.PEER_ONLY = kind, spec, peer_only
+        names = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+        assert names[0] == "release" and len(names) == len(spec) + 1, cls
+        cls.KIND, cls.SPEC, cls.FIELDS, cls.PEER_ONLY = kind, ("ids", *spec), names, peer_only
         REQUESTS[kind] = cls
         return cls
 
     return register
-
-
 
 
 @_request(1, ("str", "list", "dict", "id", "bool"))
@@ -233,6 +227,28 @@ class AggregateModules(Request):
     new_ids: list[int]
 
 
+@_request(15, ("blobs",))
+@dataclass(frozen=True, slots=True)
+class Batch(Request):
+    """Requests the sender did not wait for (in-place ops), then the one it waits for.
+
+    The worker runs them in order and stops at the first failure, which it reports,
+    naming the op, as the reply to the whole batch.
+    """
+
+    release: list[int]
+    requests: list[bytes]
+
+
+@_request(16, ("id",))
+@dataclass(frozen=True, slots=True)
+class Owners(Request):
+    """Which data owners' private data an object derives from (the worker's labels)."""
+
+    release: list[int]
+    object_id: int
+
+
 @_request(20, ("id", "any", "list", "int", "bool"), peer_only=True)
 @dataclass(frozen=True, slots=True)
 class Deliver(Request):
@@ -261,7 +277,7 @@ class DeliverModule(Request):
 
 
 def encode_request(msg: Request) -> bytes:
-    return encode([msg.KIND, *(getattr(msg, f.name) for f in fields(msg))])  # type: ignore[arg-type]
+    return encode([msg.KIND, *[getattr(msg, name) for name in msg.FIELDS]])
 
 
 def decode_request(data: bytes) -> Request:
@@ -271,9 +287,13 @@ def decode_request(data: bytes) -> Request:
     cls = REQUESTS.get(raw[0])
     if cls is None:
         raise ProtocolError(f"unknown request kind {raw[0]}")
-    if len(raw) - 1 != len(cls.SPEC) + 1:
-        raise ProtocolError(f"{cls.__name__} needs {len(cls.SPEC) + 1} fields, got {len(raw) - 1}")
-    return cls(*raw[1:])
+    values = raw[1:]
+    if len(values) != len(cls.SPEC):
+        raise ProtocolError(f"{cls.__name__} needs {len(cls.SPEC)} fields, got {len(values)}")
+    for name, kind, value in zip(cls.FIELDS, cls.SPEC, values, strict=True):
+        if not CHECKS[kind](value):
+            raise ProtocolError(f"{cls.__name__}.{name} must be {kind}, got {type(value).__name__}")
+    return cls(*values)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from fedsecure.worker.core import exception_from_reply
 Transport = Callable[[bytes], bytes]
 
 _RELEASE_BATCH = 256
+_DEFER_BATCH = 64
 
 
 class PointerFactory(Protocol):
@@ -42,6 +43,8 @@ class WorkerClient:
         self.id = id
         self._transport = transport
         self._release: list[int] = []
+        self._deferred: list[bytes] = []
+        self.grad_epoch = 0  # counts the requests that may change gradients (see pointer.tensor)
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -67,8 +70,21 @@ class WorkerClient:
         ids, self._release = self._release, []
         return ids
 
+    def defer(self, msg: m.Request) -> None:
+        """Queue ``msg``, whose reply the caller can predict, to go with the next request.
+
+        Errors it causes are raised by that next request, naming the op.
+        """
+        self._deferred.append(m.encode_request(msg))
+        if len(self._deferred) >= _DEFER_BATCH:
+            self.flush()
+
     def request(self, msg: m.Request) -> Any:
         data = m.encode_request(msg)
+        if self._deferred:
+            self._deferred.append(data)
+            data = m.encode_request(m.Batch([], self._deferred))
+            self._deferred = []
         self.bytes_sent += len(data)
         raw = self._transport(data)
         self.bytes_received += len(raw)
@@ -80,7 +96,7 @@ class WorkerClient:
     # -- public ------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Free every object whose last pointer is gone, now."""
+        """Run every queued in-place op and free every object whose last pointer is gone."""
         self.request(m.Count(self.take_release()))
 
     def object_count(self) -> int:

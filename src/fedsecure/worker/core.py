@@ -9,7 +9,8 @@ moves leave through the ``send_to_peer`` function it is given.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,6 +35,11 @@ from fedsecure.worker.allowlist import ALLOWED
 from fedsecure.worker.modules import build, describe, load_state, state_tensors
 
 PeerSend = Callable[[str, bytes], bytes]
+_PLAIN = frozenset({int, float, bool, str, type(None)})
+# Allowed ops whose result shares memory with an input without being a view
+# (views say so themselves: Tensor._is_view()). Ops returning an input itself
+# (x.float() of a float tensor) are caught as in-place results.
+_ALIASING = frozenset({"Tensor.detach", "torch.detach", "Tensor.data.__get__"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +81,21 @@ ERROR_KINDS: dict[type[FedsecureError], str] = {
 }
 
 
+_ids: Iterator[tuple[int, ...]] = iter(())
+
+
 def new_id() -> int:
-    """Object ids are 64 random bits: unguessable, so holding an id is the capability."""
-    return secrets.randbits(64)
+    """Object ids are 64 random bits: unguessable, so holding an id is the capability.
+
+    Drawn from the OS's cryptographic source 512 at a time (one system call each
+    time, not one per id).
+    """
+    global _ids
+    try:
+        return next(_ids)[0]
+    except StopIteration:
+        _ids = struct.iter_unpack(">Q", secrets.token_bytes(8 * 512))
+        return next(_ids)[0]
 
 
 def _meta(obj_id: int, t: torch.Tensor) -> dict[str, Any]:
@@ -171,6 +189,7 @@ class WorkerCore:
             m.GetModule: self._get_module,
             m.Count: lambda msg, s: len(self.objects),
             m.Search: self._search,
+            m.Owners: self._owners,
             m.Move: self._move,
             m.MoveModule: self._move_module,
             m.CopyModule: self._copy_module,
@@ -202,13 +221,8 @@ class WorkerCore:
         """Answer one request. Never raises: every failure becomes an error reply."""
         try:
             msg = m.decode_request(data)
-            if (sender.kind == "peer") != msg.PEER_ONLY:
-                raise ProtocolError(
-                    f"{type(msg).__name__} is not accepted from a {sender.kind} ({sender.id!r})"
-                )
-            for obj_id in msg.release:
-                self.objects.pop(obj_id, None)
-            value = self._handlers[type(msg)](msg, sender)
+            handler = self._batch if isinstance(msg, m.Batch) else self._dispatch
+            value = handler(msg, sender)  # type: ignore[arg-type]
             return m.encode_reply(m.Reply(value))
         except FedsecureError as exc:
             return m.encode_reply(m.Reply(None, _error(exc)))
@@ -219,6 +233,33 @@ class WorkerCore:
             return m.encode_reply(
                 m.Reply(None, ("internal", f"{type(exc).__name__}: {exc}", self.id))
             )
+
+    def _dispatch(self, msg: m.Request, sender: Sender) -> Any:
+        if (sender.kind == "peer") != msg.PEER_ONLY:
+            raise ProtocolError(
+                f"{type(msg).__name__} is not accepted from a {sender.kind} ({sender.id!r})"
+            )
+        for obj_id in msg.release:
+            self.objects.pop(obj_id, None)
+        return self._handlers[type(msg)](msg, sender)
+
+    def _batch(self, batch: m.Batch, sender: Sender) -> Any:
+        for obj_id in batch.release:
+            self.objects.pop(obj_id, None)
+        value = None
+        last = len(batch.requests) - 1
+        for i, data in enumerate(batch.requests):
+            msg = m.decode_request(data)
+            if isinstance(msg, m.Batch):
+                raise ProtocolError("a batch cannot contain a batch")
+            try:
+                value = self._dispatch(msg, sender)
+            except FedsecureError as exc:
+                if i < last:  # the sender has moved on: say which earlier op failed
+                    what = getattr(msg, "op", type(msg).__name__)
+                    exc.args = (f"{what}, sent earlier without waiting for its reply, failed: {exc}",)
+                raise
+        return value
 
     def _entry(self, obj_id: int) -> Entry:
         try:
@@ -240,7 +281,10 @@ class WorkerCore:
 
     def _resolve(self, value: Any, tensors: list[torch.Tensor], ids: dict[int, int]) -> Any:
         """Replace `Ref`s by stored tensors, collecting every tensor input."""
-        if isinstance(value, Ref):
+        kind = type(value)
+        if kind in _PLAIN:
+            return value
+        if kind is Ref:
             t = self._tensor(value.id)
             tensors.append(t)
             ids[id(t)] = value.id
@@ -345,13 +389,14 @@ class WorkerCore:
             known = ids.get(id(result))
             if known is not None and any(result is t for t in tensors):
                 return _meta(known, result)  # in place: the caller's pointer stays valid
-            ptr = result.untyped_storage().data_ptr() if result.numel() else 0
-            source = next(
-                (t for t in tensors if ptr and t.numel() and t.untyped_storage().data_ptr() == ptr),
-                None,
-            )
-            if source is not None:
-                lb.share_cell(result, source)
+            if result._is_view() or op in _ALIASING:  # shares an input's memory
+                ptr = result.untyped_storage().data_ptr() if result.numel() else 0
+                source = next(
+                    (t for t in tensors if ptr and t.numel() and t.untyped_storage().data_ptr() == ptr),
+                    None,
+                )
+                if source is not None:
+                    lb.share_cell(result, source)
             lb.add_labels(result, labels)
             obj_id = result_id if result_id is not None else new_id()
             self.objects[obj_id] = Entry(result)
@@ -477,6 +522,12 @@ class WorkerCore:
         values = [codec.tensor_to_wire(t) for t in own]
         del self.objects[msg.module_id]
         return values
+
+    def _owners(self, msg: m.Owners, sender: Sender) -> Any:
+        obj = self._entry(msg.object_id).obj
+        if isinstance(obj, nn.Module):
+            return lb.owners(lb.union(t for _, t in state_tensors(obj)))
+        return lb.owners(lb.labels_of(obj))
 
     def _search(self, msg: m.Search, sender: Sender) -> Any:
         tag = _tag(msg.tag)
