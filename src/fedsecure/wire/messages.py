@@ -58,6 +58,7 @@ class Request:
     KIND: ClassVar[int]
     SPEC: ClassVar[tuple[str, ...]]
     FIELDS: ClassVar[tuple[str, ...]]
+    CHECK_FNS: ClassVar[tuple[Callable[[Any], bool], ...]]
     PEER_ONLY: ClassVar[bool] = False
     release: list[int]
 
@@ -75,6 +76,7 @@ def _request(
         names = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
         assert names[0] == "release" and len(names) == len(spec) + 1, cls
         cls.KIND, cls.SPEC, cls.FIELDS, cls.PEER_ONLY = kind, ("ids", *spec), names, peer_only
+        cls.CHECK_FNS = tuple(CHECKS[k] for k in cls.SPEC)
         REQUESTS[kind] = cls
         return cls
 
@@ -290,8 +292,9 @@ def decode_request(data: bytes) -> Request:
     values = raw[1:]
     if len(values) != len(cls.SPEC):
         raise ProtocolError(f"{cls.__name__} needs {len(cls.SPEC)} fields, got {len(values)}")
-    for name, kind, value in zip(cls.FIELDS, cls.SPEC, values, strict=True):
-        if not CHECKS[kind](value):
+    for i, (check, value) in enumerate(zip(cls.CHECK_FNS, values, strict=True)):
+        if not check(value):
+            name, kind = cls.FIELDS[i], cls.SPEC[i]
             raise ProtocolError(f"{cls.__name__}.{name} must be {kind}, got {type(value).__name__}")
     return cls(*values)
 
