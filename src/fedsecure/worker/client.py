@@ -17,7 +17,6 @@ from fedsecure.worker.core import exception_from_reply
 
 Transport = Callable[[bytes], bytes]
 
-_RELEASE_BATCH = 256
 _DEFER_BATCH = 64
 
 
@@ -61,10 +60,12 @@ class WorkerClient:
     # -- used by pointers --------------------------------------------------------------
 
     def release(self, obj_id: int) -> None:
-        """Forget ``obj_id``; the worker frees it with the next request (or a batch)."""
+        """Forget ``obj_id``; the worker frees it with the next request.
+
+        Called from pointers' ``__del__``, that is from the garbage collector, which
+        may run in the middle of another request: so this only takes a note.
+        """
         self._release.append(obj_id)
-        if len(self._release) >= _RELEASE_BATCH:
-            self.flush()
 
     def take_release(self) -> list[int]:
         ids, self._release = self._release, []
