@@ -490,3 +490,36 @@ def test_replayed_requests() -> None:
     refused = m.encode_request(m.Get([], found(core)))
     assert [kind(send(core, refused)) for _ in range(3)] == ["permission"] * 3
     assert_healthy(core, private_id)
+
+
+# -- optimizers built on the worker -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "group", "expected"),
+    [
+        ("LBFGS", {"params": [2], "lr": 0.1}, "not_allowed"),
+        ("SGD", {"params": [2], "lr": 0.1, "fused": True}, "not_allowed"),
+        ("SGD", {"params": [2], "lr": 0.1, "differentiable": True}, "not_allowed"),
+        ("SGD", {"params": [2], "lr": "0.1"}, "protocol"),
+        ("SGD", {"params": [987654321], "lr": 0.1}, "not_found"),
+    ],
+)
+def test_hostile_optimizers_are_refused(optimizer: str, group: dict[str, Any], expected: str) -> None:
+    core, private_id = worker()
+    send(core, m.Put([], 2, torch.ones(2, requires_grad=True), True, False, []))
+    assert kind(send(core, m.MakeOptimizer([], 5, optimizer, [group]))) == expected
+    assert 5 not in core.objects
+    assert_healthy(core, private_id)
+
+
+def test_optimizer_calls_only_step_and_zero_grad() -> None:
+    core, private_id = worker()
+    send(core, m.Put([], 2, torch.ones(2, requires_grad=True), True, False, []))
+    assert send(core, m.MakeOptimizer([], 5, "SGD", [{"params": [2], "lr": 0.1}])).error is None
+    for method in ("load_state_dict", "state_dict", "__init__", "add_param_group"):
+        assert kind(send(core, m.OptimizerCall([], 5, method, [{}]))) == "not_allowed"
+    assert kind(send(core, m.OptimizerCall([], 2, "step", [{}]))) == "not_allowed"
+    assert kind(send(core, m.OptimizerCall([], 5, "step", [{}, {}]))) == "protocol"
+    assert send(core, m.OptimizerCall([], 5, "step", [{"lr": 0.5}])).error is None
+    assert_healthy(core, private_id)

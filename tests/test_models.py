@@ -191,3 +191,68 @@ def test_copy_of_a_remote_custom_model_trains_independently(bob: sy.VirtualWorke
     assert losses[-1] < losses[0]
     for p, b in zip(remote.parameters(), before, strict=True):
         assert torch.equal(p.copy().get(), b)  # the original did not move
+
+
+@pytest.mark.parametrize(
+    "name, settings",
+    [
+        ("SGD", {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}),
+        ("Adam", {"lr": 0.01}),
+        ("AdamW", {"lr": 0.01, "weight_decay": 0.1}),
+        ("Adagrad", {"lr": 0.05}),
+        ("RMSprop", {"lr": 0.01}),
+    ],
+)
+def test_fedsecure_optim_runs_torchs_optimizer_on_the_worker(bob: sy.VirtualWorker, name: str, settings: dict) -> None:  # type: ignore[type-arg]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    local, remote = model.copy(), model.copy().send(bob)
+    local_opt = getattr(optim, name)(local.parameters(), **settings)
+    remote_opt = getattr(sy.optim, name)(remote.parameters(), **settings)
+    assert isinstance(remote_opt, getattr(optim, name))
+    schedules = [optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (local_opt, remote_opt)]
+    px, py = x.send(bob), y.send(bob)
+    for _ in range(5):
+        for m_, o, a, b in ((local, local_opt, x, y), (remote, remote_opt, px, py)):
+            o.zero_grad()
+            ((m_(a) - b) ** 2).mean().backward()
+            o.step()
+        for s in schedules:
+            s.step()
+    assert remote_opt.state == {}  # the state lives on the worker
+    for p, q in zip(remote.get().parameters(), local.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_fedsecure_optim_sends_one_message_per_step(bob: sy.VirtualWorker) -> None:
+    remote = nn.Linear(2, 1).send(bob)
+    opt = sy.optim.SGD(remote.parameters(), lr=0.1)
+    x = torch.ones(4, 2).send(bob)
+    remote(x).sum().backward()
+    sent = bob.bytes_sent
+    opt.step()
+    opt.zero_grad()
+    assert bob.bytes_sent == sent  # queued, not waited for
+    assert remote.weight.grad is None  # the read sends them first, then asks
+    assert not torch.equal(remote.weight.copy().get(), nn.Linear(2, 1).weight)
+
+
+def test_fedsecure_optim_on_local_parameters_is_torchs(bob: sy.VirtualWorker) -> None:
+    model = nn.Linear(2, 1)
+    opt = sy.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.ones(3, 2)).sum().backward()
+    opt.step()
+    assert "exp_avg" in opt.state[model.weight]
+
+
+def test_fedsecure_optim_refuses_parameters_that_moved_or_are_mixed(
+    bob: sy.VirtualWorker, alice: sy.VirtualWorker
+) -> None:
+    remote = nn.Linear(2, 1).send(bob)
+    opt = sy.optim.SGD(remote.parameters(), lr=0.1)
+    remote.move(alice)
+    with pytest.raises(sy.WorkerMismatch, match="moved"):
+        opt.step()
+    with pytest.raises(sy.WorkerMismatch, match="all local or all on one worker"):
+        sy.optim.SGD([*nn.Linear(2, 1).parameters(), *remote.parameters()], lr=0.1)

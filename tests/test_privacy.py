@@ -337,3 +337,17 @@ def test_a_refused_model_move_loses_nothing(make_worker: Make) -> None:
     (x,) = bob.search("x")
     assert remote(x).shape == (4, 1)  # still there, still usable
     assert remote.weight.owners == ["bob"]
+
+
+def test_a_worker_side_optimizer_labels_what_it_updates(owners) -> None:  # type: ignore[no-untyped-def]
+    bob, _, _ = owners
+    (x,), (y,) = bob.search("x"), bob.search("y")
+    remote = nn.Linear(2, 1).send(bob)
+    opt = sy.optim.Adam(remote.parameters(), lr=0.1)
+    opt.zero_grad()
+    ((remote(x) - y) ** 2).mean().backward()
+    opt.step()
+    with pytest.raises(sy.PermissionDenied):
+        remote.get()
+    with pytest.raises(sy.PermissionDenied):
+        remote.bias.copy().get()

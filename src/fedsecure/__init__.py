@@ -5,6 +5,7 @@
 ``model.move(secure_worker)``; the workers enforce who may see what.
 """
 
+from fedsecure import optim
 from fedsecure.errors import (
     FedsecureError,
     ObjectNotFound,
@@ -39,5 +40,6 @@ __all__ = [
     "get",
     "hook",
     "move",
+    "optim",
     "send",
 ]

@@ -251,6 +251,31 @@ class Owners(Request):
     object_id: int
 
 
+@_request(17, ("id", "str", "list"))
+@dataclass(frozen=True, slots=True)
+class MakeOptimizer(Request):
+    """Build an allow-listed torch optimizer over stored parameters, next to them.
+
+    ``groups``: one map per parameter group, ``{"params": [ids], hyperparameter: value}``.
+    """
+
+    release: list[int]
+    optimizer_id: int
+    kind: str
+    groups: list[Any]
+
+
+@_request(18, ("id", "str", "list"))
+@dataclass(frozen=True, slots=True)
+class OptimizerCall(Request):
+    """``step`` (with each group's current hyperparameters) or ``zero_grad`` of a stored optimizer."""
+
+    release: list[int]
+    optimizer_id: int
+    method: str
+    groups: list[Any]
+
+
 @_request(20, ("id", "any", "list", "int", "bool"), peer_only=True)
 @dataclass(frozen=True, slots=True)
 class Deliver(Request):

@@ -78,6 +78,21 @@ def _build() -> dict[str, Callable[..., Any]]:
 ALLOWED: dict[str, Callable[..., Any]] = _build()
 """op name -> the callable a worker runs for it."""
 
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "SGD": torch.optim.SGD,
+    "Adam": torch.optim.Adam,
+    "AdamW": torch.optim.AdamW,
+    "Adagrad": torch.optim.Adagrad,
+    "RMSprop": torch.optim.RMSprop,
+}
+"""optimizers a worker builds next to the parameters they update (fedsecure.optim)."""
+
+OPTIMIZER_HYPERPARAMETERS = frozenset(
+    ["lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "betas", "eps", "amsgrad", "alpha", "centered", "lr_decay", "initial_accumulator_value"]
+)
+"""the only group settings a message may set; anything else (foreach, fused, capturable,
+differentiable, ...) keeps torch's default."""
+
 NAME_OF: dict[Any, str] = {}
 """callable -> op name (the client side's lookup, keyed by what __torch_function__ sees)."""
 for _name, _fn in ALLOWED.items():
@@ -101,5 +116,8 @@ def markdown() -> str:
     titles = {"Tensor": "`torch.Tensor` methods and properties", "torch": "`torch`", "F": "`F`"}
     for prefix, names in groups.items():
         lines.append(f"| {titles[prefix]} | {', '.join(f'`{n}`' for n in names)} |")
+    lines.append(f"| optimizers (`fedsecure.optim`) | {', '.join(f'`{n}`' for n in OPTIMIZERS)} |")
+    settings = ", ".join(f"`{n}`" for n in sorted(OPTIMIZER_HYPERPARAMETERS))
+    lines.append(f"| optimizer settings | {settings} |")
     return "\n".join(lines) + "\n"
 

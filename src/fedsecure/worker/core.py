@@ -31,7 +31,7 @@ from fedsecure.wire import codec
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import Ref
 from fedsecure.worker import labels as lb
-from fedsecure.worker.allowlist import ALLOWED
+from fedsecure.worker.allowlist import ALLOWED, OPTIMIZER_HYPERPARAMETERS, OPTIMIZERS
 from fedsecure.worker.modules import build, describe, load_state, state_tensors
 
 PeerSend = Callable[[str, bytes], bytes]
@@ -190,6 +190,8 @@ class WorkerCore:
             m.Count: lambda msg, s: len(self.objects),
             m.Search: self._search,
             m.Owners: self._owners,
+            m.MakeOptimizer: self._make_optimizer,
+            m.OptimizerCall: self._optimizer_call,
             m.Move: self._move,
             m.MoveModule: self._move_module,
             m.CopyModule: self._copy_module,
@@ -522,6 +524,66 @@ class WorkerCore:
         values = [codec.tensor_to_wire(t) for t in own]
         del self.objects[msg.module_id]
         return values
+
+    # -- optimizers next to their parameters -----------------------------------------
+
+    def _hyperparameters(self, group: Any) -> dict[str, Any]:
+        if not isinstance(group, dict):
+            raise ProtocolError("a parameter group must be a map")
+        settings = {}
+        for key, value in group.items():
+            if key == "params":
+                continue
+            if key not in OPTIMIZER_HYPERPARAMETERS:
+                raise OperationNotAllowed(f"optimizer setting {key!r} is not allowed", op=str(key))
+            ok = isinstance(value, bool | int | float) or (
+                isinstance(value, tuple | list) and len(value) <= 4 and all(isinstance(v, float | int) for v in value)
+            )
+            if not ok:
+                raise ProtocolError(f"optimizer setting {key!r} must be a number or a pair of numbers")
+            settings[key] = tuple(value) if isinstance(value, list) else value
+        return settings
+
+    def _make_optimizer(self, msg: m.MakeOptimizer, sender: Sender) -> Any:
+        cls = OPTIMIZERS.get(msg.kind)
+        if cls is None:
+            raise OperationNotAllowed(f"optimizer {msg.kind!r} is not on the allow-list", op=msg.kind)
+        groups = []
+        for group in msg.groups:
+            settings = self._hyperparameters(group)
+            ids = group.get("params")
+            if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+                raise ProtocolError("a parameter group needs a list of object ids")
+            groups.append({"params": [self._tensor(i) for i in ids], **settings})
+        try:
+            optimizer = cls(groups)  # type: ignore[call-arg]  # every allowed class has defaults
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"cannot build {msg.kind}: {exc}") from exc
+        self.objects[msg.optimizer_id] = Entry(optimizer)
+        return None
+
+    def _optimizer_call(self, msg: m.OptimizerCall, sender: Sender) -> Any:
+        optimizer = self._entry(msg.optimizer_id).obj
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise OperationNotAllowed(f"object {msg.optimizer_id:#x} is not an optimizer", op=msg.method)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if msg.method == "zero_grad":
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        if msg.method != "step":
+            raise OperationNotAllowed(f"optimizer method {msg.method!r} is not allowed", op=msg.method)
+        if len(msg.groups) != len(optimizer.param_groups):
+            raise ProtocolError("one settings map per parameter group is required")
+        for group, settings in zip(optimizer.param_groups, msg.groups, strict=True):
+            group.update(self._hyperparameters(settings))  # schedulers change lr between steps
+        grads = [p.grad for p in params if p.grad is not None]
+        labels = lb.union(params) | lb.union(grads)
+        self._refuse_if_strict(labels, "optimizer step")
+        optimizer.step()
+        # The step wrote every parameter from its gradient and the optimizer's state.
+        for p in params:
+            lb.add_labels(p, labels)
+        return None
 
     def _owners(self, msg: m.Owners, sender: Sender) -> Any:
         obj = self._entry(msg.object_id).obj
