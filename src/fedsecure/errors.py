@@ -64,3 +64,15 @@ class RemoteError(FedsecureError, RuntimeError):
         super().__init__(message)
         self.op = op
         self.worker = worker
+
+
+class DatasetError(FedsecureError, ValueError):
+    """A data set could not be read or is inconsistent (corrupt file, shape or dtype mismatch)."""
+
+
+class DatasetNotFound(DatasetError, FileNotFoundError):
+    """The files of a data set are not where they were looked for; the message says how to get them."""
+
+
+class PartitionError(FedsecureError, ValueError):
+    """A partitioner's arguments cannot be satisfied (too many workers, classes or samples asked for)."""
