@@ -256,3 +256,18 @@ def test_fedsecure_optim_refuses_parameters_that_moved_or_are_mixed(
         opt.step()
     with pytest.raises(sy.WorkerMismatch, match="all local or all on one worker"):
         sy.optim.SGD([*nn.Linear(2, 1).parameters(), *remote.parameters()], lr=0.1)
+
+
+def test_frozen_layers_stay_frozen_on_the_worker(bob: sy.VirtualWorker, alice: sy.VirtualWorker) -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    remote = model.copy().send(bob)
+    assert [p.requires_grad for p in remote.parameters()] == [False, False, True, True]
+    opt = sy.optim.SGD([p for p in remote.parameters() if p.requires_grad], lr=0.5)
+    remote(torch.ones(4, 2).send(bob)).sum().backward()
+    opt.step()
+    back = remote.move(alice).copy().get()
+    assert torch.equal(back[0].weight, frozen) and not back[0].weight.requires_grad
+    assert not torch.equal(back[2].weight, model[2].weight)

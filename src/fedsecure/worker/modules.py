@@ -69,6 +69,7 @@ LAYERS: dict[str, tuple[type[nn.Module], Callable[[nn.Module], dict[str, Any]]]]
 }
 _TYPE_NAMES = {cls: name for name, (cls, _) in LAYERS.items()}
 _SCALAR = (bool, int, float, str, type(None))
+_SPEC_KEYS = {"type", "args", "children", "training", "frozen"}
 
 
 def describe(module: nn.Module) -> dict[str, Any] | None:
@@ -85,7 +86,14 @@ def describe(module: nn.Module) -> dict[str, Any] | None:
     if name != "Sequential" and children:
         return None
     args = LAYERS[name][1](module)
-    return {"type": name, "args": args, "children": children, "training": module.training}
+    frozen = sorted(n for n, p in module._parameters.items() if p is not None and not p.requires_grad)
+    return {
+        "type": name,
+        "args": args,
+        "children": children,
+        "training": module.training,
+        "frozen": frozen,  # parameters that do not require gradients (a frozen layer)
+    }
 
 
 def _valid_arg(value: Any) -> bool:
@@ -98,7 +106,7 @@ def _valid_arg(value: Any) -> bool:
 
 def build(spec: Any, depth: int = 0) -> nn.Module:
     """Build a module from a description received from a peer (validated here)."""
-    if depth > 32 or not isinstance(spec, dict) or set(spec) != {"type", "args", "children", "training"}:
+    if depth > 32 or not isinstance(spec, dict) or set(spec) != _SPEC_KEYS:
         raise ProtocolError("malformed module description")
     kind, args, children = spec["type"], spec["args"], spec["children"]
     if kind not in LAYERS:
@@ -126,6 +134,13 @@ def build(spec: Any, depth: int = 0) -> nn.Module:
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"cannot build {kind}({args}): {exc}") from exc
     module.train(bool(spec["training"]))
+    frozen = spec["frozen"]
+    if not isinstance(frozen, list) or not all(
+        isinstance(n, str) and module._parameters.get(n) is not None for n in frozen
+    ):
+        raise ProtocolError(f"malformed list of frozen parameters for {kind}")
+    for n in frozen:
+        module._parameters[n].requires_grad_(False)  # type: ignore[union-attr]
     return module
 
 
