@@ -451,6 +451,12 @@ class WorkerCore:
         return out
 
     def _put(self, msg: m.Put, sender: Sender) -> Any:
+        if msg.private and not self.policy.private_sends:
+            raise PermissionDenied(
+                f"{self.id!r} does not accept data sent as its owner's own (private=True): "
+                "only its owner loads its private data",
+                rule="private-sends",
+            )
         t = msg.value
         if msg.requires_grad:
             if not (t.is_floating_point() or t.is_complex()):

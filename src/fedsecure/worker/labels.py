@@ -174,12 +174,16 @@ class Policy:
     of at least this many distinct owners.
     ``strict``: as an aggregator, run no op on labelled values and release only
     the result of the fixed aggregation functions (`Aggregate`).
+    ``private_sends``: accept data that a client sends as this owner's own
+    (``send(w, private=True)``), a way to simulate data owners in one process. A
+    worker in its own process refuses it: only its owner loads its private data.
     """
 
     trusted_aggregators: frozenset[str] | None = None
     max_metric_numel: int = 1
     min_contributors: int = 2
     strict: bool = False
+    private_sends: bool = True
 
     def __post_init__(self) -> None:
         if self.trusted_aggregators is not None and not isinstance(self.trusted_aggregators, frozenset):

@@ -1,0 +1,175 @@
+"""``fedsecure worker serve``: a data owner's or an aggregator's worker, as a server.
+
+Every setting comes from a flag or from a TOML file (``--config``); flags win.
+A TOML file looks like::
+
+    id = "bob"
+    host = "127.0.0.1"
+    port = 7001
+    token = "..."                 # this worker's own credential, shown to its peers
+    data = "bob.npz"              # arrays loaded as bob's private data, tagged by name
+    trust = ["secure_worker"]     # aggregators bob's data may move to
+    [clients]                     # model owners allowed to call, by name
+    owner = "..."
+    [peers.secure_worker]         # workers this one sends values to / accepts values from
+    address = "127.0.0.1:7003"
+    token = "..."                 # the peer's credential, accepted from it
+    [policy]
+    max_metric_numel = 1
+    min_contributors = 2
+    strict = false
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsecure.transport.grpc import WorkerServer
+from fedsecure.worker.core import WorkerCore
+from fedsecure.worker.labels import Policy
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise SystemExit(f"{flag} takes NAME=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    if args.config:
+        try:
+            config = tomllib.loads(Path(args.config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SystemExit(f"cannot read the config file {args.config}: {exc}") from None
+    policy = dict(config.get("policy", {}))
+    peers = {k: dict(v) for k, v in config.get("peers", {}).items()}
+    for pid, address in _pairs(args.peer, "--peer").items():
+        peers.setdefault(pid, {})["address"] = address
+    for pid, token in _pairs(args.peer_token, "--peer-token").items():
+        peers.setdefault(pid, {})["token"] = token
+    clients = {**config.get("clients", {}), **_pairs(args.client, "--client")}
+    s = {
+        "id": args.id or config.get("id"),
+        "host": args.host or config.get("host", "127.0.0.1"),
+        "port": args.port if args.port is not None else config.get("port", 0),
+        "token": args.token or config.get("token", ""),
+        "data": args.data or config.get("data"),
+        "trust": args.trust or config.get("trust", []),
+        "clients": clients,
+        "peers": peers,
+        "strict": args.aggregator or policy.get("strict", False),
+        "max_metric_numel": args.max_metric_numel
+        if args.max_metric_numel is not None
+        else policy.get("max_metric_numel", 1),
+        "min_contributors": args.min_contributors
+        if args.min_contributors is not None
+        else policy.get("min_contributors", 2),
+    }
+    if not s["id"]:
+        raise SystemExit("a worker needs an id: --id NAME (or id = ... in the config file)")
+    if not clients:
+        raise SystemExit("no model owner may call this worker: add --client NAME=TOKEN")
+    return s
+
+
+def _load_data(core: WorkerCore, path: str) -> list[str]:
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            loaded = {name: arrays[name] for name in arrays.files}
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cannot load the data file {path}: {exc} (expected an .npz of numeric arrays)") from None
+    for name, array in loaded.items():
+        core.load(torch.from_numpy(np.ascontiguousarray(array)), (name,))
+    return sorted(loaded)
+
+
+def serve(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    policy = Policy(
+        trusted_aggregators=frozenset(s["trust"]),
+        max_metric_numel=int(s["max_metric_numel"]),
+        min_contributors=int(s["min_contributors"]),
+        strict=bool(s["strict"]),
+        private_sends=False,
+    )
+    core = WorkerCore(s["id"], policy=policy)
+    tags = _load_data(core, s["data"]) if s["data"] else []
+    callers = {token: ("client", name) for name, token in s["clients"].items()}
+    for pid, peer in s["peers"].items():
+        if "token" in peer:
+            callers[peer["token"]] = ("peer", pid)
+    server = WorkerServer(
+        core,
+        host=s["host"],
+        port=int(s["port"]),
+        callers=callers,
+        peers={pid: p["address"] for pid, p in s["peers"].items() if "address" in p},
+        token=s["token"],
+    ).start()
+    role = "strict aggregator" if policy.strict else "worker"
+    print(f"fedsecure {role} {core.id!r} listening on {server.address}"
+          + (f", serving {', '.join('#' + t for t in tags)}" if tags else ""), flush=True)
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    server.stop(grace=5.0)  # calls in flight finish first
+    print(f"fedsecure {role} {core.id!r} stopped", flush=True)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="fedsecure", description="Federated learning that keeps data with its owner.")
+    commands = top.add_subparsers(dest="command", required=True)
+    worker = commands.add_parser("worker", help="run a worker").add_subparsers(dest="action", required=True)
+    p = worker.add_parser("serve", help="serve a worker (a data owner, or an aggregator) over gRPC")
+    p.add_argument("--config", help="TOML file with any of the settings below (flags win)")
+    p.add_argument("--id", help="the worker's name, e.g. bob")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default: any free port, printed)")
+    p.add_argument("--data", help=".npz file: its arrays become this worker's private data, tagged by name")
+    p.add_argument("--token", help="this worker's own credential, presented to its peers")
+    p.add_argument("--client", action="append", default=[], metavar="NAME=TOKEN",
+                   help="a model owner allowed to call this worker (repeatable)")
+    p.add_argument("--peer", action="append", default=[], metavar="ID=HOST:PORT",
+                   help="another worker this one may send moved values to (repeatable)")
+    p.add_argument("--peer-token", action="append", default=[], metavar="ID=TOKEN",
+                   help="the credential another worker presents when it sends values here (repeatable)")
+    p.add_argument("--trust", action="append", default=[], metavar="ID",
+                   help="an aggregator this worker's private data may move to (repeatable; default none)")
+    p.add_argument("--aggregator", action="store_true",
+                   help="a strict aggregator: runs no op on others' data, releases only its own mean")
+    p.add_argument("--max-metric-numel", type=int,
+                   help="largest value that may leave as a metric (default 1: scalars; 0: none)")
+    p.add_argument("--min-contributors", type=int,
+                   help="owners an aggregate must combine before it may leave (default 2)")
+    p.set_defaults(run=serve)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

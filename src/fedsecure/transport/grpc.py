@@ -1,0 +1,205 @@
+"""Workers as gRPC servers, and the model owner's connection to them.
+
+The servicer is thin (as in gRPC's own examples): one unary method carries a
+request's bytes to `WorkerCore.handle` and its reply back; the core stays
+sans-I/O and is the same one `VirtualWorker` drives in one process. There is no
+.proto to compile: the method takes and returns raw bytes, which are `wire`
+messages.
+
+Every caller authenticates with a bearer token in the call's metadata, checked
+(in constant time) before a byte of the message is decoded. The token says who
+the caller is: the model owner (a client) or another worker (a peer, for
+worker-to-worker moves). Every call has a deadline; a worker that is down
+surfaces as `WorkerUnavailable` naming it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from fedsecure.errors import FedsecureError, WorkerUnavailable
+from fedsecure.worker.client import WorkerClient
+from fedsecure.worker.core import Sender, WorkerCore
+
+SERVICE = "fedsecure.Worker"
+METHOD = f"/{SERVICE}/Handle"
+DEFAULT_DEADLINE = 30.0
+DEFAULT_MAX_MESSAGE = 1 << 30  # 1 GiB; larger tensors need the streaming transport
+
+
+class AuthenticationFailed(FedsecureError, PermissionError):
+    """The worker refused the caller's credentials."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another worker this one may send values to: where it is and how to prove who we are."""
+
+    address: str
+
+
+def _options(max_message: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message),
+        ("grpc.max_receive_message_length", max_message),
+    ]
+
+
+class GrpcTransport:
+    """A transport (bytes in, bytes out) to one worker's server, with a deadline per call."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        address: str,
+        *,
+        token: str,
+        deadline: float = DEFAULT_DEADLINE,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        self.worker_id = worker_id
+        self.address = address
+        self.deadline = deadline
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._channel = grpc.insecure_channel(address, options=_options(max_message))
+        self._call = self._channel.unary_unary(METHOD)
+
+    def __call__(self, data: bytes) -> bytes:
+        try:
+            reply: bytes = self._call(data, timeout=self.deadline, metadata=self._metadata)
+            return reply
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise AuthenticationFailed(
+                    f"worker {self.worker_id!r} at {self.address} refused our credentials; "
+                    "check the token"
+                ) from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise WorkerUnavailable(
+                    f"message to {self.worker_id!r} exceeds the configured maximum size: "
+                    f"{exc.details() if hasattr(exc, 'details') else exc}"
+                ) from None
+            raise WorkerUnavailable(
+                f"worker {self.worker_id!r} at {self.address} did not answer within "
+                f"{self.deadline:g} s ({code.name if code else exc})"
+            ) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def connect(
+    worker_id: str,
+    address: str,
+    *,
+    credentials: str,
+    deadline: float = DEFAULT_DEADLINE,
+    max_message: int = DEFAULT_MAX_MESSAGE,
+) -> WorkerClient:
+    """A handle on the worker ``worker_id`` serving at ``address``, like a `VirtualWorker`.
+
+    ``credentials`` is the model owner's token for that worker.
+    """
+    transport = GrpcTransport(
+        worker_id, address, token=credentials, deadline=deadline, max_message=max_message
+    )
+    return WorkerClient(worker_id, transport)
+
+
+class WorkerServer:
+    """Serves one `WorkerCore` over gRPC.
+
+    ``callers`` maps each accepted token to the caller it identifies: ``("client",
+    name)`` for a model owner, ``("peer", worker_id)`` for another worker.
+    ``peers`` maps worker ids to the addresses this worker sends moved values to;
+    ``token`` is this worker's own credential towards them.
+    """
+
+    def __init__(
+        self,
+        core: WorkerCore,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        callers: Mapping[str, tuple[str, str]],
+        peers: Mapping[str, str] | None = None,
+        token: str = "",
+        deadline: float = DEFAULT_DEADLINE,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        threads: int = 8,
+    ) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not callers:
+            raise ValueError("a worker server needs at least one caller's token (callers=...)")
+        self.core = core
+        self._callers = [(tok.encode(), Sender(kind, name)) for tok, (kind, name) in callers.items()]  # type: ignore[arg-type]
+        self._peers = {
+            pid: GrpcTransport(pid, address, token=token, deadline=deadline, max_message=max_message)
+            for pid, address in (peers or {}).items()
+        }
+        core._send_to_peer = self._send_to_peer
+        # One request at a time: the core's store and torch's autograd are not shared safely.
+        self._lock = threading.Lock()
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=_options(max_message))
+        handler = grpc.unary_unary_rpc_method_handler(self._handle)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, {"Handle": handler}),)
+        )
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}:{port}")
+        self.address = f"{host}:{self.port}"
+
+    def _caller(self, context: grpc.ServicerContext) -> Sender | None:
+        presented = b""
+        for key, value in context.invocation_metadata():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                presented = value[len("Bearer ") :].encode()
+        found = None
+        for token, sender in self._callers:  # compare with every token: timing says nothing
+            if hmac.compare_digest(presented, token):
+                found = sender
+        return found
+
+    def _handle(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        sender = self._caller(context)
+        if sender is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or missing credentials")
+        with self._lock:
+            return self.core.handle(request, sender)  # type: ignore[arg-type]
+
+    def _send_to_peer(self, destination: str, data: bytes) -> bytes:
+        transport = self._peers.get(destination)
+        if transport is None:
+            raise WorkerUnavailable(
+                f"{self.core.id!r} has no address for worker {destination!r}; add it to its peers"
+            )
+        # Called while this server holds its lock; the peer is another process.
+        return transport(data)
+
+    def start(self) -> WorkerServer:
+        self._server.start()
+        return self
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting calls; calls in flight get ``grace`` seconds to finish."""
+        self._server.stop(grace).wait()
+        for transport in self._peers.values():
+            transport.close()
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    def __enter__(self) -> WorkerServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
