@@ -11,13 +11,23 @@ its owner (``private=True``), so fetching a single owner's data, gradients or
 model raises ``fedsecure.PermissionDenied``; the losses (scalar metrics) and the
 average of both owners' models may leave.
 
-Run:  python examples/tutorial_part4.py [--rounds 10] [--local-steps 5] [--seed 0] [--strict]
+With ``--remote`` the three workers are real servers in processes of their own
+(``fedsecure worker serve`` on loopback): bob and alice load their points from
+their own files, and the model owner reaches them over gRPC with a token.
+
+Run:  python examples/tutorial_part4.py [--rounds 20] [--local-steps 5] [--seed 0] [--strict] [--remote]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn, optim
 
@@ -35,27 +45,79 @@ def main(argv: list[str] | None = None) -> float:
         action="store_true",
         help="the secure worker releases only its own mean (secure_worker.aggregate)",
     )
+    parser.add_argument(
+        "--remote",
+        action="store_true",
+        help="run the three workers as gRPC servers in processes of their own",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
 
     hook = sy.TorchHook(torch)
 
-    # Step 1: the data owners and the secure worker.
-    bob = sy.VirtualWorker(hook, id="bob")
-    alice = sy.VirtualWorker(hook, id="alice")
-    secure_worker = sy.VirtualWorker(
-        hook, id="secure_worker", policy=sy.Policy(strict=args.strict)
-    )
-
     # A toy data set: the label is the first input. Each owner gets two of the four
     # points, as its own private data.
     data = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1.0]])
     target = torch.tensor([[0], [0], [1], [1.0]])
-    bobs_data = data[0:2].send(bob, private=True)
-    bobs_target = target[0:2].send(bob, private=True)
-    alices_data = data[2:].send(alice, private=True)
-    alices_target = target[2:].send(alice, private=True)
 
+    with contextlib.ExitStack() as stack:
+        # Step 1: the data owners and the secure worker.
+        if args.remote:
+            bob, alice, secure_worker = stack.enter_context(_servers(data, target, args.strict))
+            (bobs_data,), (bobs_target,) = bob.search("x"), bob.search("y")
+            (alices_data,), (alices_target,) = alice.search("x"), alice.search("y")
+        else:
+            bob = sy.VirtualWorker(hook, id="bob")
+            alice = sy.VirtualWorker(hook, id="alice")
+            secure_worker = sy.VirtualWorker(
+                hook, id="secure_worker", policy=sy.Policy(strict=args.strict)
+            )
+            bobs_data = data[0:2].send(bob, private=True)
+            bobs_target = target[0:2].send(bob, private=True)
+            alices_data = data[2:].send(alice, private=True)
+            alices_target = target[2:].send(alice, private=True)
+        return _train(args, data, target, bob, alice, secure_worker,
+                      (bobs_data, bobs_target), (alices_data, alices_target))
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _servers(data: torch.Tensor, target: torch.Tensor, strict: bool) -> Any:
+    """Three worker servers on loopback; bob and alice load their points from files."""
+    owner = secrets.token_urlsafe(24)  # the model owner's credential
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        files = {}
+        for name, rows in (("bob", slice(0, 2)), ("alice", slice(2, 4))):
+            files[name] = str(Path(tmp) / f"{name}.npz")
+            np.savez(files[name], x=data[rows].numpy(), y=target[rows].numpy())
+        tokens = {"bob": secrets.token_urlsafe(24), "alice": secrets.token_urlsafe(24)}
+        secure = stack.enter_context(
+            sy.WorkerProcess("secure_worker", clients={"owner": owner}, peer_tokens=tokens, aggregator=strict)
+        )
+        owners = [
+            stack.enter_context(
+                sy.WorkerProcess(
+                    name, clients={"owner": owner}, data=files[name], token=tokens[name],
+                    peers={"secure_worker": secure.address}, trust=["secure_worker"],
+                )
+            )
+            for name in ("bob", "alice")
+        ]
+        print("workers:", ", ".join(f"{p.id} at {p.address}" for p in (*owners, secure)))
+        yield tuple(p.connect(owner) for p in (*owners, secure))
+
+
+def _train(
+    args: argparse.Namespace,
+    data: torch.Tensor,
+    target: torch.Tensor,
+    bob: sy.WorkerClient,
+    alice: sy.WorkerClient,
+    secure_worker: sy.WorkerClient,
+    bobs: tuple[Any, Any],
+    alices: tuple[Any, Any],
+) -> float:
+    (bobs_data, bobs_target), (alices_data, alices_target) = bobs, alices
     # Step 2: the model, a plain torch module.
     model = nn.Linear(2, 1)
 

@@ -139,3 +139,14 @@ def test_the_example_converges_from_any_seed(seed: int, strict: bool) -> None:
     argv = ["--seed", str(seed)] + (["--strict"] if strict else [])
     with contextlib.redirect_stdout(io.StringIO()):
         assert tutorial_part4.main(argv) < 0.05
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_the_example_runs_across_four_processes(strict: bool) -> None:
+    cmd = [sys.executable, str(EXAMPLE), "--remote"] + (["--strict"] if strict else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    assert "secure_worker at 127.0.0.1:" in proc.stdout
+    rule = "strict-aggregator" if strict else "private-data"
+    assert f"alices_model.get() was refused ({rule})" in proc.stdout
+    final = float(re.search(r"final loss:\s+([0-9.]+)", proc.stdout).group(1))  # type: ignore[union-attr]
+    assert final < 0.05
