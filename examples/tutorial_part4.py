@@ -12,8 +12,9 @@ model raises ``fedsecure.PermissionDenied``; the losses (scalar metrics) and the
 average of both owners' models may leave.
 
 With ``--remote`` the three workers are real servers in processes of their own
-(``fedsecure worker serve`` on loopback): bob and alice load their points from
-their own files, and the model owner reaches them over gRPC with a token.
+(``fedsecure worker serve`` on loopback, mutual TLS with certificates made for the
+run): bob and alice load their points from their own files, and the model owner
+reaches them over gRPC.
 
 Run:  python examples/tutorial_part4.py [--rounds 20] [--local-steps 5] [--seed 0] [--strict] [--remote]
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ import torch
 from torch import nn, optim
 
 import fedsecure as sy
+from fedsecure.transport.certs import write_federation
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -83,28 +84,34 @@ def main(argv: list[str] | None = None) -> float:
 
 @contextlib.contextmanager
 def _servers(data: torch.Tensor, target: torch.Tensor, strict: bool) -> Any:
-    """Three worker servers on loopback; bob and alice load their points from files."""
-    owner = secrets.token_urlsafe(24)  # the model owner's credential
+    """Three worker servers on loopback with mutual TLS; bob and alice load their points
+    from files of their own."""
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        certs = Path(tmp) / "certs"
+        write_federation(certs, ["owner", "bob", "alice", "secure_worker"])
         files = {}
         for name, rows in (("bob", slice(0, 2)), ("alice", slice(2, 4))):
             files[name] = str(Path(tmp) / f"{name}.npz")
             np.savez(files[name], x=data[rows].numpy(), y=target[rows].numpy())
-        tokens = {"bob": secrets.token_urlsafe(24), "alice": secrets.token_urlsafe(24)}
+        clients = {"owner": ""}  # the model owner, known by its certificate
         secure = stack.enter_context(
-            sy.WorkerProcess("secure_worker", clients={"owner": owner}, peer_tokens=tokens, aggregator=strict)
+            sy.WorkerProcess(
+                "secure_worker", clients=clients, tls_dir=str(certs),
+                peer_tokens={"bob": "", "alice": ""}, aggregator=strict,
+            )
         )
         owners = [
             stack.enter_context(
                 sy.WorkerProcess(
-                    name, clients={"owner": owner}, data=files[name], token=tokens[name],
+                    name, clients=clients, tls_dir=str(certs), data=files[name],
                     peers={"secure_worker": secure.address}, trust=["secure_worker"],
                 )
             )
             for name in ("bob", "alice")
         ]
         print("workers:", ", ".join(f"{p.id} at {p.address}" for p in (*owners, secure)))
-        yield tuple(p.connect(owner) for p in (*owners, secure))
+        me = sy.TLS.from_dir(certs, "owner")
+        yield tuple(p.connect(me) for p in (*owners, secure))
 
 
 def _train(

@@ -1,7 +1,8 @@
 """Workers in their own processes, reached over gRPC: the same API, the same rules.
 
 One federation of three real `fedsecure worker serve` processes (bob and alice with
-private data from .npz files, a strict aggregator) serves the module's tests.
+private data from .npz files, a strict aggregator), with mutual TLS on every
+connection, serves the module's tests.
 """
 
 from __future__ import annotations
@@ -18,29 +19,45 @@ import torch
 from torch import nn
 
 import fedsecure as sy
+from fedsecure.transport.certs import write_federation
 
-OWNER = "owner-token-0123456789"
+OWNER = "owner-token-0123456789"  # for the workers that run without TLS
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, sy.WorkerProcess]]:
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("certs")
+    write_federation(d, ["owner", "bob", "alice", "secure_worker", "mallory"])
+    return d
+
+
+@pytest.fixture(scope="module")
+def owner(certs: Path) -> sy.TLS:
+    return sy.TLS.from_dir(certs, "owner")
+
+
+@pytest.fixture(scope="module")
+def federation(
+    tmp_path_factory: pytest.TempPathFactory, certs: Path
+) -> Iterator[dict[str, sy.WorkerProcess]]:
     d = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     for name, n in (("bob", 8), ("alice", 6)):
         x = rng.normal(size=(n, 2)).astype("float32")
         np.savez(d / f"{name}.npz", x=x, y=(x @ np.array([[1.0], [-1.0]], "float32")))
-    clients = {"owner": OWNER}
+    clients = {"owner": ""}  # known by its certificate
+    tls = str(certs)
     sw = sy.WorkerProcess(
-        "secure_worker", clients=clients, peer_tokens={"bob": "bob-peer", "alice": "alice-peer"},
+        "secure_worker", clients=clients, tls_dir=tls, peer_tokens={"bob": "", "alice": ""},
         aggregator=True,
     ).start()
     peers = {"secure_worker": sw.address}
     bob = sy.WorkerProcess(
-        "bob", clients=clients, data=str(d / "bob.npz"), token="bob-peer", peers=peers,
+        "bob", clients=clients, tls_dir=tls, data=str(d / "bob.npz"), peers=peers,
         trust=["secure_worker"],
     ).start()
     alice = sy.WorkerProcess(
-        "alice", clients=clients, data=str(d / "alice.npz"), token="alice-peer", peers=peers
+        "alice", clients=clients, tls_dir=tls, data=str(d / "alice.npz"), peers=peers
     ).start()  # alice trusts nobody
     try:
         yield {"bob": bob, "alice": alice, "secure_worker": sw}
@@ -49,8 +66,10 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
             proc.stop()
 
 
-def test_remote_workers_train_move_and_aggregate(federation: dict[str, sy.WorkerProcess]) -> None:
-    bob, sw = federation["bob"].connect(OWNER), federation["secure_worker"].connect(OWNER)
+def test_remote_workers_train_move_and_aggregate(
+    federation: dict[str, sy.WorkerProcess], owner: sy.TLS
+) -> None:
+    bob, sw = federation["bob"].connect(owner), federation["secure_worker"].connect(owner)
     (x,), (y,) = bob.search("#x"), bob.search("#y")
     assert x.shape == (8, 2) and x.owners == ["bob"]
     with pytest.raises(sy.PermissionDenied):
@@ -80,9 +99,11 @@ def test_remote_workers_train_move_and_aggregate(federation: dict[str, sy.Worker
         sw.aggregate([remote])
 
 
-def test_private_data_moves_only_where_its_owner_trusts(federation: dict[str, sy.WorkerProcess]) -> None:
-    alice = federation["alice"].connect(OWNER)
-    sw = federation["secure_worker"].connect(OWNER)
+def test_private_data_moves_only_where_its_owner_trusts(
+    federation: dict[str, sy.WorkerProcess], owner: sy.TLS
+) -> None:
+    alice = federation["alice"].connect(owner)
+    sw = federation["secure_worker"].connect(owner)
     (x,) = alice.search("x")
     with pytest.raises(sy.PermissionDenied) as info:
         x.copy().move(sw)
@@ -92,21 +113,41 @@ def test_private_data_moves_only_where_its_owner_trusts(federation: dict[str, sy
     assert torch.equal(public.get(), torch.ones(3))
 
 
-def test_a_remote_worker_accepts_no_data_labelled_as_its_owners(federation: dict[str, sy.WorkerProcess]) -> None:
-    bob = federation["bob"].connect(OWNER)
+def test_a_remote_worker_accepts_no_data_labelled_as_its_owners(
+    federation: dict[str, sy.WorkerProcess], owner: sy.TLS
+) -> None:
+    bob = federation["bob"].connect(owner)
     with pytest.raises(sy.PermissionDenied) as info:
         torch.zeros(2).send(bob, private=True)
     assert info.value.rule == "private-sends"
 
 
-def test_wrong_or_missing_credentials_are_refused(federation: dict[str, sy.WorkerProcess]) -> None:
-    for token in ("not-the-token", "", "bob-peer"[:-1]):
-        with pytest.raises(sy.AuthenticationFailed):
-            federation["bob"].connect(token).object_count()
-    # a peer's credential is not a model owner's: it may only deliver moved values
-    as_peer = federation["secure_worker"].connect("bob-peer")
+def test_certificates_decide_who_may_call(
+    federation: dict[str, sy.WorkerProcess], certs: Path, tmp_path: Path
+) -> None:
+    bob = federation["bob"]
+    # signed by the federation's CA, but not a model owner this worker accepts
+    with pytest.raises(sy.AuthenticationFailed):
+        bob.connect(sy.TLS.from_dir(certs, "mallory")).object_count()
+    # a certificate from another CA: the handshake fails
+    write_federation(tmp_path, ["owner"])
+    with pytest.raises(sy.WorkerUnavailable, match="TLS"):
+        bob.connect(sy.TLS.from_dir(tmp_path, "owner"), deadline=3.0).object_count()
+    # a token where a certificate is required
+    with pytest.raises(sy.WorkerUnavailable):
+        bob.connect(OWNER, deadline=3.0).object_count()
+    # a peer's certificate is not a model owner's: it may only deliver moved values
+    as_peer = federation["secure_worker"].connect(sy.TLS.from_dir(certs, "bob"))
     with pytest.raises(sy.ProtocolError, match="not accepted from a peer"):
         as_peer.object_count()
+
+
+def test_wrong_or_missing_tokens_are_refused() -> None:
+    with sy.WorkerProcess("erin", clients={"owner": OWNER}) as proc:
+        for token in ("not-the-token", "", OWNER[:-1], OWNER + " "):
+            with pytest.raises(sy.AuthenticationFailed):
+                proc.connect(token).object_count()
+        assert proc.connect(OWNER).object_count() == 0
 
 
 def test_a_dead_worker_is_unavailable_within_the_deadline(tmp_path: Path) -> None:

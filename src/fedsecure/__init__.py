@@ -17,12 +17,13 @@ from fedsecure.errors import (
     WorkerUnavailable,
 )
 from fedsecure.pointer import PointerTensor, TorchHook, copy, get, hook, move, send
-from fedsecure.transport import AuthenticationFailed, WorkerProcess, connect
+from fedsecure.transport import TLS, AuthenticationFailed, WorkerProcess, connect
 from fedsecure.worker import Federation, Policy, VirtualWorker, WorkerClient
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TLS",
     "AuthenticationFailed",
     "WorkerProcess",
     "connect",

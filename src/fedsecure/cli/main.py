@@ -1,4 +1,7 @@
-"""``fedsecure worker serve``: a data owner's or an aggregator's worker, as a server.
+"""The ``fedsecure`` command: ``worker serve`` runs a worker as a server, ``certs``
+makes the certificates of a test federation.
+
+``fedsecure worker serve``: a data owner's or an aggregator's worker, as a server.
 
 Every setting comes from a flag or from a TOML file (``--config``); flags win.
 A TOML file looks like::
@@ -6,14 +9,15 @@ A TOML file looks like::
     id = "bob"
     host = "127.0.0.1"
     port = 7001
-    token = "..."                 # this worker's own credential, shown to its peers
+    tls_dir = "certs"             # mutual TLS: certs/ca.pem, certs/bob.pem, certs/bob.key
+    token = "..."                 # without TLS: this worker's token towards its peers
     data = "bob.npz"              # arrays loaded as bob's private data, tagged by name
     trust = ["secure_worker"]     # aggregators bob's data may move to
     [clients]                     # model owners allowed to call, by name
-    owner = "..."
+    owner = "..."                 # their token ("" with TLS: the certificate's name counts)
     [peers.secure_worker]         # workers this one sends values to / accepts values from
     address = "127.0.0.1:7003"
-    token = "..."                 # the peer's credential, accepted from it
+    token = "..."                 # without TLS: the peer's token, accepted from it
     [policy]
     max_metric_numel = 1
     min_contributors = 2
@@ -23,6 +27,7 @@ A TOML file looks like::
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import signal
 import sys
 import threading
@@ -33,16 +38,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsecure.transport.grpc import WorkerServer
+from fedsecure.transport import certs
+from fedsecure.transport.grpc import DEFAULT_MAX_MESSAGE, TLS, WorkerServer
 from fedsecure.worker.core import WorkerCore
 from fedsecure.worker.labels import Policy
 
 
-def _pairs(values: list[str], flag: str) -> dict[str, str]:
+def _pairs(values: list[str], flag: str, *, optional: bool = False) -> dict[str, str]:
     out = {}
     for item in values:
         key, sep, value = item.partition("=")
-        if not sep or not key or not value:
+        if not key or (not optional and not (sep and value)):
             raise SystemExit(f"{flag} takes NAME=VALUE, got {item!r}")
         out[key] = value
     return out
@@ -61,12 +67,17 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         peers.setdefault(pid, {})["address"] = address
     for pid, token in _pairs(args.peer_token, "--peer-token").items():
         peers.setdefault(pid, {})["token"] = token
-    clients = {**config.get("clients", {}), **_pairs(args.client, "--client")}
+    for pid in args.accept_peer:
+        peers.setdefault(pid, {})
+    clients = {**config.get("clients", {}), **_pairs(args.client, "--client", optional=True)}
     s = {
         "id": args.id or config.get("id"),
         "host": args.host or config.get("host", "127.0.0.1"),
         "port": args.port if args.port is not None else config.get("port", 0),
         "token": args.token or config.get("token", ""),
+        "tls_dir": args.tls_dir or config.get("tls_dir"),
+        "insecure": args.insecure or config.get("insecure", False),
+        "max_message": args.max_message or config.get("max_message", DEFAULT_MAX_MESSAGE),
         "data": args.data or config.get("data"),
         "trust": args.trust or config.get("trust", []),
         "clients": clients,
@@ -82,8 +93,20 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if not s["id"]:
         raise SystemExit("a worker needs an id: --id NAME (or id = ... in the config file)")
     if not clients:
-        raise SystemExit("no model owner may call this worker: add --client NAME=TOKEN")
+        raise SystemExit("no model owner may call this worker: add --client NAME=TOKEN (or --client NAME with --tls-dir)")
+    if not s["tls_dir"]:
+        if any(not token for token in clients.values()):
+            raise SystemExit("without --tls-dir each --client needs a token: --client NAME=TOKEN")
+        if not s["insecure"] and not ipaddress.ip_address(_host_ip(s["host"])).is_loopback:
+            raise SystemExit(
+                f"refusing to serve {s['host']} without TLS: pass --tls-dir (see `fedsecure certs`), "
+                "or --insecure for a trusted network"
+            )
     return s
+
+
+def _host_ip(host: str) -> str:
+    return "127.0.0.1" if host == "localhost" else host
 
 
 def _load_data(core: WorkerCore, path: str) -> list[str]:
@@ -108,10 +131,20 @@ def serve(args: argparse.Namespace) -> int:
     )
     core = WorkerCore(s["id"], policy=policy)
     tags = _load_data(core, s["data"]) if s["data"] else []
-    callers = {token: ("client", name) for name, token in s["clients"].items()}
-    for pid, peer in s["peers"].items():
-        if "token" in peer:
-            callers[peer["token"]] = ("peer", pid)
+    tls = None
+    if s["tls_dir"]:
+        try:
+            tls = TLS.from_dir(s["tls_dir"], core.id)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"cannot load this worker's TLS files: {exc}") from None
+        # With TLS a caller is the name on its certificate.
+        callers = {name: ("client", name) for name in s["clients"]}
+        callers.update({pid: ("peer", pid) for pid in s["peers"]})
+    else:
+        callers = {token: ("client", name) for name, token in s["clients"].items()}
+        for pid, peer in s["peers"].items():
+            if "token" in peer:
+                callers[peer["token"]] = ("peer", pid)
     server = WorkerServer(
         core,
         host=s["host"],
@@ -119,10 +152,13 @@ def serve(args: argparse.Namespace) -> int:
         callers=callers,
         peers={pid: p["address"] for pid, p in s["peers"].items() if "address" in p},
         token=s["token"],
+        tls=tls,
+        max_message=int(s["max_message"]),
     ).start()
     role = "strict aggregator" if policy.strict else "worker"
     print(f"fedsecure {role} {core.id!r} listening on {server.address}"
-          + (f", serving {', '.join('#' + t for t in tags)}" if tags else ""), flush=True)
+          + (f", serving {', '.join('#' + t for t in tags)}" if tags else "")
+          + ("" if tls else ", without TLS"), flush=True)
 
     stopping = threading.Event()
 
@@ -147,13 +183,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default: any free port, printed)")
     p.add_argument("--data", help=".npz file: its arrays become this worker's private data, tagged by name")
-    p.add_argument("--token", help="this worker's own credential, presented to its peers")
-    p.add_argument("--client", action="append", default=[], metavar="NAME=TOKEN",
-                   help="a model owner allowed to call this worker (repeatable)")
+    p.add_argument("--tls-dir", help="mutual TLS with the certificates `fedsecure certs` wrote there "
+                   "(ca.pem, ID.pem, ID.key); callers are then known by their certificates' names")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow serving a non-loopback address without TLS (tokens in the clear)")
+    p.add_argument("--max-message", type=int,
+                   help=f"largest message in bytes, tensors included (default {DEFAULT_MAX_MESSAGE})")
+    p.add_argument("--token", help="without TLS: this worker's own token, presented to its peers")
+    p.add_argument("--client", action="append", default=[], metavar="NAME[=TOKEN]",
+                   help="a model owner allowed to call this worker (repeatable; the token without TLS)")
     p.add_argument("--peer", action="append", default=[], metavar="ID=HOST:PORT",
                    help="another worker this one may send moved values to (repeatable)")
     p.add_argument("--peer-token", action="append", default=[], metavar="ID=TOKEN",
-                   help="the credential another worker presents when it sends values here (repeatable)")
+                   help="without TLS: the token another worker presents when it sends values here")
+    p.add_argument("--accept-peer", action="append", default=[], metavar="ID",
+                   help="with TLS: another worker allowed to send values here (repeatable)")
     p.add_argument("--trust", action="append", default=[], metavar="ID",
                    help="an aggregator this worker's private data may move to (repeatable; default none)")
     p.add_argument("--aggregator", action="store_true",
@@ -163,10 +207,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-contributors", type=int,
                    help="owners an aggregate must combine before it may leave (default 2)")
     p.set_defaults(run=serve)
+    # listed for --help; `main` hands its arguments to fedsecure.transport.certs
+    commands.add_parser("certs", help="make a CA and certificates for a test federation")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["certs"]:
+        return certs.main(argv[1:])
     args = parser().parse_args(argv)
     return int(args.run(args))
 

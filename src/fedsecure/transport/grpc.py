@@ -6,11 +6,13 @@ sans-I/O and is the same one `VirtualWorker` drives in one process. There is no
 .proto to compile: the method takes and returns raw bytes, which are `wire`
 messages.
 
-Every caller authenticates with a bearer token in the call's metadata, checked
-(in constant time) before a byte of the message is decoded. The token says who
-the caller is: the model owner (a client) or another worker (a peer, for
-worker-to-worker moves). Every call has a deadline; a worker that is down
-surfaces as `WorkerUnavailable` naming it.
+Every caller is authenticated before a byte of its message is decoded: with
+mutual TLS (`TLS`, certificates from ``fedsecure certs``) by the common name of
+its certificate, or, without TLS (loopback experiments only), by a bearer token
+in the call's metadata, compared in constant time. The name says who the caller
+is: the model owner (a client) or another worker (a peer, for worker-to-worker
+moves). Every call has a deadline; a worker that is down surfaces as
+`WorkerUnavailable` naming it.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import hmac
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from fedsecure.errors import FedsecureError, WorkerUnavailable
+from fedsecure.transport.certs import common_name, load_pem
 from fedsecure.worker.client import WorkerClient
 from fedsecure.worker.core import Sender, WorkerCore
 
@@ -38,10 +42,18 @@ class AuthenticationFailed(FedsecureError, PermissionError):
 
 
 @dataclass(frozen=True)
-class Peer:
-    """Another worker this one may send values to: where it is and how to prove who we are."""
+class TLS:
+    """One party's side of mutual TLS: the federation's CA, its certificate and key (PEM)."""
 
-    address: str
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, name: str) -> TLS:
+        """``ca.pem``, ``NAME.pem`` and ``NAME.key`` as ``fedsecure certs DIR --party NAME`` wrote them."""
+        d = Path(directory)
+        return cls(load_pem(d / "ca.pem"), load_pem(d / f"{name}.pem"), load_pem(d / f"{name}.key"))
 
 
 def _options(max_message: int) -> list[tuple[str, int]]:
@@ -59,15 +71,23 @@ class GrpcTransport:
         worker_id: str,
         address: str,
         *,
-        token: str,
+        token: str | None = None,
+        tls: TLS | None = None,
         deadline: float = DEFAULT_DEADLINE,
         max_message: int = DEFAULT_MAX_MESSAGE,
     ) -> None:
+        if token is None and tls is None:
+            raise ValueError(f"connecting to {worker_id!r} needs credentials: a token or TLS")
         self.worker_id = worker_id
         self.address = address
         self.deadline = deadline
-        self._metadata = (("authorization", f"Bearer {token}"),)
-        self._channel = grpc.insecure_channel(address, options=_options(max_message))
+        self._tls = tls is not None
+        self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
+        if tls is not None:
+            creds = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+            self._channel = grpc.secure_channel(address, creds, options=_options(max_message))
+        else:
+            self._channel = grpc.insecure_channel(address, options=_options(max_message))
         self._call = self._channel.unary_unary(METHOD)
 
     def __call__(self, data: bytes) -> bytes:
@@ -86,9 +106,10 @@ class GrpcTransport:
                     f"message to {self.worker_id!r} exceeds the configured maximum size: "
                     f"{exc.details() if hasattr(exc, 'details') else exc}"
                 ) from None
+            hint = " (or refused the TLS handshake: check both sides use the same CA)" if self._tls else ""
             raise WorkerUnavailable(
                 f"worker {self.worker_id!r} at {self.address} did not answer within "
-                f"{self.deadline:g} s ({code.name if code else exc})"
+                f"{self.deadline:g} s{hint} ({code.name if code else exc})"
             ) from None
 
     def close(self) -> None:
@@ -99,16 +120,18 @@ def connect(
     worker_id: str,
     address: str,
     *,
-    credentials: str,
+    credentials: str | TLS,
     deadline: float = DEFAULT_DEADLINE,
     max_message: int = DEFAULT_MAX_MESSAGE,
 ) -> WorkerClient:
     """A handle on the worker ``worker_id`` serving at ``address``, like a `VirtualWorker`.
 
-    ``credentials`` is the model owner's token for that worker.
+    ``credentials``: the model owner's `TLS` certificate (``TLS.from_dir(dir, "owner")``),
+    or a token for a worker that runs without TLS.
     """
+    token, tls = (None, credentials) if isinstance(credentials, TLS) else (credentials, None)
     transport = GrpcTransport(
-        worker_id, address, token=credentials, deadline=deadline, max_message=max_message
+        worker_id, address, token=token, tls=tls, deadline=deadline, max_message=max_message
     )
     return WorkerClient(worker_id, transport)
 
@@ -116,10 +139,12 @@ def connect(
 class WorkerServer:
     """Serves one `WorkerCore` over gRPC.
 
-    ``callers`` maps each accepted token to the caller it identifies: ``("client",
-    name)`` for a model owner, ``("peer", worker_id)`` for another worker.
+    ``callers`` maps each accepted credential to the caller it identifies:
+    ``("client", name)`` for a model owner, ``("peer", worker_id)`` for another worker.
+    With ``tls`` the credential is the common name of the caller's certificate
+    (signed by the federation's CA); without, a bearer token.
     ``peers`` maps worker ids to the addresses this worker sends moved values to;
-    ``token`` is this worker's own credential towards them.
+    ``token`` is this worker's own token towards them when there is no TLS.
     """
 
     def __init__(
@@ -131,6 +156,7 @@ class WorkerServer:
         callers: Mapping[str, tuple[str, str]],
         peers: Mapping[str, str] | None = None,
         token: str = "",
+        tls: TLS | None = None,
         deadline: float = DEFAULT_DEADLINE,
         max_message: int = DEFAULT_MAX_MESSAGE,
         threads: int = 8,
@@ -140,9 +166,17 @@ class WorkerServer:
         if not callers:
             raise ValueError("a worker server needs at least one caller's token (callers=...)")
         self.core = core
+        self._tls = tls
         self._callers = [(tok.encode(), Sender(kind, name)) for tok, (kind, name) in callers.items()]  # type: ignore[arg-type]
         self._peers = {
-            pid: GrpcTransport(pid, address, token=token, deadline=deadline, max_message=max_message)
+            pid: GrpcTransport(
+                pid,
+                address,
+                token=None if tls else token,
+                tls=tls,
+                deadline=deadline,
+                max_message=max_message,
+            )
             for pid, address in (peers or {}).items()
         }
         core._send_to_peer = self._send_to_peer
@@ -153,21 +187,42 @@ class WorkerServer:
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, {"Handle": handler}),)
         )
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if tls is not None:
+            if common_name(tls.cert) != core.id:
+                raise ValueError(
+                    f"the certificate is {common_name(tls.cert)!r}'s, not {core.id!r}'s: "
+                    "pass the worker's own certificate"
+                )
+            creds = grpc.ssl_server_credentials(
+                [(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True
+            )
+            self.port = self._server.add_secure_port(f"{host}:{port}", creds)
+        else:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
         self.address = f"{host}:{self.port}"
 
     def _caller(self, context: grpc.ServicerContext) -> Sender | None:
         presented = b""
+        if self._tls is not None:  # gRPC verified the chain; the name is the certificate's CN
+            names = context.auth_context().get("x509_common_name", [])
+            presented = names[0] if len(names) == 1 else b""
+        else:
+            presented = self._token(context)
+        found = None
+        for credential, sender in self._callers:  # compare with every one: timing says nothing
+            if hmac.compare_digest(presented, credential):
+                found = sender
+        return found
+
+    @staticmethod
+    def _token(context: grpc.ServicerContext) -> bytes:
+        presented = b""
         for key, value in context.invocation_metadata():
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
                 presented = value[len("Bearer ") :].encode()
-        found = None
-        for token, sender in self._callers:  # compare with every token: timing says nothing
-            if hmac.compare_digest(presented, token):
-                found = sender
-        return found
+        return presented
 
     def _handle(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         sender = self._caller(context)

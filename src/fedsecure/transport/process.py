@@ -16,10 +16,10 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from fedsecure.transport.grpc import connect
+from fedsecure.transport.grpc import TLS, connect
 from fedsecure.worker.client import WorkerClient
 
-_LISTENING = re.compile(r"listening on (\S+?)(,|$)")
+_LISTENING = re.compile(r"listening on (\S+?)(,|\s|$)")
 
 
 class WorkerProcess:
@@ -30,6 +30,7 @@ class WorkerProcess:
         worker_id: str,
         *,
         clients: Mapping[str, str],
+        tls_dir: str | None = None,
         data: str | None = None,
         token: str | None = None,
         peers: Mapping[str, str] | None = None,
@@ -43,7 +44,11 @@ class WorkerProcess:
         self.token = token or secrets.token_urlsafe(24)
         args = [sys.executable, "-m", "fedsecure", "worker", "serve", "--id", worker_id,
                 "--port", "0", "--token", self.token]
-        args += [f"--client={name}={tok}" for name, tok in clients.items()]
+        args += [f"--client={name}={tok}" if tok else f"--client={name}" for name, tok in clients.items()]
+        if tls_dir:
+            args += ["--tls-dir", tls_dir]
+            args += [f"--accept-peer={pid}" for pid in (peer_tokens or {})]
+            peer_tokens = None
         args += [f"--peer={pid}={address}" for pid, address in (peers or {}).items()]
         args += [f"--peer-token={pid}={tok}" for pid, tok in (peer_tokens or {}).items()]
         args += [f"--trust={t}" for t in trust]
@@ -72,8 +77,9 @@ class WorkerProcess:
         self.address = match.group(1)
         return self
 
-    def connect(self, token: str, **kwargs: Any) -> WorkerClient:
-        return connect(self.id, self.address, credentials=token, **kwargs)
+    def connect(self, credentials: str | TLS, **kwargs: Any) -> WorkerClient:
+        """The model owner's handle on this worker (a token, or its `TLS` certificate)."""
+        return connect(self.id, self.address, credentials=credentials, **kwargs)
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, then wait; returns the exit code."""

@@ -1,0 +1,407 @@
+"""Certificates for a test federation: one CA, one key and certificate per party.
+
+Every gRPC connection (model owner to worker, worker to worker) runs over mutual
+TLS, and a worker knows who is calling only from the common name (CN) of the
+certificate the caller presented. So a party's name is its identity: the CA signs
+a leaf certificate with ``CN=<name>`` for each party, and the same name becomes
+the file name ``<name>.pem``, which is why names are restricted to a safe set of
+characters and never let a file land outside the federation's directory.
+
+Keys are ECDSA P-256: gRPC's TLS stack (BoringSSL) accepts them, while a handshake
+with Ed25519 certificates fails (no common signature algorithm). This is tooling for tests and small deployments;
+keep ``ca.key`` away from the workers (only ``ca.pem`` and each party's own key
+and certificate go to that party).
+
+Run as ``python -m fedsecure.transport.certs DIR --party bob --party alice ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+DEFAULT_CA_NAME = "fedsecure test CA"
+DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+DEFAULT_DAYS = 365
+CA = "ca"  # file stem of the CA's files; no party may take it
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_DNS = re.compile(
+    r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+_CLOCK_SKEW = datetime.timedelta(minutes=5)  # backdate notBefore so a peer's slow clock still accepts it
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    """Where one party's (or the CA's) key and certificate were written."""
+
+    key: Path
+    cert: Path
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it may be a party's name (and file stem); raise ValueError otherwise."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid party name {name!r}: use 1 to 64 characters, only letters, digits, '-', '_' "
+            "and '.' (the name becomes the certificate's common name and the file name NAME.pem)"
+        )
+    if name.startswith("."):
+        raise ValueError(f"invalid party name {name!r}: it must not start with '.' (a hidden file, or '..')")
+    return name
+
+
+def _check_days(days: int) -> datetime.timedelta:
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        raise ValueError(f"days must be a whole number of days >= 1, not {days!r}")
+    return datetime.timedelta(days=days)
+
+
+def _san(hosts: Iterable[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        if not isinstance(host, str):
+            raise ValueError(f"invalid host {host!r}: hosts are strings (DNS names or IP addresses)")
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            continue
+        except ValueError:
+            pass
+        if len(host) > 253 or not _DNS.fullmatch(host):
+            raise ValueError(
+                f"invalid host {host!r}: give an IP address (127.0.0.1, ::1) or a DNS name "
+                "(localhost, worker1.example.org) under which the party is reached"
+            )
+        names.append(x509.DNSName(host.lower()))
+    return names
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _subject(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def make_ca(common_name: str = DEFAULT_CA_NAME, *, days: int = DEFAULT_DAYS) -> tuple[bytes, bytes]:
+    """A new self-signed CA: ``(key_pem, cert_pem)``, valid for ``days`` days from now."""
+    if not common_name or len(common_name) > 64:
+        raise ValueError(f"the CA's common name must have 1 to 64 characters, not {common_name!r}")
+    lifetime = _check_days(days)
+    key = _new_key()
+    now = datetime.datetime.now(datetime.UTC)
+    name = _subject(common_name)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _load_ca(ca_key_pem: bytes, ca_cert_pem: bytes) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"the CA key is a {type(key).__name__}; make the CA with make_ca() (ECDSA P-256)")
+    if key.public_key() != cert.public_key():
+        raise ValueError("the CA key does not belong to the CA certificate; pass the ca.key made with ca.pem")
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise ValueError(
+            f"{cert.subject.rfc4514_string()} is not a CA certificate (BasicConstraints ca=False)"
+        )
+    return key, cert
+
+
+def issue(
+    ca_key_pem: bytes,
+    ca_cert_pem: bytes,
+    name: str,
+    *,
+    hosts: Iterable[str] = DEFAULT_HOSTS,
+    days: int = DEFAULT_DAYS,
+    client: bool = True,
+    server: bool = True,
+) -> tuple[bytes, bytes]:
+    """A new key and a certificate for party ``name`` signed by the CA: ``(key_pem, cert_pem)``.
+
+    ``hosts`` (DNS names and IP addresses) are the names a server is reached under;
+    the certificate never outlives the CA. ``client``/``server`` choose the extended
+    key usages (a party that both calls and serves, as every worker does, needs both).
+    """
+    check_name(name)
+    lifetime = _check_days(days)
+    if not (client or server):
+        raise ValueError("a certificate must allow client or server authentication (or both)")
+    san = _san(hosts)
+    if server and not san:
+        raise ValueError(
+            f"a server certificate for {name!r} needs at least one host (DNS name or IP address)"
+        )
+    ca_key, ca_cert = _load_ca(ca_key_pem, ca_cert_pem)
+    key = _new_key()
+    now = datetime.datetime.now(datetime.UTC)
+    usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
+        [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+    )
+    try:
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    except x509.ExtensionNotFound:  # a CA made elsewhere
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_subject(name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(min(now + lifetime, ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(aki, critical=False)
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
+
+
+def common_name(cert_pem: bytes) -> str:
+    """The subject's common name of a PEM certificate: the party's identity."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    values = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(values) != 1:
+        raise ValueError(
+            f"certificate {cert.subject.rfc4514_string()!r} has {len(values)} common names, not 1"
+        )
+    value = values[0].value
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def load_pem(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a PEM file (key or certificate), checked to be PEM."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path} not found; make a test federation's certificates with "
+            "`python -m fedsecure.transport.certs DIR --party NAME ...`"
+        ) from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{path} is not a PEM file (no '-----BEGIN' line)")
+    return data
+
+
+def _target(directory: Path, stem: str, suffix: str) -> Path:
+    path = directory / f"{stem}{suffix}"
+    resolved = path.resolve()
+    if resolved.parent != directory.resolve():
+        raise ValueError(f"refusing to write {path}: it resolves to {resolved}, outside {directory}")
+    return path
+
+
+def _write(path: Path, data: bytes, *, mode: int, overwrite: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    # Without overwrite, O_EXCL refuses any existing entry (a symlink too). With it, write a
+    # fresh file beside the target and rename it over, which replaces a link instead of following it.
+    target = path.with_name(f".{path.name}.tmp") if overwrite else path
+    if overwrite and os.path.lexists(target):
+        target.unlink()
+    fd = os.open(target, flags, mode)
+    try:
+        os.fchmod(fd, mode)  # os.open's mode is filtered by the umask
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    if overwrite:
+        os.replace(target, path)
+
+
+def write_federation(
+    directory: str | os.PathLike[str],
+    names: Iterable[str],
+    *,
+    hosts: Iterable[str] = DEFAULT_HOSTS,
+    days: int = DEFAULT_DAYS,
+    ca_name: str = DEFAULT_CA_NAME,
+    overwrite: bool = False,
+) -> dict[str, Paths]:
+    """Write a new CA and one key and certificate per party into ``directory``.
+
+    Writes ``ca.pem``, ``ca.key`` and ``NAME.pem``, ``NAME.key`` for each name (keys
+    readable by the owner only) and returns their paths by party name, the CA's
+    under ``"ca"``. Nothing is written if any file exists, unless ``overwrite``.
+    """
+    names = list(names)
+    if not names:
+        raise ValueError("name at least one party (for example bob, alice, secure_worker, owner)")
+    for name in names:
+        check_name(name)
+        if name.lower() == CA:
+            raise ValueError(f"{name!r} cannot be a party's name: ca.pem and ca.key are the CA's files")
+    folded = [name.lower() for name in names]  # bob.pem and Bob.pem are one file on some file systems
+    repeated = sorted({name for name, low in zip(names, folded, strict=True) if folded.count(low) > 1})
+    if repeated:
+        raise ValueError(f"party names must differ (also in case): {repeated}")
+    ca_key, ca_cert = make_ca(ca_name, days=days)  # everything is made (and checked) before a write
+    made = {CA: (ca_key, ca_cert)}
+    hosts = list(hosts)
+    for name in names:
+        made[name] = issue(ca_key, ca_cert, name, hosts=hosts, days=days)
+
+    root = Path(directory)
+    created = not root.exists()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if created:
+        root.chmod(0o700)
+    paths = {
+        stem: Paths(key=_target(root, stem, ".key"), cert=_target(root, stem, ".pem"))
+        for stem in [CA, *names]
+    }
+    if not overwrite:
+        for party in paths.values():
+            for path in (party.key, party.cert):
+                if os.path.lexists(path):
+                    raise FileExistsError(
+                        f"{path} already exists; pass overwrite=True (--overwrite) to replace the "
+                        "federation's files, or choose another directory"
+                    )
+
+    for stem, (key, cert) in made.items():
+        _write(paths[stem].key, key, mode=0o600, overwrite=overwrite)
+        _write(paths[stem].cert, cert, mode=0o644, overwrite=overwrite)
+    return paths
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedsecure certs",
+        description=(
+            "Make the TLS certificates of a test federation: a CA (ca.pem, ca.key) and, for each "
+            "party, NAME.key and NAME.pem with common name NAME, which is how workers recognise "
+            "who is calling. Give each party its own NAME.key, NAME.pem and ca.pem; keep ca.key."
+        ),
+        epilog=(
+            "example: fedsecure certs ./certs --party owner --party bob --party alice "
+            "--party secure_worker --host localhost --host 127.0.0.1"
+        ),
+    )
+    parser.add_argument("directory", type=Path, help="where to write the files (created with mode 0700)")
+    parser.add_argument(
+        "--party",
+        dest="parties",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="a party's name (letters, digits, '-', '_', '.'; at most 64); repeat for each party",
+    )
+    parser.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        metavar="H",
+        help=f"a DNS name or IP address the parties are reached under; repeatable (default: {' '.join(DEFAULT_HOSTS)})",
+    )
+    parser.add_argument(
+        "--days", type=int, default=DEFAULT_DAYS, help="validity in days (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--ca-name", default=DEFAULT_CA_NAME, help="the CA's common name (default: %(default)r)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing files in DIRECTORY")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fedsecure certs``: write a federation's certificates and say what was written."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    hosts = args.hosts or list(DEFAULT_HOSTS)
+    try:
+        paths = write_federation(
+            args.directory,
+            args.parties,
+            hosts=hosts,
+            days=args.days,
+            ca_name=args.ca_name,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, OSError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+    _report(paths, hosts=hosts, days=args.days)
+    return 0
+
+
+def _report(paths: Mapping[str, Paths], *, hosts: Sequence[str], days: int) -> None:
+    width = max(len(name) for name in paths)
+    for name, party in paths.items():
+        note = "  (the CA: keep its key; give every party the certificate)" if name == CA else ""
+        print(f"{name:<{width}}  {party.cert}  {party.key}{note}")
+    print(f"valid for {days} days; servers reachable as {', '.join(hosts)}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
