@@ -65,7 +65,8 @@ def found(core: WorkerCore, tag: str = "data") -> int:
 def assert_healthy(core: WorkerCore, private_id: int) -> None:
     """The worker still serves requests, and its private data is still there, still labelled."""
     reply = send(core, m.Count([]))
-    assert reply.error is None and reply.value == len(core.objects)
+    mine = sum(1 for e in core.objects.values() if e.owner == CLIENT.id)
+    assert reply.error is None and reply.value == mine
     obj = core.objects[private_id].obj
     assert torch.equal(obj, PRIVATE) and core.own_label in lb.labels_of(obj)
 
@@ -329,7 +330,7 @@ def test_deeply_nested_tuples_do_not_kill_the_process() -> None:
 def test_senders_may_send_only_their_own_kinds_of_message() -> None:
     core, private_id = worker()
     forged = [["carol", None, 10**9, 2]]  # a label claiming another owner with lax rules
-    for msg in (m.Deliver([], 5, torch.ones(3), forged, 100, False), m.DeliverModule([], 5, {}, [], [], [], 0)):
+    for msg in (m.Deliver([], 5, torch.ones(3), forged, 100, False, ""), m.DeliverModule([], 5, {}, [], [], [], 0, "")):
         assert kind(send(core, msg)) == "protocol"  # peer-only, sent by a client
     for msg in (m.Call([], "Tensor.clone", [Ref(PUBLIC)], {}, 5, False), m.Get([], PUBLIC), m.Count([])):
         assert kind(send(core, msg, PEER)) == "protocol"  # client requests, sent by a peer
@@ -522,4 +523,18 @@ def test_optimizer_calls_only_step_and_zero_grad() -> None:
     assert kind(send(core, m.OptimizerCall([], 2, "step", [{}]))) == "not_allowed"
     assert kind(send(core, m.OptimizerCall([], 5, "step", [{}, {}]))) == "protocol"
     assert send(core, m.OptimizerCall([], 5, "step", [{"lr": 0.5}])).error is None
+    assert_healthy(core, private_id)
+
+
+def test_model_owners_of_one_worker_cannot_see_each_others_objects() -> None:
+    core, private_id = worker()
+    alice_owner, mallory = Sender("client", "owner-a"), Sender("client", "eve")
+    assert send(core, m.Put([], 77, torch.arange(3.0), False, False, []), alice_owner).error is None
+    for request in (m.Get([], 77), m.Call([], "Tensor.clone", [Ref(77)], {}, 78, False)):
+        assert kind(send(core, request, mallory)) == "not_found"
+    assert kind(send(core, m.Put([], 77, torch.zeros(3), False, False, []), mallory)) == "protocol"
+    send(core, m.Count([77]), mallory)  # releasing someone else's id does nothing
+    assert send(core, m.Count([]), mallory).value == 0
+    assert send(core, m.Count([]), alice_owner).value == 1
+    assert torch.equal(send(core, m.Get([], 77), alice_owner).value["tensor"], torch.arange(3.0))
     assert_healthy(core, private_id)

@@ -200,7 +200,7 @@ def test_an_aggregate_of_two_owners_may_leave_the_aggregator(owners) -> None:  #
     bobs, alices = _trained(bob, model), _trained(alice, model)
     bobs.move(secure_worker)
     alices.move(secure_worker)
-    assert bob.object_count() == 2  # only bob's data is left there
+    assert bob.object_count() == 0  # nothing of the model owner's is left on bob
     average = ((bobs.weight.data + alices.weight.data) / 2).get()
     assert average.shape == (1, 2)
     for single in (bobs.weight.data, alices.bias):
@@ -254,7 +254,7 @@ def test_the_receiver_checks_the_owners_trust_too(make_worker: Make, federation:
             "mallory",
             "alice",
             m.encode_request(
-                m.Deliver([], 1234, torch.ones(2), labels_to_wire(frozenset({bob_label})), 2, False)
+                m.Deliver([], 1234, torch.ones(2), labels_to_wire(frozenset({bob_label})), 2, False, "")
             ),
         )
     )

@@ -276,7 +276,7 @@ class OptimizerCall(Request):
     groups: list[Any]
 
 
-@_request(20, ("id", "any", "list", "int", "bool"), peer_only=True)
+@_request(20, ("id", "any", "list", "int", "bool", "str"), peer_only=True)
 @dataclass(frozen=True, slots=True)
 class Deliver(Request):
     """Worker to worker: a moved tensor with its provenance labels."""
@@ -287,9 +287,10 @@ class Deliver(Request):
     labels: list[Any]
     samples: int
     requires_grad: bool
+    owner: str  # the model owner who ordered the move: the object is its own here too
 
 
-@_request(21, ("id", "dict", "tensors", "ids", "list", "int"), peer_only=True)
+@_request(21, ("id", "dict", "tensors", "ids", "list", "int", "str"), peer_only=True)
 @dataclass(frozen=True, slots=True)
 class DeliverModule(Request):
     """Worker to worker: a moved module, its weights and each weight's labels."""
@@ -301,6 +302,7 @@ class DeliverModule(Request):
     ids: list[int]
     labels: list[Any]
     samples: int
+    owner: str
 
 
 def encode_request(msg: Request) -> bytes:

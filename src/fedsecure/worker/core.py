@@ -8,10 +8,11 @@ moves leave through the ``send_to_peer`` function it is given.
 
 from __future__ import annotations
 
+import contextvars
 import secrets
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -60,14 +61,36 @@ class RemoteRecord:
     dtype: str
 
 
+# The model owner on whose behalf the current request runs; every object it creates is
+# its own, and invisible to other model owners of the same worker.
+_client: contextvars.ContextVar[str | None] = contextvars.ContextVar("fedsecure_client", default=None)
+
+
 @dataclass(slots=True)
 class Entry:
     obj: Any  # torch.Tensor | nn.Module | RemoteRecord
+    owner: str | None = field(default_factory=_client.get, kw_only=True)  # None: the worker's own
     tags: frozenset[str] = frozenset()
     aggregate: bool = False  # the output of this worker's own aggregation function
     source: str | None = None  # the worker it was moved from
     version: int = -1  # the tensor's version when received (strict mode checks it is unmodified)
     samples: int = 0  # sample count its source reported
+
+
+class Store(dict[int, Entry]):
+    """id -> entry; an id taken by one model owner cannot be taken over by another."""
+
+    def __setitem__(self, obj_id: int, entry: Entry) -> None:
+        existing = self.get(obj_id)
+        if existing is not None and existing.owner != entry.owner:
+            raise ProtocolError(f"object id {obj_id:#x} is in use")
+        super().__setitem__(obj_id, entry)
+
+    def release(self, ids: list[int], owner: str | None) -> None:
+        for obj_id in ids:
+            entry = self.get(obj_id)
+            if entry is not None and entry.owner == owner:
+                del self[obj_id]
 
 
 ERROR_KINDS: dict[type[FedsecureError], str] = {
@@ -176,7 +199,7 @@ class WorkerCore:
     ) -> None:
         self.id = id
         self.policy = policy or lb.Policy()
-        self.objects: dict[int, Entry] = {}
+        self.objects = Store()
         self.samples = 0  # rows of private data, reported with moved updates
         self._send_to_peer = send_to_peer
         self._handlers: dict[type[m.Request], Callable[[Any, Sender], Any]] = {
@@ -187,7 +210,7 @@ class WorkerCore:
             m.PutRef: self._put_ref,
             m.Get: self._get,
             m.GetModule: self._get_module,
-            m.Count: lambda msg, s: len(self.objects),
+            m.Count: lambda msg, s: sum(1 for e in self.objects.values() if e.owner == _client.get()),
             m.Search: self._search,
             m.Owners: self._owners,
             m.MakeOptimizer: self._make_optimizer,
@@ -241,13 +264,17 @@ class WorkerCore:
             raise ProtocolError(
                 f"{type(msg).__name__} is not accepted from a {sender.kind} ({sender.id!r})"
             )
-        for obj_id in msg.release:
-            self.objects.pop(obj_id, None)
-        return self._handlers[type(msg)](msg, sender)
+        # A peer delivers on behalf of the model owner who ordered the move.
+        client = getattr(msg, "owner", None) if sender.kind == "peer" else sender.id
+        token = _client.set(client)
+        try:
+            self.objects.release(msg.release, client)
+            return self._handlers[type(msg)](msg, sender)
+        finally:
+            _client.reset(token)
 
     def _batch(self, batch: m.Batch, sender: Sender) -> Any:
-        for obj_id in batch.release:
-            self.objects.pop(obj_id, None)
+        self.objects.release(batch.release, sender.id)
         value = None
         last = len(batch.requests) - 1
         for i, data in enumerate(batch.requests):
@@ -264,13 +291,14 @@ class WorkerCore:
         return value
 
     def _entry(self, obj_id: int) -> Entry:
-        try:
-            return self.objects[obj_id]
-        except KeyError:
-            raise ObjectNotFound(
-                f"worker {self.id!r} holds no object {obj_id:#x} (it was freed, moved or "
-                "fetched with get(), or never sent here)"
-            ) from None
+        entry = self.objects.get(obj_id)
+        if entry is not None and entry.owner in (None, _client.get()):
+            return entry
+        # Another model owner's object does not exist for this one.
+        raise ObjectNotFound(
+            f"worker {self.id!r} holds no object {obj_id:#x} (it was freed, moved or "
+            "fetched with get(), or never sent here)"
+        )
 
     def _tensor(self, obj_id: int) -> torch.Tensor:
         obj = self._entry(obj_id).obj
@@ -635,7 +663,13 @@ class WorkerCore:
         self._peer(
             msg.destination,
             m.Deliver(
-                [], msg.new_id, t.detach(), lb.labels_to_wire(labels), self._samples_of(entry), t.requires_grad
+                [],
+                msg.new_id,
+                t.detach(),
+                lb.labels_to_wire(labels),
+                self._samples_of(entry),
+                t.requires_grad,
+                _client.get() or "",
             ),
         )
         del self.objects[msg.object_id]
@@ -661,6 +695,7 @@ class WorkerCore:
                 msg.new_ids,
                 [lb.labels_to_wire(lb.labels_of(t)) for t in own],
                 self._samples_of(entry),
+                _client.get() or "",
             ),
         )
         del self.objects[msg.module_id]
