@@ -182,3 +182,30 @@ def test_the_command_explains_itself() -> None:
         capture_output=True, text=True,
     )
     assert missing.returncode != 0 and "--client NAME=TOKEN" in missing.stderr
+
+
+def test_large_tensors_travel_in_chunks(federation: dict[str, sy.WorkerProcess], owner: sy.TLS) -> None:
+    bob, sw = federation["bob"].connect(owner), federation["secure_worker"].connect(owner)
+    big = torch.randn(3_000_000)  # 12 MB: twelve chunks each way
+    ptr = big.send(bob)
+    assert torch.equal(ptr.copy().get(), big)
+    ptr.move(sw)  # worker to worker, in chunks too
+    assert torch.equal(ptr.get(), big)
+
+
+def test_messages_over_the_maximum_get_a_clear_error() -> None:
+    from fedsecure.transport.grpc import WorkerServer
+    from fedsecure.worker.core import WorkerCore
+
+    server = WorkerServer(WorkerCore("frank"), callers={OWNER: ("client", "owner")}, max_message=3_000_000).start()
+    try:
+        small = sy.connect("frank", server.address, credentials=OWNER)
+        with pytest.raises(sy.WorkerUnavailable, match="exceeds the maximum of 3000000 bytes"):
+            torch.zeros(1_000_000).send(small)  # 4 MB
+        ok = torch.ones(500_000).send(small)  # 2 MB: fine, in two chunks
+        with pytest.raises(ValueError, match="exceeds the maximum"):
+            sy.connect("frank", server.address, credentials=OWNER, max_message=1000).request  # noqa: B018
+            torch.zeros(1000).send(sy.connect("frank", server.address, credentials=OWNER, max_message=1000))
+        assert torch.equal(ok.get(), torch.ones(500_000))
+    finally:
+        server.stop()

@@ -42,18 +42,19 @@ class WorkerProcess:
     ) -> None:
         self.id = worker_id
         self.token = token or secrets.token_urlsafe(24)
-        args = [sys.executable, "-m", "fedsecure", "worker", "serve", "--id", worker_id,
-                "--port", "0", "--token", self.token]
+        # --flag=value throughout: a random token may start with "-"
+        args = [sys.executable, "-m", "fedsecure", "worker", "serve", f"--id={worker_id}",
+                "--port=0", f"--token={self.token}"]
         args += [f"--client={name}={tok}" if tok else f"--client={name}" for name, tok in clients.items()]
         if tls_dir:
-            args += ["--tls-dir", tls_dir]
+            args.append(f"--tls-dir={tls_dir}")
             args += [f"--accept-peer={pid}" for pid in (peer_tokens or {})]
             peer_tokens = None
         args += [f"--peer={pid}={address}" for pid, address in (peers or {}).items()]
         args += [f"--peer-token={pid}={tok}" for pid, tok in (peer_tokens or {}).items()]
         args += [f"--trust={t}" for t in trust]
         if data:
-            args += ["--data", data]
+            args.append(f"--data={data}")
         if aggregator:
             args.append("--aggregator")
         args += list(extra)

@@ -53,7 +53,7 @@ MEMORY_FORMATS: dict[str, torch.memory_format] = {
 MEMORY_FORMAT_NAMES = {v: k for k, v in MEMORY_FORMATS.items()}
 
 # Largest single message a decoder accepts (the transport may set its own, lower).
-MAX_MESSAGE_BYTES = 2**31 - 1
+MAX_MESSAGE_BYTES = 1 << 36
 # Extension values nest (a tuple in a tuple); each level re-enters the C unpacker, so the
 # depth is capped well below what the C stack of any thread can take.
 MAX_EXT_DEPTH = 32

@@ -201,6 +201,7 @@ class WorkerCore:
         self.policy = policy or lb.Policy()
         self.objects = Store()
         self.samples = 0  # rows of private data, reported with moved updates
+        self.max_reply: int | None = None  # the transport's limit: a Get that cannot leave stays
         self._send_to_peer = send_to_peer
         self._handlers: dict[type[m.Request], Callable[[Any, Sender], Any]] = {
             m.Call: self._call,
@@ -274,6 +275,8 @@ class WorkerCore:
             _client.reset(token)
 
     def _batch(self, batch: m.Batch, sender: Sender) -> Any:
+        if sender.kind != "client":
+            raise ProtocolError(f"Batch is not accepted from a {sender.kind} ({sender.id!r})")
         self.objects.release(batch.release, sender.id)
         value = None
         last = len(batch.requests) - 1
@@ -540,8 +543,16 @@ class WorkerCore:
             what="the tensor",
         )
         value = codec.tensor_to_wire(obj)  # encode first: a failure must lose nothing
+        self._check_reply_size(len(value.data))
         del self.objects[msg.object_id]
         return {"tensor": value, "requires_grad": obj.requires_grad}
+
+    def _check_reply_size(self, size: int) -> None:
+        if self.max_reply is not None and size > self.max_reply:
+            raise ProtocolError(
+                f"the value is {size} bytes, over this worker's maximum message of "
+                f"{self.max_reply} bytes; it stays on {self.id!r} (raise --max-message)"
+            )
 
     def _get_module(self, msg: m.GetModule, sender: Sender) -> Any:
         entry, module = self._module(msg.module_id)
@@ -556,6 +567,7 @@ class WorkerCore:
             what="the model",
         )
         values = [codec.tensor_to_wire(t) for t in own]
+        self._check_reply_size(sum(len(v.data) for v in values))
         del self.objects[msg.module_id]
         return values
 
@@ -628,7 +640,10 @@ class WorkerCore:
     def _search(self, msg: m.Search, sender: Sender) -> Any:
         tag = _tag(msg.tag)
         found = []
+        caller = _client.get()
         for entry in list(self.objects.values()):
+            if entry.owner not in (None, caller):  # another model owner's tags are its own
+                continue
             if tag in entry.tags and isinstance(entry.obj, torch.Tensor):
                 obj_id = new_id()
                 self.objects[obj_id] = Entry(entry.obj)
@@ -717,7 +732,12 @@ class WorkerCore:
         # The receiver checks too: an owner's trust goes with its label, not with the sender.
         lb.check_destination(labels, self.id, holder=sender.id, what="a value sent here")
 
+    def _fresh(self, *ids: int) -> None:
+        if any(i in self.objects for i in ids):
+            raise ProtocolError("a delivery must not replace an existing object")
+
     def _deliver(self, msg: m.Deliver, sender: Sender) -> Any:
+        self._fresh(msg.object_id)
         labels = lb.labels_from_wire(msg.labels)
         self._receive_check(labels, sender)
         t = msg.value
@@ -730,6 +750,7 @@ class WorkerCore:
         return None
 
     def _deliver_module(self, msg: m.DeliverModule, sender: Sender) -> Any:
+        self._fresh(msg.module_id, *msg.ids)
         per_tensor = [lb.labels_from_wire(x) for x in msg.labels]
         self._receive_check(frozenset().union(*per_tensor), sender)
         module = build(msg.spec)
