@@ -209,3 +209,30 @@ def test_messages_over_the_maximum_get_a_clear_error() -> None:
         assert torch.equal(ok.get(), torch.ones(500_000))
     finally:
         server.stop()
+
+
+def test_ops_are_pipelined_and_errors_come_back_naming_the_op() -> None:
+    from fedsecure.transport.grpc import WorkerServer
+    from fedsecure.worker.core import WorkerCore
+
+    server = WorkerServer(WorkerCore("gina"), callers={OWNER: ("client", "owner")}).start()
+    try:
+        gina = sy.connect("gina", server.address, credentials=OWNER)
+        calls: list[int] = []
+        transport = gina._transport
+        gina._transport = lambda data: (calls.append(len(data)), transport(data))[1]  # type: ignore[method-assign]
+        x = torch.arange(6.0).send(gina)
+        calls.clear()
+        y = ((x.view(2, 3) * 2 - 1) ** 2).sum(dim=1)  # four ops, their shapes worked out here
+        assert isinstance(y, sy.PointerTensor) and y.shape == (2,) and calls == []
+        assert torch.equal(y.get(), ((torch.arange(6.0).view(2, 3) * 2 - 1) ** 2).sum(dim=1))
+        assert len(calls) == 1  # one round trip for all five
+        with pytest.raises(sy.RemoteError, match="Tensor.mm"):
+            x.view(3, 2).mm(x.view(3, 2))  # a shape error: no meta result, so it waits and fails
+        logits, labels = torch.zeros(2, 3).send(gina), torch.tensor([0, 7]).send(gina)
+        loss = torch.nn.functional.cross_entropy(logits, labels)  # class 7 of 3: only data can tell
+        assert loss.shape == ()
+        with pytest.raises(sy.RemoteError, match="F.cross_entropy, sent earlier without waiting"):
+            loss.get()
+    finally:
+        server.stop()

@@ -21,7 +21,7 @@ from fedsecure.errors import OperationNotAllowed, WorkerMismatch
 from fedsecure.wire import codec
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import Ref
-from fedsecure.worker.allowlist import NAME_OF
+from fedsecure.worker.allowlist import ALLOWED, NAME_OF
 from fedsecure.worker.client import WorkerClient
 from fedsecure.worker.core import new_id
 
@@ -348,6 +348,52 @@ def _deferrable(name: str) -> bool:
 DEFERRED = frozenset(name for name in NAME_OF.values() if _deferrable(name))
 
 
+# Ops whose result is a plain value (it must come back) or that change what pointers know.
+_SYNCHRONOUS = frozenset(
+    {
+        "Tensor.item", "Tensor.tolist", "Tensor.__bool__", "Tensor.__float__", "Tensor.__int__",
+        "Tensor.equal", "torch.equal", "torch.allclose", "Tensor.requires_grad_", "Tensor.detach_",
+        "Tensor.backward", "Tensor.grad.__get__", "Tensor.data.__get__",
+    }
+)
+
+
+def _predict(op: str, args: Any, kwargs: dict[str, Any], worker: WorkerClient, result_id: int) -> Any:
+    """The pointer an op will produce, worked out without the worker, or None.
+
+    The op runs here on meta tensors (shapes and dtypes, no data), as DTensor
+    propagates shapes; then the client need not wait for the worker's reply.
+    Ops whose output shape depends on the data fail on meta tensors: they wait.
+    """
+    pointers: dict[int, PointerTensor] = {}
+
+    def meta(value: Any) -> Any:
+        if isinstance(value, PointerTensor):
+            with DisableTorchFunctionSubclass():
+                shape, dtype, requires_grad = value.shape, value.dtype, value.requires_grad
+            t = torch.empty(shape, dtype=dtype, device="meta")
+            if requires_grad:
+                t.requires_grad_(True)
+            pointers[id(t)] = value
+            return t
+        if isinstance(value, list | tuple):
+            return type(value)(meta(v) for v in value)
+        if isinstance(value, dict):
+            return {k: meta(v) for k, v in value.items()}
+        return value
+
+    try:
+        out = ALLOWED[op](*meta(list(args)), **meta(kwargs))
+    except Exception:  # no meta kernel, or a data-dependent shape: ask the worker
+        return None
+    if not isinstance(out, torch.Tensor) or out.device.type != "meta":
+        return None
+    same = pointers.get(id(out))
+    if same is not None:
+        return same
+    return PointerTensor(worker, result_id, out.shape, out.dtype, out.requires_grad)
+
+
 def call(
     op: str,
     args: Any,
@@ -372,6 +418,11 @@ def call(
         if op in DEFERRED:
             target.defer(msg)
             return None if op.endswith(("__set__", "__setitem__")) else args[0]
+        if target.pipelined and op not in _SYNCHRONOUS:
+            predicted = _predict(op, args, kwargs, target, result_id)
+            if predicted is not None:
+                target.defer(msg)
+                return predicted
     else:
         msg = m.CallModule(target.take_release(), module_id, wire_args, wire_kwargs, result_id, grad, training)
     out = _decode(target.request(msg), target, site)

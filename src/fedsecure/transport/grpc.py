@@ -174,8 +174,12 @@ def connect(
     credentials: str | TLS,
     deadline: float = DEFAULT_DEADLINE,
     max_message: int = DEFAULT_MAX_MESSAGE,
+    pipelined: bool = True,
 ) -> WorkerClient:
     """A handle on the worker ``worker_id`` serving at ``address``, like a `VirtualWorker`.
+
+    ``pipelined``: ops that return a new pointer do not wait for the worker (their
+    errors are raised by the next call that waits: ``get()``, ``.item()``, ...).
 
     ``credentials``: the model owner's `TLS` certificate (``TLS.from_dir(dir, "owner")``),
     or a token for a worker that runs without TLS.
@@ -184,7 +188,9 @@ def connect(
     transport = GrpcTransport(
         worker_id, address, token=token, tls=tls, deadline=deadline, max_message=max_message
     )
-    return WorkerClient(worker_id, transport)
+    client = WorkerClient(worker_id, transport)
+    client.pipelined = pipelined
+    return client
 
 
 class WorkerServer:

@@ -44,6 +44,9 @@ class WorkerClient:
         self._release: list[int] = []
         self._deferred: list[bytes] = []
         self.grad_epoch = 0  # counts the requests that may change gradients (see pointer.tensor)
+        # Pipelined: ops whose result the client can work out (shapes on meta tensors) do
+        # not wait for the worker. Worth it where a round trip costs more than that (a network).
+        self.pipelined = False
         self.bytes_sent = 0
         self.bytes_received = 0
 
