@@ -163,11 +163,24 @@ def test_a_dead_worker_is_unavailable_within_the_deadline(tmp_path: Path) -> Non
     proc.stop()
 
 
-def test_sigterm_stops_the_server_cleanly() -> None:
+def test_sigterm_lets_calls_in_flight_finish_then_stops() -> None:
+    import signal
+    import threading
+
     proc = sy.WorkerProcess("dave", clients={"owner": OWNER}).start()
-    dave = proc.connect(OWNER)
-    assert dave.object_count() == 0
-    assert proc.stop() == 0
+    dave = proc.connect(OWNER, pipelined=False)
+    a = torch.randn(3000, 3000).send(dave)
+    results: list[object] = []
+    slow = threading.Thread(target=lambda: results.append(torch.matmul(a, a)))  # about a second
+    slow.start()
+    time.sleep(0.2)  # the product is running on the worker
+    proc.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    slow.join(30)
+    assert len(results) == 1 and isinstance(results[0], sy.PointerTensor)  # it finished
+    with pytest.raises(sy.WorkerUnavailable):
+        a.sum()  # a new call after SIGTERM is not taken
+    assert proc.process.wait(30) == 0  # type: ignore[union-attr]
+    proc.stop()
 
 
 def test_the_command_explains_itself() -> None:
