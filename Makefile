@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/pointer_overhead.py
+	$(PY) benchmarks/transport.py
 
 docs: $(STAMP)
 	$(PY) -c "from fedsecure.worker.allowlist import markdown; print(markdown(), end='')" > docs/allowlist.md

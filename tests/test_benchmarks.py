@@ -23,3 +23,15 @@ def test_pointer_overhead_benchmark_runs(tmp_path: Path) -> None:
     assert step["same_loss"] is True  # remote training computes what local training does
     assert step["remote_us"] > 0 and step["local_us"] > 0 and step["round_trips"] <= step["messages"]
     assert result["profile"]
+
+
+def test_transport_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "transport.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "transport.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert "raw TCP" in proc.stdout
+    result = json.loads(out.read_text())
+    assert all(row["same_values"] for row in result["transfers"])
+    assert all(p["correct"] for p in result["pipeline"])

@@ -90,8 +90,9 @@ def tensor_to_wire(tensor: torch.Tensor) -> msgpack.ExtType:
         t = t.cpu()
     header = msgpack.packb([dtype_name(t.dtype), list(t.shape)])
     flat = t.contiguous().reshape(-1)
-    raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-    return msgpack.ExtType(EXT_TENSOR, _ID.pack(len(header)) + header + raw)
+    raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+    # one copy of the tensor's bytes (join reads the memoryview in place)
+    return msgpack.ExtType(EXT_TENSOR, b"".join((_ID.pack(len(header)), header, raw)))
 
 
 def tensor_from_wire(data: bytes) -> torch.Tensor:
@@ -111,7 +112,7 @@ def tensor_from_wire(data: bytes) -> torch.Tensor:
         or not all(type(d) is int and 0 <= d < 2**62 for d in shape)
     ):
         raise ProtocolError(f"malformed tensor shape {shape!r}")
-    raw = data[_ID.size + hlen :]
+    raw = memoryview(data)[_ID.size + hlen :]  # no copy until the tensor's own
     numel = 1
     for d in shape:
         numel *= d
