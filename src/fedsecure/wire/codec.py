@@ -90,7 +90,7 @@ def tensor_to_wire(tensor: torch.Tensor) -> msgpack.ExtType:
         t = t.cpu()
     header = msgpack.packb([dtype_name(t.dtype), list(t.shape)])
     flat = t.contiguous().reshape(-1)
-    raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+    raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""  # type: ignore[arg-type]
     # one copy of the tensor's bytes (join reads the memoryview in place)
     return msgpack.ExtType(EXT_TENSOR, b"".join((_ID.pack(len(header)), header, raw)))
 
