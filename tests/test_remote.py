@@ -249,3 +249,21 @@ def test_ops_are_pipelined_and_errors_come_back_naming_the_op() -> None:
             loss.get()
     finally:
         server.stop()
+
+
+def test_predicted_results_match_the_workers() -> None:
+    """Pipelined pointers' specs (worked out locally, cached per op and spec) are the worker's."""
+    from fedsecure.transport.grpc import WorkerServer
+    from fedsecure.worker.core import WorkerCore
+
+    server = WorkerServer(WorkerCore("hana"), callers={OWNER: ("client", "owner")}).start()
+    try:
+        hana = sy.connect("hana", server.address, credentials=OWNER)
+        ints, bools = torch.arange(4).send(hana), torch.tensor([True, False]).send(hana)
+        for _ in range(2):  # the second time from the cache
+            cases = [ints + 1, ints + 1.0, ints + True, bools + True, bools + 1, ints.float() / 2, ints[1:]]
+            for ptr in cases:
+                value = ptr.get()
+                assert (value.shape, value.dtype) == (ptr.shape, ptr.dtype)
+    finally:
+        server.stop()
