@@ -97,7 +97,7 @@ def _servers(data: torch.Tensor, target: torch.Tensor, strict: bool) -> Any:
         secure = stack.enter_context(
             sy.WorkerProcess(
                 "secure_worker", clients=clients, tls_dir=str(certs),
-                peer_tokens={"bob": "", "alice": ""}, aggregator=strict,
+                accept_peers=["bob", "alice"], aggregator=strict,
             )
         )
         owners = [

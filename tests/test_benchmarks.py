@@ -6,18 +6,24 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_pointer_overhead_benchmark_runs(tmp_path: Path) -> None:
-    out = tmp_path / "overhead.json"
+def run_quick(script: str, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    """Run ``benchmarks/SCRIPT --quick``; its printed table and the JSON it wrote."""
+    out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "pointer_overhead.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
         capture_output=True, text=True, timeout=300, check=True,
     )
-    assert "train step, SGD" in proc.stdout
-    result = json.loads(out.read_text())
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_pointer_overhead_benchmark_runs(tmp_path: Path) -> None:
+    table, result = run_quick("pointer_overhead.py", tmp_path)
+    assert "train step, SGD" in table
     cases = {row["case"]: row for row in result["rows"]}
     step = cases["train step, SGD"]
     assert step["same_loss"] is True  # remote training computes what local training does
@@ -26,12 +32,7 @@ def test_pointer_overhead_benchmark_runs(tmp_path: Path) -> None:
 
 
 def test_transport_benchmark_runs(tmp_path: Path) -> None:
-    out = tmp_path / "transport.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "transport.py"), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, check=True,
-    )
-    assert "raw TCP" in proc.stdout
-    result = json.loads(out.read_text())
+    table, result = run_quick("transport.py", tmp_path)
+    assert "raw TCP" in table
     assert all(row["same_values"] for row in result["transfers"])
     assert all(p["correct"] for p in result["pipeline"])

@@ -5,6 +5,8 @@
 ``model.move(secure_worker)``; the workers enforce who may see what.
 """
 
+from typing import TYPE_CHECKING
+
 from fedsecure import optim
 from fedsecure.errors import (
     FedsecureError,
@@ -17,10 +19,23 @@ from fedsecure.errors import (
     WorkerUnavailable,
 )
 from fedsecure.pointer import PointerTensor, TorchHook, copy, get, hook, move, send
-from fedsecure.transport import TLS, AuthenticationFailed, WorkerProcess, connect
 from fedsecure.worker import Federation, Policy, VirtualWorker, WorkerClient
 
+if TYPE_CHECKING:  # for type checkers; at run time see __getattr__ below
+    from fedsecure.transport import TLS, AuthenticationFailed, WorkerProcess, connect
+
 __version__ = "0.1.0"
+
+# The network transport (gRPC, TLS) loads on first use: one-process users never pay for it.
+_TRANSPORT = {"TLS", "AuthenticationFailed", "WorkerProcess", "connect"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _TRANSPORT:
+        from fedsecure import transport
+
+        return getattr(transport, name)
+    raise AttributeError(f"module 'fedsecure' has no attribute {name!r}")
 
 __all__ = [
     "TLS",

@@ -48,9 +48,9 @@ _ALIASES: dict[Any, str] = {_T.requires_grad.__set__: "Tensor.requires_grad_"}  
 
 
 class _Remote:
-    """Where a pointer's object lives; shared with the finalizer that frees it."""
+    """Where a pointer's object lives (mutable: a move re-points it in place)."""
 
-    __slots__ = ("worker", "id", "live", "__weakref__")
+    __slots__ = ("worker", "id", "live")
 
     def __init__(self, worker: WorkerClient, obj_id: int) -> None:
         self.worker = worker

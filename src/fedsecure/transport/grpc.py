@@ -161,7 +161,7 @@ class GrpcTransport:
             at += len(chunk)
         if at != size:
             raise WorkerUnavailable(f"{self.worker_id!r} sent {at} of the {size} bytes announced")
-        return buffer  # type: ignore[return-value]  # decode reads any buffer; no extra copy
+        return buffer  # type: ignore[return-value]  # decode reads any buffer: no extra copy
 
     def close(self) -> None:
         self._channel.close()

@@ -35,6 +35,7 @@ class WorkerProcess:
         token: str | None = None,
         peers: Mapping[str, str] | None = None,
         peer_tokens: Mapping[str, str] | None = None,
+        accept_peers: Iterable[str] = (),
         trust: Iterable[str] = (),
         aggregator: bool = False,
         extra: Iterable[str] = (),
@@ -48,8 +49,7 @@ class WorkerProcess:
         args += [f"--client={name}={tok}" if tok else f"--client={name}" for name, tok in clients.items()]
         if tls_dir:
             args.append(f"--tls-dir={tls_dir}")
-            args += [f"--accept-peer={pid}" for pid in (peer_tokens or {})]
-            peer_tokens = None
+        args += [f"--accept-peer={pid}" for pid in accept_peers]  # with TLS: by certificate
         args += [f"--peer={pid}={address}" for pid, address in (peers or {}).items()]
         args += [f"--peer-token={pid}={tok}" for pid, tok in (peer_tokens or {}).items()]
         args += [f"--trust={t}" for t in trust]

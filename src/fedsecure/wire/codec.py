@@ -225,7 +225,7 @@ def encode(value: Any) -> bytes:
         raise
 
 
-def decode(data: bytes) -> Any:
+def decode(data: bytes | bytearray | memoryview) -> Any:
     """Decode bytes from a peer; anything malformed raises `ProtocolError`."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError(f"expected bytes, got {type(data).__name__}")

@@ -11,12 +11,21 @@ message fails here with `ProtocolError` and never reaches an executor.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from fedsecure.errors import ProtocolError
+from fedsecure.errors import (
+    FedsecureError,
+    ObjectNotFound,
+    OperationNotAllowed,
+    PermissionDenied,
+    ProtocolError,
+    RemoteError,
+    WorkerMismatch,
+    WorkerUnavailable,
+)
 from fedsecure.wire.codec import decode, encode
 
 _U64 = 2**64
@@ -331,7 +340,7 @@ class Reply:
     """``error`` is None on success; otherwise (kind, message, detail) of the failure."""
 
     value: Any = None
-    error: tuple[str, str, str] | None = field(default=None)
+    error: tuple[str, str, str] | None = None
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -340,7 +349,7 @@ def encode_reply(reply: Reply) -> bytes:
     return encode([1, *reply.error])
 
 
-def decode_reply(data: bytes) -> Reply:
+def decode_reply(data: bytes | bytearray) -> Reply:
     raw = decode(data)
     if isinstance(raw, list) and len(raw) == 2 and raw[0] == 0:
         return Reply(raw[1])
@@ -352,3 +361,40 @@ def decode_reply(data: bytes) -> Reply:
     ):
         return Reply(None, (raw[1], raw[2], raw[3]))
     raise ProtocolError("malformed reply")
+
+
+# Errors on the wire: (kind, message, detail); detail is the rule or the op.
+ERROR_KINDS: dict[type[FedsecureError], str] = {
+    PermissionDenied: "permission",
+    OperationNotAllowed: "not_allowed",
+    ObjectNotFound: "not_found",
+    ProtocolError: "protocol",
+    RemoteError: "remote",
+    WorkerMismatch: "mismatch",
+    WorkerUnavailable: "unavailable",
+}
+
+
+def error_reply(exc: FedsecureError) -> Reply:
+    kind = next((k for cls, k in ERROR_KINDS.items() if isinstance(exc, cls)), "internal")
+    detail = getattr(exc, "rule", None) or getattr(exc, "op", None) or ""
+    return Reply(None, (kind, str(exc), detail))
+
+
+def reply_value(data: bytes | bytearray, *, worker: str) -> Any:
+    """The value of a reply from ``worker``; an error reply raises its typed exception."""
+    reply = decode_reply(data)
+    if reply.error is None:
+        return reply.value
+    kind, message, detail = reply.error
+    if kind == "permission":
+        raise PermissionDenied(message, rule=detail)
+    if kind == "not_allowed":
+        raise OperationNotAllowed(message, op=detail)
+    if kind == "remote":
+        raise RemoteError(message, op=detail, worker=worker)
+    simple = {"not_found": ObjectNotFound, "protocol": ProtocolError, "mismatch": WorkerMismatch,
+              "unavailable": WorkerUnavailable}
+    if kind in simple:
+        raise simple[kind](message)
+    raise RemoteError(f"internal error on {worker!r}: {message}", op="", worker=worker)

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from fedsecure.wire import messages as m
-from fedsecure.worker.core import exception_from_reply
 
 Transport = Callable[[bytes], bytes]
 
@@ -92,10 +91,7 @@ class WorkerClient:
         self.bytes_sent += len(data)
         raw = self._transport(data)
         self.bytes_received += len(raw)
-        reply = m.decode_reply(raw)
-        if reply.error is not None:
-            raise exception_from_reply(reply.error, worker=self.id)
-        return reply.value
+        return m.reply_value(raw, worker=self.id)
 
     # -- public ------------------------------------------------------------------------
 
@@ -104,7 +100,8 @@ class WorkerClient:
         self.request(m.Count(self.take_release()))
 
     def object_count(self) -> int:
-        """How many objects the worker holds (after freeing those no pointer refers to)."""
+        """How many objects this model owner has on the worker (not counting the worker's
+        own data), after freeing those no pointer refers to any more."""
         gc.collect()  # pointers caught in reference cycles are freed too
         return int(self.request(m.Count(self.take_release())))
 

@@ -25,7 +25,6 @@ from fedsecure.errors import (
     PermissionDenied,
     ProtocolError,
     RemoteError,
-    WorkerMismatch,
     WorkerUnavailable,
 )
 from fedsecure.wire import codec
@@ -91,17 +90,6 @@ class Store(dict[int, Entry]):
             entry = self.get(obj_id)
             if entry is not None and entry.owner == owner:
                 del self[obj_id]
-
-
-ERROR_KINDS: dict[type[FedsecureError], str] = {
-    PermissionDenied: "permission",
-    OperationNotAllowed: "not_allowed",
-    ObjectNotFound: "not_found",
-    ProtocolError: "protocol",
-    RemoteError: "remote",
-    WorkerMismatch: "mismatch",
-    WorkerUnavailable: "unavailable",
-}
 
 
 _ids: Iterator[tuple[int, ...]] = iter(())
@@ -251,14 +239,11 @@ class WorkerCore:
             value = handler(msg, sender)  # type: ignore[arg-type]
             return m.encode_reply(m.Reply(value))
         except FedsecureError as exc:
-            return m.encode_reply(m.Reply(None, _error(exc)))
+            return m.encode_reply(m.error_reply(exc))
         except RecursionError:
-            err = ProtocolError("the message is nested too deeply")
-            return m.encode_reply(m.Reply(None, _error(err)))
+            return m.encode_reply(m.error_reply(ProtocolError("the message is nested too deeply")))
         except Exception as exc:  # a bug here must not take the worker down
-            return m.encode_reply(
-                m.Reply(None, ("internal", f"{type(exc).__name__}: {exc}", self.id))
-            )
+            return m.encode_reply(m.Reply(None, ("internal", f"{type(exc).__name__}: {exc}", self.id)))
 
     def _dispatch(self, msg: m.Request, sender: Sender) -> Any:
         if (sender.kind == "peer") != msg.PEER_ONLY:
@@ -666,9 +651,7 @@ class WorkerCore:
     def _peer(self, destination: str, msg: m.Request) -> None:
         if self._send_to_peer is None:
             raise WorkerUnavailable(f"{self.id!r} has no link to other workers")
-        reply = m.decode_reply(self._send_to_peer(destination, m.encode_request(msg)))
-        if reply.error is not None:
-            raise _exception(reply.error, worker=destination)
+        m.reply_value(self._send_to_peer(destination, m.encode_request(msg)), worker=destination)
 
     def _move(self, msg: m.Move, sender: Sender) -> Any:
         entry = self._entry(msg.object_id)
@@ -875,32 +858,3 @@ def _backward(
 
 def _tag(tag: str) -> str:
     return tag[1:] if tag.startswith("#") else tag
-
-
-def _error(exc: FedsecureError) -> tuple[str, str, str]:
-    kind = next((k for cls, k in ERROR_KINDS.items() if isinstance(exc, cls)), "internal")
-    detail = getattr(exc, "rule", None) or getattr(exc, "op", None) or ""
-    return kind, str(exc), detail
-
-
-def _exception(error: tuple[str, str, str], *, worker: str) -> FedsecureError:
-    """The typed exception for an error reply (used by clients and by peers)."""
-    kind, message, detail = error
-    if kind == "permission":
-        return PermissionDenied(message, rule=detail)
-    if kind == "not_allowed":
-        return OperationNotAllowed(message, op=detail)
-    if kind == "not_found":
-        return ObjectNotFound(message)
-    if kind == "protocol":
-        return ProtocolError(message)
-    if kind == "remote":
-        return RemoteError(message, op=detail, worker=worker)
-    if kind == "mismatch":
-        return WorkerMismatch(message)
-    if kind == "unavailable":
-        return WorkerUnavailable(message)
-    return RemoteError(f"internal error on {worker!r}: {message}", op="", worker=worker)
-
-
-exception_from_reply = _exception

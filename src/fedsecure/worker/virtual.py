@@ -11,7 +11,7 @@ import torch
 from fedsecure.errors import WorkerUnavailable
 from fedsecure.wire import messages as m
 from fedsecure.worker.client import WorkerClient
-from fedsecure.worker.core import Sender, WorkerCore, _error
+from fedsecure.worker.core import Sender, WorkerCore
 from fedsecure.worker.labels import Policy
 
 
@@ -29,7 +29,7 @@ class Federation:
         core = self.cores.get(destination)
         if core is None:
             err = WorkerUnavailable(f"no worker {destination!r} in this federation")
-            return m.encode_reply(m.Reply(None, _error(err)))
+            return m.encode_reply(m.error_reply(err))
         key = (source, destination)
         self.link_bytes[key] = self.link_bytes.get(key, 0) + len(data)
         return core.handle(data, Sender("peer", source))
