@@ -1,0 +1,43 @@
+"""The FedAvg engine: strategies, worker-side local training, checkpoints and history."""
+
+from fedsecure.fl.strategy import (
+    STRATEGIES,
+    AggregationRule,
+    ConfigurationError,
+    EvaluateAggregate,
+    EvaluatePlan,
+    Failure,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedOpt,
+    FedProx,
+    FedYogi,
+    FitAggregate,
+    FitPlan,
+    LocalTraining,
+    Parameters,
+    Strategy,
+)
+
+__all__ = [
+    "STRATEGIES",
+    "AggregationRule",
+    "ConfigurationError",
+    "EvaluateAggregate",
+    "EvaluatePlan",
+    "Failure",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedOpt",
+    "FedProx",
+    "FedYogi",
+    "FitAggregate",
+    "FitPlan",
+    "LocalTraining",
+    "Parameters",
+    "Strategy",
+]
