@@ -1,5 +1,7 @@
 """The FedAvg engine: strategies, worker-side local training, checkpoints and history."""
 
+from fedsecure.fl.engine import Engine, RoundFailed, fit, load_parameters, parameters_of
+from fedsecure.fl.history import History
 from fedsecure.fl.strategy import (
     STRATEGIES,
     AggregationRule,
@@ -22,6 +24,12 @@ from fedsecure.fl.strategy import (
 )
 
 __all__ = [
+    "Engine",
+    "History",
+    "RoundFailed",
+    "fit",
+    "load_parameters",
+    "parameters_of",
     "STRATEGIES",
     "AggregationRule",
     "ConfigurationError",

@@ -33,11 +33,11 @@ from typing import Any
 import torch
 
 from fedsecure.errors import FedsecureError
+from fedsecure.worker.training import LOSSES
 
 Parameters = dict[str, torch.Tensor]
 """A model's state: parameter and buffer names to tensors, in `state_dict` order."""
 
-LOSSES = ("cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "binary_cross_entropy_with_logits")
 
 
 class ConfigurationError(FedsecureError, ValueError):

@@ -314,6 +314,51 @@ class DeliverModule(Request):
     owner: str
 
 
+@_request(22, ("id", "str", "str", "dict", "int"))
+@dataclass(frozen=True, slots=True)
+class Fit(Request):
+    """Train a stored module on this worker's data found by tags: one message per round.
+
+    ``config`` is `fedsecure.fl.LocalTraining.to_wire()`; the worker checks every setting
+    against its allow-lists. The trained module stays here, labelled with the data's owner.
+    """
+
+    release: list[int]
+    module_id: int
+    x_tag: str
+    y_tag: str
+    config: dict[str, Any]
+    seed: int
+
+
+@_request(23, ("id", "str", "str", "dict", "id"))
+@dataclass(frozen=True, slots=True)
+class Evaluate(Request):
+    """Evaluate a stored module on data found by tags; the sums ``[loss, correct, count]``
+    are stored at ``result_id`` (labelled: only an aggregate of several workers leaves)."""
+
+    release: list[int]
+    module_id: int
+    x_tag: str
+    y_tag: str
+    config: dict[str, Any]
+    result_id: int
+
+
+@_request(24, ("ids", "id", "dict", "id", "ids"))
+@dataclass(frozen=True, slots=True)
+class AggregateUpdates(Request):
+    """The aggregator's fixed rule over models' differences from ``reference_id`` (the global
+    model): clipping, a robust rule or the mean, noise; the result is reference + rule."""
+
+    release: list[int]
+    module_ids: list[int]
+    reference_id: int
+    rule: dict[str, Any]
+    new_module_id: int
+    new_ids: list[int]
+
+
 def encode_request(msg: Request) -> bytes:
     return encode([msg.KIND, *[getattr(msg, name) for name in msg.FIELDS]])
 

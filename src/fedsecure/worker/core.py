@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fedsecure.aggregate import rules
 from fedsecure.errors import (
     FedsecureError,
     ObjectNotFound,
@@ -31,6 +32,7 @@ from fedsecure.wire import codec
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import Ref
 from fedsecure.worker import labels as lb
+from fedsecure.worker import training
 from fedsecure.worker.allowlist import ALLOWED, OPTIMIZER_HYPERPARAMETERS, OPTIMIZERS
 from fedsecure.worker.modules import build, describe, load_state, state_tensors
 
@@ -209,6 +211,9 @@ class WorkerCore:
             m.CopyModule: self._copy_module,
             m.Aggregate: self._aggregate,
             m.AggregateModules: self._aggregate_modules,
+            m.AggregateUpdates: self._aggregate_updates,
+            m.Fit: self._fit,
+            m.Evaluate: self._evaluate,
             m.Deliver: self._deliver,
             m.DeliverModule: self._deliver_module,
         }
@@ -635,6 +640,47 @@ class WorkerCore:
                 found.append(_meta(obj_id, entry.obj))
         return found
 
+    # -- a round's local work in one message (fedsecure.fl) ------------------------------
+
+    def _tagged(self, tag: str) -> torch.Tensor:
+        name, caller = _tag(tag), _client.get()
+        for entry in self.objects.values():
+            if entry.owner in (None, caller) and name in entry.tags and isinstance(entry.obj, torch.Tensor):
+                return entry.obj
+        raise ObjectNotFound(f"worker {self.id!r} holds no data tagged {tag!r}")
+
+    def _fit(self, msg: m.Fit, sender: Sender) -> Any:
+        settings = training.parse(msg.config)
+        entry, module = self._module(msg.module_id)
+        own = [t for _, t in state_tensors(module)]
+        x, y = self._tagged(msg.x_tag), self._tagged(msg.y_tag)
+        # Everything the module holds afterwards derives from the data and from its old state.
+        labels = lb.labels_of(x) | lb.labels_of(y) | lb.union(own)
+        self._refuse_if_strict(labels, "training")
+        try:
+            examples, loss, steps = training.fit(module, x, y, settings, msg.seed)
+        finally:
+            for t in own:
+                lb.add_labels(t, labels)
+        entry.samples = examples
+        # The mean training loss is a 0-dimensional metric: released unless an owner allows none.
+        withhold = bool(labels) and min(label.max_metric_numel for label in labels) < 1
+        return {"examples": examples, "loss": None if withhold else loss, "steps": steps}
+
+    def _evaluate(self, msg: m.Evaluate, sender: Sender) -> Any:
+        _, module = self._module(msg.module_id)
+        own = [t for _, t in state_tensors(module)]
+        x, y = self._tagged(msg.x_tag), self._tagged(msg.y_tag)
+        labels = lb.labels_of(x) | lb.labels_of(y) | lb.union(own)
+        self._refuse_if_strict(labels, "evaluation")
+        config = msg.config
+        if not isinstance(config, dict) or set(config) != {"loss", "batch_size"}:
+            raise ProtocolError("evaluation configuration must be {loss, batch_size}")
+        sums = training.evaluate(module, x, y, config["loss"], config["batch_size"])
+        lb.add_labels(sums, labels)
+        self.objects[msg.result_id] = Entry(sums, samples=int(x.shape[0]))
+        return _meta(msg.result_id, sums)
+
     # -- moves: straight from this worker to another ----------------------------------
 
     def _check_leaving(self, entry: Entry, labels: lb.Labels, destination: str, what: str) -> None:
@@ -674,7 +720,7 @@ class WorkerCore:
         return None
 
     def _samples_of(self, entry: Entry) -> int:
-        return entry.samples if entry.source is not None else self.samples
+        return entry.samples if entry.source is not None or entry.samples else self.samples
 
     def _move_module(self, msg: m.MoveModule, sender: Sender) -> Any:
         entry, module = self._module(msg.module_id)
@@ -830,6 +876,44 @@ class WorkerCore:
                     for w, s in zip(weights, states, strict=True):
                         acc.add_(s[i], alpha=w)
                     target.copy_(acc)
+                else:  # counters such as num_batches_tracked: take the largest
+                    target.copy_(torch.stack([s[i] for s in states]).max(0).values)
+                lb.add_labels(target, labels)
+        self._install_module(clone, msg.new_module_id, msg.new_ids, Entry(clone, aggregate=True))
+        return None
+
+
+    def _aggregate_updates(self, msg: m.AggregateUpdates, sender: Sender) -> Any:
+        if not msg.module_ids:
+            raise ProtocolError("nothing to aggregate")
+        _, reference = self._module(msg.reference_id)
+        base = [t for _, t in state_tensors(reference)]
+        spec = describe(reference)
+        pairs = [self._module(i) for i in msg.module_ids]
+        if spec is None or any(describe(mod) != spec for _, mod in pairs):
+            raise ProtocolError("only models of the reference model's architecture can be aggregated")
+        entries = [e for e, _ in pairs]
+        states = [[t for _, t in state_tensors(mod)] for _, mod in pairs]
+        if self.policy.strict:
+            for e, s in zip(entries, states, strict=True):
+                if e.source is not None and sum(t._version for t in s) != e.version:
+                    raise PermissionDenied("an input was modified after it arrived", rule="strict-aggregator")
+        labels = frozenset().union(*(lb.union(s) for s in states))
+        self._check_contributors(labels)
+        weights = self._weights(entries, bool(labels), bool(msg.rule.get("weighted", True)))
+        floating = [i for i, t in enumerate(base) if t.is_floating_point()]
+        with torch.no_grad():
+            flat_base = torch.cat([base[i].reshape(-1).double() for i in floating])
+            updates = [torch.cat([s[i].reshape(-1).double() for i in floating]) - flat_base for s in states]
+            combined = flat_base + rules.apply(msg.rule, updates, weights)
+            clone = build(spec)
+            own = [t for _, t in state_tensors(clone)]
+            at = 0
+            for i, target in enumerate(own):
+                if i in floating:
+                    size = target.numel()
+                    target.copy_(combined[at : at + size].view(target.shape))
+                    at += size
                 else:  # counters such as num_batches_tracked: take the largest
                     target.copy_(torch.stack([s[i] for s in states]).max(0).values)
                 lb.add_labels(target, labels)

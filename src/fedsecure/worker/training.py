@@ -1,0 +1,164 @@
+"""Local training and evaluation on a worker: one message runs a whole round's work.
+
+The model owner sends a configuration (`fedsecure.fl.LocalTraining.to_wire()`), never code: the
+loss is a name from `LOSSES`, the optimizer a name from the optimizer allow-list with
+allow-listed settings, and the loop below is the only one a worker runs. Everything received is
+checked here, at the trust boundary, with errors that say what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsecure.errors import OperationNotAllowed, ProtocolError
+from fedsecure.worker.allowlist import OPTIMIZER_HYPERPARAMETERS, OPTIMIZERS
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "cross_entropy": F.cross_entropy,
+    "nll_loss": F.nll_loss,
+    "mse_loss": F.mse_loss,
+    "l1_loss": F.l1_loss,
+    "smooth_l1_loss": F.smooth_l1_loss,
+    "binary_cross_entropy_with_logits": F.binary_cross_entropy_with_logits,
+}
+_CLASSIFICATION = frozenset({"cross_entropy", "nll_loss"})
+_MAX_EPOCHS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    optimizer_args: dict[str, Any]
+    loss: str
+    proximal_mu: float
+    max_steps: int | None
+
+
+def _number(config: dict[str, Any], key: str, *, integer: bool = False, minimum: float = 0.0) -> Any:
+    value: Any = config.get(key)
+    ok = type(value) is int if integer else isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < minimum:
+        kind = "an integer" if integer else "a number"
+        raise ProtocolError(f"training setting {key!r} must be {kind} >= {minimum:g}, got {value!r}")
+    return value
+
+
+def parse(config: dict[str, Any]) -> Settings:
+    """Check a received training configuration."""
+    expected = {"epochs", "batch_size", "optimizer", "lr", "optimizer_args", "loss", "proximal_mu", "max_steps"}
+    if set(config) != expected:
+        missing, extra = sorted(expected - set(config)), sorted(set(config) - expected)
+        raise ProtocolError(f"training configuration: missing {missing}, unknown {extra}")
+    optimizer = config["optimizer"]
+    if optimizer not in OPTIMIZERS:
+        raise OperationNotAllowed(
+            f"optimizer {optimizer!r} is not on the allow-list ({', '.join(OPTIMIZERS)})", op=str(optimizer)
+        )
+    loss = config["loss"]
+    if loss not in LOSSES:
+        raise OperationNotAllowed(f"loss {loss!r} is not on the allow-list ({', '.join(LOSSES)})", op=str(loss))
+    args = config["optimizer_args"]
+    if not isinstance(args, dict):
+        raise ProtocolError("optimizer_args must be a map of settings")
+    for key, value in args.items():
+        if key not in OPTIMIZER_HYPERPARAMETERS or key == "lr":
+            raise OperationNotAllowed(f"optimizer setting {key!r} is not allowed here", op=str(key))
+        if not isinstance(value, bool | int | float) and not (
+            isinstance(value, list | tuple) and len(value) <= 4 and all(isinstance(v, int | float) for v in value)
+        ):
+            raise ProtocolError(f"optimizer setting {key!r} must be a number or a pair of numbers")
+    max_steps = config["max_steps"]
+    return Settings(
+        epochs=min(_number(config, "epochs", integer=True, minimum=1), _MAX_EPOCHS),
+        batch_size=_number(config, "batch_size", integer=True, minimum=1),
+        optimizer=optimizer,
+        lr=float(_number(config, "lr")),
+        optimizer_args={k: tuple(v) if isinstance(v, list) else v for k, v in args.items()},
+        loss=loss,
+        proximal_mu=float(_number(config, "proximal_mu")),
+        max_steps=None if max_steps is None else _number(config, "max_steps", integer=True, minimum=1),
+    )
+
+
+def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise ProtocolError(
+            f"features {tuple(x.shape)} and targets {tuple(y.shape)} need the same number of rows"
+        )
+    if x.shape[0] == 0:
+        raise ProtocolError("this worker holds no training rows under those tags")
+
+
+def _loss(settings_loss: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    fn = LOSSES[settings_loss]
+    try:
+        return fn(out, y)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise ProtocolError(
+            f"{settings_loss} cannot compare the model's output {tuple(out.shape)} {out.dtype} with the "
+            f"targets {tuple(y.shape)} {y.dtype}: choose a loss that fits the data"
+        ) from exc
+
+
+def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings, seed: int) -> tuple[int, float, int]:
+    """Train ``module`` in place; return (examples, mean training loss, optimizer steps)."""
+    _check_data(x, y)
+    params = [p for p in module.parameters() if p.requires_grad]
+    try:
+        optimizer = OPTIMIZERS[settings.optimizer](params, lr=settings.lr, **settings.optimizer_args)  # type: ignore[call-arg]
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"cannot build {settings.optimizer}: {exc}") from exc
+    anchor = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
+    generator = torch.Generator().manual_seed(seed & (2**63 - 1))
+    n, b = x.shape[0], settings.batch_size
+    total, count, steps = 0.0, 0, 0
+    module.train()
+    with torch.enable_grad():
+        for _ in range(settings.epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, b):
+                index = order[start : start + b]
+                xb, yb = x[index], y[index]
+                optimizer.zero_grad(set_to_none=True)
+                loss = _loss(settings.loss, module(xb), yb)
+                if anchor:  # FedProx: mu/2 * ||w - w_global||^2
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                    (loss + settings.proximal_mu / 2 * prox).backward()
+                else:
+                    loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(index)
+                count += len(index)
+                steps += 1
+                if settings.max_steps is not None and steps >= settings.max_steps:
+                    return n, total / count, steps
+    return n, total / max(count, 1), steps
+
+
+def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, batch_size: int) -> torch.Tensor:
+    """``[summed loss, correct predictions, examples]`` of ``module`` on (x, y), as float64."""
+    _check_data(x, y)
+    if loss not in LOSSES:
+        raise OperationNotAllowed(f"loss {loss!r} is not on the allow-list ({', '.join(LOSSES)})", op=str(loss))
+    if type(batch_size) is not int or batch_size < 1:
+        raise ProtocolError(f"batch_size must be a positive integer, got {batch_size!r}")
+    module.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            out = module(xb)
+            loss_sum += float(_loss(loss, out, yb)) * len(xb)
+            if loss in _CLASSIFICATION and out.dim() == 2:
+                correct += int((out.argmax(1) == yb).sum())
+    return torch.tensor([loss_sum, float(correct), float(x.shape[0])], dtype=torch.float64)
