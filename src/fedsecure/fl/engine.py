@@ -139,7 +139,7 @@ class Engine:
             )
         if set(saved.parameters) != set(self.parameters):
             raise ckpt.CheckpointError(f"the checkpoint in {self.checkpoint} holds another model's weights")
-        self.parameters = saved.parameters
+        self.parameters = {k: saved.parameters[k] for k in self.parameters}  # safetensors sorts names
         self.strategy.load_state_dict(saved.strategy_state)
         self.history = History(saved.history)
         self.round = saved.round
