@@ -87,3 +87,15 @@ def test_plot_draws_a_png(tmp_path: Path) -> None:
     done = fedsecure("plot", "o/history.json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "o" / "history.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tensorboard_logs_every_round(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    done = fedsecure("run", str(DIGITS), "--rounds", "2", "--output", "o", "--quiet",
+                     "--set", f"experiment.tensorboard='{tmp_path / 'tb'}'", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [s.step for s in events.Scalars("central_accuracy")] == [1, 2]

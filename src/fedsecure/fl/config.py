@@ -4,7 +4,8 @@ A file has the sections below; every key is optional except where noted, and an 
 error (a typo must not silently fall back to a default). Only ``[workers]`` says where workers
 run: the same experiment runs in one process, in worker processes, or on remote servers.
 
-    [experiment]  name, rounds, seed, output (a directory: history.json, history.csv, checkpoint/)
+    [experiment]  name, rounds, seed, output (a directory: history.json, history.csv, checkpoint/),
+                  tensorboard (a log directory; needs the tensorboard package)
     [data]        dataset ("digits", "fashion_mnist", or a .npz / .csv path), path, subset,
                   workers, partition ("iid", "dirichlet", "shards", "quantity"), alpha,
                   classes_per_worker, test_fraction (held out on each worker for federated evaluation)
@@ -34,7 +35,7 @@ from fedsecure.data import Dataset, load_csv, load_digits, load_fashion_mnist, l
 from fedsecure.fl.strategy import STRATEGIES, AggregationRule, ConfigurationError, LocalTraining, Strategy
 
 SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "experiment": {"name": str, "rounds": int, "seed": int, "output": str},
+    "experiment": {"name": str, "rounds": int, "seed": int, "output": str, "tensorboard": str},
     "data": {
         "dataset": str, "path": str, "subset": int, "workers": int, "partition": str, "alpha": (int, float),
         "classes_per_worker": int, "test_fraction": (int, float),

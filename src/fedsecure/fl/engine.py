@@ -93,6 +93,7 @@ class Engine:
         progress: bool | Progress = False,
         checkpoint: str | Path | None = None,
         settings: Mapping[str, Any] | None = None,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         spec = describe(model)
         if spec is None:
@@ -117,6 +118,7 @@ class Engine:
         self.progress = progress if isinstance(progress, Progress) else Progress(enabled=progress)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.settings = dict(settings or {})
+        self.on_round = on_round
         self.history = History()
         self.parameters = strategy.initialize_parameters(parameters_of(model))
         self.round = 0
@@ -313,6 +315,8 @@ class Engine:
             ckpt.save(self.checkpoint, server_round=server_round, parameters=self.parameters,
                       strategy_state=self.strategy.state_dict(), history=self.history.rows, settings=self.settings)
         self.progress.end_round(row)
+        if self.on_round is not None:
+            self.on_round(row)
         return row
 
     def run(self, rounds: int) -> tuple[nn.Module, History]:
@@ -349,7 +353,8 @@ def fit(
     for federated evaluation, ``eval_data`` (``("x_test", "y_test")``). ``test_data`` is the model
     owner's own test set for central evaluation after every round. With ``checkpoint`` a
     directory, every round is saved there; ``resume=True`` continues from it. More options:
-    `Engine`'s (``seed``, ``parallelism``, ``retries``, ``progress``, ``test_loss``).
+    `Engine`'s (``seed``, ``parallelism``, ``retries``, ``progress``, ``test_loss``, ``on_round``: called
+    with each round's metrics).
     """
     engine = Engine(model, workers, strategy, aggregator=aggregator, test_data=test_data,
                     checkpoint=checkpoint, **options)

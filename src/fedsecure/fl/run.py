@@ -8,7 +8,7 @@ hold their data themselves. Either way the model owner keeps only the test set.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -108,10 +108,11 @@ def run_experiment(
         raise ConfigurationError(f"{exp.source}: [workers] mode must be 'local' or 'remote', got {mode!r}")
     strategy = exp.strategy()
     exp.output.mkdir(parents=True, exist_ok=True)
+    log = tensorboard(exp)
     engine = Engine(
         model, fed.workers, strategy, aggregator=fed.aggregator, test_data=(data.x_test, data.y_test),
         seed=exp.seed, parallelism=fed.parallelism, progress=Progress(enabled=progress, stream=out),
-        checkpoint=exp.output / "checkpoint", settings=exp.settings(),
+        checkpoint=exp.output / "checkpoint", settings=exp.settings(), on_round=log,
     )
     if resume and not engine.resume() and progress:
         out.write(f"no checkpoint in {exp.output / 'checkpoint'}: starting at round 1\n")
@@ -127,5 +128,23 @@ def run_experiment(
     return history
 
 
-def summary(history: History) -> dict[str, Any]:
-    return dict(history.last)
+def tensorboard(exp: Experiment) -> Callable[[dict[str, Any]], None] | None:
+    """A callback writing each round's numbers to ``[experiment] tensorboard``, if set."""
+    folder = exp.get("experiment", "tensorboard")
+    if folder is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigurationError(
+            f"{exp.source}: [experiment] tensorboard needs the tensorboard package: pip install tensorboard"
+        ) from None
+    writer = SummaryWriter(str(exp.path(folder)))
+
+    def log(row: dict[str, Any]) -> None:
+        for key, value in row.items():
+            if isinstance(value, int | float) and key != "round":
+                writer.add_scalar(key, value, row["round"])
+        writer.flush()
+
+    return log
