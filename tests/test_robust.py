@@ -254,8 +254,13 @@ def test_plain_mean_is_ruined_by_three_poisoned_workers(attack: str) -> None:
     assert federated_accuracy({"name": "mean"}, attack) <= 0.35  # chance is 0.1
 
 
+# Measured 0.80-0.91 for the rules that reject outliers (every rule on seed 0, Krum and the median
+# on seeds 1-5 too); the norm bounds limit a poisoned update's weight but keep its direction, so
+# sign flips cost them more (0.66-0.81 on seeds 0-5).
+MIN_ACCURACY = {"norm_bound": 0.55, "norm_bounded_mean": 0.65}
+
+
 @pytest.mark.parametrize("attack", ["sign_flip_x10", "label_flip_boost_x20", "gaussian_noise"])
 @pytest.mark.parametrize("defence", sorted(DEFENCES))
 def test_defences_keep_their_accuracy_under_poisoning(defence: str, attack: str) -> None:
-    # Measured 0.72-0.90; norm bounding is the weakest against sign flips (it bounds, not rejects).
-    assert federated_accuracy(DEFENCES[defence], attack) >= 0.65
+    assert federated_accuracy(DEFENCES[defence], attack) >= MIN_ACCURACY.get(defence, 0.75)
