@@ -196,19 +196,20 @@ class Engine:
                 list(pool.map(run, names))
         return done, failures
 
-    def _aggregate(self, rule: AggregationRule, trained: list[_Trained]) -> Parameters:
+    def _aggregate(self, rule: AggregationRule, trained: list[_Trained]) -> tuple[Parameters, dict[str, float]]:
         agg = self.aggregator
         new_module, new_ids = new_id(), [new_id() for _ in self.parameters]
         plain = rule.name == "mean" and rule.clip_norm is None and rule.noise_multiplier == 0
         reference: tuple[int, list[int]] | None = None
+        released: dict[str, float] = {}
         try:
             if plain:
                 agg.request(m.AggregateModules(agg.take_release(), [t.module_id for t in trained],
                                                rule.weighted, new_module, new_ids))
             else:
                 reference = self._put(agg, self.parameters)
-                agg.request(m.AggregateUpdates(agg.take_release(), [t.module_id for t in trained], reference[0],
-                                               rule.to_wire(), new_module, new_ids))
+                released = agg.request(m.AggregateUpdates(agg.take_release(), [t.module_id for t in trained],
+                                                          reference[0], rule.to_wire(), new_module, new_ids)) or {}
         finally:
             for t in trained:
                 self._forget(agg, t.module_id, t.ids)
@@ -217,7 +218,7 @@ class Engine:
         values = agg.request(m.GetModule(agg.take_release(), new_module))
         for i in new_ids:
             agg.release(i)
-        return dict(zip(self.parameters, values, strict=True))
+        return dict(zip(self.parameters, values, strict=True)), {k: float(v) for k, v in released.items()}
 
     def _fit_round(self, server_round: int) -> tuple[FitPlan, FitAggregate, list[Failure]]:
         names = list(self.workers)
@@ -232,10 +233,11 @@ class Engine:
             trained, failures = self._each(plan.workers, task, "fit")
             if len(trained) >= self.strategy.min_fit_workers:
                 trained.sort(key=lambda t: t.worker)
-                parameters = self._aggregate(plan.rule, trained)
+                parameters, released = self._aggregate(plan.rule, trained)
                 examples = sum(t.examples for t in trained)
                 losses = [(t.loss, t.examples) for t in trained if t.loss is not None]
                 metrics = {"train_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses)} if losses else {}
+                metrics.update(released)
                 aggregate = FitAggregate(parameters=parameters, num_examples=examples,
                                          workers=tuple(t.worker for t in trained), metrics=metrics)
                 return plan, aggregate, failures
@@ -300,7 +302,7 @@ class Engine:
         self.parameters = self.strategy.aggregate_fit(server_round, self.parameters, aggregate, failures)
         row: dict[str, Any] = {"round": server_round, "workers": len(aggregate.workers),
                                "examples": aggregate.num_examples, **aggregate.metrics}
-        row.update(getattr(self.strategy, "round_metrics", dict)())
+        row.update(self.strategy.round_metrics())
         evaluated = time.perf_counter()
         row.update(self._central_evaluate(server_round))
         row.update(self._federated_evaluate(server_round))
@@ -325,10 +327,11 @@ class Engine:
         self.progress.start(rounds, self.round)
         try:
             while self.round < rounds:
-                self.run_round()
-                if getattr(self.strategy, "should_stop", lambda: False)():
-                    self.progress.note("the strategy stopped training (its privacy budget is spent)")
+                if self.strategy.should_stop():
+                    self.progress.note(f"the strategy ended training after round {self.round} "
+                                       "(its privacy budget allows no further round)")
                     break
+                self.run_round()
         finally:
             self.progress.close()
         load_parameters(self.model, self.parameters)

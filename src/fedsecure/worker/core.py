@@ -905,7 +905,8 @@ class WorkerCore:
         with torch.no_grad():
             flat_base = torch.cat([base[i].reshape(-1).double() for i in floating])
             updates = [torch.cat([s[i].reshape(-1).double() for i in floating]) - flat_base for s in states]
-            combined = flat_base + rules.apply(msg.rule, updates, weights)
+            released = rules.release(msg.rule, updates, weights)
+            combined = flat_base + released.aggregate
             clone = build(spec)
             own = [t for _, t in state_tensors(clone)]
             at = 0
@@ -918,7 +919,7 @@ class WorkerCore:
                     target.copy_(torch.stack([s[i] for s in states]).max(0).values)
                 lb.add_labels(target, labels)
         self._install_module(clone, msg.new_module_id, msg.new_ids, Entry(clone, aggregate=True))
-        return None
+        return released.metrics  # what the rule itself releases (a noisy count for adaptive clipping)
 
 
 def _backward(
