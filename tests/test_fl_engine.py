@@ -183,3 +183,14 @@ def test_robust_rules_run_at_the_aggregator(digits, rule) -> None:
     strategy = fl.FedAvg(training=TRAINING, rule=fl.AggregationRule(name=rule, options=options))
     _, history = fl.fit(mlp(), workers, strategy, rounds=4, aggregator=agg, test_data=(digits.x_test, digits.y_test))
     assert history.last["central_accuracy"] > 0.6
+
+
+def test_training_workers_in_threads_gives_the_serial_result(digits) -> None:
+    results = []
+    for parallelism in (1, 3):
+        workers, agg, _ = federation(digits, 5)
+        model, _ = fl.fit(mlp(), workers, fl.FedAvg(training=TRAINING), rounds=2, aggregator=agg,
+                          parallelism=parallelism)
+        results.append(model.state_dict())
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, atol=1e-6, rtol=1e-6)
