@@ -359,8 +359,10 @@ class AggregateUpdates(Request):
     new_ids: list[int]
 
 
-def encode_request(msg: Request) -> bytes:
-    return encode([msg.KIND, *[getattr(msg, name) for name in msg.FIELDS]])
+def encode_request(msg: Request, *, framed: bool = False) -> bytes:
+    """``framed``: large tensors travel beside the body (`codec.Framed`), for transports
+    that carry them."""
+    return encode([msg.KIND, *[getattr(msg, name) for name in msg.FIELDS]], framed=framed)
 
 
 def decode_request(data: bytes) -> Request:
@@ -388,9 +390,9 @@ class Reply:
     error: tuple[str, str, str] | None = None
 
 
-def encode_reply(reply: Reply) -> bytes:
+def encode_reply(reply: Reply, *, framed: bool = False) -> bytes:
     if reply.error is None:
-        return encode([0, reply.value])
+        return encode([0, reply.value], framed=framed)
     return encode([1, *reply.error])
 
 

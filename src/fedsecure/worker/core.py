@@ -192,6 +192,7 @@ class WorkerCore:
         self.objects = Store()
         self.samples = 0  # rows of private data, reported with moved updates
         self.max_reply: int | None = None  # the transport's limit: a Get that cannot leave stays
+        self.framed = False  # the transport carries large tensors beside messages (codec.Framed)
         self._send_to_peer = send_to_peer
         self._handlers: dict[type[m.Request], Callable[[Any, Sender], Any]] = {
             m.Call: self._call,
@@ -242,7 +243,7 @@ class WorkerCore:
             msg = m.decode_request(data)
             handler = self._batch if isinstance(msg, m.Batch) else self._dispatch
             value = handler(msg, sender)  # type: ignore[arg-type]
-            return m.encode_reply(m.Reply(value))
+            return m.encode_reply(m.Reply(value), framed=self.framed)
         except FedsecureError as exc:
             return m.encode_reply(m.error_reply(exc))
         except RecursionError:
@@ -532,8 +533,8 @@ class WorkerCore:
             aggregate=entry.aggregate,
             what="the tensor",
         )
-        value = codec.tensor_to_wire(obj)  # encode first: a failure must lose nothing
-        self._check_reply_size(len(value.data))
+        value = codec.sendable(obj)  # checked first: a failure must lose nothing
+        self._check_reply_size(value.nbytes)
         del self.objects[msg.object_id]
         return {"tensor": value, "requires_grad": obj.requires_grad}
 
@@ -556,8 +557,8 @@ class WorkerCore:
             aggregate=entry.aggregate,
             what="the model",
         )
-        values = [codec.tensor_to_wire(t) for t in own]
-        self._check_reply_size(sum(len(v.data) for v in values))
+        values = [codec.sendable(t) for t in own]
+        self._check_reply_size(sum(v.nbytes for v in values))
         del self.objects[msg.module_id]
         return values
 
@@ -697,7 +698,8 @@ class WorkerCore:
     def _peer(self, destination: str, msg: m.Request) -> None:
         if self._send_to_peer is None:
             raise WorkerUnavailable(f"{self.id!r} has no link to other workers")
-        m.reply_value(self._send_to_peer(destination, m.encode_request(msg)), worker=destination)
+        data = m.encode_request(msg, framed=self.framed)
+        m.reply_value(self._send_to_peer(destination, data), worker=destination)
 
     def _move(self, msg: m.Move, sender: Sender) -> Any:
         entry = self._entry(msg.object_id)
