@@ -99,3 +99,16 @@ def test_tensorboard_logs_every_round(tmp_path: Path) -> None:
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [s.step for s in events.Scalars("central_accuracy")] == [1, 2]
+
+
+def test_worker_processes_give_the_numbers_of_one_process(tmp_path: Path) -> None:
+    args = ["run", str(DIGITS), "--rounds", "3", "--quiet"]
+    local = fedsecure(*args, "--output", "local", cwd=tmp_path)
+    processes = fedsecure(*args, "--output", "proc", "--set", "workers.mode='processes'", "--set",
+                          "workers.processes=2", cwd=tmp_path)
+    assert local.returncode == 0 and processes.returncode == 0, processes.stderr
+    a = json.loads((tmp_path / "local" / "history.json").read_text())["rounds"]
+    b = json.loads((tmp_path / "proc" / "history.json").read_text())["rounds"]
+    for x, y in zip(a, b, strict=True):
+        assert x["central_accuracy"] == pytest.approx(y["central_accuracy"], abs=1e-9)
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6)

@@ -18,7 +18,8 @@ run: the same experiment runs in one process, in worker processes, or on remote 
                   clip_norm, and the rule's options (trim, byzantine, keep, quantile)
     [privacy]     DP-FedAvg around the strategy: noise_multiplier, clip_norm (both required), delta,
                   accountant ("rdp" or "pld"), budget_epsilon, adaptive_clipping, target_quantile
-    [workers]     mode ("local" or "remote"), aggregator, strict, parallelism;
+    [workers]     mode ("local", "processes" or "remote"), aggregator, strict, parallelism;
+                  for "processes" (simulation hosts on this machine): processes, threads (per process);
                   for "remote": token or tls_dir, and [[workers.remote]] tables (id, address),
                   plus [workers.aggregator_address]
 """
@@ -62,7 +63,8 @@ SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "budget_epsilon": (int, float), "adaptive_clipping": bool, "target_quantile": (int, float),
     },
     "workers": {
-        "mode": str, "aggregator": str, "strict": bool, "parallelism": int, "token": str, "tls_dir": str,
+        "mode": str, "aggregator": str, "strict": bool, "parallelism": int, "processes": int, "threads": int,
+        "token": str, "tls_dir": str,
         "remote": list, "aggregator_address": str,
     },
 }

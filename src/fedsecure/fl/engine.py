@@ -94,6 +94,7 @@ class Engine:
         checkpoint: str | Path | None = None,
         settings: Mapping[str, Any] | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
+        groups: Mapping[str, int] | None = None,
     ) -> None:
         spec = describe(model)
         if spec is None:
@@ -119,6 +120,7 @@ class Engine:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.settings = dict(settings or {})
         self.on_round = on_round
+        self.groups = dict(groups or {})
         self.history = History()
         self.parameters = strategy.initialize_parameters(parameters_of(model))
         self.round = 0
@@ -188,7 +190,17 @@ class Engine:
                 failures.append(Failure(worker=name, phase=phase, error=f"{type(exc).__name__}: {exc}"))
             self.progress.worker_done()
 
-        if self.parallelism <= 1:
+        if self.groups:  # one thread per process of workers, its workers one after the other
+            buckets: dict[int, list[str]] = {}
+            for name in names:
+                buckets.setdefault(self.groups.get(name, -1), []).append(name)
+            def run_all(bucket: list[str]) -> None:
+                for name in bucket:
+                    run(name)
+
+            with ThreadPoolExecutor(max_workers=len(buckets)) as pool:
+                list(pool.map(run_all, buckets.values()))
+        elif self.parallelism <= 1:
             for name in names:
                 run(name)
         else:
