@@ -1,0 +1,44 @@
+"""Layer 5, aggregate: secure aggregation, so that no single party sees an individual update.
+
+- ``fixedpoint``: floats into the ring Z_(2^bits), with the overflow and error bounds;
+- ``shamir``: t-of-n secret sharing of seeds and keys;
+- ``secagg`` / ``secagg_server``: pairwise masking with dropout recovery (Bonawitz et al. 2017,
+  SecAgg+ neighbourhoods of Bell et al. 2020), sans-I/O client and server;
+- ``shares``: additive secret sharing across several non-colluding aggregators.
+
+This layer imports only ``fedsecure.errors`` and ``fedsecure.wire``.
+"""
+
+from fedsecure.aggregate.fixedpoint import FixedPointCodec
+from fedsecure.aggregate.messages import (
+    AdvertiseKeys,
+    EncryptedShares,
+    KeyBroadcast,
+    MaskedInput,
+    Message,
+    RoundSetup,
+    ShareBundle,
+    UnmaskRequest,
+    UnmaskShares,
+    decode_message,
+)
+from fedsecure.aggregate.secagg import AggregateResult, Phase, SecAggClient
+from fedsecure.aggregate.secagg_server import SecAggServer
+
+__all__ = [
+    "AdvertiseKeys",
+    "AggregateResult",
+    "EncryptedShares",
+    "FixedPointCodec",
+    "KeyBroadcast",
+    "MaskedInput",
+    "Message",
+    "Phase",
+    "RoundSetup",
+    "SecAggClient",
+    "SecAggServer",
+    "ShareBundle",
+    "UnmaskRequest",
+    "UnmaskShares",
+    "decode_message",
+]
