@@ -24,12 +24,15 @@ from fedsecure.aggregate.messages import (
 )
 from fedsecure.aggregate.secagg import AggregateResult, Phase, SecAggClient
 from fedsecure.aggregate.secagg_server import SecAggServer
+from fedsecure.aggregate.shares import AdditiveShares, FixedPrecision, fix_precision
 
 __all__ = [
+    "AdditiveShares",
     "AdvertiseKeys",
     "AggregateResult",
     "EncryptedShares",
     "FixedPointCodec",
+    "FixedPrecision",
     "KeyBroadcast",
     "MaskedInput",
     "Message",
@@ -41,4 +44,5 @@ __all__ = [
     "UnmaskRequest",
     "UnmaskShares",
     "decode_message",
+    "fix_precision",
 ]
