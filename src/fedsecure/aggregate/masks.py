@@ -69,8 +69,11 @@ class MaskStream:
         (np.add if sign > 0 else np.subtract)(acc, self.expand(key), out=acc)
 
 
-def harary_neighbours(ids: Sequence[int], *, degree: int | None, seed: bytes) -> dict[int, frozenset[int]]:
-    """Each id's neighbours: everyone (``degree`` None or >= n - 1), or a random Harary graph.
+def harary_neighbours(
+    ids: Sequence[int], *, degree: int | None, seed: bytes, only: int | None = None
+) -> dict[int, frozenset[int]]:
+    """Each id's neighbours (or just those of ``only``): everyone (``degree`` None or >= n - 1),
+    or a random Harary graph.
 
     The graph is public: any party computes the same one from the ids and ``seed``.
     """
@@ -78,7 +81,7 @@ def harary_neighbours(ids: Sequence[int], *, degree: int | None, seed: bytes) ->
     n = len(ordered)
     if degree is None or degree >= n - 1:
         everyone = frozenset(ordered)
-        return {u: everyone - {u} for u in ordered}
+        return {u: everyone - {u} for u in (ordered if only is None else [only])}
     if degree < 2 or degree % 2:
         raise SecAggInputError(f"the neighbour degree must be an even number >= 2, got {degree}")
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(b"fedsecure-secagg/graph" + seed).digest(), "big"))
@@ -87,4 +90,5 @@ def harary_neighbours(ids: Sequence[int], *, degree: int | None, seed: bytes) ->
     return {
         u: frozenset(ring[(i + off) % n] for off in range(-half, half + 1) if off)
         for i, u in enumerate(ring)
+        if only is None or u == only
     }

@@ -178,7 +178,7 @@ class SecAggClient:
             raise SecAggProtocolError("the key broadcast names clients that were not invited")
         if len({k for pair in self.keys.values() for k in pair}) != 2 * len(self.keys):
             raise SecAggProtocolError("the key broadcast repeats a public key")
-        self.neighbours = harary_neighbours(list(self.keys), degree=self.setup.degree, seed=rid)[self.id]
+        self.neighbours = harary_neighbours(list(self.keys), degree=self.setup.degree, seed=rid, only=self.id)[self.id]
         holders = sorted(self.neighbours | {self.id})
         if len(holders) < self.setup.threshold:
             raise TooFewSurvivors(f"client {self.id} has {len(holders)} share holders, fewer than "
