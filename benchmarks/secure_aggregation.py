@@ -52,7 +52,7 @@ FLOWER_REQUIREMENT = "flwr==1.41.0"
 TARGET_VS_FLOWER = 10.0  # at least this many times faster than Flower's SecAgg+
 TARGET_VS_PLAIN = 5.0  # SecAgg of 100 x 1e6 at most this many times plain averaging
 # cells that take minutes (or, for Flower, several GB) per repetition run only with --full
-HEAVY = {("secagg", 500, 1_000_000), ("flower", 500, 1_000_000)}
+HEAVY = {("secagg", 500, 100_000), ("secagg", 500, 1_000_000), ("flower", 500, 1_000_000)}
 
 
 def update(u: int, d: int) -> np.ndarray:
