@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 flower_version = got["flwr"]
                 by_cell = {(c["n"], c["d"]): c for c in got["cells"]}
-                for r in rows:
+                for r in plus:  # Flower's SecAgg+ beside ours, on the same neighbours
                     r["flower"] = by_cell.get((r["n"], r["d"]))
     result: dict[str, Any] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
