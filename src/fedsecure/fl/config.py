@@ -15,7 +15,11 @@ run: the same experiment runs in one process, in worker processes, or on remote 
                   (proximal_mu, server_learning_rate, server_momentum, beta_1, beta_2, tau)
     [training]    epochs, batch_size, optimizer, lr, momentum, weight_decay, nesterov, loss, max_steps
     [aggregation] rule ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bounded_mean"),
-                  clip_norm, and the rule's options (trim, byzantine, keep, quantile)
+                  clip_norm, and the rule's options (trim, byzantine, keep, quantile);
+                  secure ("trusted": the aggregator sees the updates; "pairwise": no one does, the
+                  model owner learns only their sum), and for "pairwise": bound (largest absolute
+                  value of an update's coordinate), threshold (survivors needed), degree (SecAgg+
+                  neighbours), bits (32 or 64)
     [privacy]     DP-FedAvg around the strategy: noise_multiplier, clip_norm (both required), delta,
                   accountant ("rdp" or "pld"), budget_epsilon, adaptive_clipping, target_quantile
     [workers]     mode ("local", "processes" or "remote"), aggregator, strict, parallelism;
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 
 from fedsecure.data import Dataset, load_csv, load_digits, load_fashion_mnist, load_npz, partition
+from fedsecure.fl.secure import SecureSettings
 from fedsecure.fl.strategy import STRATEGIES, AggregationRule, ConfigurationError, LocalTraining, Strategy
 
 SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -56,7 +61,8 @@ SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
     "aggregation": {
         "rule": str, "clip_norm": (int, float), "trim": (int, float), "byzantine": int, "keep": int,
-        "quantile": (int, float),
+        "quantile": (int, float), "secure": str, "bound": (int, float), "threshold": int, "degree": int,
+        "bits": int,
     },
     "privacy": {
         "noise_multiplier": (int, float), "clip_norm": (int, float), "delta": float, "accountant": str,
@@ -164,9 +170,17 @@ class Experiment:
         return LocalTraining(**plain, optimizer_args=args)
 
     def rule(self) -> AggregationRule:
-        a = dict(self.config.get("aggregation", {}))
+        a = {k: v for k, v in self.config.get("aggregation", {}).items()
+             if k not in ("secure", "bound", "threshold", "degree", "bits")}
         options: dict[str, float] = {k: a.pop(k) for k in ("trim", "byzantine", "keep", "quantile") if k in a}
         return AggregationRule(name=a.get("rule", "mean"), clip_norm=a.get("clip_norm"), options=options)
+
+    def secure(self) -> tuple[str, SecureSettings]:
+        a = self.config.get("aggregation", {})
+        mode = str(a.get("secure", "trusted"))
+        settings = SecureSettings(bound=float(a.get("bound", 1.0)), threshold=a.get("threshold"),
+                                  degree=a.get("degree"), bits=int(a.get("bits", 32)))
+        return mode, settings
 
     def strategy(self, evaluate_fn: Any = None) -> Strategy:
         s = dict(self.config.get("strategy", {}))

@@ -133,6 +133,7 @@ def run_experiment(
             seed=exp.seed, parallelism=fed.parallelism, groups=fed.groups,
             progress=Progress(enabled=progress, stream=out), checkpoint=exp.output / "checkpoint",
             settings=exp.settings(), on_round=tensorboard(exp),
+            secure_aggregation=exp.secure()[0], secure=exp.secure()[1],
         )
         if resume and not engine.resume() and progress:
             out.write(f"no checkpoint in {exp.output / 'checkpoint'}: starting at round 1\n")
