@@ -238,6 +238,9 @@ class _Budget:
 
     @contextlib.contextmanager
     def reserve(self, caller: bytes, nbytes: int) -> Iterator[None]:
+        if not nbytes:  # most requests carry no frames
+            yield
+            return
         with self._lock:
             used = self._used.get(caller, 0)
             if used + nbytes > self._limit:
@@ -468,8 +471,11 @@ class WorkerServer:
                 reply = hosted.core.handle(body, sender)
             del tensors
             reply_head, views = frames.outgoing("", reply)
-            # under the gate: no request changes these tensors while their bytes leave
-            yield from frames.chunks(reply_head, views)
+            if views:  # the worker's own tensors: no request may change them while they leave
+                with _cancelled_after(self.deadline, context):  # nor hold the worker for ever
+                    yield from frames.chunks(reply_head, views)
+                return
+        yield reply_head  # bytes of their own: the worker serves others meanwhile
 
     def _send_to_peer(self, hosted: _Hosted, destination: str, data: bytes) -> bytes:
         local = self._hosted.get(destination)
@@ -525,6 +531,19 @@ class WorkerServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def _cancelled_after(seconds: float, context: grpc.ServicerContext) -> Iterator[None]:
+    """Cancel the call if the block (sending a reply to a caller that may not read it) takes
+    longer than ``seconds``."""
+    timer = threading.Timer(seconds, context.cancel)  # type: ignore[attr-defined]
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @contextlib.contextmanager
