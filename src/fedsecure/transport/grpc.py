@@ -6,7 +6,7 @@ The servicer is thin (as in gRPC's own examples): it carries a request's bytes t
 and return raw bytes. ``Stream`` (what `connect` uses) is a long-lived bidirectional
 stream of requests and replies in the format of `frames`: a message's large tensors
 travel beside it, straight from and into tensor storage. ``Handle`` is one request in,
-one reply out, with tensors inside the message (at most `frames.CHUNK` bytes each way).
+one reply out, with tensors inside the message (a reply of at most `frames.CHUNK` bytes).
 
 One server may host several workers (`WorkerServer.add`), each with its own core, lock,
 callers and peers; a request names the worker it is for (in the stream message's head,
@@ -50,7 +50,6 @@ STREAM = f"/{SERVICE}/Stream"  # requests and replies on a long-lived stream, te
 DEFAULT_DEADLINE = 30.0
 DEFAULT_MAX_MESSAGE = 4 << 30  # 4 GiB: the largest message, tensors included (configurable)
 WORKER_KEY = "fedsecure-worker"  # a Handle call's metadata: the hosted worker it is for
-__all__ = ["CHUNK", "TLS", "AuthenticationFailed", "GrpcTransport", "WorkerServer", "connect"]
 
 
 class AuthenticationFailed(FedsecureError, PermissionError):
