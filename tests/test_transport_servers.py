@@ -264,3 +264,22 @@ def test_several_threads_share_a_worker_without_queueing_on_one_stream() -> None
         for t in threads:
             t.join(60)
         assert results == [True] * 4
+
+
+def test_a_caller_that_does_not_read_a_large_reply_holds_the_worker_only_until_the_deadline() -> None:
+    core = WorkerCore("ann")
+    with servers(dict(core=core, callers=callers(), deadline=1.0)) as (server,), grpc.insecure_channel(
+        server.address
+    ) as channel:
+        ann = sy.connect("ann", server.address, credentials=OWNER, deadline=10.0)
+        ptr = torch.zeros(8 << 20).send(ann)  # 32 MiB: more than gRPC buffers for a reader
+        head, _ = frames.outgoing("ann", m.encode_request(m.Get([], ptr.id_at_location)))
+        outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        outbox.put(head)
+        unread = channel.stream_stream(STREAM)(iter(outbox.get, None), metadata=((
+            "authorization", f"Bearer {OWNER}"),), timeout=30)
+        time.sleep(0.5)  # the worker is sending the reply, holding the worker
+        start = time.monotonic()
+        assert ann.object_count() == 0  # served once the unread reply's deadline passes
+        assert time.monotonic() - start < 5.0
+        unread.cancel()

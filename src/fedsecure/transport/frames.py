@@ -12,9 +12,10 @@ most `CHUNK` bytes and never spans two frames. The receiver checks the announced
 against the dtype and shape and its own maximum before it reads a chunk, and allocates a
 frame's tensor only when the frame's first chunk arrives.
 
-Chunks are 1 MiB: on loopback here, 256 KiB to 16 MiB chunks were measured (benchmarks/
-transport.py); 1 MiB was the fastest, since each chunk's copies stay in the CPU's cache
-and gRPC's per-message cost (tens of microseconds) is small against a megabyte.
+Chunks are 1 MiB: 256 KiB to 16 MiB chunks were measured on loopback here (100 MiB over a
+gRPC stream between two processes, and send/get/move in benchmarks/transport.py); 1 MiB
+was among the fastest everywhere and 16 MiB the slowest: a 1 MiB chunk's copies stay in
+the CPU's cache, and gRPC's per-message cost (tens of microseconds) is small against it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ The servicer is thin (as in gRPC's own examples): it carries a request's bytes t
 and return raw bytes. ``Stream`` (what `connect` uses) is a long-lived bidirectional
 stream of requests and replies in the format of `frames`: a message's large tensors
 travel beside it, straight from and into tensor storage. ``Handle`` is one request in,
-one reply out, with tensors inside the message (at most `frames.CHUNK` bytes each way).
+one reply out, with tensors inside the message (a reply of at most `frames.CHUNK` bytes).
 
 One server may host several workers (`WorkerServer.add`), each with its own core, lock,
 callers and peers; a request names the worker it is for (in the stream message's head,
@@ -50,7 +50,6 @@ STREAM = f"/{SERVICE}/Stream"  # requests and replies on a long-lived stream, te
 DEFAULT_DEADLINE = 30.0
 DEFAULT_MAX_MESSAGE = 4 << 30  # 4 GiB: the largest message, tensors included (configurable)
 WORKER_KEY = "fedsecure-worker"  # a Handle call's metadata: the hosted worker it is for
-__all__ = ["CHUNK", "TLS", "AuthenticationFailed", "GrpcTransport", "WorkerServer", "connect"]
 
 
 class AuthenticationFailed(FedsecureError, PermissionError):
@@ -238,6 +237,9 @@ class _Budget:
 
     @contextlib.contextmanager
     def reserve(self, caller: bytes, nbytes: int) -> Iterator[None]:
+        if not nbytes:  # most requests carry no frames
+            yield
+            return
         with self._lock:
             used = self._used.get(caller, 0)
             if used + nbytes > self._limit:
@@ -468,8 +470,11 @@ class WorkerServer:
                 reply = hosted.core.handle(body, sender)
             del tensors
             reply_head, views = frames.outgoing("", reply)
-            # under the gate: no request changes these tensors while their bytes leave
-            yield from frames.chunks(reply_head, views)
+            if views:  # the worker's own tensors: no request may change them while they leave
+                with _cancelled_after(self.deadline, context):  # nor hold the worker for ever
+                    yield from frames.chunks(reply_head, views)
+                return
+        yield reply_head  # bytes of their own: the worker serves others meanwhile
 
     def _send_to_peer(self, hosted: _Hosted, destination: str, data: bytes) -> bytes:
         local = self._hosted.get(destination)
@@ -525,6 +530,19 @@ class WorkerServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def _cancelled_after(seconds: float, context: grpc.ServicerContext) -> Iterator[None]:
+    """Cancel the call if the block (sending a reply to a caller that may not read it) takes
+    longer than ``seconds``."""
+    timer = threading.Timer(seconds, context.cancel)  # type: ignore[attr-defined]
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @contextlib.contextmanager
