@@ -43,3 +43,10 @@ def test_secure_aggregation_benchmark_runs(tmp_path: Path) -> None:
     assert "srv/plain" in table and "Flower skipped" in table
     assert {row["mode"] for row in result["rows"]} == {"secagg", "secagg+"}
     assert all(row["correct"] and row["expansion"] > 1 for row in result["rows"])
+
+
+def test_fl_scale_benchmark_runs(tmp_path: Path) -> None:
+    table, result = run_quick("fl_scale.py", tmp_path)
+    assert "peak memory" in table
+    assert result["workers"] == 100 and result["rounds"][0]["workers"] == 100
+    assert result["objects_left"] == [0] * len(result["objects_left"])  # nothing left on any worker
