@@ -50,3 +50,10 @@ def test_fl_scale_benchmark_runs(tmp_path: Path) -> None:
     assert "peak memory" in table
     assert result["workers"] == 100 and result["rounds"][0]["workers"] == 100
     assert result["objects_left"] == [0] * len(result["objects_left"])  # nothing left on any worker
+
+
+def test_niid_bench_runs(tmp_path: Path) -> None:
+    table, result = run_quick("niid_bench.py", tmp_path)
+    assert "| dir0.5 |" in table and "| c3 |" in table
+    assert [r["partition"] for r in result["rows"]] == ["dir0.5", "iid", "c2", "c3"]
+    assert all(len(r["accuracy"]) == 2 for r in result["rows"])
