@@ -116,3 +116,11 @@ def test_worker_processes_give_the_numbers_of_one_process(tmp_path: Path) -> Non
     for x, y in zip(a, b, strict=True):
         assert x["central_accuracy"] == pytest.approx(y["central_accuracy"], abs=1e-9)
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6)
+
+
+def test_the_private_example_runs_with_secure_aggregation_and_dp(tmp_path: Path) -> None:
+    done = fedsecure("run", str(ROOT / "examples" / "digits_private.toml"), "--rounds", "2", "--output", "o",
+                     cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "o" / "history.json").read_text())["rounds"]
+    assert rows[0]["dp_epsilon"] < rows[1]["dp_epsilon"]

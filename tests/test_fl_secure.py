@@ -96,14 +96,14 @@ def test_a_masked_update_reveals_nothing_and_the_model_stays_private(digits) -> 
         w.request(m.GetModule([], ids["model"]))
     size = sum(t.numel() for t in tensors) + 1
     server = SecAggServer(clients=[1, 2], threshold=2, vector_size=size, bound=1000.0)
-    reply = w.request(m.SecAgg([], "s", "advertise", 1, server.setup.encode(), ids["model"], ids["ref"], True))
+    reply = w.request(m.SecAgg([], "s", "advertise", 1, server.setup.encode(), ids["model"], ids["ref"], True, {}))
     assert decode_message(reply).sender == 1
     with pytest.raises(sy.ProtocolError, match="exists already"):
-        w.request(m.SecAgg([], "s", "advertise", 1, server.setup.encode(), ids["model"], ids["ref"], True))
+        w.request(m.SecAgg([], "s", "advertise", 1, server.setup.encode(), ids["model"], ids["ref"], True, {}))
     with pytest.raises(sy.ProtocolError, match="phases are"):
-        w.request(m.SecAgg([], "s2", "reveal", 1, b"", ids["model"], ids["ref"], True))
+        w.request(m.SecAgg([], "s2", "reveal", 1, b"", ids["model"], ids["ref"], True, {}))
     with pytest.raises(sy.ProtocolError, match="no secure aggregation session"):
-        w.request(m.SecAgg([], "nope", "mask", 1, b"", ids["model"], ids["ref"], True))
+        w.request(m.SecAgg([], "nope", "mask", 1, b"", ids["model"], ids["ref"], True, {}))
 
 
 def test_pairwise_mode_refuses_rules_it_cannot_compute(digits) -> None:
@@ -116,3 +116,36 @@ def test_an_unknown_mode_is_refused(digits) -> None:
     with pytest.raises(fl.ConfigurationError, match="'trusted'.*'pairwise'"):
         fl.fit(copy.deepcopy(mlp()), owners(digits), fl.FedAvg(), rounds=1, aggregator=None,
                secure_aggregation="homomorphic")
+
+
+def test_dp_composes_with_secure_aggregation(digits) -> None:
+    from fedsecure.privacy import DPFedAvg
+
+    strategy = DPFedAvg(fl.FedAvg(training=TRAINING, min_fit_workers=4), noise_multiplier=0.5, clip_norm=1.0)
+    model = mlp()
+    before = torch.cat([t.reshape(-1) for t in model.state_dict().values()]).clone()
+    _, history = fl.fit(model, owners(digits), strategy, rounds=1, aggregator=None, secure_aggregation="pairwise",
+                        secure=SecureSettings(bound=2.0, bits=64))
+    after = torch.cat([t.reshape(-1) for t in model.state_dict().values()])
+    assert history.last["dp_epsilon"] > 0
+    # a mean of 4 clipped updates plus noise of std z*S/4 per coordinate: about 0.125 * sqrt(d)
+    step = float(torch.linalg.vector_norm(after - before))
+    expected = 0.5 * 1.0 / 4 * before.numel() ** 0.5
+    assert 0.5 * expected < step < 1.0 + 1.5 * expected
+
+
+def test_workers_clip_and_noise_their_own_update() -> None:
+    from fedsecure.worker.secure import update_vector
+
+    reference = nn.Linear(100, 100)
+    trained = copy.deepcopy(reference)
+    with torch.no_grad():
+        trained.weight.add_(1.0)  # an update of norm 100
+    clipped = update_vector(trained, reference, None, {"clip_norm": 2.0})
+    assert abs(float((clipped**2).sum() ** 0.5) - 2.0) < 1e-9
+    noisy = update_vector(trained, reference, None, {"clip_norm": 2.0, "noise_std": 0.1})
+    assert abs(float((noisy - clipped).std()) - 0.1) < 0.01
+    with pytest.raises(sy.ProtocolError, match="unweighted"):
+        update_vector(trained, reference, 10, {"clip_norm": 2.0, "noise_std": 0.1})
+    with pytest.raises(sy.ProtocolError, match="clip_norm and noise_std"):
+        update_vector(trained, reference, None, {"exec": "x"})

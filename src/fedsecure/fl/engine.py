@@ -11,6 +11,7 @@ least ``strategy.min_fit_workers`` answered.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -219,11 +220,16 @@ class Engine:
 
     def _secure_round(self, plan: FitPlan, server_round: int) -> tuple[FitAggregate, list[Failure]] | None:
         rule = plan.rule
-        if rule.name != "mean" or rule.clip_norm is not None or rule.noise_multiplier:
+        if rule.name != "mean" or rule.options:
             raise ConfigurationError(
                 "pairwise secure aggregation computes the (weighted) mean only: the aggregation rule must be "
-                f"'mean' without clipping or noise, got {rule}"
+                f"'mean' (robust rules need an aggregator that sees the updates), got {rule}"
             )
+        privacy: dict[str, Any] = {}
+        if rule.clip_norm is not None:  # DP-FedAvg with the noise split among the workers
+            privacy["clip_norm"] = rule.clip_norm
+            if rule.noise_multiplier:
+                privacy["noise_std"] = rule.noise_multiplier * rule.clip_norm / math.sqrt(len(plan.workers))
         task: Callable[[WorkerClient], Trained] = partial(self._train_kept, plan=plan, server_round=server_round)
         self._kept = {}
         try:
@@ -234,7 +240,7 @@ class Engine:
             trained.sort(key=lambda t: t.worker)
             try:
                 parameters, survivors, lost = secure_mean(trained, self.workers, self.parameters, self.secure,
-                                                          self._each, weighted=rule.weighted)
+                                                          self._each, weighted=rule.weighted, privacy=privacy)
             except TooFewSurvivors as exc:  # the protocol aborted before revealing anything
                 self._last_failures = [*failures, Failure(worker="(round)", phase="secure aggregation", error=str(exc))]
                 return None

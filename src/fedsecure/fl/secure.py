@@ -60,8 +60,10 @@ def secure_mean(
     run: Runner,
     *,
     weighted: bool = True,
+    privacy: dict[str, Any] | None = None,
 ) -> tuple[Parameters, list[str], list[Failure]]:
-    """The (sample-weighted) mean of the trained models, learnt only as a sum; the survivors."""
+    """The (sample-weighted) mean of the trained models, learnt only as a sum; the survivors.
+    ``privacy``: each worker clips its update and adds its share of the noise before masking."""
     floating = [k for k, t in parameters.items() if t.is_floating_point()]
     size = sum(parameters[k].numel() for k in floating) + (1 if weighted else 0)
     n = len(trained)
@@ -78,7 +80,7 @@ def secure_mean(
         def call(worker: WorkerClient) -> str:
             t = by_name[worker.id]
             reply = worker.request(m.SecAgg(worker.take_release(), session, name, ids[worker.id], payload(worker.id),
-                                            t.module_id, t.reference_id, weighted))
+                                            t.module_id, t.reference_id, weighted, dict(privacy or {})))
             message = decode_message(reply)
             if getattr(message, "sender", None) != ids[worker.id]:  # the authenticated worker speaks for itself
                 raise ProtocolError(f"{worker.id!r} answered for client {getattr(message, 'sender', None)}")

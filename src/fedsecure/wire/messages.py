@@ -359,13 +359,15 @@ class AggregateUpdates(Request):
     new_ids: list[int]
 
 
-@_request(25, ("str", "str", "int", "any", "id", "id", "bool"))
+@_request(25, ("str", "str", "int", "any", "id", "id", "bool", "dict"))
 @dataclass(frozen=True, slots=True)
 class SecAgg(Request):
     """One phase of secure aggregation ("advertise", "share", "mask", "unmask") for this worker's
     client ``client_id`` of ``session``: ``payload`` is the server's message (bytes); in the "mask"
     phase the worker masks the update ``module_id`` - ``reference_id`` (weighted by its own sample
-    count when ``weighted``). The reply is the client's message (bytes)."""
+    count when ``weighted``), after clipping it to ``privacy["clip_norm"]`` and adding Gaussian
+    noise of standard deviation ``privacy["noise_std"]`` when given (distributed DP: the noises of
+    all workers add up in the sum). The reply is the client's message (bytes)."""
 
     release: list[int]
     session: str
@@ -375,6 +377,7 @@ class SecAgg(Request):
     module_id: int
     reference_id: int
     weighted: bool
+    privacy: dict[str, Any]
 
 
 def encode_request(msg: Request, *, framed: bool = False) -> bytes:

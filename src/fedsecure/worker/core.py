@@ -691,7 +691,7 @@ class WorkerCore:
             _, reference = self._module(msg.reference_id)
             if self.policy.strict:
                 raise PermissionDenied(f"{self.id!r} is a strict aggregator, not a data owner", rule="strict-aggregator")
-            return update_vector(trained, reference, self._samples_of(entry) if msg.weighted else None)
+            return update_vector(trained, reference, self._samples_of(entry) if msg.weighted else None, msg.privacy)
 
         return self._secure.step(_client.get(), msg.session, msg.phase, msg.client_id, msg.payload, update)
 

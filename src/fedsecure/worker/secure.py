@@ -11,6 +11,7 @@ allows (an honest client never reveals both secrets of one peer; `SecAggClient` 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -26,19 +27,46 @@ MAX_SESSIONS = 8  # per model owner: enough for rounds that overlap, too few to 
 PHASES = ("advertise", "share", "mask", "unmask")
 
 
-def update_vector(trained: nn.Module, reference: nn.Module, weight: int | None) -> np.ndarray:
+def update_vector(
+    trained: nn.Module, reference: nn.Module, weight: int | None, privacy: dict[str, Any] | None = None
+) -> np.ndarray:
     """trained - reference over the floating tensors, flattened; times ``weight`` with the weight
-    appended when weighted (so that the sum gives sum w_k u_k and sum w_k)."""
+    appended when weighted (so that the sum gives sum w_k u_k and sum w_k).
+
+    ``privacy``: ``clip_norm`` scales the update to at most that L2 norm, then ``noise_std`` adds
+    Gaussian noise drawn from a generator seeded by the operating system (DP-FedAvg with the noise
+    split among the workers: n noises of std z*S/sqrt(n) sum to one of z*S)."""
     if describe(trained) != describe(reference):
         raise ProtocolError("the trained model and the reference have different architectures")
     pairs = [(a, b) for (_, a), (_, b) in zip(state_tensors(trained), state_tensors(reference), strict=True)
              if a.is_floating_point()]
     with torch.no_grad():
         flat = torch.cat([(a.double() - b.double()).reshape(-1) for a, b in pairs])
+        clip, noise = _privacy(privacy or {}, weighted=weight is not None)
+        if clip is not None:
+            norm = float(torch.linalg.vector_norm(flat))
+            if norm > clip:
+                flat = flat * (clip / norm)
+        if noise > 0:
+            generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+            flat = flat + torch.normal(0.0, noise, flat.shape, generator=generator, dtype=flat.dtype)
     vector = flat.numpy()
     if weight is None:
         return vector
     return np.concatenate([vector * float(weight), [float(weight)]])
+
+
+def _privacy(privacy: dict[str, Any], *, weighted: bool) -> tuple[float | None, float]:
+    if set(privacy) - {"clip_norm", "noise_std"}:
+        raise ProtocolError(f"privacy settings are clip_norm and noise_std, got {sorted(privacy)}")
+    clip, noise = privacy.get("clip_norm"), privacy.get("noise_std", 0.0)
+    if clip is not None and (not isinstance(clip, int | float) or not 0 < clip < float("inf")):
+        raise ProtocolError(f"clip_norm must be a positive number, got {clip!r}")
+    if not isinstance(noise, int | float) or not 0 <= noise < float("inf"):
+        raise ProtocolError(f"noise_std must be a number >= 0, got {noise!r}")
+    if noise and (clip is None or weighted):
+        raise ProtocolError("noise needs clip_norm and the unweighted mean: otherwise it bounds nothing")
+    return (None if clip is None else float(clip)), float(noise)
 
 
 class SecureSessions:
