@@ -283,3 +283,12 @@ def test_a_caller_that_does_not_read_a_large_reply_holds_the_worker_only_until_t
         assert ann.object_count() == 0  # served once the unread reply's deadline passes
         assert time.monotonic() - start < 5.0
         unread.cancel()
+
+
+def test_a_request_may_carry_its_own_deadline() -> None:
+    core = WorkerCore("ann")
+    with WorkerServer(core, callers=callers()) as server:
+        ann = sy.connect("ann", server.address, credentials=OWNER)
+        with pytest.raises(sy.WorkerUnavailable, match="within 1e-06 s"):
+            ann.request(m.Count([]), deadline=1e-6)  # no reply crosses gRPC in a microsecond
+        assert ann.request(m.Count([]), deadline=30.0) == 0  # the connection is still good

@@ -22,7 +22,8 @@ run: the same experiment runs in one process, in worker processes, or on remote 
                   neighbours), bits (32 or 64)
     [privacy]     DP-FedAvg around the strategy: noise_multiplier, clip_norm (both required), delta,
                   accountant ("rdp" or "pld"), budget_epsilon, adaptive_clipping, target_quantile
-    [workers]     mode ("local", "processes" or "remote"), aggregator, strict, parallelism;
+    [workers]     mode ("local", "processes" or "remote"), aggregator, strict, parallelism,
+                  work_deadline (seconds a worker may take to train in a round; default 3600);
                   for "processes" (simulation hosts on this machine): processes, threads (per process);
                   for "remote": token or tls_dir, and [[workers.remote]] tables (id, address),
                   plus [workers.aggregator_address]
@@ -70,6 +71,7 @@ SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
     "workers": {
         "mode": str, "aggregator": str, "strict": bool, "parallelism": int, "processes": int, "threads": int,
+        "work_deadline": (int, float),
         "token": str, "tls_dir": str,
         "remote": list, "aggregator_address": str,
     },

@@ -99,6 +99,7 @@ class Engine:
         groups: Mapping[str, int] | None = None,
         secure_aggregation: str = "trusted",
         secure: SecureSettings | None = None,
+        work_deadline: float = 3600.0,
     ) -> None:
         if secure_aggregation not in ("trusted", "pairwise"):
             raise ConfigurationError(
@@ -137,6 +138,7 @@ class Engine:
         self._kept: dict[str, list[tuple[int, list[int]]]] = {}
         self._last_failures: list[Failure] = []
         self.secure = secure or SecureSettings()
+        self.work_deadline = work_deadline  # seconds a worker may take for a round's training
         self.history = History()
         self.parameters = strategy.initialize_parameters(parameters_of(model))
         self.round = 0
@@ -191,7 +193,7 @@ class Engine:
         try:
             reply = worker.request(
                 m.Fit(worker.take_release(), module_id, self.data[0], self.data[1], plan.training.to_wire(),
-                      _seed(self.seed, server_round, worker.id))
+                      _seed(self.seed, server_round, worker.id)), deadline=self.work_deadline
             )
             moved_id, moved_ids = new_id(), [new_id() for _ in ids]
             worker.request(m.MoveModule(worker.take_release(), module_id, self.aggregator.id, moved_id, moved_ids))
@@ -209,7 +211,7 @@ class Engine:
         try:
             reply = worker.request(
                 m.Fit(worker.take_release(), module_id, self.data[0], self.data[1], plan.training.to_wire(),
-                      _seed(self.seed, server_round, worker.id))
+                      _seed(self.seed, server_round, worker.id)), deadline=self.work_deadline
             )
         except BaseException:
             self._forget(worker, module_id, ids)
@@ -350,7 +352,8 @@ class Engine:
         result = new_id()
         try:
             worker.request(m.Evaluate(worker.take_release(), module_id, self.eval_data[0], self.eval_data[1],
-                                      {"loss": plan.loss, "batch_size": plan.batch_size}, result))
+                                      {"loss": plan.loss, "batch_size": plan.batch_size}, result),
+                           deadline=self.work_deadline)
             moved = new_id()
             worker.request(m.Move(worker.take_release(), result, self.aggregator.id, moved))
         finally:
@@ -454,7 +457,7 @@ def fit(
     directory, every round is saved there; ``resume=True`` continues from it. More options:
     ``secure_aggregation="pairwise"``: no party sees an update, the model owner learns only their
     sum (`fedsecure.fl.secure`; ``secure=SecureSettings(...)``; ``aggregator`` may then be None).
-    `Engine`'s (``seed``, ``parallelism``, ``retries``, ``progress``, ``test_loss``, ``on_round``: called
+    `Engine`'s (``work_deadline``: seconds a worker may take to train, default an hour; ``seed``, ``parallelism``, ``retries``, ``progress``, ``test_loss``, ``on_round``: called
     with each round's metrics).
     """
     engine = Engine(model, workers, strategy, aggregator=aggregator, test_data=test_data,

@@ -134,6 +134,7 @@ def run_experiment(
             progress=Progress(enabled=progress, stream=out), checkpoint=exp.output / "checkpoint",
             settings=exp.settings(), on_round=tensorboard(exp),
             secure_aggregation=exp.secure()[0], secure=exp.secure()[1],
+            work_deadline=float(exp.get("workers", "work_deadline", 3600.0)),
         )
         if resume and not engine.resume() and progress:
             out.write(f"no checkpoint in {exp.output / 'checkpoint'}: starting at round 1\n")

@@ -133,17 +133,20 @@ class GrpcTransport:
         self._tls = tls is not None
         self._link = _link(address, token, tls)
 
-    def __call__(self, data: bytes) -> bytes:
+    takes_deadline = True  # `WorkerClient.request(..., deadline=)` may give one per request
+
+    def __call__(self, data: bytes, *, deadline: float | None = None) -> bytes:
         size = codec.message_size(data)
         if size > self.max_message:
             raise ValueError(frames.too_large(f"a message to {self.worker_id!r}", size, self.max_message))
+        seconds = self.deadline if deadline is None else deadline
         try:
             return self._link.exchange(
-                self.worker_id, data, deadline=self.deadline, limit=self.max_message, keep=self.persistent
+                self.worker_id, data, deadline=seconds, limit=self.max_message, keep=self.persistent
             )
         except streams.Expired:
             raise WorkerUnavailable(
-                f"worker {self.worker_id!r} at {self.address} did not answer within {self.deadline:g} s"
+                f"worker {self.worker_id!r} at {self.address} did not answer within {seconds:g} s"
             ) from None
         except streams.Closed:
             raise WorkerUnavailable(

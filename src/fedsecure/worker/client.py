@@ -85,14 +85,19 @@ class WorkerClient:
         if len(self._deferred) >= _DEFER_BATCH:
             self.flush()
 
-    def request(self, msg: m.Request) -> Any:
+    def request(self, msg: m.Request, *, deadline: float | None = None) -> Any:
+        """Send ``msg`` and wait for its reply. ``deadline``: seconds this request may take, where
+        the transport has deadlines (a round of local training takes longer than an op)."""
         data = m.encode_request(msg, framed=self.framed)
         if self._deferred:
             self._deferred.append(data)
             data = m.encode_request(m.Batch([], self._deferred), framed=self.framed)
             self._deferred = []
         self.bytes_sent += message_size(data)
-        raw = self._transport(data)
+        if deadline is not None and getattr(self._transport, "takes_deadline", False):
+            raw = self._transport(data, deadline=deadline)  # type: ignore[call-arg]
+        else:
+            raw = self._transport(data)
         self.bytes_received += message_size(raw)
         return m.reply_value(raw, worker=self.id)
 
