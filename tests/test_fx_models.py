@@ -197,6 +197,33 @@ def test_frozen_parameters_and_modes_reach_the_worker(bob: sy.VirtualWorker) -> 
     assert torch.equal(remote.get().blocks[0].gain, gain)
 
 
+class Recorder(nn.Module):
+    """Writes what it sees into its own (frozen) parameter while computing its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.memory = nn.Parameter(torch.zeros(2), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.memory.copy_(x.mean(0))
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_a_graph_that_writes_data_into_its_weights_cannot_release_them(make_worker: Any, private: bool) -> None:
+    bob = make_worker("bob", data={"x": torch.randn(8, 2)})
+    assert describe(Recorder()) is not None
+    remote = Recorder().send(bob)
+    x = bob.search("x")[0] if private else torch.randn(8, 2).send(bob)
+    remote(x)
+    if private:
+        with pytest.raises(sy.PermissionDenied):
+            remote.get()
+    else:
+        assert not torch.equal(remote.get().memory, torch.zeros(2))
+
+
 # -- models that are not described travel as weights only ------------------------------------
 
 
@@ -295,9 +322,11 @@ def test_fl_fit_trains_a_custom_model_on_digits() -> None:
     torch.manual_seed(0)
     model = SmallCNN()
     training = fl.LocalTraining(epochs=2, batch_size=16, lr=0.05, optimizer_args={"momentum": 0.9})
-    trained, history = fl.fit(model, workers, fl.FedAvg(training=training), rounds=3, aggregator=agg,
+    strategy = fl.FedAvg(training=training, fraction_evaluate=1.0)
+    trained, history = fl.fit(model, workers, strategy, rounds=2, aggregator=agg,
                               test_data=(digits.x_test, digits.y_test))
-    assert history.last["central_accuracy"] > 0.8
+    assert history.last["central_accuracy"] > 0.7
+    assert "federated_accuracy" in history.last  # the workers evaluated it too
     trained.eval()
     accuracy = (trained(digits.x_test).argmax(1) == digits.y_test).float().mean()
     assert float(accuracy) == pytest.approx(history.last["central_accuracy"])
