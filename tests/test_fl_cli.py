@@ -14,9 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits.toml"
 
 
+# One torch thread per run: on a busy machine several threads per process oversubscribe the cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def fedsecure(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fedsecure", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=ENV)
 
 
 def test_the_digits_example_runs_and_writes_its_history(tmp_path: Path) -> None:
@@ -37,23 +41,23 @@ def _state_round(folder: Path) -> int:
 
 
 def test_a_killed_run_resumes_where_it_stopped(tmp_path: Path) -> None:
-    args = ["run", str(DIGITS), "--rounds", "40", "--set", "training.epochs=4", "--quiet"]
+    args = ["run", str(DIGITS), "--rounds", "25", "--set", "training.epochs=2", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "fedsecure", *args, "--output", "killed"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.monotonic() + 240
     while _state_round(tmp_path / "killed") < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     stopped_at = _state_round(tmp_path / "killed")
-    assert 3 <= stopped_at < 40, "the run ended before it could be killed"
+    assert 3 <= stopped_at < 25, "the run ended before it could be killed"
     resumed = fedsecure(*args, "--output", "killed", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     whole = fedsecure(*args, "--output", "whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
     a = json.loads((tmp_path / "killed" / "history.json").read_text())["rounds"]
     b = json.loads((tmp_path / "whole" / "history.json").read_text())["rounds"]
-    assert [r["round"] for r in a] == list(range(1, 41))
+    assert [r["round"] for r in a] == list(range(1, 26))
     # the resumed run lost nothing and repeated nothing: its numbers are the uninterrupted run's
     assert [r["central_accuracy"] for r in a] == [r["central_accuracy"] for r in b]
 
@@ -99,3 +103,16 @@ def test_tensorboard_logs_every_round(tmp_path: Path) -> None:
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [s.step for s in events.Scalars("central_accuracy")] == [1, 2]
+
+
+def test_worker_processes_give_the_numbers_of_one_process(tmp_path: Path) -> None:
+    args = ["run", str(DIGITS), "--rounds", "3", "--quiet"]
+    local = fedsecure(*args, "--output", "local", cwd=tmp_path)
+    processes = fedsecure(*args, "--output", "proc", "--set", "workers.mode='processes'", "--set",
+                          "workers.processes=2", cwd=tmp_path)
+    assert local.returncode == 0 and processes.returncode == 0, processes.stderr
+    a = json.loads((tmp_path / "local" / "history.json").read_text())["rounds"]
+    b = json.loads((tmp_path / "proc" / "history.json").read_text())["rounds"]
+    for x, y in zip(a, b, strict=True):
+        assert x["central_accuracy"] == pytest.approx(y["central_accuracy"], abs=1e-9)
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6)

@@ -115,7 +115,7 @@ def test_failed_workers_arrive_as_values(digits) -> None:
     _, history = fl.fit(model, [*workers, broken], fl.FedAvg(training=TRAINING), rounds=2, aggregator=agg)
     assert history.last["workers"] == 4
     assert any("broken" in f and "no data tagged" in f for f in history.last["failures"])
-    with pytest.raises(fl.RoundFailed, match="only 4 of 5 workers finished.*5 are needed"):
+    with pytest.raises(fl.RoundFailed, match="too few of the 5 workers finished, 5 are needed.*broken"):
         fl.fit(mlp(), [*workers, broken], fl.FedAvg(training=TRAINING, min_fit_workers=5), rounds=1, aggregator=agg)
 
 
@@ -160,3 +160,37 @@ def test_models_outside_the_allow_list_are_refused_with_a_hint(digits) -> None:
 
     with pytest.raises(fl.ConfigurationError, match="allow-list"):
         fl.fit(Custom(), workers, fl.FedAvg(), rounds=1, aggregator=agg)
+
+
+def test_dp_fedavg_trains_and_accounts_every_round(digits) -> None:
+    from fedsecure.privacy import DPFedAvg
+
+    workers, agg, _ = federation(digits, 6)
+    strategy = DPFedAvg(fl.FedAvg(training=TRAINING, fraction_fit=0.5, min_fit_workers=3), noise_multiplier=0.3,
+                        clip_norm=1.0, budget_epsilon=40.0)
+    _, history = fl.fit(mlp(), workers, strategy, rounds=60, aggregator=agg, test_data=(digits.x_test, digits.y_test))
+    epsilons = [r["dp_epsilon"] for r in history]
+    assert epsilons == sorted(epsilons) and epsilons[-1] <= 40.0
+    assert len(history) < 60  # the budget ended training early, cleanly
+    # 3 workers per round drown in noise of this scale; the point is that it still learns
+    assert history.last["central_accuracy"] > 0.25  # chance is 0.1
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "multi_krum"])
+def test_robust_rules_run_at_the_aggregator(digits, rule) -> None:
+    workers, agg, _ = federation(digits, 6)
+    options = {"trim": 0.2} if rule == "trimmed_mean" else {"byzantine": 1} if rule == "multi_krum" else {}
+    strategy = fl.FedAvg(training=TRAINING, rule=fl.AggregationRule(name=rule, options=options))
+    _, history = fl.fit(mlp(), workers, strategy, rounds=4, aggregator=agg, test_data=(digits.x_test, digits.y_test))
+    assert history.last["central_accuracy"] > 0.6
+
+
+def test_training_workers_in_threads_gives_the_serial_result(digits) -> None:
+    results = []
+    for parallelism in (1, 3):
+        workers, agg, _ = federation(digits, 5)
+        model, _ = fl.fit(mlp(), workers, fl.FedAvg(training=TRAINING), rounds=2, aggregator=agg,
+                          parallelism=parallelism)
+        results.append(model.state_dict())
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, atol=1e-6, rtol=1e-6)

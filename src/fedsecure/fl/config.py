@@ -14,8 +14,16 @@ run: the same experiment runs in one process, in worker processes, or on remote 
                   min_fit_workers, fraction_evaluate, and the strategy's own settings
                   (proximal_mu, server_learning_rate, server_momentum, beta_1, beta_2, tau)
     [training]    epochs, batch_size, optimizer, lr, momentum, weight_decay, nesterov, loss, max_steps
-    [aggregation] rule ("mean", or a robust rule), clip_norm, and the rule's options
-    [workers]     mode ("local" or "remote"), aggregator, strict, parallelism;
+    [aggregation] rule ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bounded_mean"),
+                  clip_norm, and the rule's options (trim, byzantine, keep, quantile);
+                  secure ("trusted": the aggregator sees the updates; "pairwise": no one does, the
+                  model owner learns only their sum), and for "pairwise": bound (largest absolute
+                  value of an update's coordinate), threshold (survivors needed), degree (SecAgg+
+                  neighbours), bits (32 or 64)
+    [privacy]     DP-FedAvg around the strategy: noise_multiplier, clip_norm (both required), delta,
+                  accountant ("rdp" or "pld"), budget_epsilon, adaptive_clipping, target_quantile
+    [workers]     mode ("local", "processes" or "remote"), aggregator, strict, parallelism;
+                  for "processes" (simulation hosts on this machine): processes, threads (per process);
                   for "remote": token or tls_dir, and [[workers.remote]] tables (id, address),
                   plus [workers.aggregator_address]
 """
@@ -32,6 +40,7 @@ import numpy as np
 import torch
 
 from fedsecure.data import Dataset, load_csv, load_digits, load_fashion_mnist, load_npz, partition
+from fedsecure.fl.secure import SecureSettings
 from fedsecure.fl.strategy import STRATEGIES, AggregationRule, ConfigurationError, LocalTraining, Strategy
 
 SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -50,9 +59,18 @@ SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "epochs": int, "batch_size": int, "optimizer": str, "lr": (int, float), "momentum": (int, float),
         "weight_decay": (int, float), "nesterov": bool, "loss": str, "max_steps": int,
     },
-    "aggregation": {"rule": str, "clip_norm": (int, float), "trim": (int, float), "byzantine": int, "keep": int},
+    "aggregation": {
+        "rule": str, "clip_norm": (int, float), "trim": (int, float), "byzantine": int, "keep": int,
+        "quantile": (int, float), "secure": str, "bound": (int, float), "threshold": int, "degree": int,
+        "bits": int,
+    },
+    "privacy": {
+        "noise_multiplier": (int, float), "clip_norm": (int, float), "delta": float, "accountant": str,
+        "budget_epsilon": (int, float), "adaptive_clipping": bool, "target_quantile": (int, float),
+    },
     "workers": {
-        "mode": str, "aggregator": str, "strict": bool, "parallelism": int, "token": str, "tls_dir": str,
+        "mode": str, "aggregator": str, "strict": bool, "parallelism": int, "processes": int, "threads": int,
+        "token": str, "tls_dir": str,
         "remote": list, "aggregator_address": str,
     },
 }
@@ -152,9 +170,17 @@ class Experiment:
         return LocalTraining(**plain, optimizer_args=args)
 
     def rule(self) -> AggregationRule:
-        a = dict(self.config.get("aggregation", {}))
-        options: dict[str, float] = {k: a.pop(k) for k in ("trim", "byzantine", "keep") if k in a}
+        a = {k: v for k, v in self.config.get("aggregation", {}).items()
+             if k not in ("secure", "bound", "threshold", "degree", "bits")}
+        options: dict[str, float] = {k: a.pop(k) for k in ("trim", "byzantine", "keep", "quantile") if k in a}
         return AggregationRule(name=a.get("rule", "mean"), clip_norm=a.get("clip_norm"), options=options)
+
+    def secure(self) -> tuple[str, SecureSettings]:
+        a = self.config.get("aggregation", {})
+        mode = str(a.get("secure", "trusted"))
+        settings = SecureSettings(bound=float(a.get("bound", 1.0)), threshold=a.get("threshold"),
+                                  degree=a.get("degree"), bits=int(a.get("bits", 32)))
+        return mode, settings
 
     def strategy(self, evaluate_fn: Any = None) -> Strategy:
         s = dict(self.config.get("strategy", {}))
@@ -163,9 +189,17 @@ class Experiment:
         if cls is None:
             raise ConfigurationError(f"{self.source}: unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
         try:
-            return cls(training=self.training(), rule=self.rule(), evaluate_fn=evaluate_fn, **s)
+            strategy: Strategy = cls(training=self.training(), rule=self.rule(), evaluate_fn=evaluate_fn, **s)
         except TypeError as exc:
             raise ConfigurationError(f"{self.source}: [strategy] {name} does not take these settings: {exc}") from None
+        privacy = self.config.get("privacy")
+        if privacy:
+            from fedsecure.privacy import DPFedAvg
+
+            if "noise_multiplier" not in privacy or "clip_norm" not in privacy:
+                raise ConfigurationError(f"{self.source}: [privacy] needs noise_multiplier and clip_norm")
+            strategy = DPFedAvg(strategy, **privacy)
+        return strategy
 
     def settings(self) -> dict[str, Any]:
         """What a resumed run must share with the run that wrote the checkpoint (not rounds)."""

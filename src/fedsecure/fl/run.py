@@ -7,6 +7,8 @@ hold their data themselves. Either way the model owner keeps only the test set.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from fedsecure.fl.engine import Engine
 from fedsecure.fl.history import History
 from fedsecure.fl.models import build_model
 from fedsecure.fl.progress import Progress
+from fedsecure.fl.simulation import Simulation, owner_id
 from fedsecure.fl.strategy import ConfigurationError
 from fedsecure.worker.client import WorkerClient
 from fedsecure.worker.labels import Policy
@@ -32,6 +35,7 @@ class Federated:
     workers: list[WorkerClient]
     aggregator: WorkerClient
     parallelism: int
+    groups: dict[str, int] | None = None  # workers sharing a process train one after the other
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> dict[str, torch.Tensor]:
@@ -43,18 +47,23 @@ def _split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> dict
     return {"x": x[train], "y": y[train], "x_test": x[test], "y_test": y[test]}
 
 
-def local_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray]) -> Federated:
-    aggregator_id = str(exp.get("workers", "aggregator", "secure_worker"))
+def shares_of(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray], i: int) -> dict[str, torch.Tensor]:
+    """Owner ``i``'s private data, by tag: its training share, and its held-out part if any."""
     fraction = float(exp.get("data", "test_fraction", 0.0))
     if not 0 <= fraction < 1:
         raise ConfigurationError(f"{exp.source}: [data] test_fraction must be in [0, 1), got {fraction}")
+    rows = torch.from_numpy(np.asarray(parts[i], dtype=np.int64))
+    return _split(data.x_train[rows], data.y_train[rows], fraction, exp.seed + i)
+
+
+def local_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray]) -> Federated:
+    aggregator_id = str(exp.get("workers", "aggregator", "secure_worker"))
     federation = Federation()
     owner_policy = Policy(trusted_aggregators=frozenset({aggregator_id}), private_sends=False)
     workers: list[WorkerClient] = []
-    for i, index in enumerate(parts):
-        rows = torch.from_numpy(np.asarray(index, dtype=np.int64))
-        shares = _split(data.x_train[rows], data.y_train[rows], fraction, exp.seed + i)
-        workers.append(VirtualWorker(id=f"worker-{i:03d}", data=shares, policy=owner_policy, federation=federation))
+    for i in range(len(parts)):
+        workers.append(VirtualWorker(id=owner_id(i), data=shares_of(exp, data, parts, i), policy=owner_policy,
+                                     federation=federation))
     strict = bool(exp.get("workers", "strict", True))
     aggregator = VirtualWorker(id=aggregator_id, policy=Policy(strict=strict), federation=federation)
     return Federated(workers, aggregator, int(exp.get("workers", "parallelism", 1)))
@@ -96,27 +105,39 @@ def run_experiment(
     model_options = {k: v for k, v in exp.config.get("model", {}).items() if k != "name"}
     model = build_model(str(exp.get("model", "name", "mlp")), tuple(data.x_train.shape[1:]), data.num_classes,
                         **model_options)
-    if mode == "local":
+    if mode not in ("local", "processes", "remote"):
+        raise ConfigurationError(
+            f"{exp.source}: [workers] mode must be 'local', 'processes' or 'remote', got {mode!r}"
+        )
+    if mode != "remote" and progress:
         parts = exp.partitions(data)
-        if progress:
-            out.write(f"{exp.name}: {data.name}, {len(data.y_train)} training samples over {len(parts)} workers\n")
-            out.write(partition_summary(data.y_train, parts, data.num_classes) + "\n")
-        fed = local_workers(exp, data, parts)
-    elif mode == "remote":
-        fed = remote_workers(exp)
-    else:
-        raise ConfigurationError(f"{exp.source}: [workers] mode must be 'local' or 'remote', got {mode!r}")
+        out.write(f"{exp.name}: {data.name}, {len(data.y_train)} training samples over {len(parts)} workers\n")
+        out.write(partition_summary(data.y_train, parts, data.num_classes) + "\n")
     strategy = exp.strategy()
     exp.output.mkdir(parents=True, exist_ok=True)
-    log = tensorboard(exp)
-    engine = Engine(
-        model, fed.workers, strategy, aggregator=fed.aggregator, test_data=(data.x_test, data.y_test),
-        seed=exp.seed, parallelism=fed.parallelism, progress=Progress(enabled=progress, stream=out),
-        checkpoint=exp.output / "checkpoint", settings=exp.settings(), on_round=log,
-    )
-    if resume and not engine.resume() and progress:
-        out.write(f"no checkpoint in {exp.output / 'checkpoint'}: starting at round 1\n")
-    _, history = engine.run(exp.rounds)
+    with contextlib.ExitStack() as stack:
+        if mode == "local":
+            fed = local_workers(exp, data, exp.partitions(data))
+        elif mode == "processes":
+            sim = stack.enter_context(Simulation(
+                exp.config, processes=int(exp.get("workers", "processes", os.cpu_count() or 1)),
+                threads=int(exp.get("workers", "threads", 1)),
+                aggregator=str(exp.get("workers", "aggregator", "secure_worker")),
+                strict=bool(exp.get("workers", "strict", True)),
+            ))
+            fed = Federated(sim.workers, sim.aggregator, sim.processes, sim.groups)
+        else:
+            fed = remote_workers(exp)
+        engine = Engine(
+            model, fed.workers, strategy, aggregator=fed.aggregator, test_data=(data.x_test, data.y_test),
+            seed=exp.seed, parallelism=fed.parallelism, groups=fed.groups,
+            progress=Progress(enabled=progress, stream=out), checkpoint=exp.output / "checkpoint",
+            settings=exp.settings(), on_round=tensorboard(exp),
+            secure_aggregation=exp.secure()[0], secure=exp.secure()[1],
+        )
+        if resume and not engine.resume() and progress:
+            out.write(f"no checkpoint in {exp.output / 'checkpoint'}: starting at round 1\n")
+        _, history = engine.run(exp.rounds)
     history.to_json(exp.output / "history.json")
     history.to_csv(exp.output / "history.csv")
     if progress:
