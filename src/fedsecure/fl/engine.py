@@ -109,9 +109,10 @@ class Engine:
         spec = describe(model)
         if spec is None:
             raise ConfigurationError(
-                f"{type(model).__name__} uses layers outside the workers' allow-list: the engine "
-                "sends models as an architecture built from allow-listed layers (see docs/allowlist.md), "
-                "for example an nn.Sequential of Conv2d, ReLU, MaxPool2d, Flatten and Linear"
+                f"{type(model).__name__} uses parts outside the workers' allow-list: the engine "
+                "sends models as an architecture built from allow-listed layers, for example an "
+                "nn.Sequential of Conv2d, ReLU, MaxPool2d, Flatten and Linear, or as a custom module "
+                "whose forward torch.fx traces into allow-listed operations (see docs/models.md)"
             )
         ids = [w.id for w in workers]
         if len(set(ids)) != len(ids):
