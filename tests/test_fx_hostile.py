@@ -140,7 +140,6 @@ HOSTILE: list[tuple[str, Callable[[Spec], None], type[Exception], str]] = [
     ("name shadowing torch", setter("relu", 0, "torch"), BAD, "reserved"),
     ("duplicate names", setter("relu", 0, "fc"), BAD, "two nodes"),
     ("input named like code", setter("x", 2, "x=__import__('os')"), BAD, "not an identifier"),
-    ("input shadowing torch", setter("x", 2, "torch"), BAD, "reserved"),
     ("keyword argument name", setter("relu", 4, {"a=1)#": 1}), BAD, "identifiers"),
     ("look-alike name", setter("relu", 0, "\uff54\uff4f\uff52\uff43\uff48"), BAD, "not an identifier"),
     ("out= argument", setter("relu", 4, {"out": {"node": "x"}}), NOT_ALLOWED, "out= argument"),

@@ -253,14 +253,3 @@ def _decode(value: Any, env: dict[str, fx.Node], node: str, depth: int) -> Any:
         "numbers, strings, None, tuples, lists, Ellipsis, dtypes, {'node': name}, {'slice': [a, b, c]} "
         "or {'dict': {...}})"
     )
-
-
-def check_placeholders(module: fx.GraphModule) -> None:
-    forward = type(module).forward  # compiled from the generated code: its globals are that code's
-    taken = set(forward.__globals__ if hasattr(forward, "__globals__") else module.graph.python_code("self").globals)
-    for node in module.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        if node.target in taken:
-            raise ProtocolError(f"input name {node.target!r} is reserved in generated code, or used twice")
-        taken.add(node.target)

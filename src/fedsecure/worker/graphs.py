@@ -4,8 +4,9 @@ A custom ``nn.Module`` whose forward pass ``torch.fx`` can trace is described as
 the list of its graph's nodes, its submodules (each described on its own: an
 allow-listed layer, an ``nn.Sequential`` or another graph) and the shapes and
 dtypes of the parameters and buffers registered on it directly. A worker checks
-every node (names, references, targets on the allow-list) and rebuilds a
-``torch.fx.GraphModule`` whose calls are all the worker's own: Tensor methods
+every node (names, references, targets on the allow-list) and rebuilds the model as a
+`GraphModel`, which interprets the graph node by node (no code is generated or run from the
+description), and whose calls are all the worker's own: Tensor methods
 and Python operators run through the checked functions in `graph_ops`, everything
 else is a callable from `fedsecure.worker.allowlist.ALLOWED`. Models that do
 not trace, or whose graph leaves that set, are not described (weights only).
@@ -40,7 +41,6 @@ from fedsecure.worker.graph_nodes import (
     MAX_NODES,
     NotDescribable,
     attribute_name,
-    check_placeholders,
     decode_nodes,
     encode_nodes,
 )
@@ -75,7 +75,9 @@ def describe(module: nn.Module, describe_module: Describe) -> Spec | None:
     try:
         children = [[name, _child(child, describe_module)] for name, child in module.named_children()]
         spec = _own(module, children)
-        if isinstance(module, fx.GraphModule):  # already a graph (a worker's own, or traced by hand)
+        if isinstance(module, GraphModel):  # a worker's own
+            nodes = encode_nodes(module.graph, module)
+        elif isinstance(module, fx.GraphModule):  # traced by hand
             if type(module.graph._codegen) is not fx.graph.CodeGen:
                 return None
             nodes = encode_nodes(module.graph, module)
@@ -148,8 +150,22 @@ def _trace(module: nn.Module) -> list[list[Any]]:
 # -- build (the worker's side) ----------------------------------------------------------
 
 
-class GraphModel(fx.GraphModule):
-    """A custom model a worker built from a graph description."""
+class GraphModel(nn.Module):
+    """A custom model a worker built from a graph description.
+
+    Its forward pass interprets the checked graph node by node (`torch.fx.Interpreter`): no
+    Python source is generated from the description and nothing is executed but the calls the
+    checks allowed. (A ``torch.fx.GraphModule`` would compile generated source with ``exec``.)
+    """
+
+    graph: fx.Graph
+
+    def __init__(self, graph: fx.Graph) -> None:
+        super().__init__()
+        object.__setattr__(self, "graph", graph)  # an attribute, not a submodule
+
+    def forward(self, *args: Any) -> Any:
+        return fx.Interpreter(self, garbage_collect_values=True, graph=self.graph).run(*args)
 
 
 def build(spec: Spec, depth: int, build_module: Build) -> nn.Module:
@@ -168,13 +184,11 @@ def build(spec: Spec, depth: int, build_module: Build) -> nn.Module:
         return root
     graph = decode_nodes(spec["nodes"], root)
     try:
-        module = GraphModel(root, graph, class_name="GraphModel")
-        module.graph.lint()
-    except (RuntimeError, ValueError, TypeError, AttributeError, SyntaxError) as exc:
+        graph.lint()
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
         raise ProtocolError(f"the graph does not form a valid model: {exc}") from exc
-    check_placeholders(module)
-    # Keep the description's order of submodules and tensors (GraphModule copies only what the
-    # graph uses, in the order it uses it): the weights message lists tensors in that order.
+    module = GraphModel(graph)
+    # The description's order of submodules and tensors: the weights message lists them in it.
     for attr in ("_modules", "_parameters", "_buffers"):
         object.__setattr__(module, attr, getattr(root, attr))
     module.training = bool(spec["training"])
