@@ -11,11 +11,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_quick(script: str, tmp_path: Path) -> tuple[str, dict[str, Any]]:
-    """Run ``benchmarks/SCRIPT --quick``; its printed table and the JSON it wrote."""
+def run_quick(script: str, tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """Run ``benchmarks/SCRIPT --quick [ARGS]``; its printed table and the JSON it wrote."""
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *args],
         capture_output=True, text=True, timeout=300, check=True,
     )
     return proc.stdout, json.loads(out.read_text())
@@ -36,3 +36,15 @@ def test_transport_benchmark_runs(tmp_path: Path) -> None:
     assert "raw TCP" in table
     assert all(row["same_values"] for row in result["transfers"])
     assert all(p["correct"] for p in result["pipeline"])
+
+
+def test_vs_flower_harness_runs(tmp_path: Path) -> None:
+    """The harness of benchmarks/vs_flower on the plain loop only: no Flower is installed for this."""
+    table, result = run_quick("vs_flower/run.py", tmp_path, "--systems", "plain")
+    assert "median s per round" in table
+    plain = result["summary"]["systems"]["plain"]
+    assert plain["available"] is True
+    assert len(plain["accuracy"]) == 1 and 0 <= plain["accuracy"][0] <= 1
+    assert plain["median_round_s"] > 0 and plain["memory"]["peak_rss_mb"] > 0
+    workload = result["workload"]
+    assert sum(workload["client_sizes"]) == workload["train_images"] and workload["clients"] == 10
