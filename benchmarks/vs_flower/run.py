@@ -21,7 +21,7 @@ on the 10,000 test images after each round.
    descendants and every process of its session (Ray's daemons included). Memory is reported two
    ways: the sum of RSS, which counts a page shared by several processes (forked workers, shared
    libraries, Ray's object store in /dev/shm) once per process and so overstates, and the sum of
-   PSS (/proc/PID/smaps_rollup; a shared page split among its sharers, sampled every 4th time),
+   PSS (/proc/PID/smaps_rollup; a shared page split among its sharers, sampled every 10th time),
    which adds up to what the tree really occupies. Peaks are maxima over samples, so a spike
    shorter than the interval can be missed.
 
@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import signal
@@ -72,7 +73,7 @@ NUM_CLIENTS = 10
 ALPHA = 0.5
 SEED = 0
 SAMPLE_S = 0.05
-PSS_EVERY = 4
+PSS_EVERY = 10
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 2**20
 
@@ -128,8 +129,8 @@ def prepare_data(path: Path, *, subset: int, dataset: str, quick: bool, seed: in
 
 # ---- memory of a process tree ----------------------------------------------------------------------
 
-def _proc_table() -> dict[int, tuple[int, int, int]]:
-    """pid -> (ppid, session, rss pages) of every process we can read."""
+def _proc_table() -> dict[int, tuple[int, int, int, int]]:
+    """pid -> (ppid, session, rss pages, CPU ticks used) of every process we can read."""
     table = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -142,14 +143,14 @@ def _proc_table() -> dict[int, tuple[int, int, int]]:
         fields = raw[raw.rfind(b")") + 2 :].split()
         # after the command: state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
         # cmajflt utime stime cutime cstime priority nice num_threads itrealvalue starttime vsize rss
-        table[int(name)] = (int(fields[1]), int(fields[3]), int(fields[21]))
+        table[int(name)] = (int(fields[1]), int(fields[3]), int(fields[21]), int(fields[11]) + int(fields[12]))
     return table
 
 
-def tree_pids(root: int, table: dict[int, tuple[int, int, int]]) -> set[int]:
+def tree_pids(root: int, table: dict[int, tuple[int, int, int, int]]) -> set[int]:
     """``root``, its descendants, and every process of its session (daemons that were re-parented)."""
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
+    for pid, (ppid, *_) in table.items():
         children.setdefault(ppid, []).append(pid)
     found, stack = set(), [root]
     while stack:
@@ -158,8 +159,15 @@ def tree_pids(root: int, table: dict[int, tuple[int, int, int]]) -> set[int]:
             continue
         found.add(pid)
         stack.extend(children.get(pid, ()))
-    found |= {pid for pid, (_, sid, _) in table.items() if sid == root}
+    found |= {pid for pid, (_, sid, *_) in table.items() if sid == root}
     return found
+
+
+def _machine_busy_ticks() -> int:
+    """CPU ticks all cores spent on anything but idle and iowait since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values) - values[3] - values[4]
 
 
 def _pss_kb(pid: int) -> int:
@@ -179,10 +187,15 @@ class TreeMonitor(threading.Thread):
     def __init__(self, root: int, interval: float = SAMPLE_S) -> None:
         super().__init__(daemon=True)
         self.root, self.interval = root, interval
-        self.samples: list[tuple[float, float, float | None, int]] = []  # time, RSS MB, PSS MB, processes
+        # time, tree RSS MB, tree PSS MB, processes, tree CPU s, machine busy CPU s
+        self.samples: list[tuple[float, float, float | None, int, float, float]] = []
         self.seen: set[int] = set()
         self.top: dict[int, float] = {}  # pid -> its own peak RSS MB
         self.names: dict[int, str] = {}
+        self.cpu_ticks: dict[int, int] = {}  # pid -> CPU ticks it had used when last seen
+        self.machine_start = _machine_busy_ticks()
+        self.machine_end = self.machine_start
+        self.loadavg: list[float] = []
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -190,8 +203,12 @@ class TreeMonitor(threading.Thread):
         while not self._stop_event.is_set():
             table = _proc_table()
             pids = tree_pids(self.root, table)
+            self.machine_end = _machine_busy_ticks()
+            with open("/proc/loadavg") as f:
+                self.loadavg.append(float(f.read().split()[0]))
             rss = 0.0
             for pid in pids:
+                self.cpu_ticks[pid] = table[pid][3]
                 mb = table[pid][2] * PAGE / MB
                 rss += mb
                 if mb > self.top.get(pid, 0.0):
@@ -203,7 +220,9 @@ class TreeMonitor(threading.Thread):
                     except OSError:
                         self.names[pid] = "?"
             pss = sum(_pss_kb(pid) for pid in pids) / 1024 if i % PSS_EVERY == 0 else None
-            self.samples.append((time.time(), rss, pss, len(pids)))
+            hz = os.sysconf("SC_CLK_TCK")
+            self.samples.append((time.time(), rss, pss, len(pids), sum(self.cpu_ticks.values()) / hz,
+                                 self.machine_end / hz))
             i += 1
             self._stop_event.wait(self.interval)
 
@@ -211,16 +230,32 @@ class TreeMonitor(threading.Thread):
         self._stop_event.set()
         self.join()
 
-    def at(self, when: float) -> float | None:
-        """Tree RSS (MB) of the last sample at or before ``when``."""
+    def at(self, when: float) -> tuple[float, float, float | None, int, float, float] | None:
+        """The last sample at or before ``when``."""
         before = [s for s in self.samples if s[0] <= when]
-        return before[-1][1] if before else None
+        return before[-1] if before else None
+
+    def cpu_between(self, start: float, end: float) -> tuple[float, float] | None:
+        """CPU seconds (this tree, everything else on the machine) between two times."""
+        a, b = self.at(start), self.at(end)
+        if a is None or b is None:
+            return None
+        tree = b[4] - a[4]
+        return tree, max((b[5] - a[5]) - tree, 0.0)
 
     def summary(self) -> dict[str, Any]:
         rss = [s[1] for s in self.samples]
         pss = [s[2] for s in self.samples if s[2] is not None]
         biggest = sorted(self.top.items(), key=lambda kv: -kv[1])[:6]
+        hz = os.sysconf("SC_CLK_TCK")
+        tree_cpu = sum(self.cpu_ticks.values()) / hz
+        machine_cpu = (self.machine_end - self.machine_start) / hz
         return {
+            # CPU seconds the tree used, and those the rest of the machine used meanwhile: a
+            # sign of how much other load the timings shared the cores with
+            "tree_cpu_s": round(tree_cpu, 1),
+            "others_cpu_s": round(max(machine_cpu - tree_cpu, 0.0), 1),
+            "mean_loadavg_1min": round(statistics.mean(self.loadavg), 2) if self.loadavg else None,
             "samples": len(self.samples),
             "peak_rss_mb": max(rss, default=0.0),
             "peak_pss_mb": max(pss, default=0.0),
@@ -292,7 +327,11 @@ def run_system(system: str, data: Path, rounds: int, workdir: Path, threads: int
     secs = [r["seconds"] for r in result["rounds"]]
     result["median_round_s"] = statistics.median(secs)
     result["total_rounds_s"] = sum(secs)
-    result["memory"]["rss_mb_after_round"] = [monitor.at(r["end"]) for r in result["rounds"]]
+    result["memory"]["rss_mb_after_round"] = [(s[1] if (s := monitor.at(r["end"])) else None) for r in result["rounds"]]
+    cpu = monitor.cpu_between(result["rounds"][0]["start"], result["rounds"][-1]["end"])
+    if cpu is not None:  # CPU time depends far less than wall time on what else the machine runs
+        result["cpu_s_per_round"] = cpu[0] / len(secs)
+        result["others_cpu_s_per_round"] = cpu[1] / len(secs)
     print(f"[{system}] median round {result['median_round_s']:.2f} s, peak tree RSS "
           f"{result['memory']['peak_rss_mb']:.0f} MB, PSS {result['memory']['peak_pss_mb']:.0f} MB", flush=True)
     return result
@@ -329,6 +368,8 @@ def report(results: dict[str, list[dict[str, Any]]], rounds: int) -> tuple[str, 
     """The table, and per system the medians over repeats."""
     merged: dict[str, dict[str, Any]] = {}
     for system, runs in results.items():
+        if not runs:  # not run yet
+            continue
         ok = [r for r in runs if r.get("available")]
         if not ok:
             merged[system] = {"available": False, "reason": runs[-1].get("reason", "")}
@@ -343,8 +384,12 @@ def report(results: dict[str, list[dict[str, Any]]], rounds: int) -> tuple[str, 
                 "peak_rss_mb": statistics.median([run["memory"]["peak_rss_mb"] for run in ok]),
                 "peak_pss_mb": statistics.median([run["memory"]["peak_pss_mb"] for run in ok]),
                 "max_processes": max(run["memory"]["max_processes"] for run in ok),
+                "tree_cpu_s": statistics.median([run["memory"]["tree_cpu_s"] for run in ok]),
+                "others_cpu_s": statistics.median([run["memory"]["others_cpu_s"] for run in ok]),
                 "rss_mb_after_round": ok[-1]["memory"].get("rss_mb_after_round"),
             },
+            "cpu_s_per_round": statistics.median([run.get("cpu_s_per_round", math.nan) for run in ok]),
+            "others_cpu_s_per_round": statistics.median([run.get("others_cpu_s_per_round", math.nan) for run in ok]),
             "accuracy": [r_["test_accuracy"] for r_ in ok[-1]["rounds"]],
             "round_s": [r_["seconds"] for r_ in ok[-1]["rounds"]],
         }
@@ -372,6 +417,7 @@ def report(results: dict[str, list[dict[str, Any]]], rounds: int) -> tuple[str, 
     row("peak tree RSS, MB", lambda m: f"{m['memory']['peak_rss_mb']:.0f}")
     row("peak tree PSS, MB", lambda m: f"{m['memory']['peak_pss_mb']:.0f}")
     row("processes in tree (max)", lambda m: f"{m['memory']['max_processes']}")
+    row("CPU s per round: tree/others", lambda m: f"{m['cpu_s_per_round']:.1f} / {m['others_cpu_s_per_round']:.1f}")
     for r in range(rounds):
         row(f"round {r + 1}: s / accuracy", lambda m, r=r: f"{m['round_s'][r]:.1f} / {m['accuracy'][r]:.4f}")
     row("tree RSS after last round", lambda m: f"{m['memory']['rss_mb_after_round'][-1]:.0f}")
@@ -379,7 +425,8 @@ def report(results: dict[str, list[dict[str, Any]]], rounds: int) -> tuple[str, 
     ratios = {}
     pairs = [(f, other) for f in merged if f.startswith("fedsecure") for other in ("flower", "plain")]
     for a, b in [*pairs, ("flower", "plain")]:
-        for key, what in (("median_round_s", "time per round"), ("peak_pss_mb", "peak PSS"), ("peak_rss_mb", "peak RSS")):
+        for key, what in (("median_round_s", "time per round"), ("cpu_s_per_round", "CPU s per round"),
+                          ("peak_pss_mb", "peak PSS"), ("peak_rss_mb", "peak RSS")):
             value = ratio(merged.get(a), merged.get(b), key)
             ratios[f"{a}/{b} {what}"] = value
             if value is not None:
@@ -437,17 +484,23 @@ def main() -> None:
             for system in order:
                 log = workdir / f"{system}_{rep}.log"
                 results[system].append(run_system(system, data_path, args.rounds, workdir, args.threads, log))
+                write(out, args, data_info, results, final=False)  # what is measured so far, in case of a stop
+    write(out, args, data_info, results, final=True)
 
+
+def write(out: Path, args: argparse.Namespace, data_info: dict[str, Any], results: dict[str, list[dict[str, Any]]],
+          *, final: bool) -> None:
     table, summary = report(results, args.rounds)
     title = (f"FedAvg, {data_info['dataset']}, {data_info['train_images']} training images, {NUM_CLIENTS} clients "
              f"Dirichlet({ALPHA}), McMahan CNN, E=1 B=32 SGD lr 0.01 m 0.9, {args.rounds} rounds, "
              f"{args.threads} cores")
-    print()
-    print(title)
-    print(table)
     versions = next((r.get("versions") for r in results.get("flower", []) if r.get("versions")), None)
-    if versions:
-        print(f"Flower side: {', '.join(f'{k} {v}' for k, v in versions.items())}")
+    if final:
+        print()
+        print(title)
+        print(table)
+        if versions:
+            print(f"Flower side: {', '.join(f'{k} {v}' for k, v in versions.items())}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "vs_flower",
@@ -459,8 +512,10 @@ def main() -> None:
         "summary": summary,
         "runs": results,
         "table": table,
+        "complete": final,
     }, indent=1, default=str))
-    print(f"wrote {out}")
+    if final:
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
