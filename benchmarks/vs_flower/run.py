@@ -14,7 +14,8 @@ on the 10,000 test images after each round.
      simulation engine with Ray, 2 client actors of 1 torch thread each;
    - fedsecure: fedsecure_run.py, fedsecure.fl.fit with ten data owners and an aggregator in one
      process, 2 owners training at a time with 1 torch thread each (the Flower run's budget);
-   - fedsecure-serial (only when asked for): the same, one owner at a time with 2 torch threads.
+   - fedsecure-serial (only when asked for): the same, one owner at a time with 2 torch threads;
+   - plain-1thread (only when asked for): the plain loop with 1 torch thread, on 1 core.
    Each writes a JSON of per-round wall time (end of one central evaluation to the end of the
    next) and test accuracy.
 3. While a system runs, a thread samples its whole process tree every 50 ms: the subprocess, its
@@ -67,7 +68,7 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
     import fedsecure.data as fdata
 
-SYSTEMS = ("plain", "flower", "fedsecure", "fedsecure-serial")
+SYSTEMS = ("plain", "flower", "fedsecure", "fedsecure-serial", "plain-1thread")
 DEFAULT_SYSTEMS = ("plain", "flower", "fedsecure")
 NUM_CLIENTS = 10
 ALPHA = 0.5
@@ -275,9 +276,9 @@ def _leftovers(root: int) -> set[int]:
 # ---- running one system -----------------------------------------------------------------------------
 
 def command(system: str, data: Path, rounds: int, out: Path, threads: int) -> list[str]:
-    if system == "plain":
+    if system.startswith("plain"):
         return [sys.executable, str(HERE / "plain_loop.py"), "--data", str(data), "--rounds", str(rounds),
-                "--threads", str(threads), "--out", str(out)]
+                "--threads", "1" if system == "plain-1thread" else str(threads), "--out", str(out)]
     if system == "flower":
         import flower_run  # noqa: PLC0415 - this directory is on sys.path (the script's own)
 
@@ -423,7 +424,7 @@ def report(results: dict[str, list[dict[str, Any]]], rounds: int) -> tuple[str, 
     row("tree RSS after last round", lambda m: f"{m['memory']['rss_mb_after_round'][-1]:.0f}")
     lines.append("")
     ratios = {}
-    pairs = [(f, other) for f in merged if f.startswith("fedsecure") for other in ("flower", "plain")]
+    pairs = [(f, other) for f in merged if f.startswith("fedsecure") for other in ("flower", "plain", "plain-1thread")]
     for a, b in [*pairs, ("flower", "plain")]:
         for key, what in (("median_round_s", "time per round"), ("cpu_s_per_round", "CPU s per round"),
                           ("peak_pss_mb", "peak PSS"), ("peak_rss_mb", "peak RSS")):
