@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) examples/tutorial_part4.py
+	$(VENV)/bin/fedsecure run examples/digits.toml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks
@@ -25,6 +26,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/pointer_overhead.py
 	$(PY) benchmarks/transport.py
+	$(PY) benchmarks/secure_aggregation.py
+	$(PY) benchmarks/fl_scale.py
 
 docs: $(STAMP)
 	$(PY) -c "from fedsecure.worker.allowlist import markdown; print(markdown(), end='')" > docs/allowlist.md

@@ -2,7 +2,9 @@
 
 Measured on this machine, against workers in their own processes (`WorkerProcess`):
 1. latency of one op that waits for its reply (``a + b`` on 4-float pointers), also against an
-   in-process `WorkerServer` and a `VirtualWorker` (no network), next to a raw TCP ping-pong.
+   in-process `WorkerServer` and a `VirtualWorker` (no network), next to a raw TCP ping-pong and
+   a bare gRPC echo over a long-lived bidirectional stream to another process (what gRPC Python
+   itself costs per message, no fedsecure code: the floor for a worker process).
    Target: at most 300 us against a worker process;
 2. pipelining: N in-place ops (``p.add_(1)``, which ride with the next request) finished by
    ``worker.flush()``, versus N ops that each wait (``p = p + 1``), in ops per second; and, where
@@ -25,6 +27,7 @@ import gc
 import json
 import os
 import platform
+import queue
 import resource
 import socket
 import statistics
@@ -106,6 +109,45 @@ def _recv_exactly(conn: socket.socket, view: memoryview) -> bool:
     return True
 
 
+ECHO_SERVER = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+import grpc
+def echo(requests, context):
+    yield from requests
+server = grpc.server(ThreadPoolExecutor(4))
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+    "Echo", {"Stream": grpc.stream_stream_rpc_method_handler(echo)}),))
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+sys.stdin.read()  # until the benchmark closes it
+"""
+
+
+class GrpcEcho:
+    """A bare gRPC echo in another process, over one long-lived bidirectional stream."""
+
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        self._channel = grpc.insecure_channel(f"127.0.0.1:{int(self._proc.stdout.readline())}")
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._replies = self._channel.stream_stream("/Echo/Stream")(iter(self._outbox.get, None))
+
+    def ping(self, message: bytes = b"x" * 64) -> bytes:
+        self._outbox.put(message)
+        reply: bytes = next(self._replies)
+        return reply
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        self._channel.close()
+        assert self._proc.stdin is not None
+        self._proc.stdin.close()
+        self._proc.wait(10)
+
+
 def interleave(
     cases: dict[str, Callable[[], Any]], blocks: int, reps: int, warmup: int
 ) -> dict[str, dict[str, float]]:
@@ -134,10 +176,13 @@ def set_pipelined(worker: sy.WorkerClient, on: bool) -> bool:
 
 
 def bench_latency(
-    workers: dict[str, sy.WorkerClient], sink: RawSink, blocks: int, reps: int
+    workers: dict[str, sy.WorkerClient], sink: RawSink, echo: GrpcEcho, blocks: int, reps: int
 ) -> dict[str, Any]:
     one_byte = memoryview(b"x")
-    cases: dict[str, Callable[[], Any]] = {"raw TCP ping-pong (1 byte)": lambda: sink.send(one_byte)}
+    cases: dict[str, Callable[[], Any]] = {
+        "raw TCP ping-pong (1 byte)": lambda: sink.send(one_byte),
+        "bare gRPC stream echo (64 bytes)": echo.ping,
+    }
     for name, worker in workers.items():
         set_pipelined(worker, False)  # every op waits for its reply
         a, b = torch.randn(4).send(worker), torch.randn(4).send(worker)
@@ -305,6 +350,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         sink = RawSink()
         stack.callback(sink.close)
+        echo = GrpcEcho()
+        stack.callback(echo.close)
         bob_proc = stack.enter_context(sy.WorkerProcess(
             "bob", clients={"owner": OWNER}, peer_tokens={"alice": PEER}, extra=extra))
         alice_proc = stack.enter_context(sy.WorkerProcess(
@@ -317,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "in-process WorkerServer": sy.connect("carol", server.address, credentials=OWNER),
             "VirtualWorker (no network)": sy.VirtualWorker(hook, id="dave"),
         }
-        result["latency"] = bench_latency(workers, sink, blocks, reps)
+        result["latency"] = bench_latency(workers, sink, echo, blocks, reps)
         result["pipeline"] = [bench_pipeline(n, w, pipeline_ops) for n, w in workers.items()]
         result["transfers"] = []
         for nbytes, n in sizes.items():

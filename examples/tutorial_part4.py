@@ -16,7 +16,12 @@ With ``--remote`` the three workers are real servers in processes of their own
 run): bob and alice load their points from their own files, and the model owner
 reaches them over gRPC.
 
+With ``--secure-aggregation`` there is no trusted secure worker at all: bob and alice mask
+their models (pairwise masks with dropout recovery, Bonawitz et al. 2017) and the model owner
+learns only their average.
+
 Run:  python examples/tutorial_part4.py [--rounds 20] [--local-steps 5] [--seed 0] [--strict] [--remote]
+                                        [--secure-aggregation]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from torch import nn, optim
 
 import fedsecure as sy
+from fedsecure.fl.secure import secure_average
 from fedsecure.transport.certs import write_federation
 
 
@@ -45,6 +51,11 @@ def main(argv: list[str] | None = None) -> float:
         "--strict",
         action="store_true",
         help="the secure worker releases only its own mean (secure_worker.aggregate)",
+    )
+    parser.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="no secure worker: bob and alice mask their models, only the average is learnt",
     )
     parser.add_argument(
         "--remote",
@@ -148,6 +159,12 @@ def _train(
             alices_loss.backward()
             alices_opt.step()
             alices_loss = alices_loss.get().data
+
+        if args.secure_aggregation:  # Steps 5 and 6 with no trusted party: only the mean is learnt
+            average = secure_average([alices_model, bobs_model], reference=model)
+            model.load_state_dict(average)
+            print(f"round {round_:2d}  Bob: {bobs_loss.item():.4f}  Alice: {alices_loss.item():.4f}")
+            continue
 
         # Step 5: both models go straight to the secure worker; we send only the order.
         alices_model.move(secure_worker)

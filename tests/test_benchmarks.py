@@ -11,11 +11,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_quick(script: str, tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
-    """Run ``benchmarks/SCRIPT --quick [ARGS]``; its printed table and the JSON it wrote."""
+def run_quick(script: str, tmp_path: Path, *extra: str) -> tuple[str, dict[str, Any]]:
+    """Run ``benchmarks/SCRIPT --quick``; its printed table and the JSON it wrote."""
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *args],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *extra],
         capture_output=True, text=True, timeout=300, check=True,
     )
     return proc.stdout, json.loads(out.read_text())
@@ -36,6 +36,27 @@ def test_transport_benchmark_runs(tmp_path: Path) -> None:
     assert "raw TCP" in table
     assert all(row["same_values"] for row in result["transfers"])
     assert all(p["correct"] for p in result["pipeline"])
+
+
+def test_secure_aggregation_benchmark_runs(tmp_path: Path) -> None:
+    table, result = run_quick("secure_aggregation.py", tmp_path, "--no-flower")  # no venv, no install
+    assert "srv/plain" in table and "Flower skipped" in table
+    assert {row["mode"] for row in result["rows"]} == {"secagg", "secagg+"}
+    assert all(row["correct"] and row["expansion"] > 1 for row in result["rows"])
+
+
+def test_fl_scale_benchmark_runs(tmp_path: Path) -> None:
+    table, result = run_quick("fl_scale.py", tmp_path)
+    assert "peak memory" in table
+    assert result["workers"] == 100 and result["rounds"][0]["workers"] == 100
+    assert result["objects_left"] == [0] * len(result["objects_left"])  # nothing left on any worker
+
+
+def test_niid_bench_runs(tmp_path: Path) -> None:
+    table, result = run_quick("niid_bench.py", tmp_path)
+    assert "| dir0.5 |" in table and "| c3 |" in table
+    assert [r["partition"] for r in result["rows"]] == ["dir0.5", "iid", "c2", "c3"]
+    assert all(len(r["accuracy"]) == 2 for r in result["rows"])
 
 
 def test_vs_flower_harness_runs(tmp_path: Path) -> None:

@@ -76,3 +76,32 @@ class DatasetNotFound(DatasetError, FileNotFoundError):
 
 class PartitionError(FedsecureError, ValueError):
     """A partitioner's arguments cannot be satisfied (too many workers, classes or samples asked for)."""
+
+
+class SecureAggregationError(FedsecureError):
+    """Secure aggregation stopped; the message names the rule and how to go on."""
+
+
+class SecAggInputError(SecureAggregationError, ValueError):
+    """Bad arguments to secure aggregation: a configuration that cannot work or would not be
+    secure, or an update that cannot be encoded."""
+
+
+class FixedPointOverflow(SecAggInputError):
+    """A sum of fixed-point values could wrap around the ring, so its decoding would be wrong."""
+
+
+class ShareReconstructionError(SecureAggregationError, ValueError):
+    """Secret shares could not be combined: too few, duplicated, inconsistent or of different secrets."""
+
+
+class TooFewSurvivors(SecureAggregationError, RuntimeError):
+    """Fewer clients than the threshold are left; the round is aborted and nothing is revealed."""
+
+
+class ShareRevealRefused(SecureAggregationError, PermissionError):
+    """An honest client refused to reveal a share that, together with others, would unmask one input."""
+
+
+class SecAggProtocolError(SecureAggregationError, ProtocolError):
+    """A secure-aggregation message was rejected: tampered, replayed, out of phase or malformed."""

@@ -1,5 +1,6 @@
-"""The ``fedsecure`` command: ``worker serve`` runs a worker as a server, ``certs``
-makes the certificates of a test federation.
+"""The ``fedsecure`` command: ``run`` trains as an experiment file says, ``plot`` draws its
+history, ``worker serve`` runs a worker as a server, ``certs`` makes the certificates of a test
+federation.
 
 ``fedsecure worker serve``: a data owner's or an aggregator's worker, as a server.
 
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsecure.cli import experiment
 from fedsecure.transport import certs
 from fedsecure.transport.grpc import DEFAULT_MAX_MESSAGE, TLS, WorkerServer
 from fedsecure.worker.core import WorkerCore
@@ -207,6 +209,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-contributors", type=int,
                    help="owners an aggregate must combine before it may leave (default 2)")
     p.set_defaults(run=serve)
+    experiment.add_commands(commands)
     # listed for --help; `main` hands its arguments to fedsecure.transport.certs
     commands.add_parser("certs", help="make a CA and certificates for a test federation")
     return top

@@ -11,6 +11,7 @@ least ``strategy.min_fit_workers`` answered.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,10 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedsecure.errors import FedsecureError
+from fedsecure.errors import FedsecureError, TooFewSurvivors
 from fedsecure.fl import checkpoint as ckpt
 from fedsecure.fl.history import History
 from fedsecure.fl.progress import Progress
+from fedsecure.fl.secure import SecureSettings, Trained, secure_mean
 from fedsecure.fl.strategy import (
     AggregationRule,
     ConfigurationError,
@@ -82,7 +84,7 @@ class Engine:
         workers: Sequence[WorkerClient],
         strategy: Strategy,
         *,
-        aggregator: WorkerClient,
+        aggregator: WorkerClient | None,
         data: tuple[str, str] = ("x", "y"),
         eval_data: tuple[str, str] = ("x_test", "y_test"),
         test_data: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -93,33 +95,62 @@ class Engine:
         progress: bool | Progress = False,
         checkpoint: str | Path | None = None,
         settings: Mapping[str, Any] | None = None,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+        groups: Mapping[str, int] | None = None,
+        secure_aggregation: str = "trusted",
+        secure: SecureSettings | None = None,
+        work_deadline: float = 3600.0,
     ) -> None:
+        if secure_aggregation not in ("trusted", "pairwise"):
+            raise ConfigurationError(
+                f"secure_aggregation must be 'trusted' (the aggregator sees updates) or 'pairwise' "
+                f"(no one does), got {secure_aggregation!r}"
+            )
         spec = describe(model)
         if spec is None:
             raise ConfigurationError(
-                f"{type(model).__name__} uses layers outside the workers' allow-list: the engine "
-                "sends models as an architecture built from allow-listed layers (see docs/allowlist.md), "
-                "for example an nn.Sequential of Conv2d, ReLU, MaxPool2d, Flatten and Linear"
+                f"{type(model).__name__} uses parts outside the workers' allow-list: the engine "
+                "sends models as an architecture built from allow-listed layers, for example an "
+                "nn.Sequential of Conv2d, ReLU, MaxPool2d, Flatten and Linear, or as a custom module "
+                "whose forward torch.fx traces into allow-listed operations (see docs/models.md)"
             )
         ids = [w.id for w in workers]
         if len(set(ids)) != len(ids):
             raise ConfigurationError(f"worker ids must be distinct, got {ids}")
-        if aggregator.id in ids:
+        if aggregator is None and secure_aggregation != "pairwise":
+            raise ConfigurationError("an aggregator is needed, unless secure_aggregation='pairwise'")
+        if aggregator is not None and aggregator.id in ids:
             raise ConfigurationError(f"the aggregator {aggregator.id!r} cannot also be a training worker")
         if not workers:
             raise ConfigurationError("federated training needs at least one worker")
         self.model, self.spec = model, spec
         self.workers = {w.id: w for w in workers}
-        self.strategy, self.aggregator = strategy, aggregator
+        self.strategy = strategy
+        self._aggregator = aggregator
         self.data, self.eval_data, self.test_data, self.test_loss = data, eval_data, test_data, test_loss
         self.seed, self.retries = seed, retries
         self.parallelism = parallelism or 1
         self.progress = progress if isinstance(progress, Progress) else Progress(enabled=progress)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.settings = dict(settings or {})
+        self.on_round = on_round
+        self.groups = dict(groups or {})
+        self.secure_aggregation = secure_aggregation
+        self._kept: dict[str, list[tuple[int, list[int]]]] = {}
+        self._last_failures: list[Failure] = []
+        self.secure = secure or SecureSettings()
+        self.work_deadline = work_deadline  # seconds a worker may take for a round's training
         self.history = History()
         self.parameters = strategy.initialize_parameters(parameters_of(model))
         self.round = 0
+
+    @property
+    def aggregator(self) -> WorkerClient:
+        if self._aggregator is None:
+            raise ConfigurationError(
+                "this run has no aggregator (pairwise secure aggregation): federated evaluation needs one"
+            )
+        return self._aggregator
 
     # -- resume ----------------------------------------------------------------------
 
@@ -139,7 +170,7 @@ class Engine:
             )
         if set(saved.parameters) != set(self.parameters):
             raise ckpt.CheckpointError(f"the checkpoint in {self.checkpoint} holds another model's weights")
-        self.parameters = saved.parameters
+        self.parameters = {k: saved.parameters[k] for k in self.parameters}  # safetensors sorts names
         self.strategy.load_state_dict(saved.strategy_state)
         self.history = History(saved.history)
         self.round = saved.round
@@ -163,7 +194,7 @@ class Engine:
         try:
             reply = worker.request(
                 m.Fit(worker.take_release(), module_id, self.data[0], self.data[1], plan.training.to_wire(),
-                      _seed(self.seed, server_round, worker.id))
+                      _seed(self.seed, server_round, worker.id)), deadline=self.work_deadline
             )
             moved_id, moved_ids = new_id(), [new_id() for _ in ids]
             worker.request(m.MoveModule(worker.take_release(), module_id, self.aggregator.id, moved_id, moved_ids))
@@ -173,6 +204,59 @@ class Engine:
         for i in ids:  # the module's id went with the move; its tensors' ids are freed here
             worker.release(i)
         return _Trained(worker.id, moved_id, moved_ids, int(reply["examples"]), reply.get("loss"))
+
+    def _train_kept(self, worker: WorkerClient, plan: FitPlan, server_round: int) -> Trained:
+        """Train, and keep the trained model and the global one on the worker (secure aggregation)."""
+        reference = self._put(worker, self.parameters)
+        module_id, ids = self._put(worker, self.parameters)
+        try:
+            reply = worker.request(
+                m.Fit(worker.take_release(), module_id, self.data[0], self.data[1], plan.training.to_wire(),
+                      _seed(self.seed, server_round, worker.id)), deadline=self.work_deadline
+            )
+        except BaseException:
+            self._forget(worker, module_id, ids)
+            self._forget(worker, *reference)
+            raise
+        self._kept[worker.id] = [(module_id, ids), reference]
+        return Trained(worker.id, module_id, reference[0], int(reply["examples"]))
+
+    def _secure_round(self, plan: FitPlan, server_round: int) -> tuple[FitAggregate, list[Failure]] | None:
+        rule = plan.rule
+        if rule.name != "mean" or rule.options:
+            raise ConfigurationError(
+                "pairwise secure aggregation computes the (weighted) mean only: the aggregation rule must be "
+                f"'mean' (robust rules need an aggregator that sees the updates), got {rule}"
+            )
+        privacy: dict[str, Any] = {}
+        if rule.clip_norm is not None:  # DP-FedAvg with the noise split among the workers
+            privacy["clip_norm"] = rule.clip_norm
+            if rule.noise_multiplier:
+                privacy["noise_std"] = rule.noise_multiplier * rule.clip_norm / math.sqrt(len(plan.workers))
+        task: Callable[[WorkerClient], Trained] = partial(self._train_kept, plan=plan, server_round=server_round)
+        self._kept = {}
+        try:
+            trained, failures = self._each(plan.workers, task, "fit")
+            self._last_failures = failures
+            if len(trained) < self.strategy.min_fit_workers:
+                return None
+            trained.sort(key=lambda t: t.worker)
+            try:
+                parameters, survivors, lost = secure_mean(trained, self.workers, self.parameters, self.secure,
+                                                          self._each, weighted=rule.weighted, privacy=privacy)
+            except TooFewSurvivors as exc:  # the protocol aborted before revealing anything
+                self._last_failures = [*failures, Failure(worker="(round)", phase="secure aggregation", error=str(exc))]
+                return None
+        finally:
+            for name, kept in self._kept.items():
+                for module_id, ids in kept:
+                    self._forget(self.workers[name], module_id, ids)
+        failures += lost
+        self._last_failures = failures
+        if len(survivors) < self.strategy.min_fit_workers:
+            return None
+        examples = sum(t.examples for t in trained if t.worker in survivors)
+        return FitAggregate(parameters=parameters, num_examples=examples, workers=tuple(survivors)), failures
 
     def _each(self, names: Sequence[str], task: Callable[[WorkerClient], Any], phase: str
               ) -> tuple[list[Any], list[Failure]]:
@@ -186,7 +270,17 @@ class Engine:
                 failures.append(Failure(worker=name, phase=phase, error=f"{type(exc).__name__}: {exc}"))
             self.progress.worker_done()
 
-        if self.parallelism <= 1:
+        if self.groups:  # one thread per process of workers, its workers one after the other
+            buckets: dict[int, list[str]] = {}
+            for name in names:
+                buckets.setdefault(self.groups.get(name, -1), []).append(name)
+            def run_all(bucket: list[str]) -> None:
+                for name in bucket:
+                    run(name)
+
+            with ThreadPoolExecutor(max_workers=len(buckets)) as pool:
+                list(pool.map(run_all, buckets.values()))
+        elif self.parallelism <= 1:
             for name in names:
                 run(name)
         else:
@@ -194,19 +288,20 @@ class Engine:
                 list(pool.map(run, names))
         return done, failures
 
-    def _aggregate(self, rule: AggregationRule, trained: list[_Trained]) -> Parameters:
+    def _aggregate(self, rule: AggregationRule, trained: list[_Trained]) -> tuple[Parameters, dict[str, float]]:
         agg = self.aggregator
         new_module, new_ids = new_id(), [new_id() for _ in self.parameters]
         plain = rule.name == "mean" and rule.clip_norm is None and rule.noise_multiplier == 0
         reference: tuple[int, list[int]] | None = None
+        released: dict[str, float] = {}
         try:
             if plain:
                 agg.request(m.AggregateModules(agg.take_release(), [t.module_id for t in trained],
                                                rule.weighted, new_module, new_ids))
             else:
                 reference = self._put(agg, self.parameters)
-                agg.request(m.AggregateUpdates(agg.take_release(), [t.module_id for t in trained], reference[0],
-                                               rule.to_wire(), new_module, new_ids))
+                released = agg.request(m.AggregateUpdates(agg.take_release(), [t.module_id for t in trained],
+                                                          reference[0], rule.to_wire(), new_module, new_ids)) or {}
         finally:
             for t in trained:
                 self._forget(agg, t.module_id, t.ids)
@@ -215,7 +310,7 @@ class Engine:
         values = agg.request(m.GetModule(agg.take_release(), new_module))
         for i in new_ids:
             agg.release(i)
-        return dict(zip(self.parameters, values, strict=True))
+        return dict(zip(self.parameters, values, strict=True)), {k: float(v) for k, v in released.items()}
 
     def _fit_round(self, server_round: int) -> tuple[FitPlan, FitAggregate, list[Failure]]:
         names = list(self.workers)
@@ -226,23 +321,31 @@ class Engine:
             if unknown:
                 raise ConfigurationError(f"the strategy chose unknown workers {unknown}")
             self.progress.start_phase(server_round, "fit", len(plan.workers))
+            if self.secure_aggregation == "pairwise":
+                secured = self._secure_round(plan, server_round)
+                if secured is not None:
+                    return plan, *secured
+                continue
             task: Callable[[WorkerClient], _Trained] = partial(self._train_one, plan=plan, server_round=server_round)
             trained, failures = self._each(plan.workers, task, "fit")
+            self._last_failures = failures
             if len(trained) >= self.strategy.min_fit_workers:
                 trained.sort(key=lambda t: t.worker)
-                parameters = self._aggregate(plan.rule, trained)
+                parameters, released = self._aggregate(plan.rule, trained)
                 examples = sum(t.examples for t in trained)
                 losses = [(t.loss, t.examples) for t in trained if t.loss is not None]
                 metrics = {"train_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses)} if losses else {}
+                metrics.update(released)
                 aggregate = FitAggregate(parameters=parameters, num_examples=examples,
                                          workers=tuple(t.worker for t in trained), metrics=metrics)
                 return plan, aggregate, failures
             for t in trained:
                 self._forget(self.aggregator, t.module_id, t.ids)
-        reasons = "; ".join(f"{f.worker}: {f.error}" for f in failures)
         raise RoundFailed(
-            f"round {server_round}: only {len(trained)} of {len(plan.workers)} workers finished training, "
-            f"{self.strategy.min_fit_workers} are needed (tried {self.retries + 1} times). Failures: {reasons}"
+            f"round {server_round}: too few of the {len(plan.workers)} workers finished, "
+            f"{self.strategy.min_fit_workers} are needed (tried {self.retries + 1} times)"
+            + ("; the last try's failures: " + "; ".join(f"{f.worker}: {f.error}" for f in self._last_failures)
+               if self._last_failures else "")
         )
 
     def _evaluate_one(self, worker: WorkerClient, plan: EvaluatePlan) -> tuple[str, int, list[int]]:
@@ -250,7 +353,8 @@ class Engine:
         result = new_id()
         try:
             worker.request(m.Evaluate(worker.take_release(), module_id, self.eval_data[0], self.eval_data[1],
-                                      {"loss": plan.loss, "batch_size": plan.batch_size}, result))
+                                      {"loss": plan.loss, "batch_size": plan.batch_size}, result),
+                           deadline=self.work_deadline)
             moved = new_id()
             worker.request(m.Move(worker.take_release(), result, self.aggregator.id, moved))
         finally:
@@ -298,7 +402,7 @@ class Engine:
         self.parameters = self.strategy.aggregate_fit(server_round, self.parameters, aggregate, failures)
         row: dict[str, Any] = {"round": server_round, "workers": len(aggregate.workers),
                                "examples": aggregate.num_examples, **aggregate.metrics}
-        row.update(getattr(self.strategy, "round_metrics", dict)())
+        row.update(self.strategy.round_metrics())
         evaluated = time.perf_counter()
         row.update(self._central_evaluate(server_round))
         row.update(self._federated_evaluate(server_round))
@@ -313,6 +417,8 @@ class Engine:
             ckpt.save(self.checkpoint, server_round=server_round, parameters=self.parameters,
                       strategy_state=self.strategy.state_dict(), history=self.history.rows, settings=self.settings)
         self.progress.end_round(row)
+        if self.on_round is not None:
+            self.on_round(row)
         return row
 
     def run(self, rounds: int) -> tuple[nn.Module, History]:
@@ -321,10 +427,11 @@ class Engine:
         self.progress.start(rounds, self.round)
         try:
             while self.round < rounds:
-                self.run_round()
-                if getattr(self.strategy, "should_stop", lambda: False)():
-                    self.progress.note("the strategy stopped training (its privacy budget is spent)")
+                if self.strategy.should_stop():
+                    self.progress.note(f"the strategy ended training after round {self.round} "
+                                       "(its privacy budget allows no further round)")
                     break
+                self.run_round()
         finally:
             self.progress.close()
         load_parameters(self.model, self.parameters)
@@ -337,7 +444,7 @@ def fit(
     strategy: Strategy,
     *,
     rounds: int,
-    aggregator: WorkerClient,
+    aggregator: WorkerClient | None,
     test_data: tuple[torch.Tensor, torch.Tensor] | None = None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
@@ -349,7 +456,10 @@ def fit(
     for federated evaluation, ``eval_data`` (``("x_test", "y_test")``). ``test_data`` is the model
     owner's own test set for central evaluation after every round. With ``checkpoint`` a
     directory, every round is saved there; ``resume=True`` continues from it. More options:
-    `Engine`'s (``seed``, ``parallelism``, ``retries``, ``progress``, ``test_loss``).
+    ``secure_aggregation="pairwise"``: no party sees an update, the model owner learns only their
+    sum (`fedsecure.fl.secure`; ``secure=SecureSettings(...)``; ``aggregator`` may then be None).
+    `Engine`'s (``work_deadline``: seconds a worker may take to train, default an hour; ``seed``, ``parallelism``, ``retries``, ``progress``, ``test_loss``, ``on_round``: called
+    with each round's metrics).
     """
     engine = Engine(model, workers, strategy, aggregator=aggregator, test_data=test_data,
                     checkpoint=checkpoint, **options)

@@ -217,6 +217,16 @@ class Strategy:
     def min_fit_workers(self) -> int:
         return 1
 
+    def round_metrics(self) -> dict[str, float]:
+        """Metrics the strategy itself computed in the last round (a DP wrapper's epsilon spent, its
+        clip bound); the engine reads them after `aggregate_fit` and records them with the round."""
+        return {}
+
+    def should_stop(self) -> bool:
+        """True when the strategy allows no further round (a privacy budget is spent); the engine
+        asks before each round's `configure_fit` and ends training cleanly when it is True."""
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume this strategy (tensors and JSON values)."""
         return {}

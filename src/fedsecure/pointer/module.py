@@ -2,9 +2,10 @@
 
 A sent model keeps its Python object: its parameters and buffers become
 pointers, so ``model.parameters()``, ``model.weight.data`` and ``torch.optim``
-work on it unchanged. If every layer is on the worker's layer allow-list, the
-worker also builds the model itself and ``model(x)`` is one message (the whole
-forward pass runs there); otherwise the forward pass runs op by op on pointers.
+work on it unchanged. If the worker can build the model itself (layers from its
+layer allow-list, or a custom module that torch.fx traces into allow-listed
+operations: see docs/models.md), ``model(x)`` is one message (the whole forward
+pass runs there); otherwise the forward pass runs op by op on pointers.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _install(module: nn.Module, remote: RemoteModule, pointers: list[PointerTens
 
 
 def send_module(module: nn.Module, worker: WorkerClient, *, private: bool = False) -> nn.Module:
-    """Send ``module``'s weights (and, if allow-listed, its architecture) to ``worker``.
+    """Send ``module``'s weights (and, if describable, its architecture) to ``worker``.
 
     The module object itself is returned, now pointing to the worker.
     """
@@ -231,8 +232,9 @@ def aggregate(worker: WorkerClient, values: list[Any], weighted: bool) -> Any:
             r = remote_of(v)
             if r is None or r.module_id is None or r.worker is not worker:
                 raise WorkerMismatch(
-                    f"aggregate() takes models sent to {worker.id!r} whose layers are all on the "
-                    "allow-list; move them there first"
+                    f"aggregate() takes models sent to {worker.id!r} that workers build themselves "
+                    "(allow-listed layers, or graphs of allow-listed operations: see docs/models.md); "
+                    "move them there first"
                 )
             module_ids.append(r.module_id)
         ids = [new_id() for _ in _slots(values[0])]

@@ -1,47 +1,55 @@
 """Workers as gRPC servers, and the model owner's connection to them.
 
-The servicer is thin (as in gRPC's own examples): one unary method carries a
-request's bytes to `WorkerCore.handle` and its reply back; the core stays
-sans-I/O and is the same one `VirtualWorker` drives in one process. There is no
-.proto to compile: the method takes and returns raw bytes, which are `wire`
-messages.
+The servicer is thin (as in gRPC's own examples): it carries a request's bytes to
+`WorkerCore.handle` and its reply back; the core stays sans-I/O and is the same one
+`VirtualWorker` drives in one process. There is no .proto to compile: the methods take
+and return raw bytes. ``Stream`` (what `connect` uses) is a long-lived bidirectional
+stream of requests and replies in the format of `frames`: a message's large tensors
+travel beside it, straight from and into tensor storage. ``Handle`` is one request in,
+one reply out, with tensors inside the message (a reply of at most `frames.CHUNK` bytes).
 
-Every caller is authenticated before a byte of its message is decoded: with
-mutual TLS (`TLS`, certificates from ``fedsecure certs``) by the common name of
-its certificate, or, without TLS (loopback experiments only), by a bearer token
-in the call's metadata, compared in constant time. The name says who the caller
-is: the model owner (a client) or another worker (a peer, for worker-to-worker
-moves). Every call has a deadline; a worker that is down surfaces as
+One server may host several workers (`WorkerServer.add`), each with its own core, lock,
+callers and peers; a request names the worker it is for (in the stream message's head,
+or the ``fedsecure-worker`` metadata of a ``Handle`` call).
+
+Every caller is authenticated before a byte of its message is decoded: with mutual TLS
+(`TLS`, certificates from ``fedsecure certs``) by the common name of its certificate,
+or, without TLS (loopback experiments only), by a bearer token in the call's metadata,
+compared in constant time. Each hosted worker has its own callers: the name says who the
+caller is, the model owner (a client) or another worker (a peer, for worker-to-worker
+moves). Every request has a deadline; a worker that is down surfaces as
 `WorkerUnavailable` naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hmac
-import secrets
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
-from fedsecure.errors import FedsecureError, WorkerUnavailable
+from fedsecure.errors import FedsecureError, ProtocolError, WorkerUnavailable
+from fedsecure.transport import frames, streams
 from fedsecure.transport.certs import common_name, load_pem
+from fedsecure.transport.frames import CHUNK
+from fedsecure.transport.gate import Gate
+from fedsecure.wire import codec
 from fedsecure.worker.client import WorkerClient
 from fedsecure.worker.core import Sender, WorkerCore
 
 SERVICE = "fedsecure.Worker"
-METHOD = f"/{SERVICE}/Handle"  # a request that fits in one chunk, its reply (or a ticket)
-UPLOAD = f"/{SERVICE}/Upload"  # a larger request, in chunks; its reply (or a ticket)
-FETCH = f"/{SERVICE}/Fetch"  # a ticket in; a large reply out, in chunks
+METHOD = f"/{SERVICE}/Handle"  # one request in, one reply out, tensors inside (small messages)
+STREAM = f"/{SERVICE}/Stream"  # requests and replies on a long-lived stream, tensors beside
 DEFAULT_DEADLINE = 30.0
 DEFAULT_MAX_MESSAGE = 4 << 30  # 4 GiB: the largest message, tensors included (configurable)
-CHUNK = 1 << 20  # messages travel in 1 MiB gRPC messages, never one huge one
-_TICKET = "fedsecure-reply-ticket"
-_UNFETCHED = 4  # large replies a caller may leave unfetched; older ones are dropped
-_LENGTH = "fedsecure-length"
+WORKER_KEY = "fedsecure-worker"  # a Handle call's metadata: the hosted worker it is for
 
 
 class AuthenticationFailed(FedsecureError, PermissionError):
@@ -72,21 +80,37 @@ def _options() -> list[tuple[str, int]]:
     ]
 
 
-def _chunks(data: bytes | bytearray | memoryview) -> Any:
-    view = memoryview(data)
-    for start in range(0, len(view), CHUNK):
-        yield bytes(view[start : start + CHUNK])
+# Links live while a transport (or an open stream) uses them; a channel closes when its
+# link is collected.
+_links: weakref.WeakValueDictionary[tuple[str, str | None, TLS | None], streams.Link] = (
+    weakref.WeakValueDictionary()
+)
+_links_lock = threading.Lock()
 
 
-def _too_large(what: str, size: int, limit: int) -> str:
-    return (
-        f"{what} of {size} bytes exceeds the maximum of {limit} bytes; raise it on both ends "
-        "(max_message=..., fedsecure worker serve --max-message)"
-    )
+def _link(address: str, token: str | None, tls: TLS | None) -> streams.Link:
+    """The shared link to ``address`` with these credentials (see `streams`)."""
+    key = (address, token, tls)
+    with _links_lock:
+        link = _links.get(key)
+        if link is None:
+            if tls is not None:
+                creds = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+                channel = grpc.secure_channel(address, creds, options=_options())
+            else:
+                channel = grpc.insecure_channel(address, options=_options())
+            metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
+            link = _links[key] = streams.Link(channel, STREAM, metadata)
+        return link
 
 
 class GrpcTransport:
-    """A transport (bytes in, bytes out) to one worker's server, with a deadline per call."""
+    """A transport (bytes in, bytes out) to one worker's server, with a deadline per request.
+
+    ``persistent``: requests go over pooled long-lived streams (for a model owner, whose
+    requests follow one another); otherwise each request opens a stream of its own (for
+    worker-to-worker moves, which are few and large).
+    """
 
     def __init__(
         self,
@@ -97,6 +121,7 @@ class GrpcTransport:
         tls: TLS | None = None,
         deadline: float = DEFAULT_DEADLINE,
         max_message: int = DEFAULT_MAX_MESSAGE,
+        persistent: bool = True,
     ) -> None:
         if token is None and tls is None:
             raise ValueError(f"connecting to {worker_id!r} needs credentials: a token or TLS")
@@ -104,67 +129,60 @@ class GrpcTransport:
         self.address = address
         self.deadline = deadline
         self.max_message = max_message
+        self.persistent = persistent
         self._tls = tls is not None
-        self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
-        if tls is not None:
-            creds = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
-            self._channel = grpc.secure_channel(address, creds, options=_options())
-        else:
-            self._channel = grpc.insecure_channel(address, options=_options())
-        self._call = self._channel.unary_unary(METHOD)
-        self._upload = self._channel.stream_unary(UPLOAD)
-        self._fetch = self._channel.unary_stream(FETCH)
+        self._link = _link(address, token, tls)
 
-    def __call__(self, data: bytes) -> bytes:
-        if len(data) > self.max_message:
-            raise ValueError(_too_large(f"a message to {self.worker_id!r}", len(data), self.max_message))
-        try:
-            if len(data) <= CHUNK:
-                reply, call = self._call.with_call(data, timeout=self.deadline, metadata=self._metadata)
-            else:
-                metadata = (*self._metadata, (_LENGTH, str(len(data))))
-                reply, call = self._upload.with_call(
-                    _chunks(data), timeout=self.deadline, metadata=metadata
-                )
-            ticket = dict(call.trailing_metadata() or ()).get(_TICKET)
-            return reply if ticket is None else self._collect(str(ticket))
-        except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            if code == grpc.StatusCode.UNAUTHENTICATED:
-                raise AuthenticationFailed(
-                    f"worker {self.worker_id!r} at {self.address} refused our credentials; "
-                    "check the token"
-                ) from None
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise WorkerUnavailable(
-                    f"message to {self.worker_id!r} exceeds the configured maximum size: "
-                    f"{exc.details() if hasattr(exc, 'details') else exc}"
-                ) from None
-            hint = " (or refused the TLS handshake: check both sides use the same CA)" if self._tls else ""
-            raise WorkerUnavailable(
-                f"worker {self.worker_id!r} at {self.address} did not answer within "
-                f"{self.deadline:g} s{hint} ({code.name if code else exc})"
-            ) from None
+    takes_deadline = True  # `WorkerClient.request(..., deadline=)` may give one per request
 
-    def _collect(self, ticket: str) -> bytes:
-        """A reply too large for one chunk: fetch it in chunks into one buffer."""
-        ticket_id, _, length = ticket.partition(":")
-        size = int(length)
+    def __call__(self, data: bytes, *, deadline: float | None = None) -> bytes:
+        size = codec.message_size(data)
         if size > self.max_message:
-            raise WorkerUnavailable(_too_large(f"a reply from {self.worker_id!r}", size, self.max_message))
-        buffer = bytearray(size)
-        at = 0
-        for chunk in self._fetch(ticket_id.encode(), timeout=self.deadline, metadata=self._metadata):
-            if at + len(chunk) > size:
-                raise WorkerUnavailable(f"{self.worker_id!r} sent more than the {size} bytes announced")
-            buffer[at : at + len(chunk)] = chunk
-            at += len(chunk)
-        if at != size:
-            raise WorkerUnavailable(f"{self.worker_id!r} sent {at} of the {size} bytes announced")
-        return buffer  # type: ignore[return-value]  # decode reads any buffer: no extra copy
+            raise ValueError(frames.too_large(f"a message to {self.worker_id!r}", size, self.max_message))
+        seconds = self.deadline if deadline is None else deadline
+        try:
+            return self._link.exchange(
+                self.worker_id, data, deadline=seconds, limit=self.max_message, keep=self.persistent
+            )
+        except streams.Expired:
+            raise WorkerUnavailable(
+                f"worker {self.worker_id!r} at {self.address} did not answer within {seconds:g} s"
+            ) from None
+        except streams.Closed:
+            raise WorkerUnavailable(
+                f"worker {self.worker_id!r} at {self.address} closed the connection (is it stopping?)"
+            ) from None
+        except frames.TooLarge as exc:
+            raise WorkerUnavailable(str(exc)) from None
+        except grpc.RpcError as exc:
+            self._raise(exc)
+
+    def _raise(self, exc: grpc.RpcError) -> NoReturn:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            raise AuthenticationFailed(
+                f"worker {self.worker_id!r} at {self.address} refused our credentials; "
+                f"check the token ({details})"
+            ) from None
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise WorkerUnavailable(
+                f"message to {self.worker_id!r} exceeds the configured maximum size: {details}"
+            ) from None
+        if code == grpc.StatusCode.NOT_FOUND:
+            raise WorkerUnavailable(f"{details} (connecting to {self.worker_id!r})") from None
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise ProtocolError(f"worker {self.worker_id!r} refused the message: {details}") from None
+        hint = " (or refused the TLS handshake: check both sides use the same CA)" if self._tls else ""
+        raise WorkerUnavailable(
+            f"worker {self.worker_id!r} at {self.address} did not answer within "
+            f"{self.deadline:g} s{hint} ({code.name if code else exc})"
+        ) from None
 
     def close(self) -> None:
-        self._channel.close()
+        """Close the idle streams to this transport's server (other transports to it with
+        the same credentials share them, and open new ones when they need them)."""
+        self._link.close_idle()
 
 
 def connect(
@@ -190,11 +208,60 @@ def connect(
     )
     client = WorkerClient(worker_id, transport)
     client.pipelined = pipelined
+    client.framed = True
     return client
 
 
+@dataclass
+class _Hosted:
+    """One worker a server hosts: its core, who may call it, and its links to peers."""
+
+    core: WorkerCore
+    callers: list[tuple[bytes, Sender]]
+    peers: dict[str, GrpcTransport]
+    gate: Gate = field(default_factory=Gate)
+
+    def caller(self, credential: bytes) -> Sender | None:
+        found = None
+        for known, sender in self.callers:  # compare with every one: timing says nothing
+            if hmac.compare_digest(credential, known):
+                found = sender
+        return found
+
+
+class _Budget:
+    """Bytes of tensor frames being received, per caller: at most ``limit`` at a time,
+    so a caller cannot make the server allocate more by opening more streams."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def reserve(self, caller: bytes, nbytes: int) -> Iterator[None]:
+        if not nbytes:  # most requests carry no frames
+            yield
+            return
+        with self._lock:
+            used = self._used.get(caller, 0)
+            if used + nbytes > self._limit:
+                raise frames.TooLarge(
+                    f"this caller is already sending {used} bytes; with {nbytes} more it would "
+                    f"exceed the maximum of {self._limit} bytes in flight (wait for its other requests)"
+                )
+            self._used[caller] = used + nbytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._used[caller] -= nbytes
+                if not self._used[caller]:
+                    del self._used[caller]
+
+
 class WorkerServer:
-    """Serves one `WorkerCore` over gRPC.
+    """Serves one `WorkerCore` over gRPC, or several (`add`).
 
     ``callers`` maps each accepted credential to the caller it identifies:
     ``("client", name)`` for a model owner, ``("peer", worker_id)`` for another worker.
@@ -202,63 +269,48 @@ class WorkerServer:
     (signed by the federation's CA); without, a bearer token.
     ``peers`` maps worker ids to the addresses this worker sends moved values to;
     ``token`` is this worker's own token towards them when there is no TLS.
+    ``threads``: requests served at once; each connected model owner's open stream
+    (one per thread of its that talks to this server) holds one while it is open.
     """
 
     def __init__(
         self,
-        core: WorkerCore,
+        core: WorkerCore | None = None,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        callers: Mapping[str, tuple[str, str]],
+        callers: Mapping[str, tuple[str, str]] | None = None,
         peers: Mapping[str, str] | None = None,
         token: str = "",
         tls: TLS | None = None,
         deadline: float = DEFAULT_DEADLINE,
         max_message: int = DEFAULT_MAX_MESSAGE,
-        threads: int = 8,
+        threads: int = 16,
     ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        if not callers:
-            raise ValueError("a worker server needs at least one caller's token (callers=...)")
-        if any(not credential for credential in callers):
-            raise ValueError("an empty credential would let anyone in: give every caller a token")
-        self.core = core
-        self._tls = tls
-        self._callers = [(tok.encode(), Sender(kind, name)) for tok, (kind, name) in callers.items()]  # type: ignore[arg-type]
-        self._peers = {
-            pid: GrpcTransport(
-                pid,
-                address,
-                token=None if tls else token,
-                tls=tls,
-                deadline=deadline,
-                max_message=max_message,
+        if tls is not None and core is not None and common_name(tls.cert) != core.id:
+            raise ValueError(
+                f"the certificate is {common_name(tls.cert)!r}'s, not {core.id!r}'s: "
+                "pass the worker's own certificate"
             )
-            for pid, address in (peers or {}).items()
-        }
-        core._send_to_peer = self._send_to_peer
-        core.max_reply = max_message
-        # One request at a time: the core's store and torch's autograd are not shared safely.
-        self._lock = threading.Lock()
+        self._tls = tls
+        self.deadline = deadline
         self.max_message = max_message
-        self._replies: dict[bytes, tuple[Sender, bytes]] = {}  # ticket -> (caller, reply) to fetch
+        self._hosted: dict[str, _Hosted] = {}
+        self._budget = _Budget(max_message)
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._idle: set[grpc.ServicerContext] = set()  # streams waiting for their next request
         self._server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=_options())
         handlers = {
             "Handle": grpc.unary_unary_rpc_method_handler(self._handle),
-            "Upload": grpc.stream_unary_rpc_method_handler(self._handle_upload),
-            "Fetch": grpc.unary_stream_rpc_method_handler(self._handle_fetch),
+            "Stream": grpc.stream_stream_rpc_method_handler(self._stream),
         }
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, handlers),)
         )
         if tls is not None:
-            if common_name(tls.cert) != core.id:
-                raise ValueError(
-                    f"the certificate is {common_name(tls.cert)!r}'s, not {core.id!r}'s: "
-                    "pass the worker's own certificate"
-                )
             creds = grpc.ssl_server_credentials(
                 [(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True
             )
@@ -268,101 +320,210 @@ class WorkerServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
         self.address = f"{host}:{self.port}"
+        self.core: WorkerCore | None = None  # the first worker hosted
+        if core is not None:
+            if not callers:
+                raise ValueError("a worker server needs at least one caller's token (callers=...)")
+            self.add(core, callers=callers, peers=peers, token=token)
 
-    def _caller(self, context: grpc.ServicerContext) -> Sender | None:
-        presented = b""
+    def add(
+        self,
+        core: WorkerCore,
+        *,
+        callers: Mapping[str, tuple[str, str]],
+        peers: Mapping[str, str] | None = None,
+        token: str = "",
+        tls: TLS | None = None,
+    ) -> WorkerCore:
+        """Host ``core`` too: its own callers (a credential accepted for one worker reaches
+        no other unless listed for it too) and peers. ``tls``: the worker's own certificate,
+        which it presents to its peers (by default the server's). Moves between workers of
+        one server stay in the process; the receiver must list the sender among its callers
+        as a peer all the same."""
+        if not callers:
+            raise ValueError(f"worker {core.id!r} needs at least one caller's token (callers=...)")
+        if any(not credential for credential in callers):
+            raise ValueError("an empty credential would let anyone in: give every caller a token")
+        if core.id in self._hosted:
+            raise ValueError(f"this server already hosts a worker {core.id!r}")
+        tls = tls or self._tls
+        if peers and tls is not None and common_name(tls.cert) != core.id:
+            raise ValueError(
+                f"worker {core.id!r} would present {common_name(tls.cert)!r}'s certificate to its "
+                "peers: pass its own (tls=TLS.from_dir(dir, id))"
+            )
+        hosted = _Hosted(
+            core,
+            [(cred.encode(), Sender(kind, name)) for cred, (kind, name) in callers.items()],  # type: ignore[arg-type]
+            {
+                pid: GrpcTransport(
+                    pid,
+                    address,
+                    token=None if tls else token,
+                    tls=tls,
+                    deadline=self.deadline,
+                    max_message=self.max_message,
+                    persistent=False,
+                )
+                for pid, address in (peers or {}).items()
+            },
+        )
+        core._send_to_peer = functools.partial(self._send_to_peer, hosted)
+        core.max_reply = self.max_message
+        core.framed = True
+        with self._lock:
+            self._hosted[core.id] = hosted
+        if self.core is None:
+            self.core = core
+        return core
+
+    # -- who is calling, and for which worker --------------------------------------------
+
+    def _credential(self, context: grpc.ServicerContext) -> bytes:
         if self._tls is not None:  # gRPC verified the chain; the name is the certificate's CN
             names = context.auth_context().get("x509_common_name", [])
-            presented = names[0] if len(names) == 1 else b""
-        else:
-            presented = self._token(context)
-        found = None
-        for credential, sender in self._callers:  # compare with every one: timing says nothing
-            if hmac.compare_digest(presented, credential):
-                found = sender
-        return found
-
-    @staticmethod
-    def _token(context: grpc.ServicerContext) -> bytes:
+            return names[0] if len(names) == 1 else b""
         values = [v for k, v in context.invocation_metadata() if k == "authorization"]
         if len(values) != 1 or not isinstance(values[0], str) or not values[0].startswith("Bearer "):
             return b""  # none, or several: a proxy might have checked another one
         return values[0][len("Bearer ") :].encode()
 
-    def _authenticated(self, context: grpc.ServicerContext) -> Sender:
-        sender = self._caller(context)
-        if sender is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or missing credentials")
-        return sender  # type: ignore[return-value]
+    def _known(self, credential: bytes) -> bool:
+        """Whether any hosted worker accepts ``credential`` (every one is asked)."""
+        accepted = False
+        for hosted in list(self._hosted.values()):
+            if hosted.caller(credential) is not None:
+                accepted = True
+        return accepted
 
-    def _respond(self, request: bytes | bytearray, sender: Sender, context: grpc.ServicerContext) -> bytes:
-        with self._lock:
-            reply = self.core.handle(request, sender)  # type: ignore[arg-type]
-        if len(reply) <= CHUNK:
-            return reply
-        if len(reply) > self.max_message:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _too_large("the reply", len(reply), self.max_message))
-        ticket = secrets.token_hex(16).encode()
-        with self._lock:
-            mine = [t for t, (who, _) in self._replies.items() if who == sender]
-            for stale in mine[: max(0, len(mine) - _UNFETCHED + 1)]:  # a caller keeps a few
-                del self._replies[stale]
-            self._replies[ticket] = (sender, reply)
-        context.set_trailing_metadata(((_TICKET, f"{ticket.decode()}:{len(reply)}"),))
-        return b""
+    def _admit(self, worker: str, credential: bytes, context: grpc.ServicerContext) -> tuple[_Hosted, Sender]:
+        """The worker a request is for and who sends it, or the call ends with an error."""
+        hosted = self._hosted.get(worker)
+        if hosted is None and not worker and len(self._hosted) == 1:
+            hosted = next(iter(self._hosted.values()))  # a single worker needs no name
+        sender = hosted.caller(credential) if hosted is not None else None
+        if sender is not None and hosted is not None:
+            return hosted, sender
+        if not self._known(credential):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or missing credentials")
+        if hosted is None:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no worker {worker!r} at this address" if worker
+                else "this server hosts several workers: name one",
+            )
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED, f"these credentials are not accepted by {worker!r}"
+        )
+        raise AssertionError("abort raises")
+
+    # -- serving -------------------------------------------------------------------------
 
     def _handle(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        sender = self._authenticated(context)
+        credential = self._credential(context)
+        named = [v for k, v in context.invocation_metadata() if k == WORKER_KEY]
+        hosted, sender = self._admit(str(named[0]) if len(named) == 1 else "", credential, context)
         if len(request) > self.max_message:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _too_large("the request", len(request), self.max_message))
-        return self._respond(request, sender, context)
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, frames.too_large("the request", len(request), self.max_message)
+            )
+        with hosted.gate.enter(sender) as holds:
+            if holds:  # replies to this method carry their tensors inside, one chunk at most
+                hosted.core.framed, hosted.core.max_reply = False, min(CHUNK, self.max_message)
+            reply = hosted.core.handle(request, sender)
+            if getattr(reply, "frames", None):  # a guest's reply, encoded the holder's way
+                reply = codec.encode(codec.decode(reply))
+        return reply
 
-    def _handle_upload(self, chunks: Any, context: grpc.ServicerContext) -> bytes:
-        sender = self._authenticated(context)  # before a byte of the request is read
-        declared = dict(context.invocation_metadata()).get(_LENGTH, "")
-        if not str(declared).isdigit():
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"an upload must declare its length ({_LENGTH})")
-        size = int(declared)
-        if size > self.max_message:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _too_large("the request", size, self.max_message))
-        buffer = bytearray(size)
-        at = 0
-        for chunk in chunks:
-            if at + len(chunk) > size:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the upload is longer than it declared")
-            buffer[at : at + len(chunk)] = chunk
-            at += len(chunk)
-        if at != size:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the upload is shorter than it declared")
-        return self._respond(buffer, sender, context)
-
-    def _handle_fetch(self, ticket: bytes, context: grpc.ServicerContext) -> Any:
-        sender = self._authenticated(context)
+    def _next_request(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes | None:
+        """The next request's head; None when the caller is done or the server stops."""
         with self._lock:
-            stored = self._replies.get(ticket)
-            if stored is None or stored[0] != sender:
-                context.abort(grpc.StatusCode.NOT_FOUND, "no such reply (fetched already, or not yours)")
-            del self._replies[ticket]
-        yield from _chunks(stored[1])  # type: ignore[index]
+            if self._stopping:
+                return None
+            self._idle.add(context)
+        try:
+            return next(requests, None)
+        except grpc.RpcError:  # cancelled
+            return None
+        finally:
+            with self._lock:
+                self._idle.discard(context)
 
-    def _send_to_peer(self, destination: str, data: bytes) -> bytes:
-        transport = self._peers.get(destination)
+    def _stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        credential = self._credential(context)
+        if not self._known(credential):  # before a byte of any message is read
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or missing credentials")
+        while (head := self._next_request(requests, context)) is not None:
+            yield from self._serve_one(head, requests, credential, context)
+
+    def _serve_one(
+        self, head: bytes, requests: Iterator[bytes], credential: bytes, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        with _refusing(context):
+            worker, rest = frames.split_head(head)
+        hosted, sender = self._admit(worker, credential, context)
+        with _refusing(context):
+            announced, body = frames.read_manifest(rest, limit=self.max_message, what="the request")
+            with self._budget.reserve(credential, sum(f.nbytes for f in announced)):
+                tensors = frames.receive(announced, requests)
+        with hosted.gate.enter(sender) as holds:
+            if holds:
+                hosted.core.framed, hosted.core.max_reply = True, self.max_message
+            with codec.incoming(tensors):
+                reply = hosted.core.handle(body, sender)
+            del tensors
+            reply_head, views = frames.outgoing("", reply)
+            if views:  # the worker's own tensors: no request may change them while they leave
+                with _cancelled_after(self.deadline, context):  # nor hold the worker for ever
+                    yield from frames.chunks(reply_head, views)
+                return
+        yield reply_head  # bytes of their own: the worker serves others meanwhile
+
+    def _send_to_peer(self, hosted: _Hosted, destination: str, data: bytes) -> bytes:
+        local = self._hosted.get(destination)
+        if local is not None and local is not hosted:
+            return self._deliver_here(hosted, local, data)
+        transport = hosted.peers.get(destination)
         if transport is None:
             raise WorkerUnavailable(
-                f"{self.core.id!r} has no address for worker {destination!r}; add it to its peers"
+                f"{hosted.core.id!r} has no address for worker {destination!r}; add it to its peers"
             )
-        # Called while this server holds its lock; the peer is another process.
-        return transport(data)
+        with hosted.gate.waiting_for_peer():  # a move towards us meanwhile does not deadlock
+            return transport(data)
+
+    def _deliver_here(self, source: _Hosted, target: _Hosted, data: bytes) -> bytes:
+        """A move between two workers of this server: no network, the same checks."""
+        sender = Sender("peer", source.core.id)
+        if sender not in (s for _, s in target.callers):
+            raise WorkerUnavailable(
+                f"{target.core.id!r} accepts no values from {source.core.id!r}: list it among "
+                f"{target.core.id!r}'s callers as a peer"
+            )
+        tensors = [t.clone() for t in getattr(data, "frames", ())]  # the receiver's own copy
+        with source.gate.waiting_for_peer(), target.gate.enter(sender) as holds:
+            if holds:
+                target.core.framed, target.core.max_reply = True, self.max_message
+            with codec.incoming(tensors):
+                return target.core.handle(bytes(data), sender)
+
+    # -- life ----------------------------------------------------------------------------
 
     def start(self) -> WorkerServer:
         self._server.start()
         return self
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Stop accepting calls; calls in flight get ``grace`` seconds to finish."""
+        """Stop accepting calls; calls in flight get ``grace`` seconds to finish, open
+        streams waiting for their next request end now."""
+        with self._lock:
+            self._stopping = True
+            idle = list(self._idle)
+        for context in idle:
+            context.cancel()  # type: ignore[attr-defined]
         self._server.stop(grace).wait()
-        for transport in self._peers.values():
-            transport.close()
+        for hosted in self._hosted.values():
+            for transport in hosted.peers.values():
+                transport.close()
 
     def wait(self) -> None:
         self._server.wait_for_termination()
@@ -372,3 +533,27 @@ class WorkerServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def _cancelled_after(seconds: float, context: grpc.ServicerContext) -> Iterator[None]:
+    """Cancel the call if the block (sending a reply to a caller that may not read it) takes
+    longer than ``seconds``."""
+    timer = threading.Timer(seconds, context.cancel)  # type: ignore[attr-defined]
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+@contextlib.contextmanager
+def _refusing(context: grpc.ServicerContext) -> Iterator[None]:
+    """A malformed or oversized stream message ends the stream with an error that says so."""
+    try:
+        yield
+    except frames.TooLarge as exc:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    except ProtocolError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

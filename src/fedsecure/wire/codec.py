@@ -5,12 +5,21 @@ msgpack's own (and msgpack's own timestamp extension, which no operation
 accepts). Everything else that may cross a trust boundary has an explicit
 extension type below, so decoding builds only these types and never runs code. Tensors travel as dtype, shape and their raw
 bytes (no Python lists, no pickle).
+
+A transport that can carry bytes beside a message asks for a *framed* encoding
+(``encode(value, framed=True)``): tensors of at least `FRAME_MIN` bytes then stay out of
+the msgpack body, which refers to them by index, and the result is a `Framed` message
+that lists them. The transport sends their bytes straight from tensor storage and, on
+arrival, writes them straight into new tensors of the announced dtype and shape; the
+body is decoded inside ``incoming(tensors)``, which resolves each reference once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +36,7 @@ EXT_DTYPE = 5
 EXT_TENSOR = 6
 EXT_MEMORY_FORMAT = 7
 EXT_DEVICE = 8
+EXT_FRAME = 9  # a tensor carried beside the message: the body holds its index only
 
 # Every dtype a tensor may have on the wire, by a stable name.
 DTYPES: dict[str, torch.dtype] = {
@@ -58,8 +68,31 @@ MAX_MESSAGE_BYTES = 1 << 36
 # depth is capped well below what the C stack of any thread can take.
 MAX_EXT_DEPTH = 32
 _depth = threading.local()
-_MAX_DIMS = 32
+MAX_DIMS = 32
 _ID = struct.Struct(">Q")
+# Tensors this large travel beside a framed message; smaller ones cost less inline.
+FRAME_MIN = 64 << 10
+
+
+class Framed(bytes):
+    """A msgpack message whose large tensors travel beside it.
+
+    The bytes are the body; ``frames`` are the tensors the body refers to by index, in
+    order (flat or shaped, contiguous, on the CPU). A bytes subclass, so that code which
+    passes messages along (`WorkerCore.handle`, a client's transport) needs no change.
+    """
+
+    frames: list[torch.Tensor]
+
+    def __new__(cls, body: bytes | memoryview, frames: list[torch.Tensor]) -> Framed:
+        message = super().__new__(cls, body)
+        message.frames = frames
+        return message
+
+
+def message_size(data: bytes) -> int:
+    """Bytes on the wire: the body, and the frames of a `Framed` message."""
+    return len(data) + sum(t.nbytes for t in getattr(data, "frames", ()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,17 +115,53 @@ def parse_dtype(name: object) -> torch.dtype:
     return DTYPES[name]
 
 
-def tensor_to_wire(tensor: torch.Tensor) -> msgpack.ExtType:
+def sendable(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as it travels: detached, dense, on the CPU, contiguous (a copy only where
+    it is not already). Raises `TypeError` for a tensor that cannot travel, so a caller can
+    check before it gives anything up."""
     t = tensor.detach().resolve_conj().resolve_neg()
     if t.layout != torch.strided:
         raise TypeError(f"only dense tensors can be sent, not {t.layout}")
+    dtype_name(t.dtype)
     if t.device.type != "cpu":
         t = t.cpu()
+    return t.contiguous()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def tensor_to_wire(tensor: torch.Tensor) -> msgpack.ExtType:
+    t = sendable(tensor)
+    frames: list[torch.Tensor] | None = getattr(_sink, "frames", None)
+    if frames is not None and t.nbytes >= FRAME_MIN:
+        frames.append(t)
+        return msgpack.ExtType(EXT_FRAME, _ID.pack(len(frames) - 1))
     header = msgpack.packb([dtype_name(t.dtype), list(t.shape)])
-    flat = t.contiguous().reshape(-1)
-    raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""  # type: ignore[arg-type]
     # one copy of the tensor's bytes (join reads the memoryview in place)
-    return msgpack.ExtType(EXT_TENSOR, b"".join((_ID.pack(len(header)), header, raw)))
+    return msgpack.ExtType(EXT_TENSOR, b"".join((_ID.pack(len(header)), header, tensor_bytes(t))))
+
+
+def check_shape(shape: Any) -> int:
+    """The element count of a shape from a peer; `ProtocolError` if it is not one."""
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(type(d) is int and 0 <= d < 2**62 for d in shape)
+    ):
+        raise ProtocolError(f"malformed tensor shape {shape!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return dtype.itemsize
 
 
 def tensor_from_wire(data: bytes) -> torch.Tensor:
@@ -106,25 +175,42 @@ def tensor_from_wire(data: bytes) -> torch.Tensor:
     except Exception as exc:
         raise ProtocolError(f"malformed tensor header: {exc}") from exc
     dtype = parse_dtype(dtype_s)
-    if (
-        not isinstance(shape, list)
-        or len(shape) > _MAX_DIMS
-        or not all(type(d) is int and 0 <= d < 2**62 for d in shape)
-    ):
-        raise ProtocolError(f"malformed tensor shape {shape!r}")
+    numel = check_shape(shape)
     raw = memoryview(data)[_ID.size + hlen :]  # no copy until the tensor's own
-    numel = 1
-    for d in shape:
-        numel *= d
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if numel * itemsize != len(raw):
+    if numel * itemsize(dtype) != len(raw):
         raise ProtocolError(
-            f"tensor of shape {shape} and dtype {dtype_s} needs {numel * itemsize} bytes, "
+            f"tensor of shape {shape} and dtype {dtype_s} needs {numel * itemsize(dtype)} bytes, "
             f"got {len(raw)}"
         )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _frame(data: bytes) -> torch.Tensor:
+    frames: list[torch.Tensor | None] | None = getattr(_source, "frames", None)
+    if frames is None:
+        raise ProtocolError("a reference to a tensor frame in a message that has none")
+    index = _ID.unpack(data)[0] if len(data) == _ID.size else len(frames)
+    if index >= len(frames):
+        raise ProtocolError("a reference to a tensor frame that the message does not carry")
+    tensor = frames[index]
+    if tensor is None:  # two objects sharing one frame would share memory
+        raise ProtocolError(f"tensor frame {index} is referred to twice")
+    frames[index] = None
+    return tensor
+
+
+@contextlib.contextmanager
+def incoming(frames: list[torch.Tensor]) -> Iterator[None]:
+    """Decode the messages within this block against ``frames``, the tensors that came
+    beside them; each frame can be taken once (a request's batched parts included)."""
+    previous = getattr(_source, "frames", None)
+    _source.frames = list(frames)
+    try:
+        yield
+    finally:
+        _source.frames = previous
 
 
 def _default(obj: Any) -> Any:
@@ -144,6 +230,8 @@ def _default(obj: Any) -> Any:
         return msgpack.ExtType(EXT_MEMORY_FORMAT, MEMORY_FORMAT_NAMES[obj].encode())
     if isinstance(obj, torch.device):
         return msgpack.ExtType(EXT_DEVICE, str(obj).encode())
+    if isinstance(obj, Framed):  # a framed request inside a batch
+        return _nest_framed(obj)
     # strict_types sends subclasses here: bool before int, since bool is an int
     if isinstance(obj, bool):
         return bool(obj)
@@ -190,6 +278,8 @@ def _ext_value(code: int, data: bytes) -> Any:
         return parse_dtype(data.decode("utf-8", "replace"))
     if code == EXT_TENSOR:
         return tensor_from_wire(data)
+    if code == EXT_FRAME:
+        return _frame(data)
     if code == EXT_MEMORY_FORMAT:
         name = data.decode("utf-8", "replace")
         if name not in MEMORY_FORMATS:
@@ -203,7 +293,20 @@ def _ext_value(code: int, data: bytes) -> Any:
     raise ProtocolError(f"unknown extension type {code}")
 
 
+def _nest_framed(message: Framed) -> bytes:
+    frames: list[torch.Tensor] | None = getattr(_sink, "frames", None)
+    if message.frames:
+        # Its references are indexes into its own frames: they stay right only as the
+        # first frames of the enclosing message.
+        if frames is None or frames:
+            raise TypeError("a framed message nests only in a framed one, before any other frame")
+        frames.extend(message.frames)
+    return bytes(message)
+
+
 _packers = threading.local()
+_sink = threading.local()  # .frames: where a framed encoding puts its large tensors
+_source = threading.local()  # .frames: the tensors that came beside the messages being decoded
 
 
 def _nested(value: Any) -> bytes:
@@ -211,26 +314,52 @@ def _nested(value: Any) -> bytes:
     return msgpack.packb(value, default=_default, strict_types=True, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def encode(value: Any) -> bytes:
-    """Encode a value built from plain values and the extension types above."""
+def encode(value: Any, *, framed: bool = False) -> bytes:
+    """Encode a value built from plain values and the extension types above.
+
+    ``framed``: large tensors travel beside the body; the result is then a `Framed`
+    message where it has any.
+    """
     packer = getattr(_packers, "packer", None)
     if packer is None:  # one per thread: a Packer is not thread-safe, and costly to make
         packer = _packers.packer = msgpack.Packer(
             default=_default, strict_types=True, use_bin_type=True
         )
+    previous = getattr(_sink, "frames", None)
+    if not framed and previous is None:  # the common case: nothing beside the body
+        try:
+            return packer.pack(value)  # type: ignore[no-any-return]
+        except BaseException:
+            packer.reset()
+            raise
+    _sink.frames = [] if framed else None
     try:
-        return packer.pack(value)  # type: ignore[no-any-return]
+        body: bytes = packer.pack(value)
+        frames = _sink.frames
     except BaseException:
         packer.reset()
         raise
+    finally:
+        _sink.frames = previous
+    return Framed(body, frames) if frames else body
 
 
 def decode(data: bytes | bytearray | memoryview) -> Any:
-    """Decode bytes from a peer; anything malformed raises `ProtocolError`."""
+    """Decode bytes from a peer; anything malformed raises `ProtocolError`.
+
+    A `Framed` message is decoded against its own frames.
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError(f"expected bytes, got {type(data).__name__}")
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if type(data) is Framed:
+        with incoming(data.frames):
+            return _unpack(data)
+    return _unpack(data)
+
+
+def _unpack(data: bytes | bytearray | memoryview) -> Any:
     try:
         return msgpack.unpackb(
             data,

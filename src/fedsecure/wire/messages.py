@@ -359,8 +359,31 @@ class AggregateUpdates(Request):
     new_ids: list[int]
 
 
-def encode_request(msg: Request) -> bytes:
-    return encode([msg.KIND, *[getattr(msg, name) for name in msg.FIELDS]])
+@_request(25, ("str", "str", "int", "any", "id", "id", "bool", "dict"))
+@dataclass(frozen=True, slots=True)
+class SecAgg(Request):
+    """One phase of secure aggregation ("advertise", "share", "mask", "unmask") for this worker's
+    client ``client_id`` of ``session``: ``payload`` is the server's message (bytes); in the "mask"
+    phase the worker masks the update ``module_id`` - ``reference_id`` (weighted by its own sample
+    count when ``weighted``), after clipping it to ``privacy["clip_norm"]`` and adding Gaussian
+    noise of standard deviation ``privacy["noise_std"]`` when given (distributed DP: the noises of
+    all workers add up in the sum). The reply is the client's message (bytes)."""
+
+    release: list[int]
+    session: str
+    phase: str
+    client_id: int
+    payload: Any
+    module_id: int
+    reference_id: int
+    weighted: bool
+    privacy: dict[str, Any]
+
+
+def encode_request(msg: Request, *, framed: bool = False) -> bytes:
+    """``framed``: large tensors travel beside the body (`codec.Framed`), for transports
+    that carry them."""
+    return encode([msg.KIND, *[getattr(msg, name) for name in msg.FIELDS]], framed=framed)
 
 
 def decode_request(data: bytes) -> Request:
@@ -388,9 +411,9 @@ class Reply:
     error: tuple[str, str, str] | None = None
 
 
-def encode_reply(reply: Reply) -> bytes:
+def encode_reply(reply: Reply, *, framed: bool = False) -> bytes:
     if reply.error is None:
-        return encode([0, reply.value])
+        return encode([0, reply.value], framed=framed)
     return encode([1, *reply.error])
 
 

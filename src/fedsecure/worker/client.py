@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from fedsecure.wire import messages as m
+from fedsecure.wire.codec import message_size
 
 Transport = Callable[[bytes], bytes]
 
@@ -46,6 +47,8 @@ class WorkerClient:
         # Pipelined: ops whose result the client can work out (shapes on meta tensors) do
         # not wait for the worker. Worth it where a round trip costs more than that (a network).
         self.pipelined = False
+        # Framed: large tensors travel beside the message, for a transport that carries them.
+        self.framed = False
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -82,15 +85,20 @@ class WorkerClient:
         if len(self._deferred) >= _DEFER_BATCH:
             self.flush()
 
-    def request(self, msg: m.Request) -> Any:
-        data = m.encode_request(msg)
+    def request(self, msg: m.Request, *, deadline: float | None = None) -> Any:
+        """Send ``msg`` and wait for its reply. ``deadline``: seconds this request may take, where
+        the transport has deadlines (a round of local training takes longer than an op)."""
+        data = m.encode_request(msg, framed=self.framed)
         if self._deferred:
             self._deferred.append(data)
-            data = m.encode_request(m.Batch([], self._deferred))
+            data = m.encode_request(m.Batch([], self._deferred), framed=self.framed)
             self._deferred = []
-        self.bytes_sent += len(data)
-        raw = self._transport(data)
-        self.bytes_received += len(raw)
+        self.bytes_sent += message_size(data)
+        if deadline is not None and getattr(self._transport, "takes_deadline", False):
+            raw = self._transport(data, deadline=deadline)  # type: ignore[call-arg]
+        else:
+            raw = self._transport(data)
+        self.bytes_received += message_size(raw)
         return m.reply_value(raw, worker=self.id)
 
     # -- public ------------------------------------------------------------------------

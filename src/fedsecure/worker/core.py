@@ -35,6 +35,7 @@ from fedsecure.worker import labels as lb
 from fedsecure.worker import training
 from fedsecure.worker.allowlist import ALLOWED, OPTIMIZER_HYPERPARAMETERS, OPTIMIZERS
 from fedsecure.worker.modules import build, describe, load_state, state_tensors
+from fedsecure.worker.secure import SecureSessions, update_vector
 
 PeerSend = Callable[[str, bytes], bytes]
 _PLAIN = frozenset({int, float, bool, str, type(None)})
@@ -192,7 +193,9 @@ class WorkerCore:
         self.objects = Store()
         self.samples = 0  # rows of private data, reported with moved updates
         self.max_reply: int | None = None  # the transport's limit: a Get that cannot leave stays
+        self.framed = False  # the transport carries large tensors beside messages (codec.Framed)
         self._send_to_peer = send_to_peer
+        self._secure = SecureSessions()
         self._handlers: dict[type[m.Request], Callable[[Any, Sender], Any]] = {
             m.Call: self._call,
             m.CallModule: self._call_module,
@@ -214,6 +217,7 @@ class WorkerCore:
             m.AggregateUpdates: self._aggregate_updates,
             m.Fit: self._fit,
             m.Evaluate: self._evaluate,
+            m.SecAgg: self._secagg,
             m.Deliver: self._deliver,
             m.DeliverModule: self._deliver_module,
         }
@@ -242,7 +246,7 @@ class WorkerCore:
             msg = m.decode_request(data)
             handler = self._batch if isinstance(msg, m.Batch) else self._dispatch
             value = handler(msg, sender)  # type: ignore[arg-type]
-            return m.encode_reply(m.Reply(value))
+            return m.encode_reply(m.Reply(value), framed=self.framed)
         except FedsecureError as exc:
             return m.encode_reply(m.error_reply(exc))
         except RecursionError:
@@ -532,8 +536,8 @@ class WorkerCore:
             aggregate=entry.aggregate,
             what="the tensor",
         )
-        value = codec.tensor_to_wire(obj)  # encode first: a failure must lose nothing
-        self._check_reply_size(len(value.data))
+        value = codec.sendable(obj)  # checked first: a failure must lose nothing
+        self._check_reply_size(value.nbytes)
         del self.objects[msg.object_id]
         return {"tensor": value, "requires_grad": obj.requires_grad}
 
@@ -556,8 +560,8 @@ class WorkerCore:
             aggregate=entry.aggregate,
             what="the model",
         )
-        values = [codec.tensor_to_wire(t) for t in own]
-        self._check_reply_size(sum(len(v.data) for v in values))
+        values = [codec.sendable(t) for t in own]
+        self._check_reply_size(sum(v.nbytes for v in values))
         del self.objects[msg.module_id]
         return values
 
@@ -681,6 +685,16 @@ class WorkerCore:
         self.objects[msg.result_id] = Entry(sums, samples=int(x.shape[0]))
         return _meta(msg.result_id, sums)
 
+    def _secagg(self, msg: m.SecAgg, sender: Sender) -> Any:
+        def update() -> Any:
+            entry, trained = self._module(msg.module_id)
+            _, reference = self._module(msg.reference_id)
+            if self.policy.strict:
+                raise PermissionDenied(f"{self.id!r} is a strict aggregator, not a data owner", rule="strict-aggregator")
+            return update_vector(trained, reference, self._samples_of(entry) if msg.weighted else None, msg.privacy)
+
+        return self._secure.step(_client.get(), msg.session, msg.phase, msg.client_id, msg.payload, update)
+
     # -- moves: straight from this worker to another ----------------------------------
 
     def _check_leaving(self, entry: Entry, labels: lb.Labels, destination: str, what: str) -> None:
@@ -697,7 +711,8 @@ class WorkerCore:
     def _peer(self, destination: str, msg: m.Request) -> None:
         if self._send_to_peer is None:
             raise WorkerUnavailable(f"{self.id!r} has no link to other workers")
-        m.reply_value(self._send_to_peer(destination, m.encode_request(msg)), worker=destination)
+        data = m.encode_request(msg, framed=self.framed)
+        m.reply_value(self._send_to_peer(destination, data), worker=destination)
 
     def _move(self, msg: m.Move, sender: Sender) -> Any:
         entry = self._entry(msg.object_id)
@@ -830,6 +845,24 @@ class WorkerCore:
                 rule="min-contributors",
             )
 
+    def _aggregation_inputs(
+        self, module_ids: list[int], spec: dict[str, Any] | None
+    ) -> tuple[list[Entry], list[list[torch.Tensor]], lb.Labels]:
+        """The models to aggregate, each of architecture ``spec``, unmodified since they arrived
+        (strict mode), with their labels' union, checked for enough contributors."""
+        pairs = [self._module(i) for i in module_ids]
+        if spec is None or any(describe(mod) != spec for _, mod in pairs):
+            raise ProtocolError("only models of the same architecture can be aggregated")
+        entries = [e for e, _ in pairs]
+        states = [[t for _, t in state_tensors(mod)] for _, mod in pairs]
+        if self.policy.strict:
+            for e, s in zip(entries, states, strict=True):
+                if e.source is not None and sum(t._version for t in s) != e.version:
+                    raise PermissionDenied("an input was modified after it arrived", rule="strict-aggregator")
+        labels: lb.Labels = frozenset().union(*(lb.union(s) for s in states))
+        self._check_contributors(labels)
+        return entries, states, labels
+
     def _aggregate(self, msg: m.Aggregate, sender: Sender) -> Any:
         if len(msg.ids) < 1:
             raise ProtocolError("nothing to aggregate")
@@ -854,19 +887,10 @@ class WorkerCore:
     def _aggregate_modules(self, msg: m.AggregateModules, sender: Sender) -> Any:
         if len(msg.module_ids) < 1:
             raise ProtocolError("nothing to aggregate")
-        pairs = [self._module(i) for i in msg.module_ids]
-        entries = [e for e, _ in pairs]
-        states = [[t for _, t in state_tensors(mod)] for _, mod in pairs]
-        spec = describe(pairs[0][1])
-        if any(describe(mod) != spec for _, mod in pairs[1:]) or spec is None:
-            raise ProtocolError("only models of the same architecture can be averaged")
-        if self.policy.strict:
-            for e, s in zip(entries, states, strict=True):
-                if e.source is not None and sum(t._version for t in s) != e.version:
-                    raise PermissionDenied("an input was modified after it arrived", rule="strict-aggregator")
-        labels = frozenset().union(*(lb.union(s) for s in states))
-        self._check_contributors(labels)
+        spec = describe(self._module(msg.module_ids[0])[1])
+        entries, states, labels = self._aggregation_inputs(msg.module_ids, spec)
         weights = self._weights(entries, bool(labels), msg.weighted)
+        assert spec is not None
         clone = build(spec)
         own = [t for _, t in state_tensors(clone)]
         with torch.no_grad():
@@ -882,30 +906,21 @@ class WorkerCore:
         self._install_module(clone, msg.new_module_id, msg.new_ids, Entry(clone, aggregate=True))
         return None
 
-
     def _aggregate_updates(self, msg: m.AggregateUpdates, sender: Sender) -> Any:
         if not msg.module_ids:
             raise ProtocolError("nothing to aggregate")
         _, reference = self._module(msg.reference_id)
         base = [t for _, t in state_tensors(reference)]
         spec = describe(reference)
-        pairs = [self._module(i) for i in msg.module_ids]
-        if spec is None or any(describe(mod) != spec for _, mod in pairs):
-            raise ProtocolError("only models of the reference model's architecture can be aggregated")
-        entries = [e for e, _ in pairs]
-        states = [[t for _, t in state_tensors(mod)] for _, mod in pairs]
-        if self.policy.strict:
-            for e, s in zip(entries, states, strict=True):
-                if e.source is not None and sum(t._version for t in s) != e.version:
-                    raise PermissionDenied("an input was modified after it arrived", rule="strict-aggregator")
-        labels = frozenset().union(*(lb.union(s) for s in states))
-        self._check_contributors(labels)
+        entries, states, labels = self._aggregation_inputs(msg.module_ids, spec)
+        assert spec is not None
         weights = self._weights(entries, bool(labels), bool(msg.rule.get("weighted", True)))
         floating = [i for i, t in enumerate(base) if t.is_floating_point()]
         with torch.no_grad():
             flat_base = torch.cat([base[i].reshape(-1).double() for i in floating])
             updates = [torch.cat([s[i].reshape(-1).double() for i in floating]) - flat_base for s in states]
-            combined = flat_base + rules.apply(msg.rule, updates, weights)
+            released = rules.release(msg.rule, updates, weights)
+            combined = flat_base + released.aggregate
             clone = build(spec)
             own = [t for _, t in state_tensors(clone)]
             at = 0
@@ -918,7 +933,7 @@ class WorkerCore:
                     target.copy_(torch.stack([s[i] for s in states]).max(0).values)
                 lb.add_labels(target, labels)
         self._install_module(clone, msg.new_module_id, msg.new_ids, Entry(clone, aggregate=True))
-        return None
+        return released.metrics  # what the rule itself releases (a noisy count for adaptive clipping)
 
 
 def _backward(

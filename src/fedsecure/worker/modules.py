@@ -1,10 +1,12 @@
-"""Models on the wire: an architecture built only from allow-listed layers, plus weights.
+"""Models on the wire: an architecture built only from allow-listed parts, plus weights.
 
 A worker never runs model code it was sent. It builds the model itself from a
 description naming layer types from the table below (exact types: a subclass
-could override ``forward``) and their constructor arguments, then loads the
-weights. Models with other parts are not described; they are sent as weights
-only and their forward pass runs op by op on pointers (see fedsecure.pointer).
+could override ``forward``) and their constructor arguments, or, for a custom
+module that torch.fx traces into allow-listed operations, its graph (see
+`fedsecure.worker.graphs`), then loads the weights. Models with other parts are
+not described; they are sent as weights only and their forward pass runs op by
+op on pointers (see fedsecure.pointer).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from fedsecure.errors import OperationNotAllowed, ProtocolError
+from fedsecure.worker import graphs
 
 
 def _args(*names: str) -> Callable[[nn.Module], dict[str, Any]]:
@@ -73,9 +76,11 @@ _SPEC_KEYS = {"type", "args", "children", "training", "frozen"}
 
 
 def describe(module: nn.Module) -> dict[str, Any] | None:
-    """The architecture of ``module``, or None if it uses parts outside the table."""
+    """The architecture of ``module``, or None if it uses parts outside the allow-list."""
     name = _TYPE_NAMES.get(type(module))
-    if name is None or module._forward_hooks or module._forward_pre_hooks:
+    if name is None:
+        return graphs.describe(module, describe)
+    if module._forward_hooks or module._forward_pre_hooks:
         return None
     children = []
     for child_name, child in module.named_children():
@@ -106,6 +111,8 @@ def _valid_arg(value: Any) -> bool:
 
 def build(spec: Any, depth: int = 0) -> nn.Module:
     """Build a module from a description received from a peer (validated here)."""
+    if isinstance(spec, dict) and spec.get("type") in graphs.KINDS:
+        return graphs.build(spec, depth, build)
     if depth > 32 or not isinstance(spec, dict) or set(spec) != _SPEC_KEYS:
         raise ProtocolError("malformed module description")
     kind, args, children = spec["type"], spec["args"], spec["children"]
@@ -133,7 +140,7 @@ def build(spec: Any, depth: int = 0) -> nn.Module:
             module = cls(**args)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"cannot build {kind}({args}): {exc}") from exc
-    module.train(bool(spec["training"]))
+    module.training = bool(spec["training"])  # children keep their own modes
     frozen = spec["frozen"]
     if not isinstance(frozen, list) or not all(
         isinstance(n, str) and module._parameters.get(n) is not None for n in frozen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,9 +22,17 @@ class Federation:
     def __init__(self) -> None:
         self.cores: dict[str, WorkerCore] = {}
         self.link_bytes: dict[tuple[str, str], int] = {}
+        # One request at a time per worker, as a server does: the engine may train several
+        # workers in threads, and their moves meet at the aggregator.
+        self.locks: dict[str, threading.RLock] = {}
 
     def add(self, core: WorkerCore) -> None:
         self.cores[core.id] = core
+        self.locks[core.id] = threading.RLock()
+
+    def call(self, worker_id: str, data: bytes, sender: Sender) -> bytes:
+        with self.locks[worker_id]:
+            return self.cores[worker_id].handle(data, sender)
 
     def send(self, source: str, destination: str, data: bytes) -> bytes:
         core = self.cores.get(destination)
@@ -32,7 +41,7 @@ class Federation:
             return m.encode_reply(m.error_reply(err))
         key = (source, destination)
         self.link_bytes[key] = self.link_bytes.get(key, 0) + len(data)
-        return core.handle(data, Sender("peer", source))
+        return self.call(destination, data, Sender("peer", source))
 
 
 default_federation = Federation()
@@ -70,7 +79,7 @@ class VirtualWorker(WorkerClient):
         )
         fed.add(self.core)
         owner = Sender("client", "model-owner")
-        super().__init__(id, lambda data: self.core.handle(data, owner))
+        super().__init__(id, lambda data: fed.call(id, data, owner))
         if data is not None:
             items = data.items() if isinstance(data, Mapping) else [("data", data)]
             for tag, tensor in items:

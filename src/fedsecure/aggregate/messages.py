@@ -1,0 +1,221 @@
+"""The messages of secure aggregation: small frozen values that encode to msgpack bytes.
+
+Each message is one of the phases of Bonawitz et al. 2017 (CCS, "Practical Secure Aggregation
+for Privacy-Preserving Machine Learning", figure 4): the server's message that opens a phase,
+and each client's answer. Every message names its round (``round_id``), so a message of an
+earlier round is recognised as a replay. ``decode_message`` checks every field and builds only
+these types (through ``fedsecure.wire.codec``, never pickle); anything malformed raises
+``SecAggProtocolError``. Sender ids in client messages must be checked against the transport's
+authenticated peer by whoever carries them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import numpy as np
+
+from fedsecure.errors import ProtocolError, SecAggProtocolError
+from fedsecure.wire import codec
+
+ROUND_ID_BYTES = 16
+MAX_ID = (1 << 32) - 1
+Pair = tuple[int, bytes]
+
+
+def _id(v: Any, name: str) -> int:
+    if type(v) is not int or not 0 < v <= MAX_ID:
+        raise SecAggProtocolError(f"{name} must be a client id in [1, {MAX_ID}], got {v!r:.40}")
+    return v
+
+
+def _count(v: Any, name: str) -> int:
+    if type(v) is not int or v < 0:
+        raise SecAggProtocolError(f"{name} must be a non-negative int, got {v!r:.40}")
+    return v
+
+
+def _bytes(size: int | None) -> Callable[[Any, str], bytes]:
+    def check(v: Any, name: str) -> bytes:
+        if not isinstance(v, bytes) or (size is not None and len(v) != size):
+            raise SecAggProtocolError(f"{name} must be {size or 'some'} bytes, got {type(v).__name__} {v!r:.40}")
+        return v
+
+    return check
+
+
+def _ids(v: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(v, list | tuple):
+        raise SecAggProtocolError(f"{name} must be a list of client ids")
+    out = tuple(_id(x, name) for x in v)
+    if len(set(out)) != len(out):
+        raise SecAggProtocolError(f"{name} lists a client twice")
+    return out
+
+
+def _pairs(v: Any, name: str) -> tuple[Pair, ...]:
+    if not isinstance(v, list | tuple) or not all(isinstance(p, list | tuple) and len(p) == 2 for p in v):
+        raise SecAggProtocolError(f"{name} must be a list of [client id, bytes] pairs")
+    out = tuple((_id(i, name), _bytes(None)(b, name)) for i, b in v)
+    if len({i for i, _ in out}) != len(out):
+        raise SecAggProtocolError(f"{name} names a client twice")
+    return out
+
+
+def _keys(v: Any, name: str) -> tuple[tuple[int, bytes, bytes], ...]:
+    if not isinstance(v, list | tuple) or not all(isinstance(p, list | tuple) and len(p) == 3 for p in v):
+        raise SecAggProtocolError(f"{name} must be a list of [client id, key, key] triples")
+    key = _bytes(32)
+    out = tuple((_id(i, name), key(a, name), key(b, name)) for i, a, b in v)
+    if len({i for i, _, _ in out}) != len(out):
+        raise SecAggProtocolError(f"{name} names a client twice")
+    return out
+
+
+def _any(v: Any, name: str) -> Any:
+    return v
+
+
+def _optional_count(v: Any, name: str) -> int | None:
+    return None if v is None else _count(v, name)
+
+
+_ROUND = _bytes(ROUND_ID_BYTES)
+
+
+class Message:
+    """Base of the messages below: ``encode()`` to bytes, ``decode_message`` back."""
+
+    KIND: ClassVar[str]
+    SCHEMA: ClassVar[tuple[Callable[[Any, str], Any], ...]]
+    round_id: bytes
+
+    def encode(self) -> bytes:
+        values = (getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
+        return codec.encode([self.KIND, *(_plain(v) for v in values)])
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as msgpack lists (the codec would make each one an extension value)."""
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSetup(Message):
+    """Server to the invited clients: the round's public parameters (fixed-point: ``codec``)."""
+
+    KIND = "secagg/setup"
+    SCHEMA = (_ROUND, _ids, _count, _count, _any, _optional_count)
+    round_id: bytes
+    clients: tuple[int, ...]
+    threshold: int
+    vector_size: int
+    codec: dict[str, Any]
+    degree: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class AdvertiseKeys(Message):
+    """Client to server: its two X25519 public keys (share encryption, masks)."""
+
+    KIND = "secagg/advertise-keys"
+    SCHEMA = (_ROUND, _id, _bytes(32), _bytes(32))
+    round_id: bytes
+    sender: int
+    cipher_key: bytes
+    mask_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBroadcast(Message):
+    """Server to the clients that advertised: everyone's public keys, as (id, cipher, mask)."""
+
+    KIND = "secagg/key-broadcast"
+    SCHEMA = (_ROUND, _keys)
+    round_id: bytes
+    keys: tuple[tuple[int, bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptedShares(Message):
+    """Client to server: for each neighbour, its shares encrypted to it, as (recipient, ciphertext)."""
+
+    KIND = "secagg/encrypted-shares"
+    SCHEMA = (_ROUND, _id, _pairs)
+    round_id: bytes
+    sender: int
+    ciphertexts: tuple[Pair, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ShareBundle(Message):
+    """Server to one client: the ciphertexts addressed to it, as (sender, ciphertext)."""
+
+    KIND = "secagg/share-bundle"
+    SCHEMA = (_ROUND, _id, _pairs)
+    round_id: bytes
+    recipient: int
+    ciphertexts: tuple[Pair, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedInput(Message):
+    """Client to server: its masked, fixed-point update (raw little-endian ring elements)."""
+
+    KIND = "secagg/masked-input"
+    SCHEMA = (_ROUND, _id, _bytes(None))
+    round_id: bytes
+    sender: int
+    data: bytes | memoryview
+
+    def vector(self, dtype: np.dtype[Any] | type[np.unsignedinteger[Any]]) -> np.ndarray:
+        if len(self.data) % np.dtype(dtype).itemsize:
+            raise SecAggProtocolError(f"a masked input of {len(self.data)} bytes is not whole ring elements")
+        return np.frombuffer(self.data, dtype=np.dtype(dtype).newbyteorder("<"))
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskRequest(Message):
+    """Server to the clients that sent masked inputs: who survived, who dropped."""
+
+    KIND = "secagg/unmask-request"
+    SCHEMA = (_ROUND, _ids, _ids)
+    round_id: bytes
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskShares(Message):
+    """Client to server: shares of survivors' self-mask seeds and of dropped clients' mask keys."""
+
+    KIND = "secagg/unmask-shares"
+    SCHEMA = (_ROUND, _id, _pairs, _pairs)
+    round_id: bytes
+    sender: int
+    self_mask_shares: tuple[Pair, ...]
+    key_shares: tuple[Pair, ...]
+
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.KIND: cls
+    for cls in (RoundSetup, AdvertiseKeys, KeyBroadcast, EncryptedShares, ShareBundle, MaskedInput,
+                UnmaskRequest, UnmaskShares)
+}
+
+
+def decode_message(data: bytes | bytearray | memoryview) -> Message:
+    """The message encoded in ``data``; anything malformed raises ``SecAggProtocolError``."""
+    try:
+        value = codec.decode(data)
+    except ProtocolError as exc:
+        raise SecAggProtocolError(f"undecodable secure-aggregation message: {exc}") from exc
+    if not isinstance(value, list) or not value or not isinstance(value[0], str) or value[0] not in MESSAGES:
+        raise SecAggProtocolError(f"not a secure-aggregation message: {str(value)[:60]}")
+    cls = MESSAGES[value[0]]
+    if len(value) != len(cls.SCHEMA) + 1:
+        raise SecAggProtocolError(f"{cls.__name__} has {len(cls.SCHEMA)} fields, got {len(value) - 1}")
+    names = cls.__dataclass_fields__  # type: ignore[attr-defined]
+    return cls(*(check(v, f"{cls.__name__}.{n}") for check, v, n in zip(cls.SCHEMA, value[1:], names, strict=True)))

@@ -1,0 +1,275 @@
+"""Secure aggregation by pairwise masking with dropout recovery: the client's state machine.
+
+After Bonawitz et al. 2017 (CCS, "Practical Secure Aggregation for Privacy-Preserving Machine
+Learning", the semi-honest protocol of figure 4), with the sparse neighbour graph of SecAgg+
+(Bell et al. 2020, CCS, "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead")
+when a degree is set. Client u with update x_u sends
+
+    y_u = encode(x_u) + PRG(b_u) + sum over neighbours v of sign(u, v) * PRG(s_uv)   (mod 2^bits)
+
+where s_uv is the X25519 secret of u's and v's mask keys (so the pairwise masks cancel in the
+sum), b_u a fresh self-mask seed, and sign(u, v) = +1 if u < v else -1. Before that, u splits b_u
+and its mask secret key t-of-(its neighbours and itself) with Shamir and sends each neighbour its
+shares, encrypted with AES-GCM under a key agreed from the clients' other X25519 pair, through
+the server. To unmask, the surviving clients reveal shares of b_u for every client u that sent
+y_u and of the mask key of every neighbour that dropped before; never both for one client.
+
+The server learns the sum of the inputs of at least ``threshold`` clients, and nothing else (in
+the semi-honest model). The server's side is ``secagg_server.SecAggServer``. Neither side does I/O: the caller carries the messages
+(``fedsecure.aggregate.messages``, msgpack bytes) and decides when a phase's deadline is over.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from enum import Enum
+from typing import TypeVar
+
+import numpy as np
+import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from fedsecure.aggregate import shamir
+from fedsecure.aggregate.fixedpoint import FixedPointCodec
+from fedsecure.aggregate.masks import MaskStream, agree, derive, harary_neighbours
+from fedsecure.aggregate.messages import (
+    ROUND_ID_BYTES,
+    AdvertiseKeys,
+    EncryptedShares,
+    KeyBroadcast,
+    MaskedInput,
+    Message,
+    RoundSetup,
+    ShareBundle,
+    UnmaskRequest,
+    UnmaskShares,
+    decode_message,
+)
+from fedsecure.errors import (
+    SecAggInputError,
+    SecAggProtocolError,
+    ShareRevealRefused,
+    TooFewSurvivors,
+)
+
+MAX_VECTOR = 1 << 33
+_PAIR = struct.Struct(">II")
+M = TypeVar("M", bound=Message)
+
+
+class Phase(Enum):
+    ADVERTISE_KEYS = "advertise-keys"
+    SHARE_KEYS = "share-keys"
+    MASKED_INPUT = "masked-input"
+    UNMASKING = "unmasking"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateResult:
+    """The unmasked sum of the survivors' (clipped) inputs, within ``max_error`` of the exact sum."""
+
+    total: np.ndarray
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    max_error: float
+
+
+def check_setup(setup: RoundSetup) -> FixedPointCodec:
+    """The round's codec, once the parameters are found workable and secure for honest clients."""
+    n = len(setup.clients)
+    holders = n if setup.degree is None or setup.degree >= n - 1 else setup.degree + 1
+    if len(setup.round_id) != ROUND_ID_BYTES:
+        raise SecAggInputError(f"the round id must be {ROUND_ID_BYTES} random bytes")
+    if setup.degree is not None and (setup.degree < 2 or setup.degree % 2):
+        raise SecAggInputError(f"the neighbour degree must be an even number >= 2, got {setup.degree}")
+    if not 2 <= setup.threshold <= holders or 2 * setup.threshold <= holders:
+        raise SecAggInputError(
+            f"threshold {setup.threshold} must be more than half of the {holders} holders of each "
+            f"client's shares (and at least 2): use {holders // 2 + 1}..{holders}"
+        )
+    if not 0 < setup.vector_size <= MAX_VECTOR:
+        raise SecAggInputError(f"vector_size must be in [1, {MAX_VECTOR}], got {setup.vector_size}")
+    codec = FixedPointCodec.from_wire(setup.codec)
+    if codec.summands < n:
+        raise SecAggInputError(f"the fixed-point codec allows {codec.summands} summands but {n} clients are invited")
+    return codec
+
+
+def _sign(u: int, v: int) -> int:
+    return 1 if u < v else -1
+
+
+def _share_key(private: X25519PrivateKey, public: bytes, round_id: bytes) -> AESGCM:
+    return AESGCM(derive(agree(private, public), round_id=round_id, purpose=b"share-encryption", size=32))
+
+
+def _pair_key(private: X25519PrivateKey, public: bytes, round_id: bytes) -> bytes:
+    return derive(agree(private, public), round_id=round_id, purpose=b"pairwise-mask")
+
+
+def _self_key(seed: bytes, round_id: bytes) -> bytes:
+    return derive(seed, round_id=round_id, purpose=b"self-mask")
+
+
+def _nonce(sender: int, recipient: int) -> bytes:
+    return bytes(4) + _PAIR.pack(sender, recipient)  # one message per direction per round key
+
+
+class SecAggClient:
+    """One client's side of a round: one method per phase, each taking the server's message."""
+
+    def __init__(self, *, client_id: int) -> None:
+        if type(client_id) is not int or not 0 < client_id < 1 << 32:
+            raise SecAggInputError(f"client_id must be an int in [1, 2^32), got {client_id!r}")
+        self.id = client_id
+        self.phase = Phase.ADVERTISE_KEYS
+        self._cipher_sk = X25519PrivateKey.generate()
+        self._mask_sk: X25519PrivateKey | None = X25519PrivateKey.generate()
+        self._held: dict[int, tuple[shamir.Share, shamir.Share]] = {}  # owner -> (self-mask, key)
+        self._revealed: dict[int, str] = {}
+
+    setup: RoundSetup
+    codec: FixedPointCodec
+    keys: dict[int, tuple[bytes, bytes]]
+    neighbours: frozenset[int]
+
+    def _accept(self, msg: Message | bytes | bytearray | memoryview, kind: type[M], phase: Phase) -> M:
+        if isinstance(msg, bytes | bytearray | memoryview):
+            msg = decode_message(msg)
+        if self.phase is not Phase.ADVERTISE_KEYS and msg.round_id != self.setup.round_id:
+            raise SecAggProtocolError(f"{type(msg).__name__} belongs to another round: replayed or late")
+        if not isinstance(msg, kind) or self.phase is not phase:
+            raise SecAggProtocolError(
+                f"client {self.id} got {type(msg).__name__} in phase {self.phase.value}, expected {kind.__name__}"
+            )
+        return msg
+
+    def advertise_keys(self, message: RoundSetup | bytes) -> AdvertiseKeys:
+        """Phase 0: check the round's parameters and answer with two fresh public keys."""
+        setup = self._accept(message, RoundSetup, Phase.ADVERTISE_KEYS)
+        try:
+            self.codec = check_setup(setup)
+        except SecAggInputError as exc:
+            raise SecAggProtocolError(f"client {self.id} refuses the round: {exc}") from exc
+        if self.id not in setup.clients:
+            raise SecAggProtocolError(f"client {self.id} is not among the round's clients")
+        self.setup = setup
+        self.phase = Phase.SHARE_KEYS
+        assert self._mask_sk is not None
+        return AdvertiseKeys(setup.round_id, self.id, self._cipher_sk.public_key().public_bytes_raw(),
+                             self._mask_sk.public_key().public_bytes_raw())
+
+    def share_keys(self, message: KeyBroadcast | bytes) -> EncryptedShares:
+        """Phase 1: share the self-mask seed and the mask key among the neighbours, encrypted."""
+        broadcast = self._accept(message, KeyBroadcast, Phase.SHARE_KEYS)
+        rid = self.setup.round_id
+        self.keys = {i: (c, s) for i, c, s in broadcast.keys}
+        mine = self.keys.get(self.id)
+        assert self._mask_sk is not None
+        if mine != (self._cipher_sk.public_key().public_bytes_raw(), self._mask_sk.public_key().public_bytes_raw()):
+            raise SecAggProtocolError(f"the key broadcast misstates client {self.id}'s own keys")
+        if not set(self.keys) <= set(self.setup.clients):
+            raise SecAggProtocolError("the key broadcast names clients that were not invited")
+        if len({k for pair in self.keys.values() for k in pair}) != 2 * len(self.keys):
+            raise SecAggProtocolError("the key broadcast repeats a public key")
+        self.neighbours = harary_neighbours(list(self.keys), degree=self.setup.degree, seed=rid, only=self.id)[self.id]
+        holders = sorted(self.neighbours | {self.id})
+        if len(holders) < self.setup.threshold:
+            raise TooFewSurvivors(f"client {self.id} has {len(holders)} share holders, fewer than "
+                                  f"the threshold {self.setup.threshold}: the round cannot go on")
+        self._seed = os.urandom(32)
+        seed_shares = shamir.split(self._seed, threshold=self.setup.threshold, xs=holders)
+        key_shares = shamir.split(self._mask_sk.private_bytes_raw(), threshold=self.setup.threshold, xs=holders)
+        out = []
+        for b, s in zip(seed_shares, key_shares, strict=True):
+            if b.x == self.id:
+                self._held[self.id] = (b, s)
+                continue
+            aead = _share_key(self._cipher_sk, self.keys[b.x][0], rid)
+            out.append((b.x, aead.encrypt(_nonce(self.id, b.x), b.to_bytes() + s.to_bytes(),
+                                          rid + _PAIR.pack(self.id, b.x))))
+        self.phase = Phase.MASKED_INPUT
+        return EncryptedShares(rid, self.id, tuple(out))
+
+    def masked_input(self, message: ShareBundle | bytes, update: np.ndarray | torch.Tensor) -> MaskedInput:
+        """Phase 2: keep the neighbours' shares, and send the update masked (flat, ``vector_size`` long)."""
+        bundle = self._accept(message, ShareBundle, Phase.MASKED_INPUT)
+        rid, t = self.setup.round_id, self.setup.threshold
+        if bundle.recipient != self.id:
+            raise SecAggProtocolError(f"client {self.id} got the share bundle of client {bundle.recipient}")
+        for v, ct in bundle.ciphertexts:
+            if v not in self.neighbours:
+                raise SecAggProtocolError(f"client {self.id} got shares from client {v}, not a neighbour")
+            try:
+                plain = _share_key(self._cipher_sk, self.keys[v][0], rid).decrypt(
+                    _nonce(v, self.id), ct, rid + _PAIR.pack(v, self.id))
+            except InvalidTag:
+                raise SecAggProtocolError(
+                    f"the shares from client {v} failed authentication: altered, or not meant for client {self.id}"
+                ) from None
+            b, s = (shamir.Share.from_bytes(plain[i : i + shamir.SHARE_BYTES]) for i in (0, shamir.SHARE_BYTES))
+            if b.x != self.id or s.x != self.id or len(plain) != 2 * shamir.SHARE_BYTES:
+                raise SecAggProtocolError(f"the shares from client {v} are not for client {self.id}")
+            self._held[v] = (b, s)
+        if len(self._held) < t:
+            raise TooFewSurvivors(f"client {self.id} holds shares of {len(self._held)} clients, fewer than "
+                                  f"the threshold {t}: it sends no input")
+        y = self.codec.encode(update)
+        if y.size != self.setup.vector_size:
+            raise SecAggInputError(f"the update has {y.size} entries, the round expects {self.setup.vector_size}")
+        stream = MaskStream(size=y.size, dtype=self.codec.dtype)
+        stream.add(y, _self_key(self._seed, rid))
+        assert self._mask_sk is not None
+        for v in self._held:
+            if v != self.id:
+                stream.add(y, _pair_key(self._mask_sk, self.keys[v][1], rid), _sign(self.id, v))
+        self._mask_sk = None  # from here on only the shares held by others can recover these
+        del self._seed
+        self.phase = Phase.UNMASKING
+        return MaskedInput(rid, self.id, memoryview(y.view(np.uint8)))  # type: ignore[arg-type]
+
+    def unmask(self, message: UnmaskRequest | bytes) -> UnmaskShares:
+        """Phase 3: reveal self-mask shares of survivors and key shares of the dropped, never both."""
+        msg = decode_message(message) if isinstance(message, bytes | bytearray | memoryview) else message
+        if isinstance(msg, UnmaskRequest):
+            self._refuse_both(msg)
+        request = self._accept(msg, UnmaskRequest, Phase.UNMASKING)
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if len(survivors) < self.setup.threshold:
+            raise TooFewSurvivors(f"only {len(survivors)} clients survived, fewer than the threshold "
+                                  f"{self.setup.threshold}: client {self.id} reveals nothing")
+        if self.id not in survivors:
+            raise SecAggProtocolError(f"client {self.id} sent its masked input but is not listed as a survivor")
+        for v in self.neighbours:
+            if v in survivors and v not in self._held:
+                raise SecAggProtocolError(f"client {v} is listed as a survivor but never shared its keys")
+        missing = [v for v in self._held if v not in survivors | dropped]
+        if missing:
+            raise SecAggProtocolError(f"the unmask request does not say whether clients {missing} survived")
+        seeds = tuple((v, b.to_bytes()) for v, (b, _) in self._held.items() if v in survivors)
+        keys = tuple((v, s.to_bytes()) for v, (_, s) in self._held.items() if v in dropped)
+        self._revealed = {v: "self-mask" for v, _ in seeds} | {v: "key" for v, _ in keys}
+        self.phase = Phase.DONE
+        return UnmaskShares(self.setup.round_id, self.id, seeds, keys)
+
+    def _refuse_both(self, request: UnmaskRequest) -> None:
+        both = set(request.survivors) & set(request.dropped)
+        if self.id in request.dropped:
+            both.add(self.id)  # its masked input went out: its key must stay secret
+        for v in request.dropped:
+            if self._revealed.get(v) == "self-mask":
+                both.add(v)
+        for v in request.survivors:
+            if self._revealed.get(v) == "key":
+                both.add(v)
+        if both:
+            raise ShareRevealRefused(
+                f"client {self.id} will not reveal both the self-mask share and the key share of "
+                f"clients {sorted(both)}: together they would unmask an individual input"
+            )

@@ -1,0 +1,168 @@
+"""Secure aggregation in the engine: the model owner learns the sum of the updates and nothing else.
+
+With ``secure_aggregation="pairwise"`` no party is trusted with an update. After training, each
+worker keeps its trained model; the model owner runs the server's side of Bonawitz et al.'s
+protocol (`fedsecure.aggregate.SecAggServer`) and relays its four phases to the workers
+(`SecAgg` messages, see `fedsecure.worker.secure`). A worker's reply in the masking phase is
+its update, weighted by its own sample count, plus pairwise and self masks: uniform noise on its
+own. Workers that drop out in any phase are recovered from the others' Shamir shares as long as
+``threshold`` of them remain; below that the round fails and nothing is revealed.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedsecure.aggregate import SecAggServer, decode_message
+from fedsecure.errors import FedsecureError, ProtocolError
+from fedsecure.fl.strategy import Failure, Parameters
+from fedsecure.wire import messages as m
+from fedsecure.worker.client import WorkerClient
+from fedsecure.worker.core import new_id
+from fedsecure.worker.modules import describe, state_tensors
+
+Runner = Callable[[Sequence[str], Callable[[WorkerClient], Any], str], tuple[list[Any], list[Failure]]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecureSettings:
+    """``bound``: the largest absolute value of one coordinate of an update (a model minus the
+    global model) that the ring must hold; larger ones are clipped by the workers' encoding.
+    ``threshold``: the survivors needed (default: a majority, at least 2). ``degree``: SecAgg+'s
+    neighbours per worker (Bell et al. 2020), or None for every pair. ``bits``: 32 or 64."""
+
+    bound: float = 1.0
+    threshold: int | None = None
+    degree: int | None = None
+    bits: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Trained:
+    worker: str
+    module_id: int
+    reference_id: int
+    examples: int
+
+
+def secure_mean(
+    trained: Sequence[Trained],
+    workers: dict[str, WorkerClient],
+    parameters: Parameters,
+    settings: SecureSettings,
+    run: Runner,
+    *,
+    weighted: bool = True,
+    privacy: dict[str, Any] | None = None,
+) -> tuple[Parameters, list[str], list[Failure]]:
+    """The (sample-weighted) mean of the trained models, learnt only as a sum; the survivors.
+    ``privacy``: each worker clips its update and adds its share of the noise before masking."""
+    floating = [k for k, t in parameters.items() if t.is_floating_point()]
+    size = sum(parameters[k].numel() for k in floating) + (1 if weighted else 0)
+    n = len(trained)
+    threshold = settings.threshold or max(2, n // 2 + 1)
+    top = max(t.examples for t in trained) if weighted else 1
+    ids = {t.worker: i + 1 for i, t in enumerate(trained)}
+    by_name = {t.worker: t for t in trained}
+    server = SecAggServer(clients=list(ids.values()), threshold=threshold, vector_size=size,
+                          bound=settings.bound * top, bits=settings.bits, degree=settings.degree)
+    session = secrets.token_hex(8)
+    failures: list[Failure] = []
+
+    def phase(name: str, names: Sequence[str], payload: Callable[[str], bytes]) -> list[str]:
+        def call(worker: WorkerClient) -> str:
+            t = by_name[worker.id]
+            reply = worker.request(m.SecAgg(worker.take_release(), session, name, ids[worker.id], payload(worker.id),
+                                            t.module_id, t.reference_id, weighted, dict(privacy or {})))
+            message = decode_message(reply)
+            if getattr(message, "sender", None) != ids[worker.id]:  # the authenticated worker speaks for itself
+                raise ProtocolError(f"{worker.id!r} answered for client {getattr(message, 'sender', None)}")
+            server.receive(message)
+            return worker.id
+
+        done, failed = run(names, call, f"secure aggregation ({name})")
+        failures.extend(failed)
+        return sorted(done)
+
+    setup = server.setup.encode()
+    answered = phase("advertise", list(ids), lambda _: setup)
+    broadcast = server.end_advertise_keys().encode()
+    answered = phase("share", answered, lambda _: broadcast)
+    bundles = {u: b.encode() for u, b in server.end_share_keys().items()}
+    answered = phase("mask", [w for w in answered if ids[w] in bundles], lambda w: bundles[ids[w]])
+    request = server.end_masked_input().encode()
+    phase("unmask", answered, lambda _: request)
+    result = server.end_unmasking()  # TooFewSurvivors: the round fails, nothing is revealed
+    total = torch.from_numpy(result.total).double()
+    if weighted:
+        weight = float(total[-1])
+        if not math.isfinite(weight) or weight <= 0:
+            raise ProtocolError("the summed sample counts are not positive: the round cannot be averaged")
+        mean = total[:-1] / weight
+    else:
+        mean = total / len(result.survivors)
+    out = dict(parameters)
+    at = 0
+    for k in floating:
+        t = parameters[k]
+        out[k] = (t.double() + mean[at : at + t.numel()].view(t.shape)).to(t.dtype)
+        at += t.numel()
+    survivors = sorted(w for w, i in ids.items() if i in result.survivors)
+    return out, survivors, failures
+
+
+def secure_average(
+    models: Sequence[nn.Module], *, reference: nn.Module, settings: SecureSettings | None = None
+) -> Parameters:
+    """The plain mean of sent models (each on its own worker, as in PySyft's tutorial), learnt
+    by pairwise secure aggregation: no worker and not the caller sees another's model.
+    ``reference`` is the model they all started from, which the caller holds."""
+    from fedsecure.pointer.module import remote_of
+
+    parameters = {k: t.detach().clone() for k, t in state_tensors(reference)}
+    spec, tensors = describe(reference), list(parameters.values())
+    if spec is None:
+        raise ProtocolError("secure averaging needs models built from allow-listed layers (see docs/fl.md)")
+    workers: dict[str, WorkerClient] = {}
+    trained: list[Trained] = []
+    references: list[tuple[WorkerClient, int, list[int]]] = []
+    try:
+        for model in models:
+            remote = remote_of(model)
+            if remote is None or remote.module_id is None:
+                raise ProtocolError("secure_average takes models sent to workers (model.send(worker))")
+            worker = remote.worker
+            if worker.id in workers:
+                raise ProtocolError(f"two of these models are on {worker.id!r}: one model per worker")
+            ref_id, ids = new_id(), [new_id() for _ in tensors]
+            worker.request(m.PutModule(worker.take_release(), ref_id, spec, tensors, ids, False))
+            references.append((worker, ref_id, ids))
+            workers[worker.id] = worker
+            trained.append(Trained(worker.id, remote.module_id, ref_id, 1))
+
+        def run(names: Sequence[str], task: Callable[[WorkerClient], Any], phase: str) -> tuple[list[Any], list[Failure]]:
+            done, failed = [], []
+            for name in names:
+                try:
+                    done.append(task(workers[name]))
+                except FedsecureError as exc:
+                    failed.append(Failure(worker=name, phase=phase, error=f"{type(exc).__name__}: {exc}"))
+            return done, failed
+
+        average, _, _ = secure_mean(trained, workers, parameters, settings or SecureSettings(bound=10.0, bits=64),
+                                    run, weighted=False)
+    finally:
+        for worker, ref_id, ids in references:
+            for i in (ref_id, *ids):
+                worker.release(i)
+    return average
+
+
+__all__ = ["SecureSettings", "Trained", "secure_average", "secure_mean"]

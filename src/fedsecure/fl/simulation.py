@@ -1,0 +1,191 @@
+"""Simulation in worker processes: many data owners on one machine, every core busy.
+
+`Simulation` starts ``processes`` host processes (``python -m fedsecure.fl.simulation``); each
+loads the data set itself, keeps the shares of the owners assigned to it (owner i goes to host
+i mod processes) as those owners' private data, and serves them all from one gRPC server, one
+`WorkerCore` per owner, with torch limited to ``threads`` threads so that the hosts do not
+oversubscribe the cores. The aggregator is served from this process. The engine then drives
+the hosted owners exactly as it drives remote workers (`fedsecure.connect`): the global model
+goes to each owner, the owner trains in its host, the trained model moves from the host to the
+aggregator, and this process receives only the aggregate. Each host trains its owners one after
+the other, so that ``processes`` owners train at a time.
+
+Every owner has its own token (derived from a random secret of the run), so the aggregator knows
+which owner each moved update comes from; everything listens on loopback only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from fedsecure.fl.strategy import ConfigurationError
+
+_LISTENING = "listening on "
+
+
+def owner_id(index: int) -> str:
+    return f"worker-{index:03d}"
+
+
+def token_for(secret: str, name: str) -> str:
+    return hmac.new(secret.encode(), name.encode(), hashlib.sha256).hexdigest()
+
+
+class Simulation:
+    """``with Simulation(config, processes=2) as sim: fl.fit(model, sim.workers, ...,
+    aggregator=sim.aggregator, groups=sim.groups)``; ``config`` is an experiment's dictionary
+    (its ``[data]`` section says what each owner holds)."""
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        processes: int = 2,
+        threads: int = 1,
+        aggregator: str = "secure_worker",
+        strict: bool = True,
+        startup_timeout: float = 120.0,
+    ) -> None:
+        if processes < 1 or threads < 1:
+            raise ConfigurationError(f"processes and threads must be >= 1, got {processes} and {threads}")
+        self.config = {k: dict(v) for k, v in config.items() if isinstance(v, dict)}
+        self.owners = int(self.config.get("data", {}).get("workers", 10))
+        self.processes = min(processes, self.owners)
+        self.threads = threads
+        self.aggregator_id = aggregator
+        self.strict = strict
+        self.timeout = startup_timeout
+        self.secret = secrets.token_hex(32)
+        self.owner_token = secrets.token_urlsafe(32)
+        self._hosts: list[subprocess.Popen[str]] = []
+        self._server: Any = None
+        self.workers: list[Any] = []
+        self.aggregator: Any = None
+        self.groups: dict[str, int] = {}
+
+    def start(self) -> Simulation:
+        from fedsecure.transport.grpc import WorkerServer, connect
+        from fedsecure.worker.core import WorkerCore
+        from fedsecure.worker.labels import Policy
+
+        names = [owner_id(i) for i in range(self.owners)]
+        core = WorkerCore(self.aggregator_id, policy=Policy(strict=self.strict))
+        callers = {self.owner_token: ("client", "owner")}
+        callers.update({token_for(self.secret, n): ("peer", n) for n in names})
+        self._server = WorkerServer(core, callers=callers, token=token_for(self.secret, self.aggregator_id)).start()
+        try:
+            for p in range(self.processes):
+                self._hosts.append(self._spawn(p))
+            addresses = [self._address(p, proc) for p, proc in enumerate(self._hosts)]
+        except BaseException:
+            self.stop()
+            raise
+        for i, name in enumerate(names):
+            host = i % self.processes
+            self.workers.append(connect(name, addresses[host], credentials=self.owner_token, pipelined=False))
+            self.groups[name] = host
+        self.aggregator = connect(self.aggregator_id, self._server.address, credentials=self.owner_token,
+                                  pipelined=False)
+        return self
+
+    def _spawn(self, p: int) -> subprocess.Popen[str]:
+        spec = {
+            "config": self.config,
+            "owners": [i for i in range(self.owners) if i % self.processes == p],
+            "threads": self.threads,
+            "secret": self.secret,
+            "owner_token": self.owner_token,
+            "aggregator": [self.aggregator_id, self._server.address],
+        }
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
+        proc = subprocess.Popen([sys.executable, "-m", "fedsecure.fl.simulation"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(spec))
+        proc.stdin.close()  # the secret travels on a pipe, never on a command line
+        return proc
+
+    def _address(self, p: int, proc: subprocess.Popen[str]) -> str:
+        assert proc.stdout is not None
+        line: list[str] = []
+        reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        reader.join(self.timeout)
+        if not line or _LISTENING not in line[0]:
+            raise ConfigurationError(
+                f"simulation host {p} did not start within {self.timeout:g} s "
+                f"(exit code {proc.poll()}); its error is above"
+            )
+        return line[0].split(_LISTENING, 1)[1].split()[0]
+
+    def stop(self) -> None:
+        for proc in self._hosts:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self._hosts:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self._hosts = []
+        if self._server is not None:
+            self._server.stop(1.0)
+            self._server = None
+
+    def __enter__(self) -> Simulation:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def host(spec: Mapping[str, Any]) -> None:
+    """A host process: its owners' data, one worker core each, one server for all of them."""
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+    from fedsecure.fl.config import Experiment
+    from fedsecure.fl.run import shares_of
+    from fedsecure.transport.grpc import WorkerServer
+    from fedsecure.worker.core import WorkerCore
+    from fedsecure.worker.labels import Policy
+
+    exp = Experiment(spec["config"])
+    aggregator, aggregator_address = spec["aggregator"]
+    secret = spec["secret"]
+    data = exp.dataset()
+    parts = exp.partitions(data)
+    policy = Policy(trusted_aggregators=frozenset({aggregator}), private_sends=False)
+    server = WorkerServer()
+    for i in spec["owners"]:
+        name = owner_id(i)
+        core = WorkerCore(name, policy=policy)
+        for tag, tensor in shares_of(exp, data, parts, i).items():
+            core.load(tensor, (tag,))
+        server.add(core, callers={spec["owner_token"]: ("client", "owner")},
+                   peers={aggregator: aggregator_address}, token=token_for(secret, name))
+    del data, parts
+    server.start()
+    print(f"simulation host {_LISTENING}{server.address}", flush=True)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    stopping.wait()
+    server.stop(2.0)
+
+
+if __name__ == "__main__":
+    host(json.loads(sys.stdin.read()))

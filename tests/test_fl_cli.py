@@ -1,0 +1,126 @@
+"""`fedsecure run` as a user runs it: a real process, real files, killed and resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "digits.toml"
+
+
+# One torch thread per run: on a busy machine several threads per process oversubscribe the cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def fedsecure(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedsecure", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=ENV)
+
+
+def test_the_digits_example_runs_and_writes_its_history(tmp_path: Path) -> None:
+    done = fedsecure("run", str(DIGITS), "--rounds", "3", "--output", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "round 3/3" in done.stderr and "label skew" in done.stderr
+    rows = json.loads((tmp_path / "out" / "history.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert (tmp_path / "out" / "history.csv").read_text().startswith("round,")
+    assert (tmp_path / "out" / "checkpoint" / "state.json").exists()
+
+
+def _state_round(folder: Path) -> int:
+    try:
+        return json.loads((folder / "checkpoint" / "state.json").read_text())["round"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_a_killed_run_resumes_where_it_stopped(tmp_path: Path) -> None:
+    args = ["run", str(DIGITS), "--rounds", "25", "--set", "training.epochs=2", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "fedsecure", *args, "--output", "killed"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.monotonic() + 240
+    while _state_round(tmp_path / "killed") < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stopped_at = _state_round(tmp_path / "killed")
+    assert 3 <= stopped_at < 25, "the run ended before it could be killed"
+    resumed = fedsecure(*args, "--output", "killed", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = fedsecure(*args, "--output", "whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    a = json.loads((tmp_path / "killed" / "history.json").read_text())["rounds"]
+    b = json.loads((tmp_path / "whole" / "history.json").read_text())["rounds"]
+    assert [r["round"] for r in a] == list(range(1, 26))
+    # the resumed run lost nothing and repeated nothing: its numbers are the uninterrupted run's
+    assert [r["central_accuracy"] for r in a] == [r["central_accuracy"] for r in b]
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
+    assert fedsecure("run", str(DIGITS), "--rounds", "1", "--output", "o", "--quiet", cwd=tmp_path).returncode == 0
+    again = fedsecure("run", str(DIGITS), "--rounds", "2", "--output", "o", "--resume", "--set", "training.lr=0.5",
+                      cwd=tmp_path)
+    assert again.returncode == 2 and "other settings (training)" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("training.lrr=0.1", "unknown key 'lrr' in [training]"),
+        ("training.epochs='two'", "wrong type"),
+        ("strategy.name='fedsgd'", "unknown strategy 'fedsgd'"),
+        ("data.dataset='mnist'", "is not 'digits'"),
+        ("model.name='resnet'", "unknown model 'resnet'"),
+    ],
+)
+def test_bad_experiment_files_get_a_clear_error(tmp_path: Path, setting: str, message: str) -> None:
+    done = fedsecure("run", str(DIGITS), "--rounds", "1", "--set", setting, "--output", "o", cwd=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_plot_draws_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    assert fedsecure("run", str(DIGITS), "--rounds", "2", "--output", "o", "--quiet", cwd=tmp_path).returncode == 0
+    done = fedsecure("plot", "o/history.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "o" / "history.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tensorboard_logs_every_round(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    done = fedsecure("run", str(DIGITS), "--rounds", "2", "--output", "o", "--quiet",
+                     "--set", f"experiment.tensorboard='{tmp_path / 'tb'}'", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [s.step for s in events.Scalars("central_accuracy")] == [1, 2]
+
+
+def test_worker_processes_give_the_numbers_of_one_process(tmp_path: Path) -> None:
+    args = ["run", str(DIGITS), "--rounds", "3", "--quiet"]
+    local = fedsecure(*args, "--output", "local", cwd=tmp_path)
+    processes = fedsecure(*args, "--output", "proc", "--set", "workers.mode='processes'", "--set",
+                          "workers.processes=2", cwd=tmp_path)
+    assert local.returncode == 0 and processes.returncode == 0, processes.stderr
+    a = json.loads((tmp_path / "local" / "history.json").read_text())["rounds"]
+    b = json.loads((tmp_path / "proc" / "history.json").read_text())["rounds"]
+    for x, y in zip(a, b, strict=True):
+        assert x["central_accuracy"] == pytest.approx(y["central_accuracy"], abs=1e-9)
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6)
+
+
+def test_the_private_example_runs_with_secure_aggregation_and_dp(tmp_path: Path) -> None:
+    done = fedsecure("run", str(ROOT / "examples" / "digits_private.toml"), "--rounds", "2", "--output", "o",
+                     cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "o" / "history.json").read_text())["rounds"]
+    assert rows[0]["dp_epsilon"] < rows[1]["dp_epsilon"]
