@@ -1,7 +1,7 @@
 """The workload on fedsecure: `fedsecure.fl.fit`'s engine with ten data owners and an aggregator.
 
-Each client's share becomes one data owner's private data (tags "x" and "y") on its own
-`VirtualWorker`, which trusts only the aggregator ("secure_worker", a strict aggregator). Every
+Each client's share becomes one data owner's private data (tags "x" and "y") on its own worker,
+which trusts only the aggregator ("secure_worker", a strict aggregator). Every
 round the engine sends the global model to each owner, the owner trains it in one message (its
 own loop: SGD with momentum, the strategy's E and B, a shuffle seeded by the engine), the trained
 model moves straight to the aggregator, and the model owner receives only the sample-weighted mean.
@@ -9,13 +9,14 @@ Central evaluation runs after every round through the strategy's ``evaluate_fn``
 code as the plain loop and Flower (workload.evaluate), with 2 torch threads.
 
 How the 2 cores are used (``--mode``):
-- ``threads`` (default): the engine trains 2 owners at a time (``parallelism=2``) in this process,
-  torch with 1 thread per owner: the thread budget of Flower's run (2 actors x 1 torch thread);
-- ``serial``: one owner after the other, torch with 2 threads: what the plain loop does.
-
-The set-up the issue describes for fedsecure (``fedsecure run config.toml``, whose simulation mode
-hosts the owners in 2 worker processes with 1 torch thread each) is not in this tree yet: when it
-lands, add it here as a third mode; run.py needs nothing else (it only reads the JSON below).
+- ``processes``: `fedsecure.fl.simulation.Simulation`, the simulation mode of ``fedsecure run``:
+  the owners live in 2 host processes (owner i in host i mod 2) with 1 torch thread each, served
+  over gRPC on loopback; the aggregator is served from this process. The hosts load the data from
+  a copy of the prepared subset and partition it themselves with the same call and seed, which
+  gives the same shares (checked below);
+- ``threads``: all owners are `VirtualWorker`s in this process and the engine trains 2 at a time
+  (``parallelism=2``), torch with 1 thread per owner: the thread budget of Flower's run;
+- ``serial``: in-process owners one after the other, torch with 2 threads: what the plain loop does.
 
 A round is timed from the end of one central evaluation (round 1: that of the initial model) to
 the end of the next, as on the other systems; the engine's own per-round timings go to the JSON too.
@@ -60,22 +61,48 @@ def build_workers(data: wl.Data) -> tuple[list[VirtualWorker], VirtualWorker]:
     return owners, aggregator
 
 
+def simulation_config(data: wl.Data, path: str) -> dict[str, Any]:
+    """An experiment's dictionary whose hosts rebuild exactly the prepared shares.
+
+    The prepared file holds each client's share; the subset in its original order goes into a
+    second file (x_train, y_train, x_test, y_test), which the hosts partition with
+    ``fedsecure.data.partition(..., "dirichlet", alpha=0.5, seed)``, as run.py did.
+    """
+    import numpy as np
+
+    from fedsecure.data import partition
+
+    with np.load(path) as f:
+        idx = np.concatenate([f[f"idx_{c}"] for c in range(data.num_clients)])
+        x = np.concatenate([f[f"x_{c}"] for c in range(data.num_clients)])
+        y = np.concatenate([f[f"y_{c}"] for c in range(data.num_clients)])
+        order = np.argsort(idx, kind="stable")
+        sim_path = str(Path(path).with_suffix(".subset.npz"))
+        np.savez(sim_path, x_train=x[order], y_train=y[order], x_test=f["x_test"], y_test=f["y_test"])
+    parts = partition(y[order], data.num_clients, scheme="dirichlet", alpha=0.5, seed=data.seed)
+    if [len(p) for p in parts] != data.sizes:
+        raise SystemExit("the simulation's partition would differ from the prepared one")
+    return {
+        "experiment": {"seed": data.seed},
+        "data": {"dataset": sim_path, "workers": data.num_clients, "partition": "dirichlet", "alpha": 0.5},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="cores to use")
-    parser.add_argument("--mode", choices=("threads", "serial"), default="threads")
+    parser.add_argument("--mode", choices=("processes", "threads", "serial"), default="processes")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     t0 = time.time()
     cores = args.processes
-    parallel = args.mode == "threads" and cores > 1
+    parallel = args.mode in ("threads", "processes") and cores > 1
     train_threads = 1 if parallel else cores
     torch.set_num_threads(train_threads)
     data = wl.Data(args.data)
-    owners, aggregator = build_workers(data)
     x_test, y_test = data.test()
     model = wl.initial_model(data.image_size, data.seed)
     eval_model = wl.cnn(data.image_size)
@@ -100,9 +127,18 @@ def main() -> None:
         min_fit_workers=data.num_clients,
         evaluate_fn=central_evaluation,
     )
-    central_evaluation(fl.parameters_of(model))  # the initial model, as Flower's round 0
-    _, history = fl.fit(model, owners, strategy, rounds=args.rounds, aggregator=aggregator,
-                        seed=data.seed, parallelism=2 if parallel else 1)
+    if args.mode == "processes":
+        from fedsecure.fl.simulation import Simulation
+
+        with Simulation(simulation_config(data, args.data), processes=cores, threads=1) as sim:
+            central_evaluation(fl.parameters_of(model))  # the initial model, as Flower's round 0
+            _, history = fl.fit(model, sim.workers, strategy, rounds=args.rounds, aggregator=sim.aggregator,
+                                seed=data.seed, groups=sim.groups)
+    else:
+        owners, aggregator = build_workers(data)
+        central_evaluation(fl.parameters_of(model))
+        _, history = fl.fit(model, owners, strategy, rounds=args.rounds, aggregator=aggregator,
+                            seed=data.seed, parallelism=2 if parallel else 1)
 
     rounds = []
     for r, row in enumerate(history, start=1):
@@ -116,7 +152,7 @@ def main() -> None:
         "threads": cores,
         "train_threads": train_threads,
         "parallelism": 2 if parallel else 1,
-        "processes": 1,
+        "processes": 1 + cores if args.mode == "processes" else 1,
         "started": t0,
         "setup_seconds": rounds[0]["start"] - t0 if rounds else None,
         "initial": {"test_loss": evaluations[0]["loss"], "test_accuracy": evaluations[0]["accuracy"]},

@@ -12,9 +12,11 @@ on the 10,000 test images after each round.
    - plain: plain_loop.py, one process, torch with one thread per core;
    - flower: flower_run.py in its own virtual environment (made on first use), Flower's
      simulation engine with Ray, 2 client actors of 1 torch thread each;
-   - fedsecure: fedsecure_run.py, fedsecure.fl.fit with ten data owners and an aggregator in one
-     process, 2 owners training at a time with 1 torch thread each (the Flower run's budget);
-   - fedsecure-serial (only when asked for): the same, one owner at a time with 2 torch threads;
+   - fedsecure: fedsecure_run.py, fedsecure.fl.fit with ten data owners in fedsecure's simulation
+     mode: 2 host processes of 1 torch thread each, the aggregator in the main process;
+   - fedsecure-threads (only when asked for): the owners as VirtualWorkers in one process, 2
+     training at a time with 1 torch thread each;
+   - fedsecure-serial (only when asked for): in one process, one owner at a time, 2 torch threads;
    - plain-1thread (only when asked for): the plain loop with 1 torch thread, on 1 core.
    Each writes a JSON of per-round wall time (end of one central evaluation to the end of the
    next) and test accuracy.
@@ -68,7 +70,7 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
     import fedsecure.data as fdata
 
-SYSTEMS = ("plain", "flower", "fedsecure", "fedsecure-serial", "plain-1thread")
+SYSTEMS = ("plain", "flower", "fedsecure", "fedsecure-threads", "fedsecure-serial", "plain-1thread")
 DEFAULT_SYSTEMS = ("plain", "flower", "fedsecure")
 NUM_CLIENTS = 10
 ALPHA = 0.5
@@ -286,7 +288,7 @@ def command(system: str, data: Path, rounds: int, out: Path, threads: int) -> li
         return [str(python), str(HERE / "flower_run.py"), "--data", str(data), "--rounds", str(rounds),
                 "--threads", str(threads), "--out", str(out)]
     if system.startswith("fedsecure"):
-        mode = "serial" if system == "fedsecure-serial" else "threads"
+        mode = {"fedsecure": "processes", "fedsecure-threads": "threads", "fedsecure-serial": "serial"}[system]
         return [sys.executable, str(HERE / "fedsecure_run.py"), "--data", str(data), "--rounds", str(rounds),
                 "--processes", str(threads), "--mode", mode, "--out", str(out)]
     raise SystemExit(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
@@ -399,7 +401,7 @@ def report(results: dict[str, list[dict[str, Any]]], rounds: int) -> tuple[str, 
 
     lines = []
     w = 30
-    head = f"{'':{w}}" + "".join(f"{s:>17}" for s in merged)
+    head = f"{'':{w}}" + "".join(f"{s:>19}" for s in merged)
     lines.append(head)
     lines.append("-" * len(head))
 
@@ -407,9 +409,9 @@ def report(results: dict[str, list[dict[str, Any]]], rounds: int) -> tuple[str, 
         cells = []
         for m in merged.values():
             try:
-                cells.append(f"{fn(m):>17}" if m["available"] else f"{'n/a':>17}")
+                cells.append(f"{fn(m):>19}" if m["available"] else f"{'n/a':>19}")
             except (KeyError, TypeError, IndexError):
-                cells.append(f"{'-':>17}")
+                cells.append(f"{'-':>19}")
         lines.append(f"{label:{w}}" + "".join(cells))
 
     row("median s per round", lambda m: f"{m['median_round_s']:.2f}")
