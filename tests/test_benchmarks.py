@@ -57,3 +57,15 @@ def test_niid_bench_runs(tmp_path: Path) -> None:
     assert "| dir0.5 |" in table and "| c3 |" in table
     assert [r["partition"] for r in result["rows"]] == ["dir0.5", "iid", "c2", "c3"]
     assert all(len(r["accuracy"]) == 2 for r in result["rows"])
+
+
+def test_vs_flower_harness_runs(tmp_path: Path) -> None:
+    """The harness of benchmarks/vs_flower on the plain loop only: no Flower is installed for this."""
+    table, result = run_quick("vs_flower/run.py", tmp_path, "--systems", "plain")
+    assert "median s per round" in table
+    plain = result["summary"]["systems"]["plain"]
+    assert plain["available"] is True
+    assert len(plain["accuracy"]) == 1 and 0 <= plain["accuracy"][0] <= 1
+    assert plain["median_round_s"] > 0 and plain["memory"]["peak_rss_mb"] > 0
+    workload = result["workload"]
+    assert sum(workload["client_sizes"]) == workload["train_images"] and workload["clients"] == 10

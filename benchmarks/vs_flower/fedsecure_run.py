@@ -1,0 +1,164 @@
+"""The workload on fedsecure: `fedsecure.fl.fit`'s engine with ten data owners and an aggregator.
+
+Each client's share becomes one data owner's private data (tags "x" and "y") on its own worker,
+which trusts only the aggregator ("secure_worker", a strict aggregator). Every
+round the engine sends the global model to each owner, the owner trains it in one message (its
+own loop: SGD with momentum, the strategy's E and B, a shuffle seeded by the engine), the trained
+model moves straight to the aggregator, and the model owner receives only the sample-weighted mean.
+Central evaluation runs after every round through the strategy's ``evaluate_fn`` with the same
+code as the plain loop and Flower (workload.evaluate), with 2 torch threads.
+
+How the 2 cores are used (``--mode``):
+- ``processes``: `fedsecure.fl.simulation.Simulation`, the simulation mode of ``fedsecure run``:
+  the owners live in 2 host processes (owner i in host i mod 2) with 1 torch thread each, served
+  over gRPC on loopback; the aggregator is served from this process. The hosts load the data from
+  a copy of the prepared subset and partition it themselves with the same call and seed, which
+  gives the same shares (checked below);
+- ``threads``: all owners are `VirtualWorker`s in this process and the engine trains 2 at a time
+  (``parallelism=2``), torch with 1 thread per owner: the thread budget of Flower's run;
+- ``serial``: in-process owners one after the other, torch with 2 threads: what the plain loop does.
+
+A round is timed from the end of one central evaluation (round 1: that of the initial model) to
+the end of the next, as on the other systems; the engine's own per-round timings go to the JSON too.
+
+Run (normally from run.py):  python fedsecure_run.py --data DATA.npz --rounds 5 --out RESULT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workload as wl  # noqa: E402
+
+try:
+    from fedsecure import fl
+except ModuleNotFoundError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+    from fedsecure import fl
+from fedsecure import Federation, Policy, VirtualWorker  # noqa: E402
+
+AGGREGATOR = "secure_worker"
+
+
+def build_workers(data: wl.Data) -> tuple[list[VirtualWorker], VirtualWorker]:
+    federation = Federation()
+    owner_policy = Policy(trusted_aggregators=frozenset({AGGREGATOR}), private_sends=False)
+    owners = []
+    for c in range(data.num_clients):
+        x, y = data.client(c)
+        owners.append(VirtualWorker(id=f"worker-{c:02d}", data={"x": x, "y": y}, policy=owner_policy,
+                                    federation=federation))
+    aggregator = VirtualWorker(id=AGGREGATOR, policy=Policy(strict=True), federation=federation)
+    return owners, aggregator
+
+
+def simulation_config(data: wl.Data, path: str) -> dict[str, Any]:
+    """An experiment's dictionary whose hosts rebuild exactly the prepared shares.
+
+    The prepared file holds each client's share; the subset in its original order goes into a
+    second file (x_train, y_train, x_test, y_test), which the hosts partition with
+    ``fedsecure.data.partition(..., "dirichlet", alpha=0.5, seed)``, as run.py did.
+    """
+    import numpy as np
+
+    from fedsecure.data import partition
+
+    with np.load(path) as f:
+        idx = np.concatenate([f[f"idx_{c}"] for c in range(data.num_clients)])
+        x = np.concatenate([f[f"x_{c}"] for c in range(data.num_clients)])
+        y = np.concatenate([f[f"y_{c}"] for c in range(data.num_clients)])
+        order = np.argsort(idx, kind="stable")
+        sim_path = str(Path(path).with_suffix(".subset.npz"))
+        np.savez(sim_path, x_train=x[order], y_train=y[order], x_test=f["x_test"], y_test=f["y_test"])
+    parts = partition(y[order], data.num_clients, scheme="dirichlet", alpha=0.5, seed=data.seed)
+    if [len(p) for p in parts] != data.sizes:
+        raise SystemExit("the simulation's partition would differ from the prepared one")
+    return {
+        "experiment": {"seed": data.seed},
+        "data": {"dataset": sim_path, "workers": data.num_clients, "partition": "dirichlet", "alpha": 0.5},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="cores to use")
+    parser.add_argument("--mode", choices=("processes", "threads", "serial"), default="processes")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    t0 = time.time()
+    cores = args.processes
+    parallel = args.mode in ("threads", "processes") and cores > 1
+    train_threads = 1 if parallel else cores
+    torch.set_num_threads(train_threads)
+    data = wl.Data(args.data)
+    x_test, y_test = data.test()
+    model = wl.initial_model(data.image_size, data.seed)
+    eval_model = wl.cnn(data.image_size)
+    evaluations: list[dict[str, Any]] = []
+
+    def central_evaluation(parameters: dict[str, torch.Tensor]) -> dict[str, float]:
+        torch.set_num_threads(cores)  # nothing else runs now
+        try:
+            fl.load_parameters(eval_model, parameters)
+            loss, acc = wl.evaluate(eval_model, x_test, y_test)
+        finally:
+            torch.set_num_threads(train_threads)
+        evaluations.append({"time": time.time(), "loss": loss, "accuracy": acc})
+        if len(evaluations) > 1:
+            print(f"fedsecure round {len(evaluations) - 1}: test accuracy {acc:.4f}", flush=True)
+        return {"test_loss": loss, "test_accuracy": acc}
+
+    strategy = fl.FedAvg(
+        training=fl.LocalTraining(epochs=wl.EPOCHS, batch_size=wl.BATCH_SIZE, optimizer="SGD", lr=wl.LR,
+                                  optimizer_args={"momentum": wl.MOMENTUM}),
+        fraction_fit=1.0,
+        min_fit_workers=data.num_clients,
+        evaluate_fn=central_evaluation,
+    )
+    if args.mode == "processes":
+        from fedsecure.fl.simulation import Simulation
+
+        with Simulation(simulation_config(data, args.data), processes=cores, threads=1) as sim:
+            central_evaluation(fl.parameters_of(model))  # the initial model, as Flower's round 0
+            _, history = fl.fit(model, sim.workers, strategy, rounds=args.rounds, aggregator=sim.aggregator,
+                                seed=data.seed, groups=sim.groups)
+    else:
+        owners, aggregator = build_workers(data)
+        central_evaluation(fl.parameters_of(model))
+        _, history = fl.fit(model, owners, strategy, rounds=args.rounds, aggregator=aggregator,
+                            seed=data.seed, parallelism=2 if parallel else 1)
+
+    rounds = []
+    for r, row in enumerate(history, start=1):
+        prev, cur = evaluations[r - 1], evaluations[r]
+        rounds.append(wl.round_record(r, prev["time"], cur["time"], cur["loss"], cur["accuracy"],
+                                      train_loss=row.get("train_loss"), engine_round_s=row.get("round_seconds"),
+                                      engine_fit_s=row.get("fit_seconds")))
+    Path(args.out).write_text(json.dumps({
+        "system": "fedsecure",
+        "mode": args.mode,
+        "threads": cores,
+        "train_threads": train_threads,
+        "parallelism": 2 if parallel else 1,
+        "processes": 1 + cores if args.mode == "processes" else 1,
+        "started": t0,
+        "setup_seconds": rounds[0]["start"] - t0 if rounds else None,
+        "initial": {"test_loss": evaluations[0]["loss"], "test_accuracy": evaluations[0]["accuracy"]},
+        "rounds": rounds,
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The workload on Flower: its simulation engine (Ray backend), Message API, FedAvg, central evaluation.
+
+Flower lives in its own virtual environment, ``benchmarks/vs_flower/.venv-flower`` (git-ignored),
+which ``--setup`` creates when it is absent or holds other versions: CPU torch first (pinned, so
+that pip does not pull a CUDA build), then ``flwr[simulation]`` pinned to `FLWR_VERSION`, which
+pins its Ray. Everything else runs with that environment's Python and imports ``workload.py`` by
+path, so the model, local training and evaluation are the very code the plain loop runs.
+
+Set-up of the run:
+- ``run_simulation`` with 10 virtual SuperNodes, one per client (``partition-id`` = client index);
+- Ray with ``num_cpus`` = the number of cores (2) and ``client_resources = {"num_cpus": 1}``, so
+  Ray keeps a pool of 2 ClientApp actors and trains 2 clients at a time; each actor's torch uses
+  1 thread. That is the same thread budget fedsecure's simulation uses (2 worker processes x 1
+  torch thread): the cores are covered without oversubscribing them;
+- Flower's message-based ``FedAvg`` with every node training every round (fraction_train=1,
+  min_train_nodes=10), no federated evaluation (fraction_evaluate=0) and central evaluation with
+  ``evaluate_fn`` on the test set before the first round and after each round, in the server
+  process, whose torch uses 2 threads (nothing else runs then), as in the plain loop.
+
+A round is timed from the end of one central evaluation to the end of the next. Each client call
+also reports its actor's process id and resident memory, so the JSON shows how actors grow.
+
+Run (normally from run.py):
+    python flower_run.py --setup                       # make the virtual environment, once
+    .venv-flower/bin/python flower_run.py --data DATA.npz --rounds 5 --out RESULT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import venv
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+VENV = HERE / ".venv-flower"
+FLWR_VERSION = "1.42.0"  # the newest on PyPI when this was written; it pins ray==2.55.1
+TORCH_VERSION = "2.13.0"  # the CPU build, as in fedsecure's environment
+STAMP = VENV / ".installed"
+PINS = f"torch=={TORCH_VERSION} flwr[simulation]=={FLWR_VERSION} numpy"
+
+
+def venv_python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def setup(*, quiet: bool = True) -> Path:
+    """Create (or repair) Flower's virtual environment; returns its Python. A no-op when current."""
+    if STAMP.is_file() and STAMP.read_text().strip() == PINS and venv_python().is_file():
+        return venv_python()
+    if not venv_python().is_file():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+    pip = [str(venv_python()), "-m", "pip", "install", "--disable-pip-version-check"] + (["-q"] if quiet else [])
+    # torch first and pinned: an unpinned torch (pulled in by some dependency) would be the CUDA build
+    subprocess.run([*pip, f"torch=={TORCH_VERSION}"], check=True)
+    subprocess.run([*pip, f"flwr[simulation]=={FLWR_VERSION}", "numpy"], check=True)
+    STAMP.write_text(PINS + "\n")
+    return venv_python()
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("flwr", "ray", "torch", "numpy")}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run(args: argparse.Namespace) -> None:
+    t0 = time.time()
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+    from flwr.simulation import run_simulation
+
+    sys.path.insert(0, str(HERE))
+    import workload as wl
+
+    torch.set_num_threads(args.threads)  # the server process: central evaluation
+    data = wl.Data(args.data)
+    n = data.num_clients
+    data_path = str(Path(args.data).resolve())
+
+    # ---- the ClientApp: runs in Ray actors, one client call at a time per actor ----------------
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(args.client_threads)
+        cid = int(context.node_config["partition-id"])
+        config = msg.content["config"]
+        local_data = wl.Data(str(config["data"]))
+        x, y = local_data.client(cid)
+        model = wl.cnn(local_data.image_size)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        started = time.time()
+        loss = wl.train(model, x, y, shuffle_seed=wl.client_seed(local_data.seed, int(config["server-round"]), cid))
+        metrics = MetricRecord({
+            "num-examples": len(y),
+            "train-loss": loss,
+            "train-seconds": time.time() - started,
+            "client": cid,
+            "pid": os.getpid(),
+            "rss-mb": rss_mb(),
+        })
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+        return Message(content=content, reply_to=msg)
+
+    # ---- the ServerApp: FedAvg with central evaluation --------------------------------------------
+    x_test, y_test = data.test()
+    eval_model = wl.cnn(data.image_size)
+    evaluations: list[dict[str, Any]] = []
+    client_calls: list[dict[str, Any]] = []
+
+    def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        eval_model.load_state_dict(arrays.to_torch_state_dict())
+        loss, acc = wl.evaluate(eval_model, x_test, y_test)
+        evaluations.append({"round": server_round, "time": time.time(), "loss": loss, "accuracy": acc})
+        if server_round:
+            print(f"flower round {server_round}: test accuracy {acc:.4f}", flush=True)
+        return MetricRecord({"test-loss": loss, "test-accuracy": acc})
+
+    def train_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+        """Keep each call's report; the round's metric is the sample-weighted training loss."""
+        for record in records:
+            m = record["metrics"]
+            client_calls.append({k: float(m[k]) for k in ("client", "pid", "rss-mb", "train-seconds", "train-loss")})
+        losses = [RecordDict({"metrics": MetricRecord({"train-loss": r["metrics"]["train-loss"],
+                                                        weighting_key: r["metrics"][weighting_key]})})
+                  for r in records]
+        return aggregate_metricrecords(losses, weighting_key)
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = FedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=n,
+            min_available_nodes=n,
+            train_metrics_aggr_fn=train_metrics,
+        )
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(wl.initial_model(data.image_size, data.seed).state_dict()),
+            num_rounds=args.rounds,
+            train_config=ConfigRecord({"data": data_path}),
+            evaluate_fn=central_evaluation,
+        )
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=n,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": args.threads, "num_gpus": 0, "include_dashboard": False},
+        },
+    )
+
+    if len(evaluations) != args.rounds + 1:
+        raise SystemExit(f"Flower finished {len(evaluations) - 1} of {args.rounds} rounds; see its log above")
+    rounds = []
+    calls_per_round = [client_calls[i * n : (i + 1) * n] for i in range(args.rounds)]
+    for r in range(1, args.rounds + 1):
+        prev, cur = evaluations[r - 1], evaluations[r]
+        train_loss = sum(c["train-loss"] for c in calls_per_round[r - 1]) / max(len(calls_per_round[r - 1]), 1)
+        rounds.append(wl.round_record(r, prev["time"], cur["time"], cur["loss"], cur["accuracy"], train_loss=train_loss))
+    Path(args.out).write_text(json.dumps({
+        "system": "flower",
+        "versions": versions(),
+        "threads": args.threads,
+        "client_threads": args.client_threads,
+        "processes": "1 driver + Ray (gcs, raylet, ...) + one actor per CPU",
+        "started": t0,
+        "setup_seconds": rounds[0]["start"] - t0 if rounds else None,
+        "initial": {"test_loss": evaluations[0]["loss"], "test_accuracy": evaluations[0]["accuracy"]},
+        "rounds": rounds,
+        "client_calls": client_calls,
+    }, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setup", action="store_true", help="create the virtual environment and exit")
+    parser.add_argument("--data")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Ray's CPUs; server torch threads")
+    parser.add_argument("--client-threads", type=int, default=1, help="torch threads per client actor")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.setup:
+        print(setup())
+        return
+    if not args.data or not args.out:
+        parser.error("--data and --out are required (or --setup)")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
