@@ -10,7 +10,7 @@ code as the plain loop and Flower (workload.evaluate), with 2 torch threads.
 
 How the 2 cores are used (``--mode``):
 - ``processes``: `fedsecure.fl.simulation.Simulation`, the simulation mode of ``fedsecure run``:
-  the owners live in 2 host processes (owner i in host i mod 2) with 1 torch thread each, served
+  the owners live in 2 host processes (balanced by share size) with 1 torch thread each, served
   over gRPC on loopback; the aggregator is served from this process. The hosts load the data from
   a copy of the prepared subset and partition it themselves with the same call and seed, which
   gives the same shares (checked below);
@@ -130,7 +130,7 @@ def main() -> None:
     if args.mode == "processes":
         from fedsecure.fl.simulation import Simulation
 
-        with Simulation(simulation_config(data, args.data), processes=cores, threads=1) as sim:
+        with Simulation(simulation_config(data, args.data), processes=cores, threads=1, sizes=data.sizes) as sim:
             central_evaluation(fl.parameters_of(model))  # the initial model, as Flower's round 0
             _, history = fl.fit(model, sim.workers, strategy, rounds=args.rounds, aggregator=sim.aggregator,
                                 seed=data.seed, groups=sim.groups)

@@ -124,6 +124,7 @@ def run_experiment(
                 threads=int(exp.get("workers", "threads", 1)),
                 aggregator=str(exp.get("workers", "aggregator", "secure_worker")),
                 strict=bool(exp.get("workers", "strict", True)),
+                sizes=[len(p) for p in exp.partitions(data)],
             ))
             fed = Federated(sim.workers, sim.aggregator, sim.processes, sim.groups)
         else:

@@ -1,8 +1,8 @@
 """Simulation in worker processes: many data owners on one machine, every core busy.
 
 `Simulation` starts ``processes`` host processes (``python -m fedsecure.fl.simulation``); each
-loads the data set itself, keeps the shares of the owners assigned to it (owner i goes to host
-i mod processes) as those owners' private data, and serves them all from one gRPC server, one
+loads the data set itself, keeps the shares of the owners assigned to it (balanced by the shares'
+sizes, `assign`) as those owners' private data, and serves them all from one gRPC server, one
 `WorkerCore` per owner, with torch limited to ``threads`` threads so that the hosts do not
 oversubscribe the cores. The aggregator is served from this process. The engine then drives
 the hosted owners exactly as it drives remote workers (`fedsecure.connect`): the global model
@@ -37,6 +37,18 @@ def owner_id(index: int) -> str:
     return f"worker-{index:03d}"
 
 
+def assign(sizes: list[int], processes: int) -> list[int]:
+    """The host of each owner: largest shares first, each to the host with the least data so far
+    (the longest-processing-time rule), so that the hosts finish a round at about the same time."""
+    load = [0] * processes
+    host = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        p = min(range(processes), key=lambda p: (load[p], p))
+        host[i] = p
+        load[p] += sizes[i]
+    return host
+
+
 def token_for(secret: str, name: str) -> str:
     return hmac.new(secret.encode(), name.encode(), hashlib.sha256).hexdigest()
 
@@ -54,6 +66,7 @@ class Simulation:
         threads: int = 1,
         aggregator: str = "secure_worker",
         strict: bool = True,
+        sizes: list[int] | None = None,
         startup_timeout: float = 120.0,
     ) -> None:
         if processes < 1 or threads < 1:
@@ -62,6 +75,9 @@ class Simulation:
         self.owners = int(self.config.get("data", {}).get("workers", 10))
         self.processes = min(processes, self.owners)
         self.threads = threads
+        if sizes is not None and len(sizes) != self.owners:
+            raise ConfigurationError(f"{len(sizes)} share sizes for {self.owners} owners")
+        self.hosts = assign(sizes or [1] * self.owners, self.processes)
         self.aggregator_id = aggregator
         self.strict = strict
         self.timeout = startup_timeout
@@ -91,7 +107,7 @@ class Simulation:
             self.stop()
             raise
         for i, name in enumerate(names):
-            host = i % self.processes
+            host = self.hosts[i]
             self.workers.append(connect(name, addresses[host], credentials=self.owner_token, pipelined=False))
             self.groups[name] = host
         self.aggregator = connect(self.aggregator_id, self._server.address, credentials=self.owner_token,
@@ -101,7 +117,7 @@ class Simulation:
     def _spawn(self, p: int) -> subprocess.Popen[str]:
         spec = {
             "config": self.config,
-            "owners": [i for i in range(self.owners) if i % self.processes == p],
+            "owners": [i for i in range(self.owners) if self.hosts[i] == p],
             "threads": self.threads,
             "secret": self.secret,
             "owner_token": self.owner_token,
