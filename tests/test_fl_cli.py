@@ -124,3 +124,41 @@ def test_the_private_example_runs_with_secure_aggregation_and_dp(tmp_path: Path)
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "o" / "history.json").read_text())["rounds"]
     assert rows[0]["dp_epsilon"] < rows[1]["dp_epsilon"]
+
+
+def test_the_same_experiment_runs_against_worker_servers(tmp_path: Path) -> None:
+    """Only [workers] changes: two data owners and a strict aggregator as TLS servers."""
+    import numpy as np
+
+    import fedsecure as sy
+    from fedsecure.data import federate, load_digits
+    from fedsecure.transport.certs import write_federation
+
+    certs = tmp_path / "certs"
+    write_federation(certs, ["owner", "w0", "w1", "secure_worker"])
+    for i, (x, y) in enumerate(federate(load_digits(), 2, scheme="iid", seed=0)):
+        np.savez(tmp_path / f"w{i}.npz", x=x.numpy(), y=y.numpy())  # each owner's own file
+    servers = [sy.WorkerProcess("secure_worker", clients={"owner": ""}, tls_dir=str(certs),
+                                accept_peers=["w0", "w1"], aggregator=True).start()]
+    try:
+        for i in range(2):
+            servers.append(sy.WorkerProcess(f"w{i}", clients={"owner": ""}, tls_dir=str(certs),
+                                            data=str(tmp_path / f"w{i}.npz"),
+                                            peers={"secure_worker": servers[0].address},
+                                            trust=["secure_worker"]).start())
+        text = DIGITS.read_text()
+        text = text[: text.index("[workers]")] + (
+            f'[workers]\nmode = "remote"\ntls_dir = "{certs}"\naggregator = "secure_worker"\n'
+            f'aggregator_address = "{servers[0].address}"\n'
+            + "".join(f'[[workers.remote]]\nid = "{s.id}"\naddress = "{s.address}"\n' for s in servers[1:])
+        )
+        config = tmp_path / "remote.toml"
+        config.write_text(text)
+        done = fedsecure("run", str(config), "--rounds", "3", "--output", "o", "--quiet",
+                         "--set", "strategy.fraction_evaluate=0", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        rows = json.loads((tmp_path / "o" / "history.json").read_text())["rounds"]
+        assert [r["workers"] for r in rows] == [2, 2, 2] and rows[-1]["central_accuracy"] > 0.5
+    finally:
+        for s in servers:
+            s.stop()
