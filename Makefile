@@ -1,4 +1,4 @@
-# `make demo` and `make test` set everything up on a fresh machine (Python 3.10+ and pip).
+# `make demo` and `make test` set everything up on a fresh machine (Python 3.11+ and pip).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
