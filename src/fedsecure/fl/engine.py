@@ -189,14 +189,24 @@ class Engine:
         for i in ids:
             worker.release(i)
 
-    def _train_one(self, worker: WorkerClient, plan: FitPlan, server_round: int) -> _Trained:
+    def _fit_on(self, worker: WorkerClient, plan: FitPlan, server_round: int) -> tuple[int, list[int], dict[str, Any]]:
+        """Send the global model to ``worker`` and train it there; (its ids there, the reply)."""
         module_id, ids = self._put(worker, self.parameters)
         try:
             reply = worker.request(
                 m.Fit(worker.take_release(), module_id, self.data[0], self.data[1], plan.training.to_wire(),
                       _seed(self.seed, server_round, worker.id)), deadline=self.work_deadline
             )
-            moved_id, moved_ids = new_id(), [new_id() for _ in ids]
+        except BaseException:
+            self._forget(worker, module_id, ids)
+            raise
+        return module_id, ids, reply
+
+    def _train_one(self, worker: WorkerClient, plan: FitPlan, server_round: int) -> _Trained:
+        """Train, then move the trained model to the aggregator."""
+        module_id, ids, reply = self._fit_on(worker, plan, server_round)
+        moved_id, moved_ids = new_id(), [new_id() for _ in ids]
+        try:
             worker.request(m.MoveModule(worker.take_release(), module_id, self.aggregator.id, moved_id, moved_ids))
         except BaseException:
             self._forget(worker, module_id, ids)
@@ -208,14 +218,9 @@ class Engine:
     def _train_kept(self, worker: WorkerClient, plan: FitPlan, server_round: int) -> Trained:
         """Train, and keep the trained model and the global one on the worker (secure aggregation)."""
         reference = self._put(worker, self.parameters)
-        module_id, ids = self._put(worker, self.parameters)
         try:
-            reply = worker.request(
-                m.Fit(worker.take_release(), module_id, self.data[0], self.data[1], plan.training.to_wire(),
-                      _seed(self.seed, server_round, worker.id)), deadline=self.work_deadline
-            )
+            module_id, ids, reply = self._fit_on(worker, plan, server_round)
         except BaseException:
-            self._forget(worker, module_id, ids)
             self._forget(worker, *reference)
             raise
         self._kept[worker.id] = [(module_id, ids), reference]
@@ -348,7 +353,8 @@ class Engine:
                if self._last_failures else "")
         )
 
-    def _evaluate_one(self, worker: WorkerClient, plan: EvaluatePlan) -> tuple[str, int, list[int]]:
+    def _evaluate_one(self, worker: WorkerClient, plan: EvaluatePlan) -> tuple[str, int]:
+        """Evaluate on ``worker``'s held-out data; the sums move to the aggregator: (worker, their id there)."""
         module_id, ids = self._put(worker, self.parameters)
         result = new_id()
         try:
@@ -359,7 +365,7 @@ class Engine:
             worker.request(m.Move(worker.take_release(), result, self.aggregator.id, moved))
         finally:
             self._forget(worker, module_id, ids)
-        return worker.id, moved, []
+        return worker.id, moved
 
     def _federated_evaluate(self, server_round: int) -> dict[str, float]:
         plan = self.strategy.configure_evaluate(server_round, self.parameters, list(self.workers),
@@ -425,15 +431,12 @@ class Engine:
         if rounds < 1:
             raise ConfigurationError(f"rounds must be >= 1, got {rounds}")
         self.progress.start(rounds, self.round)
-        try:
-            while self.round < rounds:
-                if self.strategy.should_stop():
-                    self.progress.note(f"the strategy ended training after round {self.round} "
-                                       "(its privacy budget allows no further round)")
-                    break
-                self.run_round()
-        finally:
-            self.progress.close()
+        while self.round < rounds:
+            if self.strategy.should_stop():
+                self.progress.note(f"the strategy ended training after round {self.round} "
+                                   "(its privacy budget allows no further round)")
+                break
+            self.run_round()
         load_parameters(self.model, self.parameters)
         return self.model, self.history
 

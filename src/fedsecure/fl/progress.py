@@ -63,9 +63,6 @@ class Progress:
         if self.enabled:
             self._write(("\n" if self.live else "") + text + "\n")
 
-    def close(self) -> None:
-        pass
-
     def _write(self, text: str) -> None:
         self.stream.write(text)
         self.stream.flush()

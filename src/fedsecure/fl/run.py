@@ -109,22 +109,23 @@ def run_experiment(
         raise ConfigurationError(
             f"{exp.source}: [workers] mode must be 'local', 'processes' or 'remote', got {mode!r}"
         )
+    parts = exp.partitions(data) if mode != "remote" else []  # remote owners hold their own data
     if mode != "remote" and progress:
-        parts = exp.partitions(data)
         out.write(f"{exp.name}: {data.name}, {len(data.y_train)} training samples over {len(parts)} workers\n")
         out.write(partition_summary(data.y_train, parts, data.num_classes) + "\n")
     strategy = exp.strategy()
+    secure_mode, secure_settings = exp.secure()
     exp.output.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if mode == "local":
-            fed = local_workers(exp, data, exp.partitions(data))
+            fed = local_workers(exp, data, parts)
         elif mode == "processes":
             sim = stack.enter_context(Simulation(
                 exp.config, processes=int(exp.get("workers", "processes", os.cpu_count() or 1)),
                 threads=int(exp.get("workers", "threads", 1)),
                 aggregator=str(exp.get("workers", "aggregator", "secure_worker")),
                 strict=bool(exp.get("workers", "strict", True)),
-                sizes=[len(p) for p in exp.partitions(data)],
+                sizes=[len(p) for p in parts],
             ))
             fed = Federated(sim.workers, sim.aggregator, sim.processes, sim.groups)
         else:
@@ -134,7 +135,7 @@ def run_experiment(
             seed=exp.seed, parallelism=fed.parallelism, groups=fed.groups,
             progress=Progress(enabled=progress, stream=out), checkpoint=exp.output / "checkpoint",
             settings=exp.settings(), on_round=tensorboard(exp),
-            secure_aggregation=exp.secure()[0], secure=exp.secure()[1],
+            secure_aggregation=secure_mode, secure=secure_settings,
             work_deadline=float(exp.get("workers", "work_deadline", 3600.0)),
         )
         if resume and not engine.resume() and progress:
