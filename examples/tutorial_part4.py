@@ -161,6 +161,8 @@ def _train(
             alices_loss = alices_loss.get().data
 
         if args.secure_aggregation:  # Steps 5 and 6 with no trusted party: only the mean is learnt
+            if round_ == args.rounds:
+                _try_to_read(alices_model)
             average = secure_average([alices_model, bobs_model], reference=model)
             model.load_state_dict(average)
             print(f"round {round_:2d}  Bob: {bobs_loss.item():.4f}  Alice: {alices_loss.item():.4f}")
@@ -169,6 +171,8 @@ def _train(
         # Step 5: both models go straight to the secure worker; we send only the order.
         alices_model.move(secure_worker)
         bobs_model.move(secure_worker)
+        if round_ == args.rounds:
+            _try_to_read(alices_model)
 
         # Step 6: average there and fetch only the average.
         if args.strict:
@@ -181,12 +185,6 @@ def _train(
 
         print(f"round {round_:2d}  Bob: {bobs_loss.item():.4f}  Alice: {alices_loss.item():.4f}")
 
-    # What the model owner may not do: read one owner's model.
-    try:
-        alices_model.get()
-    except sy.PermissionDenied as refusal:
-        print(f"\nalices_model.get() was refused ({refusal.rule}), as it should be.")
-
     # Evaluate the global model (on the training points, as the tutorial does).
     with torch.no_grad():
         preds = model(data)
@@ -195,6 +193,15 @@ def _train(
     print("targets:    ", target.flatten().tolist())
     print(f"final loss:  {loss.item():.4f}")
     return loss.item()
+
+
+def _try_to_read(model: nn.Module) -> None:
+    """What the model owner may not do: read one owner's model (a strict secure worker then
+    uses it in one average only, so this is tried before averaging)."""
+    try:
+        model.get()
+    except sy.PermissionDenied as refusal:
+        print(f"\nalices_model.get() was refused ({refusal.rule}), as it should be.\n")
 
 
 if __name__ == "__main__":

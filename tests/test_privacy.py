@@ -298,9 +298,24 @@ def test_strict_aggregator_releases_only_its_own_mean(make_worker: Make) -> None
     with pytest.raises(sy.PermissionDenied, match="at least 2"):
         agg.aggregate([alices])
     mean = agg.aggregate([alices, bobs]).get()
+    with pytest.raises(sy.ObjectNotFound):  # each input joins one aggregate only
+        agg.aggregate([alices, bobs], weighted=True)
+    bobs, alices = _trained(bob, model).move(agg), _trained(alice, model).move(agg)
     weighted = agg.aggregate([alices, bobs], weighted=True).get()
     assert isinstance(mean, nn.Linear) and isinstance(weighted, nn.Linear)
     assert not torch.equal(weighted.weight, mean.weight)  # 8 rows against 4
+
+
+def test_a_strict_aggregator_defeats_differences_of_overlapping_aggregates(make_worker: Make) -> None:
+    """(a + b) - (b + c) + (a + c) = 2a: a strict aggregator lets each input join one aggregate."""
+    workers = [make_worker(n, data={"x": torch.randn(4, 2), "y": torch.randn(4, 1)}) for n in ("a", "b", "c")]
+    agg = make_worker("agg", policy=sy.Policy(strict=True))
+    model = nn.Linear(2, 1)
+    a, b, c = (_trained(w, model).move(agg) for w in workers)
+    agg.aggregate([a, b]).get()
+    for pair in ([a, c], [b, c]):
+        with pytest.raises(sy.ObjectNotFound):
+            agg.aggregate(pair)
 
 
 def test_strict_aggregation_of_tensors(make_worker: Make) -> None:
@@ -311,10 +326,11 @@ def test_strict_aggregation_of_tensors(make_worker: Make) -> None:
     (b,), (a,) = bob.search("data"), alice.search("data")
     bm, am = b.copy().move(agg), a.copy().move(agg)
     assert torch.allclose(agg.aggregate([bm, am]).get(), torch.full((3,), 1.5))
-    weighted = agg.aggregate([bm, am], weighted=True).get()
-    assert torch.allclose(weighted, torch.full((3,), (3 * 2.0 + 9 * 1.0) / 12))
+    bm, am = b.copy().move(agg), a.copy().move(agg)
     with pytest.raises(sy.PermissionDenied):
         (bm + am).get()
+    weighted = agg.aggregate([bm, am], weighted=True).get()
+    assert torch.allclose(weighted, torch.full((3,), (3 * 2.0 + 9 * 1.0) / 12))
 
 
 def test_functional_batch_norm_labels_the_running_stats_it_writes(owners) -> None:  # type: ignore[no-untyped-def]

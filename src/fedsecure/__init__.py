@@ -18,7 +18,17 @@ from fedsecure.errors import (
     WorkerMismatch,
     WorkerUnavailable,
 )
-from fedsecure.pointer import PointerTensor, TorchHook, copy, get, hook, move, send
+from fedsecure.pointer import (
+    PointerTensor,
+    SharedTensor,
+    TorchHook,
+    copy,
+    fix_precision,
+    get,
+    hook,
+    move,
+    send,
+)
 from fedsecure.worker import Federation, Policy, VirtualWorker, WorkerClient
 
 if TYPE_CHECKING:  # for type checkers; at run time see __getattr__ below
@@ -51,12 +61,14 @@ __all__ = [
     "Policy",
     "ProtocolError",
     "RemoteError",
+    "SharedTensor",
     "TorchHook",
     "VirtualWorker",
     "WorkerClient",
     "WorkerMismatch",
     "WorkerUnavailable",
     "copy",
+    "fix_precision",
     "get",
     "hook",
     "move",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -55,8 +56,21 @@ class FixedPrecision:
         ring = np.rint(x.reshape(-1) * 2.0**frac_bits).astype(np.int64).view(np.uint64)
         return cls(ring=ring, shape=x.shape, frac_bits=frac_bits)
 
-    def share(self, n: int = 2) -> AdditiveShares:
-        """n shares, each uniform on its own; all n add up to this value."""
+    @overload
+    def share(self, n: int = 2, /) -> AdditiveShares: ...
+    @overload
+    def share(self, *workers: Any) -> Any: ...
+
+    def share(self, *holders: Any) -> Any:
+        """``share(n)``: n shares here, each uniform on its own, adding up to this value.
+        ``share(bob, alice, ...)``: one share sent to each worker (`fedsecure.pointer.shared`)."""
+        if holders and not (len(holders) == 1 and isinstance(holders[0], int)):
+            from fedsecure.pointer.shared import share_local  # the pointer layer sits above this one
+
+            return share_local(self, holders)
+        return self._split(holders[0] if holders else 2)
+
+    def _split(self, n: int) -> AdditiveShares:
         if type(n) is not int or n < 2:
             raise SecAggInputError(f"sharing needs at least 2 shares (one per aggregator), got {n!r}")
         stream = MaskStream(size=self.ring.size, dtype=np.uint64)

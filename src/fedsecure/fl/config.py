@@ -17,16 +17,19 @@ run: the same experiment runs in one process, in worker processes, or on remote 
     [aggregation] rule ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bounded_mean"),
                   clip_norm, and the rule's options (trim, byzantine, keep, quantile);
                   secure ("trusted": the aggregator sees the updates; "pairwise": no one does, the
-                  model owner learns only their sum), and for "pairwise": bound (largest absolute
-                  value of an update's coordinate), threshold (survivors needed), degree (SecAgg+
-                  neighbours), bits (32 or 64)
+                  model owner learns only their sum; "shares": additive shares among share holders
+                  that must not collude), and for "pairwise": bound (largest absolute value of an
+                  update's coordinate), threshold (survivors needed), degree (SecAgg+ neighbours),
+                  bits (32 or 64); for "shares": frac_bits (fixed point, default 24)
     [privacy]     DP-FedAvg around the strategy: noise_multiplier, clip_norm (both required), delta,
                   accountant ("rdp" or "pld"), budget_epsilon, adaptive_clipping, target_quantile
     [workers]     mode ("local", "processes" or "remote"), aggregator, strict, parallelism,
                   work_deadline (seconds a worker may take to train in a round; default 3600);
                   for "processes" (simulation hosts on this machine): processes, threads (per process);
                   for "remote": token or tls_dir, and [[workers.remote]] tables (id, address),
-                  plus [workers.aggregator_address]
+                  plus [workers.aggregator_address]; for secure = "shares": share_holders (ids,
+                  default [aggregator, aggregator + "_2"]), and in remote mode
+                  [workers.share_holder_addresses] (id = address)
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "aggregation": {
         "rule": str, "clip_norm": (int, float), "trim": (int, float), "byzantine": int, "keep": int,
         "quantile": (int, float), "secure": str, "bound": (int, float), "threshold": int, "degree": int,
-        "bits": int,
+        "bits": int, "frac_bits": int,
     },
     "privacy": {
         "noise_multiplier": (int, float), "clip_norm": (int, float), "delta": float, "accountant": str,
@@ -73,7 +76,7 @@ SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "mode": str, "aggregator": str, "strict": bool, "parallelism": int, "processes": int, "threads": int,
         "work_deadline": (int, float),
         "token": str, "tls_dir": str,
-        "remote": list, "aggregator_address": str,
+        "remote": list, "aggregator_address": str, "share_holders": list, "share_holder_addresses": dict,
     },
 }
 _OPTIMIZER_ARGS = ("momentum", "weight_decay", "nesterov")
@@ -173,16 +176,34 @@ class Experiment:
 
     def rule(self) -> AggregationRule:
         a = {k: v for k, v in self.config.get("aggregation", {}).items()
-             if k not in ("secure", "bound", "threshold", "degree", "bits")}
+             if k not in ("secure", "bound", "threshold", "degree", "bits", "frac_bits")}
         options: dict[str, float] = {k: a.pop(k) for k in ("trim", "byzantine", "keep", "quantile") if k in a}
         return AggregationRule(name=a.get("rule", "mean"), clip_norm=a.get("clip_norm"), options=options)
 
     def secure(self) -> tuple[str, SecureSettings]:
         a = self.config.get("aggregation", {})
         mode = str(a.get("secure", "trusted"))
+        if mode not in ("trusted", "pairwise", "shares"):
+            raise ConfigurationError(f"{self.source}: [aggregation] secure must be 'trusted', 'pairwise' or 'shares', "
+                                     f"got {mode!r}")
         settings = SecureSettings(bound=float(a.get("bound", 1.0)), threshold=a.get("threshold"),
-                                  degree=a.get("degree"), bits=int(a.get("bits", 32)))
+                                  degree=a.get("degree"), bits=int(a.get("bits", 32)),
+                                  frac_bits=int(a.get("frac_bits", 24)))
         return mode, settings
+
+    def share_holders(self) -> list[str]:
+        """The share holders' ids in "shares" mode (default: the aggregator and a second worker)."""
+        aggregator = str(self.get("workers", "aggregator", "secure_worker"))
+        holders = self.get("workers", "share_holders")
+        if self.secure()[0] != "shares":
+            if holders is not None:
+                raise ConfigurationError(f"{self.source}: [workers] share_holders needs [aggregation] secure = 'shares'")
+            return []
+        holders = [aggregator, f"{aggregator}_2"] if holders is None else holders
+        if len(holders) < 2 or not all(isinstance(h, str) and h for h in holders) or len(set(holders)) != len(holders):
+            raise ConfigurationError(f"{self.source}: [workers] share_holders must name two or more distinct "
+                                     f"workers, got {holders!r}")
+        return list(holders)
 
     def strategy(self, evaluate_fn: Any = None) -> Strategy:
         s = dict(self.config.get("strategy", {}))

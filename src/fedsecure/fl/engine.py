@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedsecure.errors import FedsecureError, TooFewSurvivors
+from fedsecure.errors import FedsecureError, SecureAggregationError
 from fedsecure.fl import checkpoint as ckpt
 from fedsecure.fl.history import History
 from fedsecure.fl.progress import Progress
-from fedsecure.fl.secure import SecureSettings, Trained, secure_mean
+from fedsecure.fl.secure import SecureSettings, Trained, secure_mean, shared_mean
 from fedsecure.fl.strategy import (
     AggregationRule,
     ConfigurationError,
@@ -100,11 +100,12 @@ class Engine:
         secure_aggregation: str = "trusted",
         secure: SecureSettings | None = None,
         work_deadline: float = 3600.0,
+        share_holders: Sequence[WorkerClient] = (),
     ) -> None:
-        if secure_aggregation not in ("trusted", "pairwise"):
+        if secure_aggregation not in ("trusted", "pairwise", "shares"):
             raise ConfigurationError(
-                f"secure_aggregation must be 'trusted' (the aggregator sees updates) or 'pairwise' "
-                f"(no one does), got {secure_aggregation!r}"
+                f"secure_aggregation must be 'trusted' (the aggregator sees updates), 'pairwise' (no one "
+                f"does) or 'shares' (share holders that do not collude see only shares), got {secure_aggregation!r}"
             )
         spec = describe(model)
         if spec is None:
@@ -117,6 +118,17 @@ class Engine:
         ids = [w.id for w in workers]
         if len(set(ids)) != len(ids):
             raise ConfigurationError(f"worker ids must be distinct, got {ids}")
+        holders = [h.id for h in share_holders]
+        if secure_aggregation == "shares":
+            if len(holders) < 2 or len(set(holders)) != len(holders):
+                raise ConfigurationError(
+                    f"secure_aggregation='shares' needs two or more distinct share_holders, got {holders}"
+                )
+            if set(holders) & set(ids):
+                raise ConfigurationError(f"share holders {sorted(set(holders) & set(ids))} cannot also be training workers")
+            aggregator = aggregator or share_holders[0]  # federated evaluation's small sums go there
+        elif holders:
+            raise ConfigurationError("share_holders are used by secure_aggregation='shares' only")
         if aggregator is None and secure_aggregation != "pairwise":
             raise ConfigurationError("an aggregator is needed, unless secure_aggregation='pairwise'")
         if aggregator is not None and aggregator.id in ids:
@@ -127,6 +139,7 @@ class Engine:
         self.workers = {w.id: w for w in workers}
         self.strategy = strategy
         self._aggregator = aggregator
+        self.share_holders = list(share_holders)
         self.data, self.eval_data, self.test_data, self.test_loss = data, eval_data, test_data, test_loss
         self.seed, self.retries = seed, retries
         self.parallelism = parallelism or 1
@@ -230,8 +243,8 @@ class Engine:
         rule = plan.rule
         if rule.name != "mean" or rule.options:
             raise ConfigurationError(
-                "pairwise secure aggregation computes the (weighted) mean only: the aggregation rule must be "
-                f"'mean' (robust rules need an aggregator that sees the updates), got {rule}"
+                f"secure aggregation ({self.secure_aggregation}) computes the (weighted) mean only: the aggregation "
+                f"rule must be 'mean' (robust rules need an aggregator that sees the updates), got {rule}"
             )
         privacy: dict[str, Any] = {}
         if rule.clip_norm is not None:  # DP-FedAvg with the noise split among the workers
@@ -247,9 +260,14 @@ class Engine:
                 return None
             trained.sort(key=lambda t: t.worker)
             try:
-                parameters, survivors, lost = secure_mean(trained, self.workers, self.parameters, self.secure,
-                                                          self._each, weighted=rule.weighted, privacy=privacy)
-            except TooFewSurvivors as exc:  # the protocol aborted before revealing anything
+                if self.secure_aggregation == "shares":
+                    parameters, survivors, lost = shared_mean(trained, self.workers, self.share_holders,
+                                                              self.parameters, self.secure, self._each,
+                                                              weighted=rule.weighted, privacy=privacy)
+                else:
+                    parameters, survivors, lost = secure_mean(trained, self.workers, self.parameters, self.secure,
+                                                              self._each, weighted=rule.weighted, privacy=privacy)
+            except SecureAggregationError as exc:  # too few survivors, a holder lost: nothing was revealed
                 self._last_failures = [*failures, Failure(worker="(round)", phase="secure aggregation", error=str(exc))]
                 return None
         finally:
@@ -326,7 +344,7 @@ class Engine:
             if unknown:
                 raise ConfigurationError(f"the strategy chose unknown workers {unknown}")
             self.progress.start_phase(server_round, "fit", len(plan.workers))
-            if self.secure_aggregation == "pairwise":
+            if self.secure_aggregation != "trusted":
                 secured = self._secure_round(plan, server_round)
                 if secured is not None:
                     return plan, *secured
@@ -461,6 +479,8 @@ def fit(
     directory, every round is saved there; ``resume=True`` continues from it. More options:
     ``secure_aggregation="pairwise"``: no party sees an update, the model owner learns only their
     sum (`fedsecure.fl.secure`; ``secure=SecureSettings(...)``; ``aggregator`` may then be None).
+    ``secure_aggregation="shares"`` with ``share_holders=[w1, w2, ...]``: each update is split into
+    additive shares among holders that must not all collude; the model owner learns only the sum.
     `Engine`'s (``work_deadline``: seconds a worker may take to train, default an hour; ``seed``, ``parallelism``, ``retries``, ``progress``, ``test_loss``, ``on_round``: called
     with each round's metrics).
     """

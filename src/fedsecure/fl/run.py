@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import numpy as np
@@ -36,6 +36,7 @@ class Federated:
     aggregator: WorkerClient
     parallelism: int
     groups: dict[str, int] | None = None  # workers sharing a process train one after the other
+    holders: list[WorkerClient] = field(default_factory=list)  # share holders ("shares" mode)
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> dict[str, torch.Tensor]:
@@ -58,15 +59,18 @@ def shares_of(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray], i: in
 
 def local_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray]) -> Federated:
     aggregator_id = str(exp.get("workers", "aggregator", "secure_worker"))
+    holders = exp.share_holders()
+    served = list(dict.fromkeys([aggregator_id, *holders]))
     federation = Federation()
-    owner_policy = Policy(trusted_aggregators=frozenset({aggregator_id}), private_sends=False)
+    owner_policy = Policy(trusted_aggregators=frozenset(served), private_sends=False)
     workers: list[WorkerClient] = []
     for i in range(len(parts)):
         workers.append(VirtualWorker(id=owner_id(i), data=shares_of(exp, data, parts, i), policy=owner_policy,
                                      federation=federation))
     strict = bool(exp.get("workers", "strict", True))
-    aggregator = VirtualWorker(id=aggregator_id, policy=Policy(strict=strict), federation=federation)
-    return Federated(workers, aggregator, int(exp.get("workers", "parallelism", 1)))
+    servers = {n: VirtualWorker(id=n, policy=Policy(strict=strict), federation=federation) for n in served}
+    return Federated(workers, servers[aggregator_id], int(exp.get("workers", "parallelism", 1)),
+                     holders=[servers[h] for h in holders])
 
 
 def remote_workers(exp: Experiment) -> Federated:
@@ -87,7 +91,14 @@ def remote_workers(exp: Experiment) -> Federated:
     aggregator_id = str(exp.get("workers", "aggregator", "secure_worker"))
     workers: list[WorkerClient] = [connect(r["id"], r["address"], credentials=credentials, pipelined=False) for r in remote]
     aggregator = connect(aggregator_id, address, credentials=credentials, pipelined=False)
-    return Federated(workers, aggregator, int(exp.get("workers", "parallelism", len(workers))))
+    addresses = {aggregator_id: address, **exp.get("workers", "share_holder_addresses", {})}
+    missing = [h for h in exp.share_holders() if not isinstance(addresses.get(h), str)]
+    if missing:
+        raise ConfigurationError(f"{exp.source}: remote mode needs an address for the share holders {missing} in "
+                                 "[workers.share_holder_addresses] (id = \"host:port\")")
+    holders = [aggregator if h == aggregator_id else connect(h, addresses[h], credentials=credentials, pipelined=False)
+               for h in exp.share_holders()]
+    return Federated(workers, aggregator, int(exp.get("workers", "parallelism", len(workers))), holders=holders)
 
 
 def run_experiment(
@@ -124,10 +135,11 @@ def run_experiment(
                 exp.config, processes=int(exp.get("workers", "processes", os.cpu_count() or 1)),
                 threads=int(exp.get("workers", "threads", 1)),
                 aggregator=str(exp.get("workers", "aggregator", "secure_worker")),
+                share_holders=exp.share_holders(),
                 strict=bool(exp.get("workers", "strict", True)),
                 sizes=[len(p) for p in parts],
             ))
-            fed = Federated(sim.workers, sim.aggregator, sim.processes, sim.groups)
+            fed = Federated(sim.workers, sim.aggregator, sim.processes, sim.groups, sim.share_holders)
         else:
             fed = remote_workers(exp)
         engine = Engine(
@@ -135,7 +147,7 @@ def run_experiment(
             seed=exp.seed, parallelism=fed.parallelism, groups=fed.groups,
             progress=Progress(enabled=progress, stream=out), checkpoint=exp.output / "checkpoint",
             settings=exp.settings(), on_round=tensorboard(exp),
-            secure_aggregation=secure_mode, secure=secure_settings,
+            secure_aggregation=secure_mode, secure=secure_settings, share_holders=fed.holders,
             work_deadline=float(exp.get("workers", "work_deadline", 3600.0)),
         )
         if resume and not engine.resume() and progress:

@@ -7,6 +7,12 @@ protocol (`fedsecure.aggregate.SecAggServer`) and relays its four phases to the 
 its update, weighted by its own sample count, plus pairwise and self masks: uniform noise on its
 own. Workers that drop out in any phase are recovered from the others' Shamir shares as long as
 ``threshold`` of them remain; below that the round fails and nothing is revealed.
+
+With ``secure_aggregation="shares"`` two or more share holders stand in for the aggregator
+(`shared_mean`): each worker splits its update into additive shares, one per holder, and the
+model owner learns the sum of the holders' sums. No holder learns anything unless all collude;
+it is cheaper than the pairwise protocol (one message per worker, no key agreement) and needs
+no threshold, but every holder must stay up for the round.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import torch
 from torch import nn
 
 from fedsecure.aggregate import SecAggServer, decode_message
-from fedsecure.errors import FedsecureError, ProtocolError
-from fedsecure.fl.strategy import Failure, Parameters
+from fedsecure.aggregate.shares import AdditiveShares
+from fedsecure.errors import FedsecureError, ProtocolError, SecureAggregationError, TooFewSurvivors
+from fedsecure.fl.strategy import ConfigurationError, Failure, Parameters
 from fedsecure.wire import messages as m
 from fedsecure.worker.client import WorkerClient
 from fedsecure.worker.core import new_id
@@ -36,12 +43,21 @@ class SecureSettings:
     """``bound``: the largest absolute value of one coordinate of an update (a model minus the
     global model) that the ring must hold; larger ones are clipped by the workers' encoding.
     ``threshold``: the survivors needed (default: a majority, at least 2). ``degree``: SecAgg+'s
-    neighbours per worker (Bell et al. 2020), or None for every pair. ``bits``: 32 or 64."""
+    neighbours per worker (Bell et al. 2020), or None for every pair. ``bits``: 32 or 64.
+    ``frac_bits``: for additive sharing ("shares"), the fractional bits of the fixed point in
+    Z_(2^64): each worker's weighted update must stay below 2^(62 - frac_bits) in absolute value
+    (checked by the worker) and their sum below 2^(63 - frac_bits); each entry of the sum is
+    within n * 2^-(frac_bits + 1) of the exact sum of n updates."""
 
     bound: float = 1.0
     threshold: int | None = None
     degree: int | None = None
     bits: int = 32
+    frac_bits: int = 24
+
+    def __post_init__(self) -> None:
+        if type(self.frac_bits) is not int or not 0 <= self.frac_bits <= 52:
+            raise ConfigurationError(f"frac_bits must be an integer in [0, 52], got {self.frac_bits!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,22 +116,82 @@ def secure_mean(
     request = server.end_masked_input().encode()
     phase("unmask", answered, lambda _: request)
     result = server.end_unmasking()  # TooFewSurvivors: the round fails, nothing is revealed
-    total = torch.from_numpy(result.total).double()
+    survivors = sorted(w for w, i in ids.items() if i in result.survivors)
+    return _apply_sum(parameters, torch.from_numpy(result.total).double(), weighted, len(survivors)), survivors, failures
+
+
+def _apply_sum(parameters: Parameters, total: torch.Tensor, weighted: bool, count: int) -> Parameters:
+    """The global model plus the mean update, from the sum of the (weighted) updates, whose last
+    entry is the sum of the weights when ``weighted``."""
     if weighted:
         weight = float(total[-1])
         if not math.isfinite(weight) or weight <= 0:
             raise ProtocolError("the summed sample counts are not positive: the round cannot be averaged")
         mean = total[:-1] / weight
     else:
-        mean = total / len(result.survivors)
+        mean = total / count
     out = dict(parameters)
     at = 0
-    for k in floating:
-        t = parameters[k]
-        out[k] = (t.double() + mean[at : at + t.numel()].view(t.shape)).to(t.dtype)
-        at += t.numel()
-    survivors = sorted(w for w, i in ids.items() if i in result.survivors)
-    return out, survivors, failures
+    for k, t in parameters.items():
+        if t.is_floating_point():
+            out[k] = (t.double() + mean[at : at + t.numel()].view(t.shape)).to(t.dtype)
+            at += t.numel()
+    return out
+
+
+def shared_mean(
+    trained: Sequence[Trained],
+    workers: dict[str, WorkerClient],
+    holders: Sequence[WorkerClient],
+    parameters: Parameters,
+    settings: SecureSettings,
+    run: Runner,
+    *,
+    weighted: bool = True,
+    privacy: dict[str, Any] | None = None,
+) -> tuple[Parameters, list[str], list[Failure]]:
+    """The (sample-weighted) mean of the trained models by additive secret sharing: each worker
+    splits its update into one share per holder and sends them itself (`Share`); each holder sums
+    the shares it holds with its fixed function (`AggregateShares`) and releases only that sum;
+    the model owner adds the holders' sums. A holder alone sees uniform noise; all holders
+    together would see the updates (they must not collude). A worker that fails before its
+    shares are all delivered is left out of the round; a holder that fails fails the round."""
+    by_name = {t.worker: t for t in trained}
+    ids = {t.worker: [new_id() for _ in holders] for t in trained}
+    targets = [h.id for h in holders]
+
+    def share(worker: WorkerClient) -> str:
+        t = by_name[worker.id]
+        try:
+            worker.request(m.Share(worker.take_release(), t.module_id, t.reference_id, weighted, dict(privacy or {}),
+                                   targets, ids[worker.id], settings.frac_bits))
+        except BaseException:
+            for holder, i in zip(holders, ids[worker.id], strict=True):
+                holder.release(i)  # a share that arrived before the failure is dropped unused
+            raise
+        return worker.id
+
+    done, failures = run(list(by_name), share, "secret sharing")
+    survivors = sorted(done)
+    if len(survivors) < 2:
+        for holder, i in ((h, ids[w][k]) for w in survivors for k, h in enumerate(holders)):
+            holder.release(i)
+        raise TooFewSurvivors(f"secret sharing: {len(survivors)} of {len(trained)} workers delivered their shares, "
+                              "a sum needs at least 2")
+    parts = []
+    for k, holder in enumerate(holders):
+        result = new_id()
+        try:
+            holder.request(m.AggregateShares(holder.take_release(), [ids[w][k] for w in survivors], result))
+            value = holder.request(m.Get(holder.take_release(), result))["tensor"]
+        except FedsecureError as exc:
+            for j, other in enumerate(holders):  # what is left of the round is of no use
+                for w in survivors:
+                    other.release(ids[w][j])
+            raise SecureAggregationError(f"share holder {holder.id!r} failed, so the round's sum is lost: {exc}") from exc
+        parts.append(value)
+    total = AdditiveShares.from_tensors(parts, frac_bits=settings.frac_bits).float_precision().reshape(-1)
+    return _apply_sum(parameters, total, weighted, len(survivors)), survivors, failures
 
 
 def secure_average(
@@ -165,4 +241,4 @@ def secure_average(
     return average
 
 
-__all__ = ["SecureSettings", "Trained", "secure_average", "secure_mean"]
+__all__ = ["SecureSettings", "Trained", "secure_average", "secure_mean", "shared_mean"]

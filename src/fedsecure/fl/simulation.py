@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedsecure.fl.strategy import ConfigurationError
@@ -65,6 +65,7 @@ class Simulation:
         processes: int = 2,
         threads: int = 1,
         aggregator: str = "secure_worker",
+        share_holders: Sequence[str] = (),
         strict: bool = True,
         sizes: list[int] | None = None,
         startup_timeout: float = 120.0,
@@ -79,6 +80,9 @@ class Simulation:
             raise ConfigurationError(f"{len(sizes)} share sizes for {self.owners} owners")
         self.hosts = assign(sizes or [1] * self.owners, self.processes)
         self.aggregator_id = aggregator
+        # the workers served from this process: the aggregator, and share holders ("shares" mode)
+        self.served = list(dict.fromkeys([aggregator, *share_holders]))
+        self.holder_ids = list(share_holders)
         self.strict = strict
         self.timeout = startup_timeout
         self.secret = secrets.token_hex(32)
@@ -87,6 +91,7 @@ class Simulation:
         self._server: Any = None
         self.workers: list[Any] = []
         self.aggregator: Any = None
+        self.share_holders: list[Any] = []
         self.groups: dict[str, int] = {}
 
     def start(self) -> Simulation:
@@ -95,10 +100,13 @@ class Simulation:
         from fedsecure.worker.labels import Policy
 
         names = [owner_id(i) for i in range(self.owners)]
-        core = WorkerCore(self.aggregator_id, policy=Policy(strict=self.strict))
         callers = {self.owner_token: ("client", "owner")}
         callers.update({token_for(self.secret, n): ("peer", n) for n in names})
-        self._server = WorkerServer(core, callers=callers, token=token_for(self.secret, self.aggregator_id)).start()
+        self._server = WorkerServer()
+        for name in self.served:
+            self._server.add(WorkerCore(name, policy=Policy(strict=self.strict)), callers=callers,
+                             token=token_for(self.secret, name))
+        self._server.start()
         try:
             for p in range(self.processes):
                 self._hosts.append(self._spawn(p))
@@ -110,8 +118,10 @@ class Simulation:
             host = self.hosts[i]
             self.workers.append(connect(name, addresses[host], credentials=self.owner_token, pipelined=False))
             self.groups[name] = host
-        self.aggregator = connect(self.aggregator_id, self._server.address, credentials=self.owner_token,
-                                  pipelined=False)
+        served = {name: connect(name, self._server.address, credentials=self.owner_token, pipelined=False)
+                  for name in self.served}
+        self.aggregator = served[self.aggregator_id]
+        self.share_holders = [served[name] for name in self.holder_ids]
         return self
 
     def _spawn(self, p: int) -> subprocess.Popen[str]:
@@ -121,7 +131,7 @@ class Simulation:
             "threads": self.threads,
             "secret": self.secret,
             "owner_token": self.owner_token,
-            "aggregator": [self.aggregator_id, self._server.address],
+            "peers": {name: self._server.address for name in self.served},
         }
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
         proc = subprocess.Popen([sys.executable, "-m", "fedsecure.fl.simulation"], stdin=subprocess.PIPE,
@@ -180,11 +190,11 @@ def host(spec: Mapping[str, Any]) -> None:
     from fedsecure.worker.labels import Policy
 
     exp = Experiment(spec["config"])
-    aggregator, aggregator_address = spec["aggregator"]
+    peers: dict[str, str] = spec["peers"]
     secret = spec["secret"]
     data = exp.dataset()
     parts = exp.partitions(data)
-    policy = Policy(trusted_aggregators=frozenset({aggregator}), private_sends=False)
+    policy = Policy(trusted_aggregators=frozenset(peers), private_sends=False)
     server = WorkerServer()
     for i in spec["owners"]:
         name = owner_id(i)
@@ -192,7 +202,7 @@ def host(spec: Mapping[str, Any]) -> None:
         for tag, tensor in shares_of(exp, data, parts, i).items():
             core.load(tensor, (tag,))
         server.add(core, callers={spec["owner_token"]: ("client", "owner")},
-                   peers={aggregator: aggregator_address}, token=token_for(secret, name))
+                   peers=peers, token=token_for(secret, name))
     del data, parts
     server.start()
     print(f"simulation host {_LISTENING}{server.address}", flush=True)

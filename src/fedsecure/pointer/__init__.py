@@ -2,6 +2,7 @@
 
 from fedsecure.pointer.hook import TorchHook, copy, get, hook, move, send
 from fedsecure.pointer.module import aggregate as _aggregate
+from fedsecure.pointer.shared import SharedTensor, fix_precision
 from fedsecure.pointer.tensor import PointerTensor
 from fedsecure.worker.client import register_pointer_factory
 
@@ -13,4 +14,4 @@ class _Factory:
 
 register_pointer_factory(_Factory())
 
-__all__ = ["PointerTensor", "TorchHook", "copy", "get", "hook", "move", "send"]
+__all__ = ["PointerTensor", "SharedTensor", "TorchHook", "copy", "fix_precision", "get", "hook", "move", "send"]

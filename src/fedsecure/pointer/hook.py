@@ -1,4 +1,4 @@
-"""`TorchHook`: adds the verbs ``send``, ``get``, ``move`` and ``copy`` to torch.
+"""`TorchHook`: adds the verbs ``send``, ``get``, ``move``, ``copy`` and ``fix_precision`` to torch.
 
 It only adds names that torch does not have; it never replaces anything torch
 defines, so every existing torch behaviour is unchanged. Without the hook the
@@ -14,6 +14,7 @@ from torch import nn
 
 from fedsecure.errors import OperationNotAllowed
 from fedsecure.pointer.module import copy_module, get_module, move_module, send_module
+from fedsecure.pointer.shared import fix_precision
 from fedsecure.pointer.tensor import PointerTensor, send_tensor
 from fedsecure.worker.client import WorkerClient
 from fedsecure.worker.virtual import Federation, default_federation
@@ -72,7 +73,7 @@ def _module_send(self: nn.Module, worker: WorkerClient, *, private: bool = False
 
 
 _VERBS: dict[type, dict[str, Any]] = {
-    torch.Tensor: {"send": _tensor_send, "get": get, "move": move, "copy": copy},
+    torch.Tensor: {"send": _tensor_send, "get": get, "move": move, "copy": copy, "fix_precision": fix_precision},
     nn.Module: {"send": _module_send, "get": get, "move": move, "copy": copy},
 }
 

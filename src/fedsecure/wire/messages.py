@@ -380,6 +380,52 @@ class SecAgg(Request):
     privacy: dict[str, Any]
 
 
+@_request(26, ("id", "id", "bool", "dict", "strs", "ids", "int"))
+@dataclass(frozen=True, slots=True)
+class Share(Request):
+    """Split a value into additive shares in Z_(2^64), one delivered to each worker of
+    ``destinations`` (at ``new_ids``); the value never leaves whole.
+
+    With ``reference_id`` 0 the value is the tensor ``object_id``; otherwise it is the update
+    ``object_id`` - ``reference_id`` of two stored models, flattened, weighted by this worker's
+    sample count when ``weighted`` (the count appended), clipped and noised by ``privacy`` as in
+    `SecAgg`. ``frac_bits``: the fixed point's fractional bits."""
+
+    release: list[int]
+    object_id: int
+    reference_id: int
+    weighted: bool
+    privacy: dict[str, Any]
+    destinations: list[str]
+    new_ids: list[int]
+    frac_bits: int
+
+
+@_request(27, ("id", "tensor", "list", "int", "int", "str"), peer_only=True)
+@dataclass(frozen=True, slots=True)
+class DeliverShare(Request):
+    """Worker to worker: one additive share (int64) with the labels of the value it shares."""
+
+    release: list[int]
+    object_id: int
+    value: torch.Tensor
+    labels: list[Any]
+    samples: int
+    frac_bits: int
+    owner: str
+
+
+@_request(28, ("ids", "id"))
+@dataclass(frozen=True, slots=True)
+class AggregateShares(Request):
+    """The share holder's fixed function: the sum in Z_(2^64) of shares it holds, one per data
+    owner, stored at ``result_id``; the inputs are consumed (each share joins one sum)."""
+
+    release: list[int]
+    ids: list[int]
+    result_id: int
+
+
 def encode_request(msg: Request, *, framed: bool = False) -> bytes:
     """``framed``: large tensors travel beside the body (`codec.Framed`), for transports
     that carry them."""

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from fedsecure.aggregate import rules
+from fedsecure.aggregate.shares import FixedPrecision
 from fedsecure.errors import (
     FedsecureError,
+    FixedPointOverflow,
     ObjectNotFound,
     OperationNotAllowed,
     PermissionDenied,
@@ -77,6 +79,7 @@ class Entry:
     source: str | None = None  # the worker it was moved from
     version: int = -1  # the tensor's version when received (strict mode checks it is unmodified)
     samples: int = 0  # sample count its source reported
+    share: int | None = None  # an additive share in Z_(2^64): its fixed point's fractional bits
 
 
 class Store(dict[int, Entry]):
@@ -218,6 +221,9 @@ class WorkerCore:
             m.Fit: self._fit,
             m.Evaluate: self._evaluate,
             m.SecAgg: self._secagg,
+            m.Share: self._share,
+            m.AggregateShares: self._aggregate_shares,
+            m.DeliverShare: self._deliver_share,
             m.Deliver: self._deliver,
             m.DeliverModule: self._deliver_module,
         }
@@ -695,6 +701,67 @@ class WorkerCore:
 
         return self._secure.step(_client.get(), msg.session, msg.phase, msg.client_id, msg.payload, update)
 
+    def _share(self, msg: m.Share, sender: Sender) -> Any:
+        """Split a value (a tensor, or a trained model's update) into additive shares, one per
+        destination; only the shares leave, each on its own uniform and so meaningless."""
+        destinations = msg.destinations
+        if len(destinations) < 2 or len(set(destinations)) != len(destinations):
+            raise ProtocolError(f"sharing needs two or more distinct share holders, got {destinations}")
+        if len(msg.new_ids) != len(destinations):
+            raise ProtocolError(f"one new id per share holder is needed: {len(destinations)} holders, "
+                                f"{len(msg.new_ids)} ids")
+        if type(msg.frac_bits) is not int or not 0 <= msg.frac_bits <= 52:
+            raise ProtocolError(f"frac_bits must be an integer in [0, 52], got {msg.frac_bits!r}")
+        entry = self._entry(msg.object_id)
+        if msg.reference_id == 0:
+            if msg.weighted or msg.privacy:
+                raise ProtocolError("weighting, clipping and noise apply to a model's update, not to a tensor")
+            t = self._tensor(msg.object_id)
+            labels = lb.labels_of(t)
+            value = t.detach()
+        else:
+            _, trained = self._module(msg.object_id)
+            _, reference = self._module(msg.reference_id)
+            labels = lb.union(t for _, t in state_tensors(trained))
+            value = torch.from_numpy(update_vector(trained, reference, self._samples_of(entry) if msg.weighted else None,
+                                                   msg.privacy))
+        if self.policy.strict and labels and not entry.aggregate:
+            raise PermissionDenied(f"{self.id!r} is a strict aggregator, not a data owner: it shares no "
+                                   "values derived from private data", rule="strict-aggregator")
+        for destination in destinations:
+            if destination != self.id:
+                lb.check_destination(labels, destination, holder=self.id, what="a share of the value")
+        try:
+            shares = FixedPrecision.encode(value, frac_bits=msg.frac_bits).share(len(destinations)).to_tensors()
+        except FixedPointOverflow as exc:
+            if labels:  # the message would tell the size of a private value
+                raise ProtocolError(f"a value derived from private data of {lb.owners(labels)} does not fit "
+                                    f"{msg.frac_bits} fractional bits: use fewer") from None
+            raise ProtocolError(str(exc)) from None
+        samples, wire_labels = self._samples_of(entry), lb.labels_to_wire(labels)
+        for destination, new, part in zip(destinations, msg.new_ids, shares, strict=True):
+            if destination == self.id:
+                self._fresh(new)
+                lb.add_labels(part, labels)
+                self.objects[new] = Entry(part, source=self.id, version=part._version, samples=samples,
+                                          share=msg.frac_bits)
+            else:
+                self._peer(destination, m.DeliverShare([], new, part, wire_labels, samples, msg.frac_bits,
+                                                       _client.get() or ""))
+        return {"shape": list(value.shape), "samples": samples}
+
+    def _deliver_share(self, msg: m.DeliverShare, sender: Sender) -> Any:
+        self._fresh(msg.object_id)
+        labels = lb.labels_from_wire(msg.labels)
+        self._receive_check(labels, sender)
+        t = msg.value
+        if t.dtype != torch.int64 or not 0 <= msg.frac_bits <= 52:
+            raise ProtocolError("a share is an int64 tensor with 0 to 52 fractional bits")
+        lb.add_labels(t, labels)
+        self.objects[msg.object_id] = Entry(t, source=sender.id, version=t._version, samples=msg.samples,
+                                            share=msg.frac_bits)
+        return None
+
     # -- moves: straight from this worker to another ----------------------------------
 
     def _check_leaving(self, entry: Entry, labels: lb.Labels, destination: str, what: str) -> None:
@@ -863,6 +930,13 @@ class WorkerCore:
         self._check_contributors(labels)
         return entries, states, labels
 
+    def _consume(self, ids: list[int], labels: lb.Labels) -> None:
+        """A strict aggregator uses each owner's input in one aggregate only: otherwise the
+        difference of two aggregates over subsets that differ by one owner is that owner's input."""
+        if self.policy.strict and labels:
+            for i in ids:
+                self.objects.pop(i, None)
+
     def _aggregate(self, msg: m.Aggregate, sender: Sender) -> Any:
         if len(msg.ids) < 1:
             raise ProtocolError("nothing to aggregate")
@@ -875,6 +949,7 @@ class WorkerCore:
         labels = lb.union(tensors)
         self._check_contributors(labels)
         weights = self._weights(entries, bool(labels), msg.weighted)
+        self._consume(msg.ids, labels)
         with torch.no_grad():
             out = torch.zeros_like(tensors[0], dtype=torch.float64 if tensors[0].dtype == torch.float64 else torch.float32)
             for w, t in zip(weights, tensors, strict=True):
@@ -890,6 +965,7 @@ class WorkerCore:
         spec = describe(self._module(msg.module_ids[0])[1])
         entries, states, labels = self._aggregation_inputs(msg.module_ids, spec)
         weights = self._weights(entries, bool(labels), msg.weighted)
+        self._consume(msg.module_ids, labels)
         assert spec is not None
         clone = build(spec)
         own = [t for _, t in state_tensors(clone)]
@@ -920,6 +996,7 @@ class WorkerCore:
             flat_base = torch.cat([base[i].reshape(-1).double() for i in floating])
             updates = [torch.cat([s[i].reshape(-1).double() for i in floating]) - flat_base for s in states]
             released = rules.release(msg.rule, updates, weights)
+            self._consume(msg.module_ids, labels)
             combined = flat_base + released.aggregate
             clone = build(spec)
             own = [t for _, t in state_tensors(clone)]
@@ -934,6 +1011,40 @@ class WorkerCore:
                 lb.add_labels(target, labels)
         self._install_module(clone, msg.new_module_id, msg.new_ids, Entry(clone, aggregate=True))
         return released.metrics  # what the rule itself releases (a noisy count for adaptive clipping)
+
+
+    def _aggregate_shares(self, msg: m.AggregateShares, sender: Sender) -> Any:
+        if not msg.ids or len(set(msg.ids)) != len(msg.ids):
+            raise ProtocolError("AggregateShares needs one or more distinct share ids")
+        entries = [self._entry(i) for i in msg.ids]
+        tensors = [self._tensor(i) for i in msg.ids]
+        # Shares delivered by Share, or the caller's own int64 values (unlabelled: free to use anyway)
+        if any(t.dtype != torch.int64 or (e.share is None and lb.labels_of(t)) for e, t in zip(entries, tensors, strict=True)):
+            raise OperationNotAllowed("AggregateShares sums additive shares only: those delivered by Share, or "
+                                      "int64 values of the caller's own", op="AggregateShares")
+        frac_bits = {e.share for e in entries if e.share is not None}
+        if len(frac_bits) > 1 or len({tuple(t.shape) for t in tensors}) != 1:
+            raise ProtocolError("the shares to sum must have one shape and one number of fractional bits")
+        if self.policy.strict:
+            shared = [(e, t) for e, t in zip(entries, tensors, strict=True) if e.share is not None]
+            sources = [e.source for e, _ in shared]
+            if len(set(sources)) != len(sources):
+                raise PermissionDenied(f"a strict aggregator sums one share per owner, got sources {sources}",
+                                       rule="strict-aggregator")
+            if any(t._version != e.version for e, t in shared):
+                raise PermissionDenied("an input was modified after it arrived", rule="strict-aggregator")
+        labels = lb.union(tensors)
+        self._check_contributors(labels)
+        total = tensors[0].detach().contiguous().clone()
+        ring = total.numpy().view("uint64")  # addition in Z_(2^64): unsigned, wrapping by definition
+        for t in tensors[1:]:
+            ring += t.detach().contiguous().numpy().view("uint64")
+        for i in msg.ids:  # each share joins one sum only: no differences of sums over other subsets
+            del self.objects[i]
+        lb.add_labels(total, labels)
+        self.objects[msg.result_id] = Entry(total, aggregate=True, share=min(frac_bits, default=None),
+                                            samples=sum(e.samples for e in entries))
+        return _meta(msg.result_id, total)
 
 
 def _backward(
