@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import sys
 
@@ -22,6 +23,8 @@ from fedsecure.worker.core import Sender, new_id
 from fedsecure.worker.modules import build, describe, state_tensors
 
 DP = fl.DPSGD(noise_multiplier=0.7, max_grad_norm=1.0)
+opacus = pytest.mark.skipif(importlib.util.find_spec("opacus") is None,
+                            reason="DP-SGD needs Opacus: pip install 'fedsecure[dp-sgd]'")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +64,7 @@ def rdp_epsilon(runs, delta):
     return accountant.get_epsilon(delta)
 
 
+@opacus
 def test_dp_sgd_learns_digits_and_each_worker_reports_its_growing_epsilon(digits) -> None:
     workers, agg, parts = federation(digits)
     local = fl.LocalTraining(epochs=1, batch_size=32, lr=0.3, optimizer_args={"momentum": 0.9}, dp_sgd=DP)
@@ -79,6 +83,7 @@ def test_dp_sgd_learns_digits_and_each_worker_reports_its_growing_epsilon(digits
     assert history.last["central_accuracy"] > 0.6  # chance is 0.1
 
 
+@opacus
 def test_a_worker_keeps_one_ledger_per_model_owner(digits) -> None:
     workers, _, _ = federation(digits, 2)
     w = workers[0]
@@ -91,6 +96,7 @@ def test_a_worker_keeps_one_ledger_per_model_owner(digits) -> None:
     assert w.core.dp_ledgers["model-owner"].steps == 6
 
 
+@opacus
 def test_per_record_clipping_bounds_the_update(digits) -> None:
     # no noise, a tiny clip bound, one Poisson sample of every record per step (batch >= records):
     # each step moves the weights by at most lr * max_grad_norm, and the mean of two workers too
@@ -105,6 +111,7 @@ def test_per_record_clipping_bounds_the_update(digits) -> None:
     assert history.last["local_epsilon"] == math.inf  # clipping without noise protects nothing
 
 
+@opacus
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_clipping_and_averaging_match_opacus_called_directly(digits) -> None:
     from opacus import GradSampleModule
@@ -141,6 +148,7 @@ class Mixing(nn.Module):
         return self.fc(x + x.mean(0))
 
 
+@opacus
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_one_record_moves_a_graph_model_by_at_most_its_clipped_share(digits) -> None:
     # A traced graph (GraphModel) that mixes the rows of a batch. Per-layer hooks would take every
@@ -174,6 +182,7 @@ def test_one_record_moves_a_graph_model_by_at_most_its_clipped_share(digits) -> 
     assert float((hooked[0] - hooked[1]).norm()) > 2 * (2 * clip / n)  # with hooks the bound fails
 
 
+@opacus
 def test_fedprox_and_a_groupnorm_cnn_train_with_dp_sgd(digits) -> None:
     workers, agg, _ = federation(digits, 2)
     torch.manual_seed(0)
@@ -184,6 +193,7 @@ def test_fedprox_and_a_groupnorm_cnn_train_with_dp_sgd(digits) -> None:
     assert history.last["local_epsilon"] > 0 and "failures" not in history.last
 
 
+@opacus
 def test_batchnorm_is_refused_with_what_to_use_instead(digits) -> None:
     workers, _, _ = federation(digits, 2)
     w = workers[0]
@@ -248,6 +258,7 @@ def test_without_opacus_the_worker_says_what_to_install(digits, monkeypatch) -> 
     assert reply["steps"] == 2 and "epsilon" not in reply  # plain training needs no Opacus
 
 
+@opacus
 def test_a_data_owner_budget_ends_its_dp_sgd_and_refuses_plain_training(digits) -> None:
     budget = sy.Policy(private_sends=False, dp_sgd_budget=(2.5, 1e-5))
     workers, _, _ = federation(digits, 2, policy=budget)
