@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import secrets
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -198,6 +199,7 @@ class WorkerCore:
         self._secure = SecureSessions()
         # DP-SGD steps run on this worker's data, per model owner (None: the worker's own client).
         self.dp_ledgers: dict[str | None, dp_sgd.Ledger] = {}
+        self._dp_lock = threading.Lock()  # a budget check and its charge are one step
         self._handlers: dict[type[m.Request], Callable[[Any, Sender], Any]] = {
             m.Call: self._call,
             m.CallModule: self._call_module,
@@ -695,9 +697,15 @@ class WorkerCore:
             return None
         dp_sgd.check_module(module)  # refuse now, before anything is charged (and without Opacus)
         schedule = training.dp_plan(examples, settings)
+        with self._dp_lock:
+            return self._charge(settings.dp_sgd, schedule, budget)
+
+    def _charge(
+        self, dp: dp_sgd.DPSGDSettings, schedule: dp_sgd.Plan, budget: tuple[float, float] | None
+    ) -> dp_sgd.Ledger:
         if budget is not None:
             after = dp_sgd.Ledger.combined(self.dp_ledgers.values())
-            after.add(schedule.sampling_rate, settings.dp_sgd.noise_multiplier, schedule.steps)
+            after.add(schedule.sampling_rate, dp.noise_multiplier, schedule.steps)
             spent = after.epsilon(budget[1])
             if spent > budget[0]:
                 raise PermissionDenied(
@@ -707,7 +715,7 @@ class WorkerCore:
                     rule="dp-sgd-budget",
                 )
         ledger = self.dp_ledgers.setdefault(_client.get(), dp_sgd.Ledger())
-        ledger.add(schedule.sampling_rate, settings.dp_sgd.noise_multiplier, schedule.steps)
+        ledger.add(schedule.sampling_rate, dp.noise_multiplier, schedule.steps)
         return ledger
 
     def _evaluate(self, msg: m.Evaluate, sender: Sender) -> Any:
