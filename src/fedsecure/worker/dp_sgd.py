@@ -108,8 +108,13 @@ class Ledger:
         self.runs: list[tuple[float, float, int]] = list(runs)
 
     def add(self, sampling_rate: float, noise_multiplier: float, steps: int) -> None:
-        if steps > 0:
-            self.runs.append((float(sampling_rate), float(noise_multiplier), int(steps)))
+        if steps <= 0:
+            return
+        q, z = float(sampling_rate), float(noise_multiplier)
+        if self.runs and self.runs[-1][:2] == (q, z):  # rounds at the same rate and noise: one run
+            self.runs[-1] = (q, z, self.runs[-1][2] + int(steps))
+        else:
+            self.runs.append((q, z, int(steps)))
 
     @property
     def steps(self) -> int:
