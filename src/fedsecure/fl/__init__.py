@@ -3,6 +3,7 @@
 from fedsecure.fl.engine import Engine, RoundFailed, fit, load_parameters, parameters_of
 from fedsecure.fl.history import History
 from fedsecure.fl.strategy import (
+    DPSGD,
     STRATEGIES,
     AggregationRule,
     ConfigurationError,
@@ -33,6 +34,7 @@ __all__ = [
     "STRATEGIES",
     "AggregationRule",
     "ConfigurationError",
+    "DPSGD",
     "EvaluateAggregate",
     "EvaluatePlan",
     "Failure",

@@ -13,7 +13,9 @@ run: the same experiment runs in one process, in worker processes, or on remote 
     [strategy]    name (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad), fraction_fit,
                   min_fit_workers, fraction_evaluate, and the strategy's own settings
                   (proximal_mu, server_learning_rate, server_momentum, beta_1, beta_2, tau)
-    [training]    epochs, batch_size, optimizer, lr, momentum, weight_decay, nesterov, loss, max_steps
+    [training]    epochs, batch_size, optimizer, lr, momentum, weight_decay, nesterov, loss, max_steps;
+                  local DP-SGD on every worker: dp_sgd_noise_multiplier and dp_sgd_max_grad_norm (both
+                  required to turn it on), dp_sgd_delta (default 1e-5); workers need fedsecure[dp-sgd]
     [aggregation] rule ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bounded_mean"),
                   clip_norm, and the rule's options (trim, byzantine, keep, quantile);
                   secure ("trusted": the aggregator sees the updates; "pairwise": no one does, the
@@ -45,7 +47,14 @@ import torch
 
 from fedsecure.data import Dataset, load_csv, load_digits, load_fashion_mnist, load_npz, partition
 from fedsecure.fl.secure import SecureSettings
-from fedsecure.fl.strategy import STRATEGIES, AggregationRule, ConfigurationError, LocalTraining, Strategy
+from fedsecure.fl.strategy import (
+    DPSGD,
+    STRATEGIES,
+    AggregationRule,
+    ConfigurationError,
+    LocalTraining,
+    Strategy,
+)
 
 SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "experiment": {"name": str, "rounds": int, "seed": int, "output": str, "tensorboard": str},
@@ -62,6 +71,7 @@ SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "training": {
         "epochs": int, "batch_size": int, "optimizer": str, "lr": (int, float), "momentum": (int, float),
         "weight_decay": (int, float), "nesterov": bool, "loss": str, "max_steps": int,
+        "dp_sgd_noise_multiplier": (int, float), "dp_sgd_max_grad_norm": (int, float), "dp_sgd_delta": float,
     },
     "aggregation": {
         "rule": str, "clip_norm": (int, float), "trim": (int, float), "byzantine": int, "keep": int,
@@ -80,6 +90,8 @@ SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
 }
 _OPTIMIZER_ARGS = ("momentum", "weight_decay", "nesterov")
+_DP_SGD = {"dp_sgd_noise_multiplier": "noise_multiplier", "dp_sgd_max_grad_norm": "max_grad_norm",
+           "dp_sgd_delta": "delta"}
 
 
 def _check_types(config: Mapping[str, Any], source: str) -> None:
@@ -171,8 +183,17 @@ class Experiment:
     def training(self) -> LocalTraining:
         t = self.config.get("training", {})
         args = {k: t[k] for k in _OPTIMIZER_ARGS if k in t}
-        plain = {k: v for k, v in t.items() if k not in _OPTIMIZER_ARGS}
-        return LocalTraining(**plain, optimizer_args=args)
+        dp = {name: t[key] for key, name in _DP_SGD.items() if key in t}
+        plain = {k: v for k, v in t.items() if k not in _OPTIMIZER_ARGS and k not in _DP_SGD}
+        dp_sgd = None
+        if dp:
+            if "noise_multiplier" not in dp or "max_grad_norm" not in dp:
+                raise ConfigurationError(
+                    f"{self.source}: [training] local DP-SGD needs both dp_sgd_noise_multiplier and "
+                    "dp_sgd_max_grad_norm (dp_sgd_delta is optional)"
+                )
+            dp_sgd = DPSGD(**dp)
+        return LocalTraining(**plain, optimizer_args=args, dp_sgd=dp_sgd)
 
     def rule(self) -> AggregationRule:
         a = {k: v for k, v in self.config.get("aggregation", {}).items()

@@ -58,6 +58,7 @@ class _Trained:
     ids: list[int]
     examples: int
     loss: float | None
+    epsilon: float | None = None  # the worker's local DP-SGD epsilon for this model owner, so far
 
 
 def parameters_of(model: nn.Module) -> Parameters:
@@ -68,6 +69,19 @@ def load_parameters(model: nn.Module, parameters: Mapping[str, torch.Tensor]) ->
     with torch.no_grad():
         for name, t in state_tensors(model):
             t.copy_(parameters[name])
+
+
+def _epsilon(reply: Mapping[str, Any]) -> float | None:
+    """A worker's local DP-SGD epsilon from its Fit reply (absent without DP-SGD)."""
+    value = reply.get("epsilon")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _local_epsilon(trained: Sequence[_Trained | Trained]) -> dict[str, float]:
+    """``local_epsilon``: the largest DP-SGD epsilon this round's workers reported (each a running
+    total over the rounds that worker trained for this model owner)."""
+    spent = [t.epsilon for t in trained if t.epsilon is not None]
+    return {"local_epsilon": max(spent)} if spent else {}
 
 
 def _seed(*parts: object) -> int:
@@ -226,7 +240,8 @@ class Engine:
             raise
         for i in ids:  # the module's id went with the move; its tensors' ids are freed here
             worker.release(i)
-        return _Trained(worker.id, moved_id, moved_ids, int(reply["examples"]), reply.get("loss"))
+        return _Trained(worker.id, moved_id, moved_ids, int(reply["examples"]), reply.get("loss"),
+                        _epsilon(reply))
 
     def _train_kept(self, worker: WorkerClient, plan: FitPlan, server_round: int) -> Trained:
         """Train, and keep the trained model and the global one on the worker (secure aggregation)."""
@@ -237,7 +252,7 @@ class Engine:
             self._forget(worker, *reference)
             raise
         self._kept[worker.id] = [(module_id, ids), reference]
-        return Trained(worker.id, module_id, reference[0], int(reply["examples"]))
+        return Trained(worker.id, module_id, reference[0], int(reply["examples"]), _epsilon(reply))
 
     def _secure_round(self, plan: FitPlan, server_round: int) -> tuple[FitAggregate, list[Failure]] | None:
         rule = plan.rule
@@ -279,7 +294,8 @@ class Engine:
         if len(survivors) < self.strategy.min_fit_workers:
             return None
         examples = sum(t.examples for t in trained if t.worker in survivors)
-        return FitAggregate(parameters=parameters, num_examples=examples, workers=tuple(survivors)), failures
+        return FitAggregate(parameters=parameters, num_examples=examples, workers=tuple(survivors),
+                            metrics=_local_epsilon(trained)), failures
 
     def _each(self, names: Sequence[str], task: Callable[[WorkerClient], Any], phase: str
               ) -> tuple[list[Any], list[Failure]]:
@@ -359,6 +375,7 @@ class Engine:
                 losses = [(t.loss, t.examples) for t in trained if t.loss is not None]
                 metrics = {"train_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses)} if losses else {}
                 metrics.update(released)
+                metrics.update(_local_epsilon(trained))
                 aggregate = FitAggregate(parameters=parameters, num_examples=examples,
                                          workers=tuple(t.worker for t in trained), metrics=metrics)
                 return plan, aggregate, failures

@@ -66,6 +66,7 @@ class Trained:
     module_id: int
     reference_id: int
     examples: int
+    epsilon: float | None = None  # the worker's local DP-SGD epsilon, when it ran DP-SGD
 
 
 def secure_mean(

@@ -49,6 +49,49 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigurationError(message)
 
 
+@dataclass(frozen=True, slots=True)
+class DPSGD:
+    """Local DP-SGD on every worker (Abadi et al. 2016, "Deep Learning with Differential Privacy").
+
+    Each step the worker draws a Poisson sample of its records, clips every record's gradient to L2
+    norm ``max_grad_norm``, adds Gaussian noise of standard deviation ``noise_multiplier *
+    max_grad_norm`` to their sum, and steps on the noisy mean. The worker accounts the steps it ran
+    and reports its (epsilon, ``delta``) for this model owner, summed over all the rounds so far.
+    ``noise_multiplier=0`` clips without noise: the worker then reports epsilon = inf.
+    Workers need Opacus for it: ``pip install 'fedsecure[dp-sgd]'``.
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check(
+            _real(self.noise_multiplier) and self.noise_multiplier >= 0,
+            f"DP-SGD noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}",
+        )
+        _check(
+            _real(self.max_grad_norm) and self.max_grad_norm > 0,
+            f"DP-SGD max_grad_norm (the per-record clip bound) must be a finite number > 0, "
+            f"got {self.max_grad_norm!r}",
+        )
+        _check(
+            _real(self.delta) and 0 < self.delta < 1,
+            f"DP-SGD delta must be in (0, 1), well below 1 / (records per worker), got {self.delta!r}",
+        )
+
+    def to_wire(self) -> dict[str, float]:
+        return {
+            "noise_multiplier": float(self.noise_multiplier),
+            "max_grad_norm": float(self.max_grad_norm),
+            "delta": float(self.delta),
+        }
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LocalTraining:
     """What each worker runs on its own data in one round: one command, not one message per op.
@@ -57,6 +100,8 @@ class LocalTraining:
     RMSprop) and ``optimizer_args`` its hyperparameters besides ``lr`` (``momentum``,
     ``weight_decay``, ...). ``loss`` names a function of ``torch.nn.functional`` from `LOSSES`.
     ``proximal_mu`` > 0 adds FedProx's proximal term. ``max_steps`` caps the optimizer steps.
+    ``dp_sgd``: run DP-SGD (`DPSGD`) instead of plain minibatch steps; each worker then protects
+    every one of its records against everyone who sees its model, the aggregator included.
     """
 
     epochs: int = 1
@@ -67,6 +112,7 @@ class LocalTraining:
     loss: str = "cross_entropy"
     proximal_mu: float = 0.0
     max_steps: int | None = None
+    dp_sgd: DPSGD | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be >= 1, got {self.epochs!r}")
@@ -81,6 +127,10 @@ class LocalTraining:
             self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1),
             f"max_steps must be a positive integer or None, got {self.max_steps!r}",
         )
+        _check(
+            self.dp_sgd is None or isinstance(self.dp_sgd, DPSGD),
+            f"dp_sgd must be a DPSGD(noise_multiplier=..., max_grad_norm=...) or None, got {self.dp_sgd!r}",
+        )
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -92,6 +142,7 @@ class LocalTraining:
             "loss": self.loss,
             "proximal_mu": float(self.proximal_mu),
             "max_steps": self.max_steps,
+            "dp_sgd": None if self.dp_sgd is None else self.dp_sgd.to_wire(),
         }
 
 

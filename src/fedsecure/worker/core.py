@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import secrets
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,8 +34,8 @@ from fedsecure.errors import (
 from fedsecure.wire import codec
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import Ref
+from fedsecure.worker import dp_sgd, training
 from fedsecure.worker import labels as lb
-from fedsecure.worker import training
 from fedsecure.worker.allowlist import ALLOWED, OPTIMIZER_HYPERPARAMETERS, OPTIMIZERS
 from fedsecure.worker.modules import build, describe, load_state, state_tensors
 from fedsecure.worker.secure import SecureSessions, update_vector
@@ -199,6 +200,9 @@ class WorkerCore:
         self.framed = False  # the transport carries large tensors beside messages (codec.Framed)
         self._send_to_peer = send_to_peer
         self._secure = SecureSessions()
+        # DP-SGD steps run on this worker's data, per model owner (None: the worker's own client).
+        self.dp_ledgers: dict[str | None, dp_sgd.Ledger] = {}
+        self._dp_lock = threading.Lock()  # a budget check and its charge are one step
         self._handlers: dict[type[m.Request], Callable[[Any, Sender], Any]] = {
             m.Call: self._call,
             m.CallModule: self._call_module,
@@ -667,6 +671,7 @@ class WorkerCore:
         # Everything the module holds afterwards derives from the data and from its old state.
         labels = lb.labels_of(x) | lb.labels_of(y) | lb.union(own)
         self._refuse_if_strict(labels, "training")
+        ledger = self._account_dp_sgd(settings, module, int(x.shape[0]))
         try:
             examples, loss, steps = training.fit(module, x, y, settings, msg.seed)
         finally:
@@ -674,8 +679,50 @@ class WorkerCore:
                 lb.add_labels(t, labels)
         entry.samples = examples
         # The mean training loss is a 0-dimensional metric: released unless an owner allows none.
+        # Under DP-SGD it is withheld: it is computed without noise, so epsilon would not cover it.
         withhold = bool(labels) and min(label.max_metric_numel for label in labels) < 1
-        return {"examples": examples, "loss": None if withhold else loss, "steps": steps}
+        reply = {"examples": examples, "loss": None if withhold or ledger is not None else loss, "steps": steps}
+        if settings.dp_sgd is not None and ledger is not None:
+            reply["epsilon"] = ledger.epsilon(settings.dp_sgd.delta)
+        return reply
+
+    def _account_dp_sgd(
+        self, settings: training.Settings, module: nn.Module, examples: int
+    ) -> dp_sgd.Ledger | None:
+        """Charge this model owner's ledger for the DP-SGD steps about to run (before they run: a
+        round that fails halfway is charged in full, which errs on the safe side). A policy's
+        ``dp_sgd_budget`` refuses the round if the steps of all model owners would exceed it."""
+        budget = self.policy.dp_sgd_budget
+        if settings.dp_sgd is None:
+            if budget is not None:
+                raise PermissionDenied(
+                    f"{self.id!r} trains only with DP-SGD (its owner set a privacy budget of epsilon "
+                    f"{budget[0]:g} at delta {budget[1]:g}): set LocalTraining(dp_sgd=DPSGD(...))",
+                    rule="dp-sgd-budget",
+                )
+            return None
+        dp_sgd.check_module(module)  # refuse now, before anything is charged (and without Opacus)
+        schedule = training.dp_plan(examples, settings)
+        with self._dp_lock:
+            return self._charge(settings.dp_sgd, schedule, budget)
+
+    def _charge(
+        self, dp: dp_sgd.DPSGDSettings, schedule: dp_sgd.Plan, budget: tuple[float, float] | None
+    ) -> dp_sgd.Ledger:
+        if budget is not None:
+            after = dp_sgd.Ledger.combined(self.dp_ledgers.values())
+            after.add(schedule.sampling_rate, dp.noise_multiplier, schedule.steps)
+            spent = after.epsilon(budget[1])
+            if spent > budget[0]:
+                raise PermissionDenied(
+                    f"{self.id!r} refuses to train: {schedule.steps} more DP-SGD steps would bring the epsilon "
+                    f"spent on its data to {spent:.3g} at delta {budget[1]:g}, over its owner's budget of "
+                    f"{budget[0]:g}",
+                    rule="dp-sgd-budget",
+                )
+        ledger = self.dp_ledgers.setdefault(_client.get(), dp_sgd.Ledger())
+        ledger.add(schedule.sampling_rate, dp.noise_multiplier, schedule.steps)
+        return ledger
 
     def _evaluate(self, msg: m.Evaluate, sender: Sender) -> Any:
         _, module = self._module(msg.module_id)

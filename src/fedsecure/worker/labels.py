@@ -13,6 +13,7 @@ every alias. Labels only ever grow.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -177,6 +178,9 @@ class Policy:
     ``private_sends``: accept data that a client sends as this owner's own
     (``send(w, private=True)``), a way to simulate data owners in one process. A
     worker in its own process refuses it: only its owner loads its private data.
+    ``dp_sgd_budget``: ``(epsilon, delta)``; the worker then trains only with local DP-SGD, and
+    refuses a round whose steps would bring the epsilon spent on its data, composed over every
+    model owner it trained for, above ``epsilon`` at ``delta`` (see docs/privacy_dp_robust.md).
     """
 
     trusted_aggregators: frozenset[str] | None = None
@@ -184,6 +188,7 @@ class Policy:
     min_contributors: int = 2
     strict: bool = False
     private_sends: bool = True
+    dp_sgd_budget: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.trusted_aggregators is not None and not isinstance(self.trusted_aggregators, frozenset):
@@ -194,6 +199,15 @@ class Policy:
             raise ValueError(
                 "min_contributors must be >= 2: an 'aggregate' of one owner is that owner's data"
             )
+        if self.dp_sgd_budget is not None:
+            budget = self.dp_sgd_budget
+            if not (
+                isinstance(budget, tuple | list) and len(budget) == 2
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in budget)
+                and 0 < budget[0] < math.inf and 0 < budget[1] < 1
+            ):
+                raise ValueError(f"dp_sgd_budget must be (epsilon > 0, delta in (0, 1)), got {budget!r}")
+            object.__setattr__(self, "dp_sgd_budget", (float(budget[0]), float(budget[1])))
 
     def label_for(self, owner: str) -> Label:
         return Label(owner, self.trusted_aggregators, self.max_metric_numel, self.min_contributors)

@@ -52,6 +52,7 @@ LAYERS: dict[str, tuple[type[nn.Module], Callable[[nn.Module], dict[str, Any]]]]
     "BatchNorm1d": (nn.BatchNorm1d, _args(*_NORM)),
     "BatchNorm2d": (nn.BatchNorm2d, _args(*_NORM)),
     "LayerNorm": (nn.LayerNorm, _args("normalized_shape", "eps", "elementwise_affine")),
+    "GroupNorm": (nn.GroupNorm, _args("num_groups", "num_channels", "eps", "affine")),
     "Embedding": (nn.Embedding, _args("num_embeddings", "embedding_dim", "padding_idx")),
     "Dropout": (nn.Dropout, _args("p")),
     "Dropout2d": (nn.Dropout2d, _args("p")),

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsecure.errors import OperationNotAllowed, ProtocolError
+from fedsecure.worker import dp_sgd
 from fedsecure.worker.allowlist import OPTIMIZER_HYPERPARAMETERS, OPTIMIZERS
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -42,6 +43,7 @@ class Settings:
     loss: str
     proximal_mu: float
     max_steps: int | None
+    dp_sgd: dp_sgd.DPSGDSettings | None = None
 
 
 def _number(config: dict[str, Any], key: str, *, integer: bool = False, minimum: float = 0.0) -> Any:
@@ -53,11 +55,41 @@ def _number(config: dict[str, Any], key: str, *, integer: bool = False, minimum:
     return value
 
 
+_DP_SGD_KEYS = {"noise_multiplier", "max_grad_norm", "delta"}
+
+
+def _parse_dp_sgd(value: Any) -> dp_sgd.DPSGDSettings | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != _DP_SGD_KEYS:
+        got = sorted(map(str, value)) if isinstance(value, dict) else type(value).__name__
+        raise ProtocolError(
+            f"dp_sgd must be null or a map with exactly the keys {sorted(_DP_SGD_KEYS)} "
+            f"(fedsecure.fl.DPSGD(...).to_wire()), got {got}"
+        )
+
+    def setting(key: str, check: Callable[[float], bool], what: str) -> float:
+        v = value[key]
+        if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and check(v)):
+            raise ProtocolError(f"DP-SGD setting {key!r} must be {what}, got {v!r}")
+        return float(v)
+
+    return dp_sgd.DPSGDSettings(
+        noise_multiplier=setting("noise_multiplier", lambda v: v >= 0, "a finite number >= 0"),
+        max_grad_norm=setting("max_grad_norm", lambda v: v > 0, "a finite number > 0 (the per-record clip bound)"),
+        delta=setting("delta", lambda v: 0 < v < 1, "a number in (0, 1), well below 1 / (records per worker)"),
+    )
+
+
 def parse(config: dict[str, Any]) -> Settings:
     """Check a received training configuration."""
-    expected = {"epochs", "batch_size", "optimizer", "lr", "optimizer_args", "loss", "proximal_mu", "max_steps"}
+    expected = {
+        "epochs", "batch_size", "optimizer", "lr", "optimizer_args", "loss", "proximal_mu", "max_steps", "dp_sgd",
+    }
+    if not isinstance(config, dict):
+        raise ProtocolError("the training configuration must be a map (fedsecure.fl.LocalTraining.to_wire())")
     if set(config) != expected:
-        missing, extra = sorted(expected - set(config)), sorted(set(config) - expected)
+        missing, extra = sorted(expected - set(config)), sorted(map(str, set(config) - expected))
         raise ProtocolError(f"training configuration: missing {missing}, unknown {extra}")
     optimizer = config["optimizer"]
     if optimizer not in OPTIMIZERS:
@@ -87,7 +119,13 @@ def parse(config: dict[str, Any]) -> Settings:
         loss=loss,
         proximal_mu=float(_number(config, "proximal_mu")),
         max_steps=None if max_steps is None else _number(config, "max_steps", integer=True, minimum=1),
+        dp_sgd=_parse_dp_sgd(config["dp_sgd"]),
     )
+
+
+def dp_plan(examples: int, settings: Settings) -> dp_sgd.Plan:
+    """The DP-SGD steps `fit` runs on ``examples`` records, and their Poisson sampling rate."""
+    return dp_sgd.plan(examples, settings.batch_size, settings.epochs, settings.max_steps)
 
 
 def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -111,13 +149,26 @@ def _loss(settings_loss: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 
 def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings, seed: int) -> tuple[int, float, int]:
-    """Train ``module`` in place; return (examples, mean training loss, optimizer steps)."""
+    """Train ``module`` in place; return (examples, mean training loss, optimizer steps).
+
+    With ``settings.dp_sgd``, the steps are DP-SGD's (`fedsecure.worker.dp_sgd`): Poisson samples
+    of the records and noise drawn from this worker's own randomness, not from ``seed``."""
     _check_data(x, y)
+    if settings.dp_sgd is not None:
+        dp_sgd.check_module(module)
     params = [p for p in module.parameters() if p.requires_grad]
     try:
         optimizer = OPTIMIZERS[settings.optimizer](params, lr=settings.lr, **settings.optimizer_args)  # type: ignore[call-arg]
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"cannot build {settings.optimizer}: {exc}") from exc
+    if settings.dp_sgd is not None:
+        module.train()
+        with torch.enable_grad():
+            mean_loss, dp_steps = dp_sgd.fit(
+                module, x, y, optimizer, settings.dp_sgd, dp_plan(x.shape[0], settings),
+                lambda out, target: _loss(settings.loss, out, target), settings.proximal_mu,
+            )
+        return x.shape[0], mean_loss, dp_steps
     anchor = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
     generator = torch.Generator().manual_seed(seed & (2**63 - 1))
     n, b = x.shape[0], settings.batch_size
