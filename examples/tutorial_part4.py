@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> float:
     )
     parser.add_argument(
         "--secure-aggregation",
-        action="store_true",
-        help="no secure worker: bob and alice mask their models, only the average is learnt",
+        nargs="?",
+        const="pairwise",
+        choices=["pairwise", "shares"],
+        help="no secure worker, only the average is learnt: bob and alice mask their models (pairwise, "
+        "the default) or split them into additive shares that they hold between them (shares)",
     )
     parser.add_argument(
         "--remote",
@@ -63,6 +66,10 @@ def main(argv: list[str] | None = None) -> float:
         help="run the three workers as gRPC servers in processes of their own",
     )
     args = parser.parse_args(argv)
+    if args.remote and args.secure_aggregation == "shares":
+        # bob and alice would each need the other's address before either starts
+        parser.error("--secure-aggregation shares holds the shares on bob and alice, in one process; with --remote "
+                     "use pairwise (fl.fit(..., secure_aggregation='shares') runs against servers)")
     torch.manual_seed(args.seed)
 
     hook = sy.TorchHook(torch)
@@ -163,8 +170,10 @@ def _train(
         if args.secure_aggregation:  # Steps 5 and 6 with no trusted party: only the mean is learnt
             if round_ == args.rounds:
                 _try_to_read(alices_model)
-            average = secure_average([alices_model, bobs_model], reference=model)
-            model.load_state_dict(average)
+            if args.secure_aggregation == "shares":
+                model.load_state_dict(_shared_average([alices_model, bobs_model], [bob, alice]))
+            else:
+                model.load_state_dict(secure_average([alices_model, bobs_model], reference=model))
             print(f"round {round_:2d}  Bob: {bobs_loss.item():.4f}  Alice: {alices_loss.item():.4f}")
             continue
 
@@ -193,6 +202,17 @@ def _train(
     print("targets:    ", target.flatten().tolist())
     print(f"final loss:  {loss.item():.4f}")
     return loss.item()
+
+
+def _shared_average(models: list[nn.Module], holders: list[sy.WorkerClient]) -> dict[str, torch.Tensor]:
+    """Each owner splits each of its weights into additive shares held by bob and alice (PySyft's
+    ``fix_precision().share(bob, alice)``); each holder sums the shares it holds, and only the sum
+    of those sums is put together here. Neither owner sees the other's weights."""
+    average = {}
+    for name, _ in models[0].named_parameters():
+        shared = [getattr(m, name).fix_precision().share(*holders) for m in models]
+        average[name] = (sy.SharedTensor.sum(shared).get().float_precision() / len(models)).float()
+    return average
 
 
 def _try_to_read(model: nn.Module) -> None:

@@ -150,3 +150,21 @@ def test_the_example_runs_across_four_processes(strict: bool) -> None:
     assert f"alices_model.get() was refused ({rule})" in proc.stdout
     final = float(re.search(r"final loss:\s+([0-9.]+)", proc.stdout).group(1))  # type: ignore[union-attr]
     assert final < 0.05
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "shares"])
+def test_the_example_needs_no_trusted_worker(mode: str) -> None:
+    """--secure-aggregation: only the average is learnt, and it is the trusted worker's average."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        import tutorial_part4
+    finally:
+        sys.path.pop(0)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        trusted = tutorial_part4.main(["--rounds", "5"])
+        secure = tutorial_part4.main(["--rounds", "5", "--secure-aggregation", mode])
+    assert secure == pytest.approx(trusted, abs=1e-4)
+    assert out.getvalue().count("alices_model.get() was refused (private-data)") == 2
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        tutorial_part4.main(["--remote", "--secure-aggregation", "shares"])
