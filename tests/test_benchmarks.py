@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,3 +71,10 @@ def test_vs_flower_harness_runs(tmp_path: Path) -> None:
     assert plain["median_round_s"] > 0 and plain["memory"]["peak_rss_mb"] > 0
     workload = result["workload"]
     assert sum(workload["client_sizes"]) == workload["train_images"] and workload["clients"] == 10
+
+
+def test_additive_shares_benchmark_runs(tmp_path: Path) -> None:
+    table, result = run_quick("additive_shares.py", tmp_path)
+    assert "shares/trusted" in table
+    (row,) = result["rows"]
+    assert row["shares"]["correct"] is True and row["shares"]["expansion"] == pytest.approx(4.0, rel=0.05)

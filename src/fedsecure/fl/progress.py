@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-_SHOWN = ("train_loss", "central_loss", "central_accuracy", "federated_accuracy", "dp_epsilon")
+_SHOWN = ("train_loss", "central_loss", "central_accuracy", "federated_accuracy", "dp_epsilon", "local_epsilon")
 
 
 class Progress:
