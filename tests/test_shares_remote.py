@@ -266,3 +266,16 @@ def test_the_fixed_point_bound_is_checked() -> None:
     total = AdditiveShares.from_tensors([torch.tensor([2**40], dtype=torch.int64),
                                          torch.tensor([-(2**40) + 2**24], dtype=torch.int64)], frac_bits=24)
     assert float(total.float_precision()) == 1.0
+
+
+def test_a_refused_sum_of_shares_loses_nothing(hooked) -> None:
+    _, fed = hooked
+    owners_ = [sy.VirtualWorker(id=n, federation=fed, data={"v": torch.ones(k)}) for n, k in (("a", 2), ("b", 3))]
+    h1, h2 = workers(fed, "h1", "h2", policy=sy.Policy(strict=True))
+    a, b = (o.search("v")[0].fix_precision().share(h1, h2) for o in owners_)
+    with pytest.raises(SecAggInputError, match="shapes"):
+        sy.SharedTensor.sum([a, b])
+    with pytest.raises(sy.ProtocolError, match="one shape"):  # the holder checks too
+        h1.request(m.AggregateShares(h1.take_release(), [a.shares[0].id_at_location, b.shares[0].id_at_location],
+                                     new_id()))
+    assert len(fed.cores["h1"].objects) == 2 and len(fed.cores["h2"].objects) == 2  # both shares still there

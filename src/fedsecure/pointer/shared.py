@@ -70,6 +70,8 @@ class SharedTensor:
             )
         if self.frac_bits != other.frac_bits:
             raise SecAggInputError(f"cannot combine {self.frac_bits} and {other.frac_bits} fractional bits")
+        if self.shape != other.shape:
+            raise SecAggInputError(f"cannot combine shared values of shapes {tuple(self.shape)} and {tuple(other.shape)}")
 
     def _public(self, value: Any) -> PointerTensor:
         """A public value, encoded in this fixed point, at the first holder."""
