@@ -223,12 +223,10 @@ class SecAggClient:
         y = self.codec.encode(update)
         if y.size != self.setup.vector_size:
             raise SecAggInputError(f"the update has {y.size} entries, the round expects {self.setup.vector_size}")
-        stream = MaskStream(size=y.size, dtype=self.codec.dtype)
-        stream.add(y, _self_key(self._seed, rid))
         assert self._mask_sk is not None
-        for v in self._held:
-            if v != self.id:
-                stream.add(y, _pair_key(self._mask_sk, self.keys[v][1], rid), _sign(self.id, v))
+        masks = [(_self_key(self._seed, rid), 1)]
+        masks += [(_pair_key(self._mask_sk, self.keys[v][1], rid), _sign(self.id, v)) for v in self._held if v != self.id]
+        MaskStream(size=y.size, dtype=self.codec.dtype).apply(y, masks)  # every mask in one sweep over y
         self._mask_sk = None  # from here on only the shares held by others can recover these
         del self._seed
         self.phase = Phase.UNMASKING
