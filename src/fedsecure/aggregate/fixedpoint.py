@@ -38,7 +38,7 @@ RINGS: dict[int, tuple[type[np.unsignedinteger[Any]], type[np.signedinteger[Any]
     64: (np.uint64, np.int64),
 }
 _EXACT = 1 << 53  # integers up to this are exact in float64
-_ENCODE_BLOCK = 1 << 15  # entries per block of encode's scratch: a few hundred KB, in cache
+_ENCODE_BLOCK = 1 << 16  # entries per block of encode's scratch: a few hundred KB, in cache
 
 
 class FixedPointCodec:
