@@ -28,9 +28,13 @@ def keystream(key: bytes, size: int, dtype: type[np.unsignedinteger]) -> np.ndar
     return np.frombuffer(raw, dtype)
 
 
+@pytest.mark.parametrize("way", ["ctr", "gcm", None])  # None: the faster one here
 @pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
 @pytest.mark.parametrize("blocks", [0, 1, 2.5, 7.25])  # whole blocks and a shorter last one
-def test_masks_applied_in_blocks_are_the_whole_keystream(dtype: type, blocks: float) -> None:
+def test_masks_applied_in_blocks_are_the_whole_keystream(
+    dtype: type, blocks: float, way: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(masks, "KEYSTREAM", way)
     step = masks.BLOCK_BYTES // np.dtype(dtype).itemsize
     size = max(1, int(blocks * step)) + (3 if blocks else 0)
     rng = np.random.default_rng(5)
@@ -44,6 +48,16 @@ def test_masks_applied_in_blocks_are_the_whole_keystream(dtype: type, blocks: fl
     stream = MaskStream(size=size, dtype=dtype)
     assert np.array_equal(stream.expand(keyed[0][0]), keystream(keyed[0][0], size, dtype))
     assert np.array_equal(stream.expand(keyed[1][0]), keystream(keyed[1][0], size, dtype))  # reused buffer
+
+
+@pytest.mark.parametrize("nbytes", [8, 16, 32, 48, 4088, 4096, 4104, masks.BLOCK_BYTES + 8])
+def test_the_gcm_made_stream_is_the_ctr_stream_at_every_length(nbytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = bytes(range(100, 116))
+    size = nbytes // 8
+    want = keystream(key, size, np.uint64)
+    for way in ("gcm", "ctr"):
+        monkeypatch.setattr(masks, "KEYSTREAM", way)
+        assert np.array_equal(MaskStream(size=size, dtype=np.uint64).expand(key), want), way
 
 
 def test_masks_go_only_into_a_matching_writable_array() -> None:
