@@ -5,8 +5,8 @@ Learning"): two clients agree on a secret by Diffie-Hellman (X25519 here) and bo
 with a PRG into the same mask, which one adds and the other subtracts. The PRG is AES-128 in
 counter mode keyed by HKDF-SHA256 of the agreed secret (128-bit security, as X25519 gives);
 it writes its keystream a block at a time into a small numpy buffer that stays in cache (OpenSSL
-with AES-NI, several GB/s), from which masks are added in place: all of a client's masks cost one
-pass over its vector, and no Python loop per entry.
+with AES-NI or VAES, about 10 GB/s), from which masks are added in place: all of a client's masks
+cost one pass over its vector, and no Python loop per entry.
 
 The sparse graph is the one of Bell et al. 2020 (CCS, "Secure Single-Server Aggregation with
 (Poly)Logarithmic Overhead"): a random Harary graph, where clients sit on a ring in a random
