@@ -38,6 +38,7 @@ RINGS: dict[int, tuple[type[np.unsignedinteger[Any]], type[np.signedinteger[Any]
     64: (np.uint64, np.int64),
 }
 _EXACT = 1 << 53  # integers up to this are exact in float64
+_ENCODE_BLOCK = 1 << 16  # entries per block of encode's scratch: a few hundred KB, in cache
 
 
 class FixedPointCodec:
@@ -91,19 +92,37 @@ class FixedPointCodec:
         """The largest distance between a decoded sum and the sum of the clipped inputs."""
         return (self.summands if summands is None else summands) / (2.0 * self.scale)
 
-    def encode(self, values: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Clip to [-bound, bound] and encode; a new flat array of the ring's unsigned dtype."""
+    def encode(self, values: np.ndarray | torch.Tensor, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Clip to [-bound, bound] and encode; a flat array of the ring's unsigned dtype (``out`` if given).
+
+        Works a block at a time through one small scratch buffer that stays in cache, so the
+        update is read once and the result written once; the caller's update is left alone.
+        """
         x = _as_float_array(values)
         if self.frac_bits > 100 and x.dtype != np.float64:
             x = x.astype(np.float64)  # 2^f would overflow float32
+        if out is None:
+            out = np.empty(x.size, self.dtype)
+        elif out.dtype != self.dtype or out.shape != (x.size,) or not out.flags.c_contiguous:
+            raise SecAggInputError(f"out must be a contiguous flat array of {x.size} {np.dtype(self.dtype).name}")
         ftype = x.dtype.type
-        if not np.isfinite(x).all():
-            raise SecAggInputError("the update holds NaN or infinite values; fix the training step or clip it first")
+        scale = ftype(self.scale)
         top = ftype(self.bound)  # exact: the bound is a float32 value
-        buf = np.clip(x, -top, top)  # a new array: the caller's update is left alone
-        np.multiply(buf, ftype(self.scale), out=buf)
-        np.rint(buf, out=buf)
-        return buf.astype(RINGS[self.bits][1]).view(self.dtype)
+        signed = out.view(RINGS[self.bits][1])
+        step = min(x.size, _ENCODE_BLOCK)
+        tmp = np.empty(step, x.dtype)
+        finite = np.empty(step, np.bool_)
+        for start in range(0, x.size, step):
+            part = x[start : start + step]
+            t, ok = (tmp, finite) if part.size == step else (tmp[: part.size], finite[: part.size])
+            if not np.isfinite(part, out=ok).all():
+                raise SecAggInputError(
+                    "the update holds NaN or infinite values; fix the training step or clip it first")
+            np.clip(part, -top, top, out=t)
+            np.multiply(t, scale, out=t)
+            np.rint(t, out=t)
+            signed[start : start + step] = t
+        return out
 
     def decode(self, total: np.ndarray, *, summands: int | None = None) -> np.ndarray:
         """The float64 sum that ``total`` (a sum of at most ``summands`` encodings) stands for."""
@@ -113,7 +132,8 @@ class FixedPointCodec:
             )
         if not isinstance(total, np.ndarray) or total.dtype != self.dtype:
             raise SecAggInputError(f"expected a numpy array of {np.dtype(self.dtype).name}, got {total!r:.60}")
-        return total.view(RINGS[self.bits][1]).astype(np.float64) / self.scale
+        out = total.view(RINGS[self.bits][1]).astype(np.float64)
+        return np.divide(out, self.scale, out=out)  # type: ignore[no-any-return]
 
     def to_wire(self) -> dict[str, Any]:
         return {"summands": self.summands, "bound": self.bound, "bits": self.bits, "frac_bits": self.frac_bits}

@@ -175,6 +175,18 @@ class MaskedInput(Message):
             raise SecAggProtocolError(f"a masked input of {len(self.data)} bytes is not whole ring elements")
         return np.frombuffer(self.data, dtype=np.dtype(dtype).newbyteorder("<"))
 
+    def encode(self) -> bytes:
+        """The same bytes as ``Message.encode``, with the vector copied once: msgpack's head, then it."""
+        data = memoryview(self.data)
+        if not data.c_contiguous or data.nbytes >= 1 << 32:
+            return Message.encode(self)  # msgpack says what is wrong
+        data = data.cast("B")
+        head = codec.encode([self.KIND, self.round_id, self.sender])  # a fixarray of 3: one header byte
+        size = data.nbytes
+        bin_head = (b"\xc4" + size.to_bytes(1, "big") if size < 1 << 8 else
+                    b"\xc5" + size.to_bytes(2, "big") if size < 1 << 16 else b"\xc6" + size.to_bytes(4, "big"))
+        return b"".join((b"\x94", memoryview(head)[1:], bin_head, data))
+
 
 @dataclass(frozen=True, slots=True)
 class UnmaskRequest(Message):
@@ -207,7 +219,14 @@ MESSAGES: dict[str, type[Message]] = {
 
 
 def decode_message(data: bytes | bytearray | memoryview) -> Message:
-    """The message encoded in ``data``; anything malformed raises ``SecAggProtocolError``."""
+    """The message encoded in ``data``; anything malformed raises ``SecAggProtocolError``.
+
+    A ``MaskedInput`` in ``bytes`` (immutable) keeps its vector as a view of ``data``, not a copy.
+    """
+    if type(data) is bytes:
+        masked = _masked_input(data)
+        if masked is not None:
+            return masked
     try:
         value = codec.decode(data)
     except ProtocolError as exc:
@@ -219,3 +238,32 @@ def decode_message(data: bytes | bytearray | memoryview) -> Message:
         raise SecAggProtocolError(f"{cls.__name__} has {len(cls.SCHEMA)} fields, got {len(value) - 1}")
     names = cls.__dataclass_fields__  # type: ignore[attr-defined]
     return cls(*(check(v, f"{cls.__name__}.{n}") for check, v, n in zip(cls.SCHEMA, value[1:], names, strict=True)))
+
+
+_MASKED_HEAD = b"\x94" + codec.encode(MaskedInput.KIND) + b"\xc4" + bytes([ROUND_ID_BYTES])
+_UINT_WIDTH = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}  # msgpack's unsigned ints, by type byte
+_BIN_WIDTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # msgpack's bin 8, 16, 32: bytes of the length
+
+
+def _masked_input(data: bytes) -> MaskedInput | None:
+    """A ``MaskedInput`` laid out as ``MaskedInput.encode`` writes it, read with its vector as a view
+    of ``data``; None for anything else, which ``decode_message``'s general path then reads or refuses."""
+    start = len(_MASKED_HEAD)
+    pos = start + ROUND_ID_BYTES
+    if len(data) <= pos or not data.startswith(_MASKED_HEAD):
+        return None
+    tag = data[pos]
+    if tag < 0x80:  # positive fixint
+        sender, pos = tag, pos + 1
+    elif tag in _UINT_WIDTH:
+        width = _UINT_WIDTH[tag]
+        sender, pos = int.from_bytes(data[pos + 1 : pos + 1 + width], "big"), pos + 1 + width
+    else:
+        return None
+    if pos >= len(data) or data[pos] not in _BIN_WIDTH:
+        return None
+    width = _BIN_WIDTH[data[pos]]
+    size, pos = int.from_bytes(data[pos + 1 : pos + 1 + width], "big"), pos + 1 + width
+    if pos + size != len(data):  # truncated, or something after it
+        return None
+    return MaskedInput(data[start : start + ROUND_ID_BYTES], _id(sender, "MaskedInput.sender"), memoryview(data)[pos:])

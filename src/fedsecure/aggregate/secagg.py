@@ -187,11 +187,12 @@ class SecAggClient:
         seed_shares = shamir.split(self._seed, threshold=self.setup.threshold, xs=holders)
         key_shares = shamir.split(self._mask_sk.private_bytes_raw(), threshold=self.setup.threshold, xs=holders)
         out = []
+        self._aead: dict[int, AESGCM] = {}  # the neighbours' share-encryption keys, for phase 2 too
         for b, s in zip(seed_shares, key_shares, strict=True):
             if b.x == self.id:
                 self._held[self.id] = (b, s)
                 continue
-            aead = _share_key(self._cipher_sk, self.keys[b.x][0], rid)
+            aead = self._aead[b.x] = _share_key(self._cipher_sk, self.keys[b.x][0], rid)
             out.append((b.x, aead.encrypt(_nonce(self.id, b.x), b.to_bytes() + s.to_bytes(),
                                           rid + _PAIR.pack(self.id, b.x))))
         self.phase = Phase.MASKED_INPUT
@@ -207,8 +208,7 @@ class SecAggClient:
             if v not in self.neighbours:
                 raise SecAggProtocolError(f"client {self.id} got shares from client {v}, not a neighbour")
             try:
-                plain = _share_key(self._cipher_sk, self.keys[v][0], rid).decrypt(
-                    _nonce(v, self.id), ct, rid + _PAIR.pack(v, self.id))
+                plain = self._aead[v].decrypt(_nonce(v, self.id), ct, rid + _PAIR.pack(v, self.id))
             except InvalidTag:
                 raise SecAggProtocolError(
                     f"the shares from client {v} failed authentication: altered, or not meant for client {self.id}"
@@ -223,14 +223,12 @@ class SecAggClient:
         y = self.codec.encode(update)
         if y.size != self.setup.vector_size:
             raise SecAggInputError(f"the update has {y.size} entries, the round expects {self.setup.vector_size}")
-        stream = MaskStream(size=y.size, dtype=self.codec.dtype)
-        stream.add(y, _self_key(self._seed, rid))
         assert self._mask_sk is not None
-        for v in self._held:
-            if v != self.id:
-                stream.add(y, _pair_key(self._mask_sk, self.keys[v][1], rid), _sign(self.id, v))
+        masks = [(_self_key(self._seed, rid), 1)]
+        masks += [(_pair_key(self._mask_sk, self.keys[v][1], rid), _sign(self.id, v)) for v in self._held if v != self.id]
+        MaskStream(size=y.size, dtype=self.codec.dtype).apply(y, masks)  # every mask in one sweep over y
         self._mask_sk = None  # from here on only the shares held by others can recover these
-        del self._seed
+        del self._seed, self._aead
         self.phase = Phase.UNMASKING
         return MaskedInput(rid, self.id, memoryview(y.view(np.uint8)))  # type: ignore[arg-type]
 

@@ -159,15 +159,16 @@ class SecAggServer:
                 self._abort(f"only {len(shares)} shares of client {owner}'s secrets arrived, "
                             f"fewer than the threshold {self.setup.threshold}")
         total = self._total
-        stream = MaskStream(size=total.size, dtype=self.codec.dtype)
+        masks: list[tuple[bytes, int]] = []  # every mask to remove: the secrets are all checked first
         for v, shares in keys.items():
             sk = X25519PrivateKey.from_private_bytes(self._recover(v, shares, "mask key"))
             if sk.public_key().public_bytes_raw() != self.keys[v][1]:
                 raise SecAggProtocolError(f"the key shares of client {v} reconstruct a key it never advertised")
-            for u in self.neighbours[v] & set(self.u3):
-                stream.add(total, _pair_key(sk, self.keys[u][1], self.round_id), -_sign(u, v))
+            masks += [(_pair_key(sk, self.keys[u][1], self.round_id), -_sign(u, v))
+                      for u in sorted(self.neighbours[v] & set(self.u3))]
         for u, shares in seeds.items():
-            stream.add(total, _self_key(self._recover(u, shares, "self-mask seed"), self.round_id), -1)
+            masks.append((_self_key(self._recover(u, shares, "self-mask seed"), self.round_id), -1))
+        MaskStream(size=total.size, dtype=self.codec.dtype).apply(total, masks)  # one sweep over the sum
         self.phase = Phase.DONE
         n = len(self.u3)
         return AggregateResult(self.codec.decode(total, summands=n), self.u3, self.dropped, self.codec.max_error(n))
