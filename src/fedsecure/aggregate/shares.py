@@ -30,6 +30,7 @@ from fedsecure.aggregate.masks import MaskStream
 from fedsecure.errors import FixedPointOverflow, SecAggInputError
 
 DEFAULT_FRAC_BITS = 16
+_BLOCK = 1 << 16  # entries per block of encoding's float64 scratch (512 KB)
 
 
 class FixedPrecision:
@@ -44,17 +45,30 @@ class FixedPrecision:
     def encode(cls, tensor: torch.Tensor | np.ndarray, *, frac_bits: int = DEFAULT_FRAC_BITS) -> FixedPrecision:
         if type(frac_bits) is not int or not 0 <= frac_bits <= 52:
             raise SecAggInputError(f"frac_bits must be an int in [0, 52], got {frac_bits!r}")
-        x = tensor.detach().cpu().double().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor, np.float64)
-        if not np.isfinite(x).all():
-            raise SecAggInputError("cannot encode NaN or infinite values")
-        limit = 2.0 ** (62 - frac_bits)
-        if x.size and np.abs(x).max() >= limit:
-            raise FixedPointOverflow(
-                f"values up to {np.abs(x).max():g} do not fit {frac_bits} fractional bits (|x| < {limit:g}): "
-                "use fewer frac_bits or scale the values down"
-            )
-        ring = np.rint(x.reshape(-1) * 2.0**frac_bits).astype(np.int64).view(np.uint64)
-        return cls(ring=ring, shape=x.shape, frac_bits=frac_bits)
+        x = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise SecAggInputError(f"cannot encode {x.dtype} values: give real numbers")
+        flat, scale = x.reshape(-1), 2.0**frac_bits
+        limit = 2.0 ** (62 - frac_bits) * scale
+        ring = np.empty(flat.size, np.int64)
+        scratch = np.empty(min(flat.size, _BLOCK), np.float64)
+        # A block at a time through a small float64 scratch (in cache): x * 2^f in float64,
+        # checked, rounded, written once.
+        for start in range(0, flat.size, _BLOCK):
+            part = flat[start : start + _BLOCK]
+            s = scratch[: part.size]
+            np.multiply(part, scale, out=s, dtype=np.float64)
+            if not np.isfinite(s).all():
+                raise SecAggInputError("cannot encode NaN or infinite values")
+            top = float(np.abs(s).max())
+            if top >= limit:
+                raise FixedPointOverflow(
+                    f"values up to {top / scale:g} do not fit {frac_bits} fractional bits "
+                    f"(|x| < {limit / scale:g}): use fewer frac_bits or scale the values down"
+                )
+            np.rint(s, out=s)
+            ring[start : start + part.size] = s
+        return cls(ring=ring.view(np.uint64), shape=x.shape, frac_bits=frac_bits)
 
     @overload
     def share(self, n: int = 2, /) -> AdditiveShares: ...
@@ -74,10 +88,14 @@ class FixedPrecision:
         if type(n) is not int or n < 2:
             raise SecAggInputError(f"sharing needs at least 2 shares (one per aggregator), got {n!r}")
         stream = MaskStream(size=self.ring.size, dtype=np.uint64)
-        parts = [stream.expand(os.urandom(16)).copy() for _ in range(n - 1)]
+        keys = [os.urandom(16) for _ in range(n - 1)]
+        parts = []
+        for key in keys:  # share i < n - 1: PRG(key_i); the last: the value minus all of them
+            part = np.zeros(self.ring.size, np.uint64)
+            stream.apply(part, [(key, 1)])
+            parts.append(part)
         last = self.ring.copy()
-        for p in parts:
-            np.subtract(last, p, out=last)
+        stream.apply(last, [(key, -1) for key in keys])
         return AdditiveShares(parts=[*parts, last], shape=self.shape, frac_bits=self.frac_bits)
 
     def float_precision(self) -> torch.Tensor:
