@@ -205,7 +205,11 @@ class SecAggClient:
             broadcast = self._accept(message, KeyBroadcast, Phase.SHARE_KEYS)
             self.keys = {i: (c, s) for i, c, s in broadcast.keys}
         else:
-            signed = self._accept(message, SignedKeyBroadcast, Phase.SHARE_KEYS)
+            msg = decode_message(message) if isinstance(message, bytes | bytearray | memoryview) else message
+            if isinstance(msg, KeyBroadcast) and self.phase is Phase.SHARE_KEYS:
+                self.phase = Phase.ABORTED
+                raise SignatureRejected(f"client {self.id} got an unsigned key broadcast: it takes only signed keys")
+            signed = self._accept(msg, SignedKeyBroadcast, Phase.SHARE_KEYS)
             self._check_key_signatures(signed)
             self.keys = {i: (c, s) for i, c, s, _ in signed.keys}
         rid = self.setup.round_id
@@ -308,6 +312,10 @@ class SecAggClient:
         set over it; otherwise the client aborts and reveals nothing."""
         msg = decode_message(message) if isinstance(message, bytes | bytearray | memoryview) else message
         if self.identity is not None:
+            if isinstance(msg, UnmaskRequest) and self.phase is Phase.UNMASKING:
+                self.phase = Phase.ABORTED
+                raise ConsistencyCheckFailed(f"client {self.id} got an unmask request without the survivors' "
+                                             "signatures: it aborts and reveals nothing")
             msg = self._check_consistency(self._accept(msg, SignedUnmaskRequest, Phase.UNMASKING))
         if isinstance(msg, UnmaskRequest):
             self._refuse_both(msg)
