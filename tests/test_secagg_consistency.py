@@ -7,9 +7,13 @@ from collections.abc import Mapping
 
 import numpy as np
 import pytest
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from torch import nn
 
+import fedsecure as sy
+from fedsecure import fl
 from fedsecure.aggregate import (
     AggregateResult,
     ConsistencyCheck,
@@ -27,6 +31,7 @@ from fedsecure.aggregate import (
     generate_federation,
 )
 from fedsecure.aggregate.identity import advertised_keys_statement, survivors_statement
+from fedsecure.data import federate, load_digits
 from fedsecure.errors import (
     ConsistencyCheckFailed,
     SecAggInputError,
@@ -34,6 +39,10 @@ from fedsecure.errors import (
     SignatureRejected,
     TooFewSurvivors,
 )
+from fedsecure.fl.secure import SecureSettings
+from fedsecure.wire import codec
+from fedsecure.wire import messages as m
+from fedsecure.worker.secure import SecAggIdentity, SecureSessions
 
 PHASES = [Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.CONSISTENCY_CHECK, Phase.UNMASKING]
 
@@ -387,7 +396,6 @@ KEY = bytes(32)
     ],
 )
 def test_hostile_bytes_of_the_new_messages_are_protocol_errors(value: list) -> None:
-    from fedsecure.wire import codec
 
     with pytest.raises(SecAggProtocolError):
         decode_message(codec.encode(value))
@@ -408,6 +416,84 @@ def test_the_new_messages_round_trip_through_bytes() -> None:
     for s in signatures:
         r.server.receive(s.encode())
     request = r.server.end_consistency_check()
-    for m in [r.adverts[1], r.broadcast, check, *signatures, request]:
-        back = decode_message(m.encode())
-        assert type(back) is type(m) and back == m
+    for msg in [r.adverts[1], r.broadcast, check, *signatures, request]:
+        back = decode_message(msg.encode())
+        assert type(back) is type(msg) and back == msg
+
+
+# -- through the engine --------------------------------------------------------------------
+
+
+def _engine_setup(n: int = 4) -> tuple[object, list[sy.VirtualWorker], dict[str, int]]:
+
+    digits = load_digits()
+    pki = generate_federation(range(101, 101 + n))  # the federation's PKI, out of band
+    fed = sy.Federation()
+    policy = sy.Policy(trusted_aggregators=frozenset(), private_sends=False)
+    workers = [sy.VirtualWorker(id=f"w{i}", data={"x": x, "y": y}, policy=policy, federation=fed,
+                                secagg_identity=SecAggIdentity(101 + i, pki[101 + i]))
+               for i, (x, y) in enumerate(federate(digits, n, scheme="dirichlet", alpha=1.0, seed=0))]
+    return digits, workers, {w.id: 101 + i for i, w in enumerate(workers)}
+
+
+def _mlp() -> nn.Module:
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def test_fit_with_the_consistency_check_matches_the_plain_pairwise_round() -> None:
+
+
+    training = fl.LocalTraining(epochs=1, batch_size=16, lr=0.05)
+    _, workers, pki_ids = _engine_setup()
+    checked, _ = fl.fit(_mlp(), workers, fl.FedAvg(training=training), rounds=2, aggregator=None,
+                        secure_aggregation="pairwise",
+                        secure=SecureSettings(bound=2.0, bits=64, consistency_check=True, client_ids=pki_ids))
+
+    fed = sy.Federation()
+    policy = sy.Policy(trusted_aggregators=frozenset(), private_sends=False)
+    plain_workers = [sy.VirtualWorker(id=f"w{i}", data={"x": x, "y": y}, policy=policy, federation=fed)
+                     for i, (x, y) in enumerate(federate(load_digits(), 4, scheme="dirichlet", alpha=1.0, seed=0))]
+    plain, _ = fl.fit(_mlp(), plain_workers, fl.FedAvg(training=training), rounds=2, aggregator=None,
+                      secure_aggregation="pairwise", secure=SecureSettings(bound=2.0, bits=64))
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(checked.state_dict()[name], value, atol=1e-5, rtol=1e-5)
+
+
+def test_fit_recovers_a_worker_that_does_not_sign_and_workers_refuse_an_unchecked_round() -> None:
+
+    training = fl.LocalTraining(epochs=1, batch_size=16, lr=0.05)
+    _, workers, pki_ids = _engine_setup(5)
+    silent = workers[2]
+    inner = silent._transport
+
+    def no_signature(data: bytes) -> bytes:
+        msg = m.decode_request(data)
+        if isinstance(msg, m.SecAgg) and msg.phase == "consistency":
+            raise sy.WorkerUnavailable("w2 went away")
+        return inner(data)
+
+    silent._transport = no_signature  # type: ignore[method-assign]
+    settings = SecureSettings(bound=2.0, bits=64, consistency_check=True, client_ids=pki_ids)
+    _, history = fl.fit(_mlp(), workers, fl.FedAvg(training=training), rounds=1, aggregator=None,
+                        secure_aggregation="pairwise", secure=settings)
+    assert history.last["workers"] == 5  # its masked input is in the sum (figure 4: the sum is over U3)
+    assert any("w2" in f and "consistency" in f for f in history.last["failures"])
+    silent._transport = inner  # type: ignore[method-assign]
+    # a model owner that skips the check gets nothing: the workers want signed keys
+    with pytest.raises(fl.RoundFailed):
+        fl.fit(_mlp(), workers, fl.FedAvg(training=training), rounds=1, aggregator=None,
+               secure_aggregation="pairwise", secure=SecureSettings(bound=2.0, bits=64))
+
+
+def test_a_worker_plays_only_its_own_pki_id() -> None:
+    pki = generate_federation([7, 8])
+    with pytest.raises(SecAggInputError, match="not this identity's"):
+        SecAggIdentity(8, pki[7])
+    sessions = SecureSessions(SecAggIdentity(7, pki[7]))
+    server = SecAggServer(clients=[7, 8], threshold=2, vector_size=4, bound=1.0, consistency_check=True)
+    with pytest.raises(sy.ProtocolError, match="client 7 in the federation's PKI, not 1"):
+        sessions.step("owner", "s", "advertise", 1, server.setup.encode(), lambda: np.zeros(4))
+    reply = decode_message(sessions.step("owner", "s", "advertise", 7, server.setup.encode(), lambda: np.zeros(4)))
+    assert isinstance(reply, SignedAdvertiseKeys)
