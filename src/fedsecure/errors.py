@@ -105,3 +105,13 @@ class ShareRevealRefused(SecureAggregationError, PermissionError):
 
 class SecAggProtocolError(SecureAggregationError, ProtocolError):
     """A secure-aggregation message was rejected: tampered, replayed, out of phase or malformed."""
+
+
+class SignatureRejected(SecAggProtocolError):
+    """With signing identities (the active-adversary protocol), a public key arrived with a missing
+    or invalid signature, or under an id the PKI does not know: a substituted key; the client aborts."""
+
+
+class ConsistencyCheckFailed(SecAggProtocolError):
+    """The consistency check found the server telling clients different survivor sets, or too few
+    valid signatures on this client's set; the client aborts and reveals nothing."""

@@ -7,20 +7,28 @@ no single party sees an individual update.
 - ``shamir``: t-of-n secret sharing of seeds and keys;
 - ``secagg`` / ``secagg_server``: pairwise masking with dropout recovery (Bonawitz et al. 2017,
   SecAgg+ neighbourhoods of Bell et al. 2020), sans-I/O client and server;
+- ``identity``: long-term signing keys and the PKI for the active-adversary variant (signed
+  keys and the consistency check of Bonawitz et al. 2017);
 - ``shares``: additive secret sharing across several non-colluding aggregators.
 
 This layer imports only ``fedsecure.errors`` and ``fedsecure.wire``.
 """
 
 from fedsecure.aggregate.fixedpoint import FixedPointCodec
+from fedsecure.aggregate.identity import SigningIdentity, generate_federation
 from fedsecure.aggregate.messages import (
     AdvertiseKeys,
+    ConsistencyCheck,
     EncryptedShares,
     KeyBroadcast,
     MaskedInput,
     Message,
     RoundSetup,
     ShareBundle,
+    SignedAdvertiseKeys,
+    SignedKeyBroadcast,
+    SignedUnmaskRequest,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
     decode_message,
@@ -33,6 +41,7 @@ __all__ = [
     "AdditiveShares",
     "AdvertiseKeys",
     "AggregateResult",
+    "ConsistencyCheck",
     "EncryptedShares",
     "FixedPointCodec",
     "FixedPrecision",
@@ -44,8 +53,14 @@ __all__ = [
     "SecAggClient",
     "SecAggServer",
     "ShareBundle",
+    "SignedAdvertiseKeys",
+    "SignedKeyBroadcast",
+    "SignedUnmaskRequest",
+    "SigningIdentity",
+    "SurvivorSignature",
     "UnmaskRequest",
     "UnmaskShares",
     "decode_message",
     "fix_precision",
+    "generate_federation",
 ]

@@ -21,6 +21,7 @@ from fedsecure.errors import ProtocolError, SecAggProtocolError
 from fedsecure.wire import codec
 
 ROUND_ID_BYTES = 16
+SIGNATURE_BYTES = 64  # Ed25519
 MAX_ID = (1 << 32) - 1
 Pair = tuple[int, bytes]
 
@@ -71,6 +72,24 @@ def _keys(v: Any, name: str) -> tuple[tuple[int, bytes, bytes], ...]:
     out = tuple((_id(i, name), key(a, name), key(b, name)) for i, a, b in v)
     if len({i for i, _, _ in out}) != len(out):
         raise SecAggProtocolError(f"{name} names a client twice")
+    return out
+
+
+def _signed_keys(v: Any, name: str) -> tuple[tuple[int, bytes, bytes, bytes], ...]:
+    if not isinstance(v, list | tuple) or not all(isinstance(p, list | tuple) and len(p) == 4 for p in v):
+        raise SecAggProtocolError(f"{name} must be a list of [client id, key, key, signature] quadruples")
+    key, sig = _bytes(32), _bytes(SIGNATURE_BYTES)
+    out = tuple((_id(i, name), key(a, name), key(b, name), sig(s, name)) for i, a, b, s in v)
+    if len({i for i, _, _, _ in out}) != len(out):
+        raise SecAggProtocolError(f"{name} names a client twice")
+    return out
+
+
+def _signatures(v: Any, name: str) -> tuple[Pair, ...]:
+    out = _pairs(v, name)
+    sig = _bytes(SIGNATURE_BYTES)
+    for _, s in out:
+        sig(s, name)
     return out
 
 
@@ -211,10 +230,75 @@ class UnmaskShares(Message):
     key_shares: tuple[Pair, ...]
 
 
+# -- the active-adversary variant (Bonawitz et al. 2017, figure 4 with signatures): used instead
+# of AdvertiseKeys, KeyBroadcast and UnmaskRequest when the clients have signing identities, and
+# the consistency-check round between masked input and unmasking.
+
+
+@dataclass(frozen=True, slots=True)
+class SignedAdvertiseKeys(Message):
+    """Client to server: ``AdvertiseKeys`` with the client's long-term signature over the two keys
+    and the round (``identity.advertised_keys_statement``)."""
+
+    KIND = "secagg/signed-advertise-keys"
+    SCHEMA = (_ROUND, _id, _bytes(32), _bytes(32), _bytes(SIGNATURE_BYTES))
+    round_id: bytes
+    sender: int
+    cipher_key: bytes
+    mask_key: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SignedKeyBroadcast(Message):
+    """Server to the clients that advertised: everyone's keys and signatures, as (id, cipher, mask, sig)."""
+
+    KIND = "secagg/signed-key-broadcast"
+    SCHEMA = (_ROUND, _signed_keys)
+    round_id: bytes
+    keys: tuple[tuple[int, bytes, bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencyCheck(Message):
+    """Server to the clients whose masked inputs arrived: that set, U3, for each of them to sign."""
+
+    KIND = "secagg/consistency-check"
+    SCHEMA = (_ROUND, _ids)
+    round_id: bytes
+    survivors: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SurvivorSignature(Message):
+    """Client to server: its signature over the round and the survivor set it was told
+    (``identity.survivors_statement``)."""
+
+    KIND = "secagg/survivor-signature"
+    SCHEMA = (_ROUND, _id, _bytes(SIGNATURE_BYTES))
+    round_id: bytes
+    sender: int
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SignedUnmaskRequest(Message):
+    """Server to the clients that signed (U4): ``UnmaskRequest`` with the collected signatures over
+    the survivor set, as (signer, signature)."""
+
+    KIND = "secagg/signed-unmask-request"
+    SCHEMA = (_ROUND, _ids, _ids, _signatures)
+    round_id: bytes
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    signatures: tuple[Pair, ...]
+
+
 MESSAGES: dict[str, type[Message]] = {
     cls.KIND: cls
     for cls in (RoundSetup, AdvertiseKeys, KeyBroadcast, EncryptedShares, ShareBundle, MaskedInput,
-                UnmaskRequest, UnmaskShares)
+                UnmaskRequest, UnmaskShares, SignedAdvertiseKeys, SignedKeyBroadcast, ConsistencyCheck,
+                SurvivorSignature, SignedUnmaskRequest)
 }
 
 

@@ -14,6 +14,14 @@ shares, encrypted with AES-GCM under a key agreed from the clients' other X25519
 the server. To unmask, the surviving clients reveal shares of b_u for every client u that sent
 y_u and of the mask key of every neighbour that dropped before; never both for one client.
 
+Against an actively malicious server (Bonawitz et al. 2017, section 4 and figure 4, the lines
+marked for the active adversary) a client given a ``SigningIdentity`` (a long-term Ed25519 key
+and the PKI's verification keys of all clients) signs its advertised keys and checks everyone
+else's, and takes part in one more round between masked input and unmasking, the consistency
+check: it signs the survivor set U3 the server announces, and reveals shares only once it sees
+at least ``threshold`` valid signatures of clients of U3 over that same U3. Such a client runs
+only this variant; the server must be built with ``consistency_check=True``.
+
 The server learns the sum of the inputs of at least ``threshold`` clients, and nothing else (in
 the semi-honest model). The server's side is ``secagg_server.SecAggServer``. Neither side does I/O: the caller carries the messages
 (``fedsecure.aggregate.messages``, msgpack bytes) and decides when a phase's deadline is over.
@@ -35,24 +43,37 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fedsecure.aggregate import shamir
 from fedsecure.aggregate.fixedpoint import FixedPointCodec
+from fedsecure.aggregate.identity import (
+    SigningIdentity,
+    advertised_keys_statement,
+    survivors_statement,
+    verify,
+)
 from fedsecure.aggregate.masks import MaskStream, agree, derive, harary_neighbours
 from fedsecure.aggregate.messages import (
     ROUND_ID_BYTES,
     AdvertiseKeys,
+    ConsistencyCheck,
     EncryptedShares,
     KeyBroadcast,
     MaskedInput,
     Message,
     RoundSetup,
     ShareBundle,
+    SignedAdvertiseKeys,
+    SignedKeyBroadcast,
+    SignedUnmaskRequest,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
     decode_message,
 )
 from fedsecure.errors import (
+    ConsistencyCheckFailed,
     SecAggInputError,
     SecAggProtocolError,
     ShareRevealRefused,
+    SignatureRejected,
     TooFewSurvivors,
 )
 
@@ -65,6 +86,7 @@ class Phase(Enum):
     ADVERTISE_KEYS = "advertise-keys"
     SHARE_KEYS = "share-keys"
     MASKED_INPUT = "masked-input"
+    CONSISTENCY_CHECK = "consistency-check"
     UNMASKING = "unmasking"
     DONE = "done"
     ABORTED = "aborted"
@@ -124,10 +146,13 @@ def _nonce(sender: int, recipient: int) -> bytes:
 class SecAggClient:
     """One client's side of a round: one method per phase, each taking the server's message."""
 
-    def __init__(self, *, client_id: int) -> None:
+    def __init__(self, *, client_id: int, identity: SigningIdentity | None = None) -> None:
         if type(client_id) is not int or not 0 < client_id < 1 << 32:
             raise SecAggInputError(f"client_id must be an int in [1, 2^32), got {client_id!r}")
+        if identity is not None and not identity.owns(client_id):
+            raise SecAggInputError(f"the PKI's verification key for client {client_id} is not this identity's")
         self.id = client_id
+        self.identity = identity
         self.phase = Phase.ADVERTISE_KEYS
         self._cipher_sk = X25519PrivateKey.generate()
         self._mask_sk: X25519PrivateKey | None = X25519PrivateKey.generate()
@@ -150,7 +175,7 @@ class SecAggClient:
             )
         return msg
 
-    def advertise_keys(self, message: RoundSetup | bytes) -> AdvertiseKeys:
+    def advertise_keys(self, message: RoundSetup | bytes) -> AdvertiseKeys | SignedAdvertiseKeys:
         """Phase 0: check the round's parameters and answer with two fresh public keys."""
         setup = self._accept(message, RoundSetup, Phase.ADVERTISE_KEYS)
         try:
@@ -159,17 +184,35 @@ class SecAggClient:
             raise SecAggProtocolError(f"client {self.id} refuses the round: {exc}") from exc
         if self.id not in setup.clients:
             raise SecAggProtocolError(f"client {self.id} is not among the round's clients")
+        if self.identity is not None:
+            unknown = [v for v in setup.clients if self.identity.key_of(v) is None]
+            if unknown:
+                raise SignatureRejected(f"client {self.id} refuses the round: the PKI knows no clients {unknown[:10]}")
         self.setup = setup
         self.phase = Phase.SHARE_KEYS
         assert self._mask_sk is not None
-        return AdvertiseKeys(setup.round_id, self.id, self._cipher_sk.public_key().public_bytes_raw(),
-                             self._mask_sk.public_key().public_bytes_raw())
+        cipher, mask = self._cipher_sk.public_key().public_bytes_raw(), self._mask_sk.public_key().public_bytes_raw()
+        if self.identity is None:
+            return AdvertiseKeys(setup.round_id, self.id, cipher, mask)
+        signature = self.identity.sign(advertised_keys_statement(setup.round_id, self.id, cipher, mask))
+        return SignedAdvertiseKeys(setup.round_id, self.id, cipher, mask, signature)
 
-    def share_keys(self, message: KeyBroadcast | bytes) -> EncryptedShares:
-        """Phase 1: share the self-mask seed and the mask key among the neighbours, encrypted."""
-        broadcast = self._accept(message, KeyBroadcast, Phase.SHARE_KEYS)
+    def share_keys(self, message: KeyBroadcast | SignedKeyBroadcast | bytes) -> EncryptedShares:
+        """Phase 1: share the self-mask seed and the mask key among the neighbours, encrypted.
+
+        With an identity, every advertised key pair must carry its owner's valid signature."""
+        if self.identity is None:
+            broadcast = self._accept(message, KeyBroadcast, Phase.SHARE_KEYS)
+            self.keys = {i: (c, s) for i, c, s in broadcast.keys}
+        else:
+            msg = decode_message(message) if isinstance(message, bytes | bytearray | memoryview) else message
+            if isinstance(msg, KeyBroadcast) and self.phase is Phase.SHARE_KEYS:
+                self.phase = Phase.ABORTED
+                raise SignatureRejected(f"client {self.id} got an unsigned key broadcast: it takes only signed keys")
+            signed = self._accept(msg, SignedKeyBroadcast, Phase.SHARE_KEYS)
+            self._check_key_signatures(signed)
+            self.keys = {i: (c, s) for i, c, s, _ in signed.keys}
         rid = self.setup.round_id
-        self.keys = {i: (c, s) for i, c, s in broadcast.keys}
         mine = self.keys.get(self.id)
         assert self._mask_sk is not None
         if mine != (self._cipher_sk.public_key().public_bytes_raw(), self._mask_sk.public_key().public_bytes_raw()):
@@ -229,12 +272,51 @@ class SecAggClient:
         MaskStream(size=y.size, dtype=self.codec.dtype).apply(y, masks)  # every mask in one sweep over y
         self._mask_sk = None  # from here on only the shares held by others can recover these
         del self._seed, self._aead
-        self.phase = Phase.UNMASKING
+        self.phase = Phase.UNMASKING if self.identity is None else Phase.CONSISTENCY_CHECK
         return MaskedInput(rid, self.id, memoryview(y.view(np.uint8)))  # type: ignore[arg-type]
 
-    def unmask(self, message: UnmaskRequest | bytes) -> UnmaskShares:
-        """Phase 3: reveal self-mask shares of survivors and key shares of the dropped, never both."""
+    def sign_survivors(self, message: ConsistencyCheck | bytes) -> SurvivorSignature:
+        """The consistency check (active adversary only): check the survivor set U3 the server
+        announces and sign it, with the round id, under the client's long-term key."""
+        if self.identity is None:
+            raise SecAggProtocolError(f"client {self.id} has no signing identity: the consistency check "
+                                      "needs one (SecAggClient(..., identity=...))")
+        check = self._accept(message, ConsistencyCheck, Phase.CONSISTENCY_CHECK)
+        u3, t = set(check.survivors), self.setup.threshold
+        try:
+            if len(u3) < t:
+                raise TooFewSurvivors(f"only {len(u3)} clients survived, fewer than the threshold {t}: "
+                                      f"client {self.id} signs nothing and reveals nothing")
+            if self.id not in u3:
+                raise ConsistencyCheckFailed(f"client {self.id} sent its masked input but is not in the survivor set")
+            if not u3 <= set(self.keys):  # U3 within U1: only clients that advertised keys
+                raise ConsistencyCheckFailed(f"the survivor set names clients {sorted(u3 - set(self.keys))[:10]} "
+                                             "that never advertised keys")
+            unshared = sorted(v for v in self.neighbours & u3 if v not in self._held)
+            if unshared:  # U3 within U2, as far as this client can see: its neighbours
+                raise ConsistencyCheckFailed(f"the survivor set names clients {unshared[:10]} that never "
+                                             f"shared keys with client {self.id}")
+        except (SecAggProtocolError, TooFewSurvivors):
+            self.phase = Phase.ABORTED
+            raise
+        self._u3 = tuple(sorted(u3))
+        self.phase = Phase.UNMASKING
+        rid = self.setup.round_id
+        return SurvivorSignature(rid, self.id, self.identity.sign(survivors_statement(rid, self._u3)))
+
+    def unmask(self, message: UnmaskRequest | SignedUnmaskRequest | bytes) -> UnmaskShares:
+        """Phase 3: reveal self-mask shares of survivors and key shares of the dropped, never both.
+
+        With an identity the request must be a ``SignedUnmaskRequest`` whose survivor set is the
+        one this client signed, with valid signatures of at least ``threshold`` clients of that
+        set over it; otherwise the client aborts and reveals nothing."""
         msg = decode_message(message) if isinstance(message, bytes | bytearray | memoryview) else message
+        if self.identity is not None:
+            if isinstance(msg, UnmaskRequest) and self.phase is Phase.UNMASKING:
+                self.phase = Phase.ABORTED
+                raise ConsistencyCheckFailed(f"client {self.id} got an unmask request without the survivors' "
+                                             "signatures: it aborts and reveals nothing")
+            msg = self._check_consistency(self._accept(msg, SignedUnmaskRequest, Phase.UNMASKING))
         if isinstance(msg, UnmaskRequest):
             self._refuse_both(msg)
         request = self._accept(msg, UnmaskRequest, Phase.UNMASKING)
@@ -255,6 +337,47 @@ class SecAggClient:
         self._revealed = {v: "self-mask" for v, _ in seeds} | {v: "key" for v, _ in keys}
         self.phase = Phase.DONE
         return UnmaskShares(self.setup.round_id, self.id, seeds, keys)
+
+    def _check_key_signatures(self, broadcast: SignedKeyBroadcast) -> None:
+        assert self.identity is not None
+        rid = self.setup.round_id
+        for v, cipher, mask, signature in broadcast.keys:
+            key = self.identity.key_of(v)
+            if key is None:
+                self.phase = Phase.ABORTED
+                raise SignatureRejected(f"the key broadcast names client {v}, which the PKI does not know")
+            if not verify(key, signature, advertised_keys_statement(rid, v, cipher, mask)):
+                self.phase = Phase.ABORTED
+                raise SignatureRejected(f"client {v}'s advertised keys do not carry its valid signature: "
+                                        f"substituted or altered; client {self.id} aborts")
+
+    def _signed_by(self, client: int, signature: bytes, statement: bytes) -> bool:
+        assert self.identity is not None
+        key = self.identity.key_of(client)
+        return key is not None and verify(key, signature, statement)
+
+    def _check_consistency(self, request: SignedUnmaskRequest) -> UnmaskRequest:
+        """Figure 4, round 4 (active): U4 within U3, |U4| >= t, every signature valid over U3."""
+        assert self.identity is not None
+        t, u3 = self.setup.threshold, self._u3
+        statement = survivors_statement(self.setup.round_id, u3)
+        signers = {v for v, _ in request.signatures}
+        problem = None
+        if tuple(sorted(request.survivors)) != u3:
+            problem = "the unmask request's survivor set is not the one this client signed"
+        elif not signers <= set(u3):
+            problem = f"signatures of clients {sorted(signers - set(u3))[:10]} outside the survivor set"
+        else:
+            bad = [v for v, sig in request.signatures if not self._signed_by(v, sig, statement)]
+            if bad:
+                problem = (f"the signatures of clients {bad[:10]} are not valid over the survivor set this "
+                           "client signed: the server told different clients different sets, or forged them")
+            elif len(signers) < t:
+                problem = f"only {len(signers)} signatures on the survivor set, fewer than the threshold {t}"
+        if problem is not None:
+            self.phase = Phase.ABORTED
+            raise ConsistencyCheckFailed(f"client {self.id}: {problem}; it aborts and reveals nothing")
+        return UnmaskRequest(request.round_id, request.survivors, request.dropped)
 
     def _refuse_both(self, request: UnmaskRequest) -> None:
         both = set(request.survivors) & set(request.dropped)

@@ -8,40 +8,70 @@ the masks from the shares the survivors reveal. The caller feeds every client me
 whose message did not arrive by then has dropped. Whenever fewer than ``threshold`` clients
 are left the round aborts with ``TooFewSurvivors`` before anything is revealed. See
 ``fedsecure.aggregate.secagg`` for the protocol.
+
+With ``consistency_check=True`` the server runs the active-adversary variant of figure 4: it
+takes signed key advertisements and broadcasts the signatures with the keys, and
+``end_masked_input`` opens the consistency-check round (``ConsistencyCheck`` announcing U3)
+instead of unmasking; ``end_consistency_check`` then sends the collected signatures, from the
+clients U4 that signed, with the unmask request. As in the paper, the sum is still over all of
+U3: a client of U3 that did not sign is asked for no shares, and its self-mask is recovered from
+the others' shares, like a client that drops during unmasking.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedsecure.aggregate import shamir
 from fedsecure.aggregate.fixedpoint import FixedPointCodec
+from fedsecure.aggregate.identity import advertised_keys_statement, survivors_statement, verify, verify_keys
 from fedsecure.aggregate.masks import MaskStream, harary_neighbours
 from fedsecure.aggregate.messages import (
     ROUND_ID_BYTES,
     AdvertiseKeys,
+    ConsistencyCheck,
     EncryptedShares,
     KeyBroadcast,
     MaskedInput,
     Message,
     RoundSetup,
     ShareBundle,
+    SignedAdvertiseKeys,
+    SignedKeyBroadcast,
+    SignedUnmaskRequest,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
     decode_message,
 )
 from fedsecure.aggregate.secagg import AggregateResult, Phase, _pair_key, _self_key, _sign, check_setup
-from fedsecure.errors import SecAggInputError, SecAggProtocolError, ShareReconstructionError, TooFewSurvivors
+from fedsecure.errors import (
+    SecAggInputError,
+    SecAggProtocolError,
+    ShareReconstructionError,
+    SignatureRejected,
+    TooFewSurvivors,
+)
+
+_verify_keys = verify_keys
 
 _ACCEPTS: dict[type[Message], Phase] = {
     AdvertiseKeys: Phase.ADVERTISE_KEYS,
     EncryptedShares: Phase.SHARE_KEYS,
     MaskedInput: Phase.MASKED_INPUT,
+    UnmaskShares: Phase.UNMASKING,
+}
+_ACCEPTS_CHECKED: dict[type[Message], Phase] = {
+    SignedAdvertiseKeys: Phase.ADVERTISE_KEYS,
+    EncryptedShares: Phase.SHARE_KEYS,
+    MaskedInput: Phase.MASKED_INPUT,
+    SurvivorSignature: Phase.CONSISTENCY_CHECK,
     UnmaskShares: Phase.UNMASKING,
 }
 
@@ -59,7 +89,18 @@ class SecAggServer:
         bits: int = 32,
         frac_bits: int | None = None,
         degree: int | None = None,
+        consistency_check: bool = False,
+        verify_keys: Mapping[int, Ed25519PublicKey | bytes] | None = None,
     ) -> None:
+        """``consistency_check``: the active-adversary variant, for clients with signing identities.
+        ``verify_keys`` (optional, with it): the PKI's keys, to turn away badly signed messages on
+        arrival, so that one faulty client cannot make every honest client abort."""
+        if verify_keys is not None and not consistency_check:
+            raise SecAggInputError("verify_keys is for the consistency-check variant: set consistency_check=True")
+        self.consistency_check = consistency_check
+        self._pki = None if verify_keys is None else _verify_keys(verify_keys)
+        self._accepts = _ACCEPTS_CHECKED if consistency_check else _ACCEPTS
+        self._signatures: dict[int, bytes] = {}  # on the advertised keys, then on U3
         codec = FixedPointCodec(summands=len(clients), bound=bound, bits=bits, frac_bits=frac_bits)
         if len(set(clients)) != len(clients) or not all(type(c) is int and 0 < c < 1 << 32 for c in clients):
             raise SecAggInputError("clients must be distinct int ids in [1, 2^32)")
@@ -83,18 +124,25 @@ class SecAggServer:
             msg = decode_message(msg)
         if msg.round_id != self.round_id:
             raise SecAggProtocolError(f"{type(msg).__name__} belongs to another round: replayed or late")
-        if _ACCEPTS.get(type(msg)) is not self.phase:
+        if self._accepts.get(type(msg)) is not self.phase:
             raise SecAggProtocolError(f"{type(msg).__name__} is not accepted in phase {self.phase.value}")
         sender: int = msg.sender  # type: ignore[attr-defined]
         if sender in self._got:
             raise SecAggProtocolError(f"client {sender} sent a second {type(msg).__name__}: a replay")
         if sender not in self._eligible:
             raise SecAggProtocolError(f"client {sender} takes no part in phase {self.phase.value}")
-        if isinstance(msg, AdvertiseKeys):
+        if isinstance(msg, AdvertiseKeys | SignedAdvertiseKeys):
             taken = {k for pair in self.keys.values() for k in pair}
             if msg.cipher_key == msg.mask_key or {msg.cipher_key, msg.mask_key} & taken:
                 raise SecAggProtocolError(f"client {sender} advertised a public key already in use")
+            if isinstance(msg, SignedAdvertiseKeys):
+                statement = advertised_keys_statement(self.round_id, sender, msg.cipher_key, msg.mask_key)
+                self._check_signature(sender, msg.signature, statement, "advertised keys")
+                self._signatures[sender] = msg.signature
             self.keys[sender] = (msg.cipher_key, msg.mask_key)
+        elif isinstance(msg, SurvivorSignature):
+            self._check_signature(sender, msg.signature, survivors_statement(self.round_id, self.u3), "survivor set")
+            self._signatures[sender] = msg.signature
         elif isinstance(msg, EncryptedShares):
             if {v for v, _ in msg.ciphertexts} != self.neighbours[sender]:
                 raise SecAggProtocolError(f"client {sender} did not send exactly one ciphertext to each neighbour")
@@ -109,11 +157,15 @@ class SecAggServer:
             self._check_unmask_shares(msg)
         self._got[sender] = msg
 
-    def end_advertise_keys(self) -> KeyBroadcast:
+    def end_advertise_keys(self) -> KeyBroadcast | SignedKeyBroadcast:
         """Close phase 0: everyone's public keys, to every client that advertised."""
         self._expect(Phase.ADVERTISE_KEYS)
         self.u1 = self._advance(Phase.SHARE_KEYS)
         self.neighbours = harary_neighbours(self.u1, degree=self.setup.degree, seed=self.round_id)
+        if self.consistency_check:
+            signed = SignedKeyBroadcast(self.round_id, tuple((i, *self.keys[i], self._signatures[i]) for i in self.u1))
+            self._signatures = {}
+            return signed
         return KeyBroadcast(self.round_id, tuple((i, *self.keys[i]) for i in self.u1))
 
     def end_share_keys(self) -> dict[int, ShareBundle]:
@@ -128,18 +180,25 @@ class SecAggServer:
                     inbox[v].append((u, ct))
         return {v: ShareBundle(self.round_id, v, tuple(cts)) for v, cts in inbox.items()}
 
-    def end_masked_input(self) -> UnmaskRequest:
-        """Close phase 2: tell the clients that sent masked inputs who survived and who dropped."""
+    def end_masked_input(self) -> UnmaskRequest | ConsistencyCheck:
+        """Close phase 2: tell the clients that sent masked inputs who survived and who dropped;
+        with the consistency check, only who survived (U3), for them to sign."""
         self._expect(Phase.MASKED_INPUT)
-        self.u3 = self._advance(Phase.UNMASKING)
+        self.u3 = self._advance(Phase.CONSISTENCY_CHECK if self.consistency_check else Phase.UNMASKING)
         self.dropped = tuple(sorted(set(self.u2) - set(self.u3)))
-        t = self.setup.threshold
-        alive = set(self.u3)
-        for v in self.u2:  # can every secret be recovered, should all survivors answer?
-            holders = len(alive & (self.neighbours[v] | {v}))
-            if holders < t:
-                self._abort(f"client {v}'s shares are held by only {holders} survivors, fewer than {t}")
+        self._check_holders(self.u3)
+        if self.consistency_check:
+            return ConsistencyCheck(self.round_id, self.u3)
         return UnmaskRequest(self.round_id, self.u3, self.dropped)
+
+    def end_consistency_check(self) -> SignedUnmaskRequest:
+        """Close the consistency check: to the clients that signed U3 (U4), the unmask request with
+        their signatures. The survivors stay U3: the sum is over every masked input received."""
+        self._expect(Phase.CONSISTENCY_CHECK)
+        signatures, self._signatures = self._signatures, {}
+        self.u4 = self._advance(Phase.UNMASKING)
+        self._check_holders(self.u4)
+        return SignedUnmaskRequest(self.round_id, self.u3, self.dropped, tuple((v, signatures[v]) for v in self.u4))
 
     def end_unmasking(self) -> AggregateResult:
         """Close phase 3: reconstruct the secrets, remove every mask and decode the sum."""
@@ -175,6 +234,21 @@ class SecAggServer:
 
     # -- helpers ---------------------------------------------------------------------------
 
+    def _check_holders(self, answering: tuple[int, ...]) -> None:
+        """Abort unless every secret can be recovered should all of ``answering`` answer."""
+        t, alive = self.setup.threshold, set(answering)
+        for v in self.u2:
+            holders = len(alive & (self.neighbours[v] | {v}))
+            if holders < t:
+                self._abort(f"client {v}'s shares are held by only {holders} survivors, fewer than {t}")
+
+    def _check_signature(self, sender: int, signature: bytes, statement: bytes, what: str) -> None:
+        if self._pki is None:
+            return
+        key = self._pki.get(sender)
+        if key is None or not verify(key, signature, statement):
+            raise SignatureRejected(f"client {sender}'s signature on its {what} is not valid under the PKI's key")
+
     def _check_unmask_shares(self, msg: UnmaskShares) -> None:
         mine = self.neighbours[msg.sender] | {msg.sender}
         alive = set(self.u3)
@@ -205,7 +279,11 @@ class SecAggServer:
     def _expect(self, phase: Phase) -> None:
         if self.phase is not phase:
             raise SecAggInputError(f"the round is in phase {self.phase.value}, not {phase.value}: "
-                                   "the phases are advertise-keys, share-keys, masked-input, unmasking")
+                                   f"the phases are {', '.join(p.value for p in self._phases())}")
+
+    def _phases(self) -> list[Phase]:
+        return [p for p in Phase if p not in (Phase.DONE, Phase.ABORTED)
+                and (self.consistency_check or p is not Phase.CONSISTENCY_CHECK)]
 
     def _advance(self, nxt: Phase) -> tuple[int, ...]:
         arrived = tuple(sorted(self._got))

@@ -8,6 +8,13 @@ its update, weighted by its own sample count, plus pairwise and self masks: unif
 own. Workers that drop out in any phase are recovered from the others' Shamir shares as long as
 ``threshold`` of them remain; below that the round fails and nothing is revealed.
 
+``SecureSettings(consistency_check=True, client_ids=...)`` runs the protocol's active-adversary
+variant (Bonawitz et al. 2017, section 4): workers that hold a signing identity from the
+federation's PKI sign their keys and, in one more phase ("consistency"), the survivor set; they
+reveal shares only when at least ``threshold`` survivors signed the same set. ``client_ids``
+maps each worker to its id in that PKI (public). The workers' verification keys reach them from
+their own operators, not from the model owner.
+
 With ``secure_aggregation="shares"`` two or more share holders stand in for the aggregator
 (`shared_mean`): each worker splits its update into additive shares, one per holder, and the
 model owner learns the sum of the holders' sums. No holder learns anything unless all collude;
@@ -19,7 +26,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,15 +54,22 @@ class SecureSettings:
     ``frac_bits``: for additive sharing ("shares"), the fractional bits of the fixed point in
     Z_(2^64): each worker's weighted update must stay below 2^(62 - frac_bits) in absolute value
     (checked by the worker) and their sum below 2^(63 - frac_bits); each entry of the sum is
-    within n * 2^-(frac_bits + 1) of the exact sum of n updates."""
+    within n * 2^-(frac_bits + 1) of the exact sum of n updates.
+    ``consistency_check``: for "pairwise", the active-adversary variant with signed keys and the
+    consistency-check phase; the workers need signing identities (``secagg_identity``) and
+    ``client_ids`` gives each worker's id in the federation's PKI."""
 
     bound: float = 1.0
     threshold: int | None = None
     degree: int | None = None
     bits: int = 32
     frac_bits: int = 24
+    consistency_check: bool = False
+    client_ids: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.consistency_check and self.client_ids is None:
+            raise ConfigurationError("consistency_check needs client_ids: each worker's id in the federation's PKI")
         if type(self.frac_bits) is not int or not 0 <= self.frac_bits <= 52:
             raise ConfigurationError(f"frac_bits must be an integer in [0, 52], got {self.frac_bits!r}")
 
@@ -86,10 +100,18 @@ def secure_mean(
     n = len(trained)
     threshold = settings.threshold or max(2, n // 2 + 1)
     top = max(t.examples for t in trained) if weighted else 1
-    ids = {t.worker: i + 1 for i, t in enumerate(trained)}
+    if settings.consistency_check:
+        assert settings.client_ids is not None
+        unknown = [t.worker for t in trained if t.worker not in settings.client_ids]
+        if unknown:
+            raise ConfigurationError(f"client_ids gives no PKI id for workers {unknown}")
+        ids = {t.worker: settings.client_ids[t.worker] for t in trained}
+    else:
+        ids = {t.worker: i + 1 for i, t in enumerate(trained)}
     by_name = {t.worker: t for t in trained}
     server = SecAggServer(clients=list(ids.values()), threshold=threshold, vector_size=size,
-                          bound=settings.bound * top, bits=settings.bits, degree=settings.degree)
+                          bound=settings.bound * top, bits=settings.bits, degree=settings.degree,
+                          consistency_check=settings.consistency_check)
     session = secrets.token_hex(8)
     failures: list[Failure] = []
 
@@ -115,6 +137,9 @@ def secure_mean(
     bundles = {u: b.encode() for u, b in server.end_share_keys().items()}
     answered = phase("mask", [w for w in answered if ids[w] in bundles], lambda w: bundles[ids[w]])
     request = server.end_masked_input().encode()
+    if settings.consistency_check:
+        answered = phase("consistency", answered, lambda _: request)
+        request = server.end_consistency_check().encode()
     phase("unmask", answered, lambda _: request)
     result = server.end_unmasking()  # TooFewSurvivors: the round fails, nothing is revealed
     survivors = sorted(w for w, i in ids.items() if i in result.survivors)

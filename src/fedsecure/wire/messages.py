@@ -362,7 +362,8 @@ class AggregateUpdates(Request):
 @_request(25, ("str", "str", "int", "any", "id", "id", "bool", "dict"))
 @dataclass(frozen=True, slots=True)
 class SecAgg(Request):
-    """One phase of secure aggregation ("advertise", "share", "mask", "unmask") for this worker's
+    """One phase of secure aggregation ("advertise", "share", "mask", "consistency" (only with the
+    consistency check), "unmask") for this worker's
     client ``client_id`` of ``session``: ``payload`` is the server's message (bytes); in the "mask"
     phase the worker masks the update ``module_id`` - ``reference_id`` (weighted by its own sample
     count when ``weighted``), after clipping it to ``privacy["clip_norm"]`` and adding Gaussian

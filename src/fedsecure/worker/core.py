@@ -38,7 +38,7 @@ from fedsecure.worker import dp_sgd, training
 from fedsecure.worker import labels as lb
 from fedsecure.worker.allowlist import ALLOWED, OPTIMIZER_HYPERPARAMETERS, OPTIMIZERS
 from fedsecure.worker.modules import build, describe, load_state, state_tensors
-from fedsecure.worker.secure import SecureSessions, update_vector
+from fedsecure.worker.secure import SecAggIdentity, SecureSessions, update_vector
 
 PeerSend = Callable[[str, bytes], bytes]
 _PLAIN = frozenset({int, float, bool, str, type(None)})
@@ -191,7 +191,11 @@ class WorkerCore:
         *,
         policy: lb.Policy | None = None,
         send_to_peer: PeerSend | None = None,
+        secagg_identity: SecAggIdentity | None = None,
     ) -> None:
+        """``secagg_identity``: this worker's signing key and the federation's verification keys,
+        from its operator (never from a model owner); with it the worker takes part only in secure
+        aggregation with the consistency check (`fedsecure.worker.secure`)."""
         self.id = id
         self.policy = policy or lb.Policy()
         self.objects = Store()
@@ -199,7 +203,7 @@ class WorkerCore:
         self.max_reply: int | None = None  # the transport's limit: a Get that cannot leave stays
         self.framed = False  # the transport carries large tensors beside messages (codec.Framed)
         self._send_to_peer = send_to_peer
-        self._secure = SecureSessions()
+        self._secure = SecureSessions(secagg_identity)
         # DP-SGD steps run on this worker's data, per model owner (None: the worker's own client).
         self.dp_ledgers: dict[str | None, dp_sgd.Ledger] = {}
         self._dp_lock = threading.Lock()  # a budget check and its charge are one step

@@ -7,24 +7,54 @@ owner and session, computes the update from two stored models (the trained one a
 one it started from), weighted by the owner's own sample count, and hands only the protocol's
 outputs back: public keys, encrypted shares, the masked update, and the shares the protocol
 allows (an honest client never reveals both secrets of one peer; `SecAggClient` refuses).
+
+A worker given a `SecAggIdentity` by its own operator (``WorkerCore(secagg_identity=...)``,
+``VirtualWorker(..., secagg_identity=...)``) plays only the active-adversary variant of the
+protocol (Bonawitz et al. 2017, section 4): its client id is the one the federation's PKI gives
+it, it signs its keys, checks everyone else's, and answers the extra "consistency" phase; it
+reveals shares only with the signatures of at least ``threshold`` survivors on the survivor set
+it signed. The verification keys in the identity must come from the federation's PKI through the
+worker's operator, never from the model owner the check protects against.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedsecure.aggregate import Message, SecAggClient
-from fedsecure.errors import PermissionDenied, ProtocolError, SecureAggregationError, ShareRevealRefused
+from fedsecure.aggregate import Message, SecAggClient, SigningIdentity
+from fedsecure.errors import (
+    PermissionDenied,
+    ProtocolError,
+    SecAggInputError,
+    SecureAggregationError,
+    ShareRevealRefused,
+)
 from fedsecure.worker.modules import describe, state_tensors
 
 MAX_SESSIONS = 8  # per model owner: enough for rounds that overlap, too few to exhaust memory
-PHASES = ("advertise", "share", "mask", "unmask")
+PHASES = ("advertise", "share", "mask", "consistency", "unmask")
+
+
+@dataclass(frozen=True)
+class SecAggIdentity:
+    """This worker's place in the federation's PKI: its client id there, and its signing identity
+    (its long-term Ed25519 key and every member's verification key, given out of band)."""
+
+    client_id: int
+    identity: SigningIdentity
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.identity, SigningIdentity):
+            raise SecAggInputError("identity must be a fedsecure.aggregate.SigningIdentity")
+        if type(self.client_id) is not int or not self.identity.owns(self.client_id):
+            raise SecAggInputError(f"the PKI's verification key for client {self.client_id!r} is not this identity's")
 
 
 def update_vector(
@@ -72,8 +102,9 @@ def _privacy(privacy: dict[str, Any], *, weighted: bool) -> tuple[float | None, 
 class SecureSessions:
     """One `SecAggClient` per (model owner, session), dropped when its round ends or fails."""
 
-    def __init__(self) -> None:
+    def __init__(self, identity: SecAggIdentity | None = None) -> None:
         self._clients: dict[tuple[str | None, str], SecAggClient] = {}
+        self.identity = identity
 
     def step(
         self,
@@ -94,7 +125,10 @@ class SecureSessions:
                 raise ProtocolError(f"secure aggregation session {session!r} exists already: use a fresh one")
             if sum(1 for owner, _ in self._clients if owner == caller) >= MAX_SESSIONS:
                 raise ProtocolError(f"at most {MAX_SESSIONS} secure aggregation sessions may be open at once")
-            self._clients[key] = SecAggClient(client_id=client_id)
+            mine = self.identity
+            if mine is not None and client_id != mine.client_id:
+                raise ProtocolError(f"this worker is client {mine.client_id} in the federation's PKI, not {client_id}")
+            self._clients[key] = SecAggClient(client_id=client_id, identity=None if mine is None else mine.identity)
         client = self._clients.get(key)
         if client is None:
             raise ProtocolError(f"no secure aggregation session {session!r} here (it ended or never began)")
@@ -108,6 +142,8 @@ class SecureSessions:
                 out = client.share_keys(payload)
             elif phase == "mask":
                 out = client.masked_input(payload, update())
+            elif phase == "consistency":
+                out = client.sign_survivors(payload)
             else:
                 out = client.unmask(payload)
                 del self._clients[key]  # the round is over for this client

@@ -14,6 +14,7 @@ from fedsecure.wire import messages as m
 from fedsecure.worker.client import WorkerClient
 from fedsecure.worker.core import Sender, WorkerCore
 from fedsecure.worker.labels import Policy
+from fedsecure.worker.secure import SecAggIdentity
 
 
 class Federation:
@@ -55,6 +56,8 @@ class VirtualWorker(WorkerClient):
     it is private to this worker, found with ``search(tag)``.
     ``policy`` holds the owner's release rules (`fedsecure.Policy`); in one process
     the default trusts every other worker as an aggregator.
+    ``secagg_identity``: the owner's signing key and the federation's verification keys, for
+    secure aggregation with the consistency check (`fedsecure.worker.secure.SecAggIdentity`).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class VirtualWorker(WorkerClient):
         data: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
         policy: Policy | None = None,
         federation: Federation | None = None,
+        secagg_identity: SecAggIdentity | None = None,
     ) -> None:
         if isinstance(hook, str) and id is None:  # VirtualWorker("bob")
             hook, id = None, hook
@@ -75,7 +79,8 @@ class VirtualWorker(WorkerClient):
         self.federation = federation or getattr(hook, "federation", None) or default_federation
         fed = self.federation
         self.core = WorkerCore(
-            id, policy=policy, send_to_peer=lambda dest, data: fed.send(id, dest, data)
+            id, policy=policy, send_to_peer=lambda dest, data: fed.send(id, dest, data),
+            secagg_identity=secagg_identity,
         )
         fed.add(self.core)
         owner = Sender("client", "model-owner")

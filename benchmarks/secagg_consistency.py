@@ -1,0 +1,113 @@
+"""What the consistency check costs: fedsecure's SecAgg with and without the active-adversary variant.
+
+For n clients with updates of d float32 entries, one round of ``fedsecure.aggregate`` as in
+benchmarks/secure_aggregation.py (every message encoded to bytes and decoded, all parties in
+this process one after the other), once semi-honest and once with signing identities and the
+consistency check (Bonawitz et al. 2017, section 4): signed key advertisements verified by every
+client (n verifications each), one more round in which every client signs the survivor set, and
+the verification of the forwarded signatures before unmasking (up to n each). Per variant:
+client s (median over the clients of one client's work in the round), server s, round s (a
+client plus the server), bytes sent per client; and, with the check, the client's time in each
+phase. Medians over repetitions. Prints a table.
+
+Run:  python benchmarks/secagg_consistency.py [--n 100] [--d 100000] [--reps 3] [--degree K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:
+    from fedsecure.aggregate import ConsistencyCheck, SecAggClient, SecAggServer, generate_federation
+except ModuleNotFoundError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from fedsecure.aggregate import ConsistencyCheck, SecAggClient, SecAggServer, generate_federation
+
+
+def one_round(n: int, d: int, degree: int | None, checked: bool) -> dict[str, Any]:
+    ids = list(range(1, n + 1))
+    holders = n if degree is None else degree + 1
+    threshold = holders // 2 + 1
+    pki = generate_federation(ids) if checked else {}
+    t_server = 0.0
+    t_client: dict[int, dict[str, float]] = {u: defaultdict(float) for u in ids}
+    sent = dict.fromkeys(ids, 0)
+
+    def srv(fn: Any, *args: Any) -> Any:
+        nonlocal t_server
+        t = time.perf_counter()
+        out = fn(*args)
+        t_server += time.perf_counter() - t
+        return out
+
+    def cli(u: int, phase: str, fn: Any, *args: Any) -> bytes:
+        t = time.perf_counter()
+        data: bytes = fn(*args).encode()
+        t_client[u][phase] += time.perf_counter() - t
+        sent[u] += len(data)
+        return data
+
+    server = srv(lambda: SecAggServer(clients=ids, threshold=threshold, vector_size=d, bound=1.0, degree=degree,
+                                      consistency_check=checked))
+    clients = {u: SecAggClient(client_id=u, identity=pki.get(u)) for u in ids}
+    setup = srv(server.setup.encode)
+    for u in ids:
+        srv(server.receive, cli(u, "advertise", clients[u].advertise_keys, setup))
+    broadcast = srv(lambda: server.end_advertise_keys().encode())
+    for u in ids:
+        srv(server.receive, cli(u, "share", clients[u].share_keys, broadcast))
+    bundles = srv(lambda: {v: b.encode() for v, b in server.end_share_keys().items()})
+    for u in ids:
+        srv(server.receive, cli(u, "mask", clients[u].masked_input, bundles[u], np.random.default_rng(u).uniform(-1, 1, d).astype(np.float32)))
+    request = srv(lambda: server.end_masked_input().encode())
+    if checked:
+        for u in ids:
+            srv(server.receive, cli(u, "consistency", clients[u].sign_survivors, request))
+        request = srv(lambda: server.end_consistency_check().encode())
+    else:
+        assert not isinstance(request, ConsistencyCheck)
+    for u in ids:
+        srv(server.receive, cli(u, "unmask", clients[u].unmask, request))
+    srv(server.end_unmasking)
+    totals = [sum(p.values()) for p in t_client.values()]
+    phases = {p: statistics.median(t_client[u][p] for u in ids) for p in t_client[1]}
+    return {"client_s": statistics.median(totals), "server_s": t_server,
+            "round_s": statistics.median(totals) + t_server, "bytes_sent": statistics.mean(sent.values()),
+            "phases": phases}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--d", type=int, default=100_000)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--degree", type=int, default=None, help="SecAgg+ neighbours (default: every pair)")
+    a = parser.parse_args(argv)
+    out: dict[str, Any] = {}
+    for checked in (False, True):
+        runs = [one_round(a.n, a.d, a.degree, checked) for _ in range(a.reps)]
+        med = {k: statistics.median(r[k] for r in runs) for k in ("client_s", "server_s", "round_s", "bytes_sent")}
+        med["phases"] = {p: statistics.median(r["phases"][p] for r in runs) for p in runs[0]["phases"]}
+        out["checked" if checked else "plain"] = med
+    print(f"n={a.n} d={a.d} degree={a.degree} reps={a.reps} (medians)")
+    print(f"{'variant':<10}{'client s':>11}{'server s':>11}{'round s':>11}{'bytes/client':>15}")
+    for name, r in out.items():
+        print(f"{name:<10}{r['client_s']:>11.4f}{r['server_s']:>11.4f}{r['round_s']:>11.4f}{r['bytes_sent']:>15.0f}")
+    p, c = out["plain"], out["checked"]
+    print(f"{'added':<10}{c['client_s'] - p['client_s']:>+11.4f}{c['server_s'] - p['server_s']:>+11.4f}"
+          f"{c['round_s'] - p['round_s']:>+11.4f}{c['bytes_sent'] - p['bytes_sent']:>+15.0f}")
+    for name, r in out.items():
+        print(f"client phases, {name}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in r["phases"].items()))
+    return out
+
+
+if __name__ == "__main__":
+    main()
