@@ -10,12 +10,17 @@ client s (median over the clients of one client's work in the round), server s, 
 client plus the server), bytes sent per client; and, with the check, the client's time in each
 phase. Medians over repetitions. Prints a table.
 
-Run:  python benchmarks/secagg_consistency.py [--n 100] [--d 100000] [--reps 3] [--degree K]
+Writes JSON (default benchmarks/results/secagg_consistency.json).
+
+Run:  python benchmarks/secagg_consistency.py [--n 100] [--d 100000] [--reps 3] [--degree K] [--quick] [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import platform
 import statistics
 import sys
 import time
@@ -90,7 +95,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--d", type=int, default=100_000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--degree", type=int, default=None, help="SecAgg+ neighbours (default: every pair)")
+    parser.add_argument("--quick", action="store_true", help="n=5, d=1000, one repetition (a smoke test)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "secagg_consistency.json")
     a = parser.parse_args(argv)
+    if a.quick:
+        a.n, a.d, a.reps = 5, 1000, 1
     out: dict[str, Any] = {}
     for checked in (False, True):
         runs = [one_round(a.n, a.d, a.degree, checked) for _ in range(a.reps)]
@@ -106,6 +115,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{c['round_s'] - p['round_s']:>+11.4f}{c['bytes_sent'] - p['bytes_sent']:>+15.0f}")
     for name, r in out.items():
         print(f"client phases, {name}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in r["phases"].items()))
+    result = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "n": a.n, "d": a.d,
+              "degree": a.degree, "reps": a.reps, **out}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
     return out
 
 

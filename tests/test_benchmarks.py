@@ -78,3 +78,9 @@ def test_additive_shares_benchmark_runs(tmp_path: Path) -> None:
     assert "shares/trusted" in table
     (row,) = result["rows"]
     assert row["shares"]["correct"] is True and row["shares"]["expansion"] == pytest.approx(4.0, rel=0.05)
+
+
+def test_secagg_consistency_benchmark_runs(tmp_path: Path) -> None:
+    table, result = run_quick("secagg_consistency.py", tmp_path)
+    assert "checked" in table
+    assert result["checked"]["bytes_sent"] > result["plain"]["bytes_sent"] > 0
