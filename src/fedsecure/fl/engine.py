@@ -5,7 +5,9 @@ trains it on its own data in one message (`fedsecure.wire.messages.Fit`), and th
 moves from the worker straight to the aggregator. The aggregator applies its fixed rule and
 releases only the aggregate, which is all the model owner receives; the strategy turns it into the
 next global model. A worker that fails arrives as a `Failure` value; the round goes on when at
-least ``strategy.min_fit_workers`` answered.
+least ``strategy.min_fit_workers`` answered. With ``secure_aggregation="pairwise"`` or ``"shares"``
+no party sees a trained model: the workers mask it, or split it among share holders, and the model
+owner learns only the sum (`fedsecure.fl.secure`).
 """
 
 from __future__ import annotations
