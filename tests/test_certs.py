@@ -428,3 +428,24 @@ def test_mutual_tls_with_grpc(tmp_path: Path) -> None:
         _refused(target, grpc.ssl_channel_credentials(ca_cert, *not_a_client))  # no clientAuth usage
         # and the client refuses a server whose certificate another CA signed
         _refused(target, grpc.ssl_channel_credentials(other_ca[1], *party("alice")))
+
+
+def test_secure_aggregation_keys_load_only_as_their_owners(tmp_path: Path) -> None:
+    from fedsecure.transport.certs import load_secagg_identity, load_secagg_ids, write_federation
+
+    with pytest.raises(ValueError, match="not parties"):
+        write_federation(tmp_path / "x", ["bob"], secagg=["alice"])
+    write_federation(tmp_path, ["owner", "bob", "alice"], secagg=["bob", "alice"])
+    ids = load_secagg_ids(tmp_path / "secagg.json")
+    assert sorted(ids) == ["alice", "bob"] and sorted(ids.values()) == [1, 2]
+    bob = load_secagg_identity(tmp_path / "bob.secagg.key", tmp_path / "secagg.json", "bob")
+    assert bob.client_id == ids["bob"]
+    with pytest.raises(ValueError, match="not the key"):  # alice's key does not make one bob
+        load_secagg_identity(tmp_path / "alice.secagg.key", tmp_path / "secagg.json", "bob")
+    with pytest.raises(ValueError, match="no secure aggregation key for 'owner'"):
+        load_secagg_identity(tmp_path / "bob.secagg.key", tmp_path / "secagg.json", "owner")
+    (tmp_path / "bad.json").write_text('{"clients": {"bob": {"id": 0, "verify_key": "zz"}}}')
+    with pytest.raises(ValueError, match="an id in"):
+        load_secagg_ids(tmp_path / "bad.json")
+    with pytest.raises(FileExistsError):  # nothing is replaced without overwrite
+        write_federation(tmp_path, ["carol"], secagg=["carol"])

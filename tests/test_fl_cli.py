@@ -170,3 +170,47 @@ def test_the_same_experiment_runs_against_worker_servers(tmp_path: Path, secure:
     finally:
         for s in servers:
             s.stop()
+
+
+def test_the_consistency_check_runs_against_worker_servers(tmp_path: Path) -> None:
+    """`fedsecure certs --secagg` gives each owner a signing key; owners served with it take part
+    only in the checked protocol, which the experiment turns on with consistency_check."""
+    import numpy as np
+
+    import fedsecure as sy
+    from fedsecure.data import federate, load_digits
+
+    certs = tmp_path / "certs"
+    made = fedsecure("certs", str(certs), "--party", "owner", "--party", "w0", "--party", "w1", "--party", "w2",
+                     "--secagg", "w0", "--secagg", "w1", "--secagg", "w2", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert (certs / "w0.secagg.key").stat().st_mode & 0o077 == 0  # the signing key is its owner's alone
+    for i, (x, y) in enumerate(federate(load_digits(), 3, scheme="iid", seed=0)):
+        np.savez(tmp_path / f"w{i}.npz", x=x.numpy(), y=y.numpy())
+    servers = []
+    try:
+        for i in range(3):
+            servers.append(sy.WorkerProcess(f"w{i}", clients={"owner": ""}, tls_dir=str(certs),
+                                            data=str(tmp_path / f"w{i}.npz"),
+                                            secagg=(str(certs / f"w{i}.secagg.key"), str(certs / "secagg.json"))
+                                            ).start())
+        text = (ROOT / "examples" / "digits_private.toml").read_text()
+        text = text[: text.index("[workers]")] + (
+            f'[workers]\nmode = "remote"\ntls_dir = "{certs}"\nsecagg_pki = "{certs / "secagg.json"}"\n'
+            f'aggregator_address = "unused:1"\n'
+            + "".join(f'[[workers.remote]]\nid = "{s.id}"\naddress = "{s.address}"\n' for s in servers)
+        )
+        config = tmp_path / "remote.toml"
+        config.write_text(text)
+        common = ("run", str(config), "--rounds", "2", "--quiet", "--set", "strategy.min_fit_workers=3",
+                  "--set", "strategy.fraction_evaluate=0", "--set", "aggregation.threshold=2")
+        done = fedsecure(*common, "--output", "checked", "--set", "aggregation.consistency_check=true", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        rows = json.loads((tmp_path / "checked" / "history.json").read_text())["rounds"]
+        assert [r["workers"] for r in rows] == [3, 3]
+        # the same owners refuse the protocol without the check
+        unchecked = fedsecure(*common, "--output", "plain", "--set", "experiment.seed=1", cwd=tmp_path)
+        assert unchecked.returncode != 0 and "consistency" in unchecked.stderr + unchecked.stdout
+    finally:
+        for s in servers:
+            s.stop()

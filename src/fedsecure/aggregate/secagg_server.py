@@ -125,6 +125,13 @@ class SecAggServer:
         if msg.round_id != self.round_id:
             raise SecAggProtocolError(f"{type(msg).__name__} belongs to another round: replayed or late")
         if self._accepts.get(type(msg)) is not self.phase:
+            if isinstance(msg, SignedAdvertiseKeys | AdvertiseKeys) and self.phase is Phase.ADVERTISE_KEYS:
+                signed = isinstance(msg, SignedAdvertiseKeys)
+                raise SecAggProtocolError(
+                    f"client {getattr(msg, 'sender', '?')} {'signs' if signed else 'does not sign'} its keys, so it "
+                    f"takes part only {'with' if signed else 'without'} the consistency check; this round runs "
+                    f"{'without' if signed else 'with'} it (consistency_check={not signed} would match)"
+                )
             raise SecAggProtocolError(f"{type(msg).__name__} is not accepted in phase {self.phase.value}")
         sender: int = msg.sender  # type: ignore[attr-defined]
         if sender in self._got:

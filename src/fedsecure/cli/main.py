@@ -41,6 +41,7 @@ import torch
 
 from fedsecure.cli import experiment
 from fedsecure.transport import certs
+from fedsecure.transport.certs import load_secagg_identity
 from fedsecure.transport.grpc import DEFAULT_MAX_MESSAGE, TLS, WorkerServer
 from fedsecure.worker.core import WorkerCore
 from fedsecure.worker.labels import Policy
@@ -81,6 +82,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "insecure": args.insecure or config.get("insecure", False),
         "max_message": args.max_message or config.get("max_message", DEFAULT_MAX_MESSAGE),
         "data": args.data or config.get("data"),
+        "secagg_key": args.secagg_key or config.get("secagg_key"),
+        "secagg_pki": args.secagg_pki or config.get("secagg_pki"),
         "trust": args.trust or config.get("trust", []),
         "clients": clients,
         "peers": peers,
@@ -94,6 +97,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
     if not s["id"]:
         raise SystemExit("a worker needs an id: --id NAME (or id = ... in the config file)")
+    if (s["secagg_key"] is None) != (s["secagg_pki"] is None):
+        raise SystemExit("secure aggregation with the consistency check needs both --secagg-key (this worker's "
+                         "NAME.secagg.key) and --secagg-pki (the federation's secagg.json), from `fedsecure certs --secagg`")
     if not clients:
         raise SystemExit("no model owner may call this worker: add --client NAME=TOKEN (or --client NAME with --tls-dir)")
     if not s["tls_dir"]:
@@ -131,7 +137,13 @@ def serve(args: argparse.Namespace) -> int:
         strict=bool(s["strict"]),
         private_sends=False,
     )
-    core = WorkerCore(s["id"], policy=policy)
+    identity = None
+    if s["secagg_key"]:
+        try:
+            identity = load_secagg_identity(s["secagg_key"], s["secagg_pki"], s["id"])
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"cannot load this worker's secure aggregation identity: {exc}") from None
+    core = WorkerCore(s["id"], policy=policy, secagg_identity=identity)
     tags = _load_data(core, s["data"]) if s["data"] else []
     tls = None
     if s["tls_dir"]:
@@ -185,6 +197,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default: any free port, printed)")
     p.add_argument("--data", help=".npz file: its arrays become this worker's private data, tagged by name")
+    p.add_argument("--secagg-key", help="this worker's NAME.secagg.key (`fedsecure certs --secagg NAME`): it then "
+                   "signs in secure aggregation and takes part only with the consistency check")
+    p.add_argument("--secagg-pki", help="the federation's secagg.json: every signer's verification key")
     p.add_argument("--tls-dir", help="mutual TLS with the certificates `fedsecure certs` wrote there "
                    "(ca.pem, ID.pem, ID.key); callers are then known by their certificates' names")
     p.add_argument("--insecure", action="store_true",

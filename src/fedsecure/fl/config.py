@@ -22,7 +22,8 @@ run: the same experiment runs in one process, in worker processes, or on remote 
                   model owner learns only their sum; "shares": additive shares among share holders
                   that must not collude), and for "pairwise": bound (largest absolute value of an
                   update's coordinate), threshold (survivors needed), degree (SecAgg+ neighbours),
-                  bits (32 or 64); for "shares": frac_bits (fixed point, default 24)
+                  bits (32 or 64), consistency_check (signed keys and the consistency-check round
+                  against a malicious model owner); for "shares": frac_bits (fixed point, default 24)
     [privacy]     DP-FedAvg around the strategy: noise_multiplier, clip_norm (both required), delta,
                   accountant ("rdp" or "pld"), budget_epsilon, adaptive_clipping, target_quantile
     [workers]     mode ("local", "processes" or "remote"), aggregator, strict, parallelism,
@@ -31,7 +32,8 @@ run: the same experiment runs in one process, in worker processes, or on remote 
                   for "remote": token or tls_dir, and [[workers.remote]] tables (id, address),
                   plus [workers.aggregator_address]; for secure = "shares": share_holders (ids,
                   default [aggregator, aggregator + "_2"]), and in remote mode
-                  [workers.share_holder_addresses] (id = address)
+                  [workers.share_holder_addresses] (id = address); with consistency_check in remote
+                  mode: secagg_pki (the federation's secagg.json, from `fedsecure certs --secagg`)
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "aggregation": {
         "rule": str, "clip_norm": (int, float), "trim": (int, float), "byzantine": int, "keep": int,
         "quantile": (int, float), "secure": str, "bound": (int, float), "threshold": int, "degree": int,
-        "bits": int, "frac_bits": int,
+        "bits": int, "frac_bits": int, "consistency_check": bool,
     },
     "privacy": {
         "noise_multiplier": (int, float), "clip_norm": (int, float), "delta": float, "accountant": str,
@@ -87,6 +89,7 @@ SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "work_deadline": (int, float),
         "token": str, "tls_dir": str,
         "remote": list, "aggregator_address": str, "share_holders": list, "share_holder_addresses": dict,
+        "secagg_pki": str,
     },
 }
 _OPTIMIZER_ARGS = ("momentum", "weight_decay", "nesterov")
@@ -197,7 +200,7 @@ class Experiment:
 
     def rule(self) -> AggregationRule:
         a = {k: v for k, v in self.config.get("aggregation", {}).items()
-             if k not in ("secure", "bound", "threshold", "degree", "bits", "frac_bits")}
+             if k not in ("secure", "bound", "threshold", "degree", "bits", "frac_bits", "consistency_check")}
         options: dict[str, float] = {k: a.pop(k) for k in ("trim", "byzantine", "keep", "quantile") if k in a}
         return AggregationRule(name=a.get("rule", "mean"), clip_norm=a.get("clip_norm"), options=options)
 
@@ -210,7 +213,17 @@ class Experiment:
         settings = SecureSettings(bound=float(a.get("bound", 1.0)), threshold=a.get("threshold"),
                                   degree=a.get("degree"), bits=int(a.get("bits", 32)),
                                   frac_bits=int(a.get("frac_bits", 24)))
+        if a.get("consistency_check") and mode != "pairwise":
+            raise ConfigurationError(f"{self.source}: [aggregation] consistency_check needs secure = 'pairwise'")
         return mode, settings
+
+    @property
+    def consistency_check(self) -> bool:
+        """Pairwise secure aggregation against a malicious model owner (signed keys, the consistency
+        check): the owners' signing identities come from the run in local and processes modes, and
+        from each worker's operator in remote mode (``[workers] secagg_pki`` maps names to ids)."""
+        self.secure()
+        return bool(self.get("aggregation", "consistency_check", False))
 
     def share_holders(self) -> list[str]:
         """The share holders' ids in "shares" mode (default: the aggregator and a second worker)."""

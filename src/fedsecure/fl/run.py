@@ -8,6 +8,7 @@ hold their data themselves. Either way the model owner keeps only the test set.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from fedsecure.aggregate.identity import generate_federation
 from fedsecure.data import Dataset, partition_summary
 from fedsecure.fl.config import Experiment
 from fedsecure.fl.engine import Engine
@@ -27,6 +29,7 @@ from fedsecure.fl.simulation import Simulation, owner_id
 from fedsecure.fl.strategy import ConfigurationError
 from fedsecure.worker.client import WorkerClient
 from fedsecure.worker.labels import Policy
+from fedsecure.worker.secure import SecAggIdentity
 from fedsecure.worker.virtual import Federation, VirtualWorker
 
 
@@ -37,6 +40,7 @@ class Federated:
     parallelism: int
     groups: dict[str, int] | None = None  # workers sharing a process train one after the other
     holders: list[WorkerClient] = field(default_factory=list)  # share holders ("shares" mode)
+    secagg_ids: dict[str, int] | None = None  # each owner's id in the secure aggregation PKI
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> dict[str, torch.Tensor]:
@@ -64,16 +68,21 @@ def local_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray]) -
     federation = Federation()
     owner_policy = Policy(trusted_aggregators=frozenset(served), private_sends=False)
     workers: list[WorkerClient] = []
+    # The simulated owners' signing identities, made here: this run is every simulated owner's operator.
+    ids = {owner_id(i): i + 1 for i in range(len(parts))} if exp.consistency_check else None
+    pki = generate_federation(ids.values()) if ids else {}
     for i in range(len(parts)):
+        identity = SecAggIdentity(i + 1, pki[i + 1]) if ids else None
         workers.append(VirtualWorker(id=owner_id(i), data=shares_of(exp, data, parts, i), policy=owner_policy,
-                                     federation=federation))
+                                     federation=federation, secagg_identity=identity))
     strict = bool(exp.get("workers", "strict", True))
     servers = {n: VirtualWorker(id=n, policy=Policy(strict=strict), federation=federation) for n in served}
     return Federated(workers, servers[aggregator_id], int(exp.get("workers", "parallelism", 1)),
-                     holders=[servers[h] for h in holders])
+                     holders=[servers[h] for h in holders], secagg_ids=ids)
 
 
 def remote_workers(exp: Experiment) -> Federated:
+    from fedsecure.transport.certs import load_secagg_ids
     from fedsecure.transport.grpc import TLS, connect
 
     token, tls_dir = exp.get("workers", "token"), exp.get("workers", "tls_dir")
@@ -98,7 +107,18 @@ def remote_workers(exp: Experiment) -> Federated:
                                  "[workers.share_holder_addresses] (id = \"host:port\")")
     holders = [aggregator if h == aggregator_id else connect(h, addresses[h], credentials=credentials, pipelined=False)
                for h in exp.share_holders()]
-    return Federated(workers, aggregator, int(exp.get("workers", "parallelism", len(workers))), holders=holders)
+    secagg_ids = None
+    if exp.consistency_check:
+        pki = exp.get("workers", "secagg_pki")
+        if pki is None:
+            raise ConfigurationError(f"{exp.source}: consistency_check in remote mode needs [workers] secagg_pki, "
+                                     "the federation's secagg.json (`fedsecure certs --secagg NAME ...`)")
+        try:
+            secagg_ids = load_secagg_ids(exp.path(pki))
+        except ValueError as exc:
+            raise ConfigurationError(f"{exp.source}: {exc}") from None
+    return Federated(workers, aggregator, int(exp.get("workers", "parallelism", len(workers))), holders=holders,
+                     secagg_ids=secagg_ids)
 
 
 def run_experiment(
@@ -135,11 +155,12 @@ def run_experiment(
                 exp.config, processes=int(exp.get("workers", "processes", os.cpu_count() or 1)),
                 threads=int(exp.get("workers", "threads", 1)),
                 aggregator=str(exp.get("workers", "aggregator", "secure_worker")),
-                share_holders=exp.share_holders(),
+                share_holders=exp.share_holders(), consistency_check=exp.consistency_check,
                 strict=bool(exp.get("workers", "strict", True)),
                 sizes=[len(p) for p in parts],
             ))
-            fed = Federated(sim.workers, sim.aggregator, sim.processes, sim.groups, sim.share_holders)
+            fed = Federated(sim.workers, sim.aggregator, sim.processes, sim.groups, sim.share_holders,
+                            sim.secagg_ids)
         else:
             fed = remote_workers(exp)
         engine = Engine(
@@ -147,7 +168,9 @@ def run_experiment(
             seed=exp.seed, parallelism=fed.parallelism, groups=fed.groups,
             progress=Progress(enabled=progress, stream=out), checkpoint=exp.output / "checkpoint",
             settings=exp.settings(), on_round=tensorboard(exp),
-            secure_aggregation=secure_mode, secure=secure_settings, share_holders=fed.holders,
+            secure_aggregation=secure_mode, share_holders=fed.holders,
+            secure=dataclasses.replace(secure_settings, consistency_check=True, client_ids=fed.secagg_ids)
+            if fed.secagg_ids is not None else secure_settings,
             work_deadline=float(exp.get("workers", "work_deadline", 3600.0)),
         )
         if resume and not engine.resume() and progress:

@@ -130,20 +130,32 @@ def secure_mean(
         failures.extend(failed)
         return sorted(done)
 
-    setup = server.setup.encode()
-    answered = phase("advertise", list(ids), lambda _: setup)
-    broadcast = server.end_advertise_keys().encode()
-    answered = phase("share", answered, lambda _: broadcast)
-    bundles = {u: b.encode() for u, b in server.end_share_keys().items()}
-    answered = phase("mask", [w for w in answered if ids[w] in bundles], lambda w: bundles[ids[w]])
-    request = server.end_masked_input().encode()
-    if settings.consistency_check:
-        answered = phase("consistency", answered, lambda _: request)
-        request = server.end_consistency_check().encode()
-    phase("unmask", answered, lambda _: request)
-    result = server.end_unmasking()  # TooFewSurvivors: the round fails, nothing is revealed
+    try:
+        setup = server.setup.encode()
+        answered = phase("advertise", list(ids), lambda _: setup)
+        broadcast = server.end_advertise_keys().encode()
+        answered = phase("share", answered, lambda _: broadcast)
+        bundles = {u: b.encode() for u, b in server.end_share_keys().items()}
+        answered = phase("mask", [w for w in answered if ids[w] in bundles], lambda w: bundles[ids[w]])
+        request = server.end_masked_input().encode()
+        if settings.consistency_check:
+            answered = phase("consistency", answered, lambda _: request)
+            request = server.end_consistency_check().encode()
+        phase("unmask", answered, lambda _: request)
+        result = server.end_unmasking()  # TooFewSurvivors: the round fails, nothing is revealed
+    except SecureAggregationError as exc:
+        _name_failures(exc, failures)
+        raise
     survivors = sorted(w for w, i in ids.items() if i in result.survivors)
     return _apply_sum(parameters, torch.from_numpy(result.total).double(), weighted, len(survivors)), survivors, failures
+
+
+def _name_failures(exc: Exception, failures: Sequence[Failure]) -> None:
+    """Say in ``exc`` why the workers that failed did, so that an aborted round explains itself."""
+    if failures:
+        shown = "; ".join(f"{f.worker} ({f.phase}): {f.error}" for f in failures[:5])
+        more = f"; and {len(failures) - 5} more" if len(failures) > 5 else ""
+        exc.args = (f"{exc} (failed workers: {shown}{more})",)
 
 
 def _apply_sum(parameters: Parameters, total: torch.Tensor, weighted: bool, count: int) -> Parameters:
@@ -202,8 +214,10 @@ def shared_mean(
     if len(survivors) < 2:
         for holder, i in ((h, ids[w][k]) for w in survivors for k, h in enumerate(holders)):
             holder.release(i)
-        raise TooFewSurvivors(f"secret sharing: {len(survivors)} of {len(trained)} workers delivered their shares, "
+        exc = TooFewSurvivors(f"secret sharing: {len(survivors)} of {len(trained)} workers delivered their shares, "
                               "a sum needs at least 2")
+        _name_failures(exc, failures)
+        raise exc
     parts = []
     for k, holder in enumerate(holders):
         result = new_id()

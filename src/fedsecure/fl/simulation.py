@@ -28,7 +28,11 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedsecure.aggregate.identity import SigningIdentity
 from fedsecure.fl.strategy import ConfigurationError
+from fedsecure.worker.secure import SecAggIdentity
 
 _LISTENING = "listening on "
 
@@ -66,6 +70,7 @@ class Simulation:
         threads: int = 1,
         aggregator: str = "secure_worker",
         share_holders: Sequence[str] = (),
+        consistency_check: bool = False,
         strict: bool = True,
         sizes: list[int] | None = None,
         startup_timeout: float = 120.0,
@@ -83,6 +88,10 @@ class Simulation:
         # the workers served from this process: the aggregator, and share holders ("shares" mode)
         self.served = list(dict.fromkeys([aggregator, *share_holders]))
         self.holder_ids = list(share_holders)
+        # With the consistency check, each owner's signing key (made here: this run operates every
+        # simulated owner) goes to its host on the pipe; the PKI's public half to all of them.
+        self.secagg_ids = {owner_id(i): i + 1 for i in range(self.owners)} if consistency_check else None
+        self._signing = {owner_id(i): Ed25519PrivateKey.generate() for i in range(self.owners)} if consistency_check else {}
         self.strict = strict
         self.timeout = startup_timeout
         self.secret = secrets.token_hex(32)
@@ -132,6 +141,13 @@ class Simulation:
             "secret": self.secret,
             "owner_token": self.owner_token,
             "peers": {name: self._server.address for name in self.served},
+            "secagg": None if self.secagg_ids is None else {
+                "ids": self.secagg_ids,
+                "keys": {owner_id(i): self._signing[owner_id(i)].private_bytes_raw().hex()
+                         for i in range(self.owners) if self.hosts[i] == p},
+                "verify": {str(cid): self._signing[name].public_key().public_bytes_raw().hex()
+                           for name, cid in self.secagg_ids.items()},
+            },
         }
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
         proc = subprocess.Popen([sys.executable, "-m", "fedsecure.fl.simulation"], stdin=subprocess.PIPE,
@@ -196,9 +212,15 @@ def host(spec: Mapping[str, Any]) -> None:
     parts = exp.partitions(data)
     policy = Policy(trusted_aggregators=frozenset(peers), private_sends=False)
     server = WorkerServer()
+    secagg = spec.get("secagg")
+    verify = {int(cid): bytes.fromhex(key) for cid, key in secagg["verify"].items()} if secagg else {}
     for i in spec["owners"]:
         name = owner_id(i)
-        core = WorkerCore(name, policy=policy)
+        identity = None
+        if secagg:
+            signing = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(secagg["keys"][name]))
+            identity = SecAggIdentity(secagg["ids"][name], SigningIdentity(signing, verify))
+        core = WorkerCore(name, policy=policy, secagg_identity=identity)
         for tag, tensor in shares_of(exp, data, parts, i).items():
             core.load(tensor, (tag,))
         server.add(core, callers={spec["owner_token"]: ("client", "owner")},

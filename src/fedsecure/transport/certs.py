@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import json
 import os
 import re
 import sys
@@ -30,12 +31,18 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedsecure.aggregate.identity import SigningIdentity
+from fedsecure.errors import SecAggInputError
+from fedsecure.worker.secure import SecAggIdentity
 
 DEFAULT_CA_NAME = "fedsecure test CA"
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 DEFAULT_DAYS = 365
 CA = "ca"  # file stem of the CA's files; no party may take it
+SECAGG_KEY = ".secagg.key"  # suffix of a party's secure aggregation signing key
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DNS = re.compile(
@@ -287,14 +294,24 @@ def write_federation(
     days: int = DEFAULT_DAYS,
     ca_name: str = DEFAULT_CA_NAME,
     overwrite: bool = False,
+    secagg: Iterable[str] = (),
 ) -> dict[str, Paths]:
     """Write a new CA and one key and certificate per party into ``directory``.
 
     Writes ``ca.pem``, ``ca.key`` and ``NAME.pem``, ``NAME.key`` for each name (keys
     readable by the owner only) and returns their paths by party name, the CA's
     under ``"ca"``. Nothing is written if any file exists, unless ``overwrite``.
+
+    ``secagg``: the parties that take part in secure aggregation against a malicious server
+    (the data owners). Each gets ``NAME.secagg.key``, its Ed25519 signing key, and all share the
+    public ``secagg.json`` (name -> client id and verification key), the PKI of Bonawitz et al.'s
+    consistency check (`load_secagg_identity`, `load_secagg_ids`).
     """
     names = list(names)
+    signers = list(dict.fromkeys(secagg))
+    unknown = sorted(set(signers) - set(names))
+    if unknown:
+        raise ValueError(f"--secagg names {unknown}, which are not parties: add them with --party too")
     if not names:
         raise ValueError("name at least one party (for example bob, alice, secure_worker, owner)")
     for name in names:
@@ -320,7 +337,18 @@ def write_federation(
         stem: Paths(key=_target(root, stem, ".key"), cert=_target(root, stem, ".pem"))
         for stem in [CA, *names]
     }
+    signing = {name: Ed25519PrivateKey.generate() for name in signers}
+    extra = {_target(root, name, SECAGG_KEY): key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        for name, key in signing.items()}
+    if signers:
+        pki = {"clients": {name: {"id": i, "verify_key": key.public_key().public_bytes_raw().hex()}
+                           for i, (name, key) in enumerate(signing.items(), start=1)}}
+        extra[_target(root, "secagg", ".json")] = (json.dumps(pki, indent=2) + "\n").encode()
     if not overwrite:
+        for path in extra:
+            if os.path.lexists(path):
+                raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
         for party in paths.values():
             for path in (party.key, party.cert):
                 if os.path.lexists(path):
@@ -332,7 +360,54 @@ def write_federation(
     for stem, (key, cert) in made.items():
         _write(paths[stem].key, key, mode=0o600, overwrite=overwrite)
         _write(paths[stem].cert, cert, mode=0o644, overwrite=overwrite)
+    for path, data in extra.items():
+        _write(path, data, mode=0o644 if path.suffix == ".json" else 0o600, overwrite=overwrite)
     return paths
+
+
+def load_secagg_ids(pki: str | os.PathLike[str]) -> dict[str, int]:
+    """Each party's client id in a ``secagg.json`` PKI: what the model owner passes as
+    ``SecureSettings(client_ids=...)``."""
+    return {name: cid for name, (cid, _) in _read_pki(Path(pki)).items()}
+
+
+def load_secagg_identity(key: str | os.PathLike[str], pki: str | os.PathLike[str], name: str) -> SecAggIdentity:
+    """Party ``name``'s secure aggregation identity: its signing key (``NAME.secagg.key``) and the
+    federation's verification keys (``secagg.json``), both from its own operator's files."""
+    members = _read_pki(Path(pki))
+    if name not in members:
+        raise ValueError(f"{pki} has no secure aggregation key for {name!r}; it lists {sorted(members)}")
+    private = serialization.load_pem_private_key(load_pem(key), password=None)
+    if not isinstance(private, Ed25519PrivateKey):
+        raise ValueError(f"{key} is not an Ed25519 private key")
+    identity = SigningIdentity(private, {cid: public for cid, public in members.values()})
+    try:
+        return SecAggIdentity(members[name][0], identity)
+    except SecAggInputError:
+        raise ValueError(f"{key} is not the key {pki} lists for {name!r}") from None
+
+
+def _read_pki(path: Path) -> dict[str, tuple[int, bytes]]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the secure aggregation PKI {path}: {exc}") from None
+    clients = raw.get("clients") if isinstance(raw, dict) else None
+    if not isinstance(clients, dict) or not clients:
+        raise ValueError(f"{path} must be {{\"clients\": {{name: {{\"id\": int, \"verify_key\": hex}}}}}}")
+    out: dict[str, tuple[int, bytes]] = {}
+    for name, entry in clients.items():
+        ok = isinstance(entry, dict) and type(entry.get("id")) is int and isinstance(entry.get("verify_key"), str)
+        try:
+            key = bytes.fromhex(entry["verify_key"]) if ok else b""
+        except ValueError:
+            key = b""
+        if not ok or not 0 < entry["id"] < 1 << 32 or len(key) != 32:
+            raise ValueError(f"{path}: the entry for {name!r} must hold an id in [1, 2^32) and a 64-digit hex key")
+        out[name] = (entry["id"], key)
+    if len({cid for cid, _ in out.values()}) != len(out):
+        raise ValueError(f"{path}: two parties share one client id")
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -371,6 +446,11 @@ def _parser() -> argparse.ArgumentParser:
         "--ca-name", default=DEFAULT_CA_NAME, help="the CA's common name (default: %(default)r)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing files in DIRECTORY")
+    parser.add_argument(
+        "--secagg", action="append", default=[], metavar="NAME",
+        help="a party (a data owner) that signs in secure aggregation against a malicious server: writes "
+        "NAME.secagg.key and the shared public secagg.json; repeatable",
+    )
     return parser
 
 
@@ -387,11 +467,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             days=args.days,
             ca_name=args.ca_name,
             overwrite=args.overwrite,
+            secagg=args.secagg,
         )
     except (ValueError, OSError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
     _report(paths, hosts=hosts, days=args.days)
+    if args.secagg:
+        print(f"secure aggregation keys for {', '.join(args.secagg)}: NAME{SECAGG_KEY} each, and "
+              f"{args.directory / 'secagg.json'} for everyone (public)")
     return 0
 
 

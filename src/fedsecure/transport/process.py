@@ -38,6 +38,7 @@ class WorkerProcess:
         accept_peers: Iterable[str] = (),
         trust: Iterable[str] = (),
         aggregator: bool = False,
+        secagg: tuple[str, str] | None = None,
         extra: Iterable[str] = (),
         startup_timeout: float = 60.0,
     ) -> None:
@@ -57,6 +58,8 @@ class WorkerProcess:
             args.append(f"--data={data}")
         if aggregator:
             args.append("--aggregator")
+        if secagg is not None:  # (this worker's NAME.secagg.key, the federation's secagg.json)
+            args += [f"--secagg-key={secagg[0]}", f"--secagg-pki={secagg[1]}"]
         args += list(extra)
         self._args = args
         self._timeout = startup_timeout
