@@ -79,7 +79,11 @@ class PartitionError(FedsecureError, ValueError):
 
 
 class SecureAggregationError(FedsecureError):
-    """Secure aggregation stopped; the message names the rule and how to go on."""
+    """Secure aggregation stopped; the message names the rule and how to go on. ``failures``: the
+    workers that failed in the protocol before it stopped (`fedsecure.fl.Failure` values), which
+    explain an abort such as too few survivors."""
+
+    failures: tuple[object, ...] = ()
 
 
 class SecAggInputError(SecureAggregationError, ValueError):

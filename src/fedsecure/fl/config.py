@@ -221,8 +221,8 @@ class Experiment:
     def consistency_check(self) -> bool:
         """Pairwise secure aggregation against a malicious model owner (signed keys, the consistency
         check): the owners' signing identities come from the run in local and processes modes, and
-        from each worker's operator in remote mode (``[workers] secagg_pki`` maps names to ids)."""
-        self.secure()
+        from each worker's operator in remote mode (``[workers] secagg_pki`` maps names to ids).
+        `secure` refuses it with any mode but "pairwise"."""
         return bool(self.get("aggregation", "consistency_check", False))
 
     def share_holders(self) -> list[str]:

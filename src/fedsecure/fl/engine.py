@@ -285,7 +285,9 @@ class Engine:
                     parameters, survivors, lost = secure_mean(trained, self.workers, self.parameters, self.secure,
                                                               self._each, weighted=rule.weighted, privacy=privacy)
             except SecureAggregationError as exc:  # too few survivors, a holder lost: nothing was revealed
-                self._last_failures = [*failures, Failure(worker="(round)", phase="secure aggregation", error=str(exc))]
+                lost = [f for f in exc.failures if isinstance(f, Failure)]
+                self._last_failures = [*failures, *lost,
+                                       Failure(worker="(round)", phase="secure aggregation", error=str(exc))]
                 return None
         finally:
             for name, kept in self._kept.items():

@@ -101,12 +101,13 @@ def remote_workers(exp: Experiment) -> Federated:
     workers: list[WorkerClient] = [connect(r["id"], r["address"], credentials=credentials, pipelined=False) for r in remote]
     aggregator = connect(aggregator_id, address, credentials=credentials, pipelined=False)
     addresses = {aggregator_id: address, **exp.get("workers", "share_holder_addresses", {})}
-    missing = [h for h in exp.share_holders() if not isinstance(addresses.get(h), str)]
+    holder_ids = exp.share_holders()
+    missing = [h for h in holder_ids if not isinstance(addresses.get(h), str)]
     if missing:
         raise ConfigurationError(f"{exp.source}: remote mode needs an address for the share holders {missing} in "
                                  "[workers.share_holder_addresses] (id = \"host:port\")")
     holders = [aggregator if h == aggregator_id else connect(h, addresses[h], credentials=credentials, pipelined=False)
-               for h in exp.share_holders()]
+               for h in holder_ids]
     secagg_ids = None
     if exp.consistency_check:
         pki = exp.get("workers", "secagg_pki")

@@ -144,18 +144,10 @@ def secure_mean(
         phase("unmask", answered, lambda _: request)
         result = server.end_unmasking()  # TooFewSurvivors: the round fails, nothing is revealed
     except SecureAggregationError as exc:
-        _name_failures(exc, failures)
+        exc.failures = tuple(failures)
         raise
     survivors = sorted(w for w, i in ids.items() if i in result.survivors)
     return _apply_sum(parameters, torch.from_numpy(result.total).double(), weighted, len(survivors)), survivors, failures
-
-
-def _name_failures(exc: Exception, failures: Sequence[Failure]) -> None:
-    """Say in ``exc`` why the workers that failed did, so that an aborted round explains itself."""
-    if failures:
-        shown = "; ".join(f"{f.worker} ({f.phase}): {f.error}" for f in failures[:5])
-        more = f"; and {len(failures) - 5} more" if len(failures) > 5 else ""
-        exc.args = (f"{exc} (failed workers: {shown}{more})",)
 
 
 def _apply_sum(parameters: Parameters, total: torch.Tensor, weighted: bool, count: int) -> Parameters:
@@ -194,19 +186,15 @@ def shared_mean(
     the model owner adds the holders' sums. A holder alone sees uniform noise; all holders
     together would see the updates (they must not collude). A worker that fails before its
     shares are all delivered is left out of the round; a holder that fails fails the round."""
+    from fedsecure.pointer.shared import share_remote
+
     by_name = {t.worker: t for t in trained}
-    ids = {t.worker: [new_id() for _ in holders] for t in trained}
-    targets = [h.id for h in holders]
+    ids: dict[str, list[int]] = {}
 
     def share(worker: WorkerClient) -> str:
         t = by_name[worker.id]
-        try:
-            worker.request(m.Share(worker.take_release(), t.module_id, t.reference_id, weighted, dict(privacy or {}),
-                                   targets, ids[worker.id], settings.frac_bits))
-        except BaseException:
-            for holder, i in zip(holders, ids[worker.id], strict=True):
-                holder.release(i)  # a share that arrived before the failure is dropped unused
-            raise
+        ids[worker.id], _ = share_remote(worker, t.module_id, holders, frac_bits=settings.frac_bits,
+                                         reference_id=t.reference_id, weighted=weighted, privacy=privacy)
         return worker.id
 
     done, failures = run(list(by_name), share, "secret sharing")
@@ -216,7 +204,7 @@ def shared_mean(
             holder.release(i)
         exc = TooFewSurvivors(f"secret sharing: {len(survivors)} of {len(trained)} workers delivered their shares, "
                               "a sum needs at least 2")
-        _name_failures(exc, failures)
+        exc.failures = tuple(failures)
         raise exc
     parts = []
     for k, holder in enumerate(holders):

@@ -30,7 +30,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedsecure.aggregate.identity import SigningIdentity
+from fedsecure.aggregate.identity import SigningIdentity, generate_federation
 from fedsecure.fl.strategy import ConfigurationError
 from fedsecure.worker.secure import SecAggIdentity
 
@@ -91,7 +91,7 @@ class Simulation:
         # With the consistency check, each owner's signing key (made here: this run operates every
         # simulated owner) goes to its host on the pipe; the PKI's public half to all of them.
         self.secagg_ids = {owner_id(i): i + 1 for i in range(self.owners)} if consistency_check else None
-        self._signing = {owner_id(i): Ed25519PrivateKey.generate() for i in range(self.owners)} if consistency_check else {}
+        self._pki = generate_federation(self.secagg_ids.values()) if self.secagg_ids else {}
         self.strict = strict
         self.timeout = startup_timeout
         self.secret = secrets.token_hex(32)
@@ -143,10 +143,10 @@ class Simulation:
             "peers": {name: self._server.address for name in self.served},
             "secagg": None if self.secagg_ids is None else {
                 "ids": self.secagg_ids,
-                "keys": {owner_id(i): self._signing[owner_id(i)].private_bytes_raw().hex()
+                "keys": {owner_id(i): self._pki[i + 1].signing_key.private_bytes_raw().hex()
                          for i in range(self.owners) if self.hosts[i] == p},
-                "verify": {str(cid): self._signing[name].public_key().public_bytes_raw().hex()
-                           for name, cid in self.secagg_ids.items()},
+                "verify": {str(cid): self._pki[cid].signing_key.public_key().public_bytes_raw().hex()
+                           for cid in self.secagg_ids.values()},
             },
         }
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}

@@ -163,12 +163,19 @@ def share_local(value: FixedPrecision, workers: Sequence[Any]) -> SharedTensor:
 def share_remote(source: WorkerClient, object_id: int, workers: Sequence[Any], *, frac_bits: int,
                  reference_id: int = 0, weighted: bool = False, privacy: dict[str, Any] | None = None
                  ) -> tuple[list[int], dict[str, Any]]:
-    """Ask ``source`` to split its value ``object_id`` and deliver one share to each worker; the
-    shares' ids (one per worker) and the source's reply."""
+    """Ask ``source`` to split its value ``object_id`` (or, with ``reference_id``, the update of
+    model ``object_id`` from model ``reference_id``) and deliver one share to each worker; the
+    shares' ids (one per worker) and the source's reply. If it fails, the shares that arrived
+    before the failure are released on their holders."""
     holders = _holders(workers)
     ids = [new_id() for _ in holders]
-    reply = source.request(m.Share(source.take_release(), object_id, reference_id, weighted, dict(privacy or {}),
-                                   [w.id for w in holders], ids, frac_bits))
+    try:
+        reply = source.request(m.Share(source.take_release(), object_id, reference_id, weighted, dict(privacy or {}),
+                                       [w.id for w in holders], ids, frac_bits))
+    except BaseException:
+        for holder, i in zip(holders, ids, strict=True):
+            holder.release(i)
+        raise
     return ids, reply
 
 
