@@ -27,41 +27,9 @@ from fedsecure.aggregate import (
 )
 from fedsecure.aggregate.masks import MaskStream, harary_neighbours
 from fedsecure.errors import SecAggInputError, SecAggProtocolError, ShareRevealRefused, TooFewSurvivors
+from secagg_rounds import run_round
 
 PHASES = [Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASKING]
-
-
-def run_round(
-    inputs: Mapping[int, np.ndarray],
-    *,
-    threshold: int,
-    drop: Mapping[int, Phase] | None = None,
-    degree: int | None = None,
-    bound: float = 1.0,
-) -> AggregateResult:
-    """One round over the wire (every message as bytes); ``drop[u]`` is the phase u goes silent in."""
-    drop = drop or {}
-    ids = sorted(inputs)
-    size = next(iter(inputs.values())).size
-    server = SecAggServer(clients=ids, threshold=threshold, vector_size=size, bound=bound, degree=degree)
-    clients = {u: SecAggClient(client_id=u) for u in ids}
-
-    def alive(phase: Phase) -> list[int]:
-        return [u for u in ids if drop.get(u) not in PHASES[: PHASES.index(phase) + 1]]
-
-    setup = server.setup.encode()
-    for u in alive(Phase.ADVERTISE_KEYS):
-        server.receive(clients[u].advertise_keys(setup).encode())
-    broadcast = server.end_advertise_keys().encode()
-    for u in alive(Phase.SHARE_KEYS):
-        server.receive(clients[u].share_keys(broadcast).encode())
-    bundles = server.end_share_keys()
-    for u in alive(Phase.MASKED_INPUT):
-        server.receive(clients[u].masked_input(bundles[u].encode(), inputs[u]).encode())
-    request = server.end_masked_input().encode()
-    for u in alive(Phase.UNMASKING):
-        server.receive(clients[u].unmask(request).encode())
-    return server.end_unmasking()
 
 
 def expected(inputs: Mapping[int, np.ndarray], result: AggregateResult, bound: float = 1.0) -> np.ndarray:

@@ -43,46 +43,16 @@ from fedsecure.fl.secure import SecureSettings
 from fedsecure.wire import codec
 from fedsecure.wire import messages as m
 from fedsecure.worker.secure import SecAggIdentity, SecureSessions
+from secagg_rounds import run_round
 
 PHASES = [Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.CONSISTENCY_CHECK, Phase.UNMASKING]
 
 
 def checked_round(
-    inputs: Mapping[int, np.ndarray],
-    *,
-    threshold: int,
-    drop: Mapping[int, Phase] | None = None,
+    inputs: Mapping[int, np.ndarray], *, threshold: int, drop: Mapping[int, Phase] | None = None,
     degree: int | None = None,
 ) -> AggregateResult:
-    """One checked round over the wire (every message as bytes); ``drop[u]``: the phase u goes silent in."""
-    drop = drop or {}
-    ids = sorted(inputs)
-    size = next(iter(inputs.values())).size
-    pki = generate_federation(ids)
-    server = SecAggServer(clients=ids, threshold=threshold, vector_size=size, bound=1.0, degree=degree,
-                          consistency_check=True)
-    clients = {u: SecAggClient(client_id=u, identity=pki[u]) for u in ids}
-
-    def alive(phase: Phase) -> list[int]:
-        return [u for u in ids if drop.get(u) not in PHASES[: PHASES.index(phase) + 1]]
-
-    setup = server.setup.encode()
-    for u in alive(Phase.ADVERTISE_KEYS):
-        server.receive(clients[u].advertise_keys(setup).encode())
-    broadcast = server.end_advertise_keys().encode()
-    for u in alive(Phase.SHARE_KEYS):
-        server.receive(clients[u].share_keys(broadcast).encode())
-    bundles = server.end_share_keys()
-    for u in alive(Phase.MASKED_INPUT):
-        server.receive(clients[u].masked_input(bundles[u].encode(), inputs[u]).encode())
-    check = server.end_masked_input()
-    assert isinstance(check, ConsistencyCheck)
-    for u in alive(Phase.CONSISTENCY_CHECK):
-        server.receive(clients[u].sign_survivors(check.encode()).encode())
-    request = server.end_consistency_check().encode()
-    for u in alive(Phase.UNMASKING):
-        server.receive(clients[u].unmask(request).encode())
-    return server.end_unmasking()
+    return run_round(inputs, threshold=threshold, drop=drop, degree=degree, checked=True)
 
 
 def close(inputs: Mapping[int, np.ndarray], result: AggregateResult) -> bool:
