@@ -22,71 +22,10 @@ import datetime
 import json
 import platform
 import statistics
-import sys
-import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-try:
-    from fedsecure.aggregate import ConsistencyCheck, SecAggClient, SecAggServer, generate_federation
-except ModuleNotFoundError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from fedsecure.aggregate import ConsistencyCheck, SecAggClient, SecAggServer, generate_federation
-
-
-def one_round(n: int, d: int, degree: int | None, checked: bool) -> dict[str, Any]:
-    ids = list(range(1, n + 1))
-    holders = n if degree is None else degree + 1
-    threshold = holders // 2 + 1
-    pki = generate_federation(ids) if checked else {}
-    t_server = 0.0
-    t_client: dict[int, dict[str, float]] = {u: defaultdict(float) for u in ids}
-    sent = dict.fromkeys(ids, 0)
-
-    def srv(fn: Any, *args: Any) -> Any:
-        nonlocal t_server
-        t = time.perf_counter()
-        out = fn(*args)
-        t_server += time.perf_counter() - t
-        return out
-
-    def cli(u: int, phase: str, fn: Any, *args: Any) -> bytes:
-        t = time.perf_counter()
-        data: bytes = fn(*args).encode()
-        t_client[u][phase] += time.perf_counter() - t
-        sent[u] += len(data)
-        return data
-
-    server = srv(lambda: SecAggServer(clients=ids, threshold=threshold, vector_size=d, bound=1.0, degree=degree,
-                                      consistency_check=checked))
-    clients = {u: SecAggClient(client_id=u, identity=pki.get(u)) for u in ids}
-    setup = srv(server.setup.encode)
-    for u in ids:
-        srv(server.receive, cli(u, "advertise", clients[u].advertise_keys, setup))
-    broadcast = srv(lambda: server.end_advertise_keys().encode())
-    for u in ids:
-        srv(server.receive, cli(u, "share", clients[u].share_keys, broadcast))
-    bundles = srv(lambda: {v: b.encode() for v, b in server.end_share_keys().items()})
-    for u in ids:
-        srv(server.receive, cli(u, "mask", clients[u].masked_input, bundles[u], np.random.default_rng(u).uniform(-1, 1, d).astype(np.float32)))
-    request = srv(lambda: server.end_masked_input().encode())
-    if checked:
-        for u in ids:
-            srv(server.receive, cli(u, "consistency", clients[u].sign_survivors, request))
-        request = srv(lambda: server.end_consistency_check().encode())
-    else:
-        assert not isinstance(request, ConsistencyCheck)
-    for u in ids:
-        srv(server.receive, cli(u, "unmask", clients[u].unmask, request))
-    srv(server.end_unmasking)
-    totals = [sum(p.values()) for p in t_client.values()]
-    phases = {p: statistics.median(t_client[u][p] for u in ids) for p in t_client[1]}
-    return {"client_s": statistics.median(totals), "server_s": t_server,
-            "round_s": statistics.median(totals) + t_server, "bytes_sent": statistics.mean(sent.values()),
-            "phases": phases}
+from secure_aggregation import secure_round  # the same round, timed the same way
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -102,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         a.n, a.d, a.reps = 5, 1000, 1
     out: dict[str, Any] = {}
     for checked in (False, True):
-        runs = [one_round(a.n, a.d, a.degree, checked) for _ in range(a.reps)]
+        runs = [secure_round(a.n, a.d, a.degree, checked=checked) for _ in range(a.reps)]
         med = {k: statistics.median(r[k] for r in runs) for k in ("client_s", "server_s", "round_s", "bytes_sent")}
         med["phases"] = {p: statistics.median(r["phases"][p] for r in runs) for p in runs[0]["phases"]}
         out["checked" if checked else "plain"] = med

@@ -35,16 +35,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 try:
-    from fedsecure.aggregate import SecAggClient, SecAggServer
+    from fedsecure.aggregate import SecAggClient, SecAggServer, generate_federation
 except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from fedsecure.aggregate import SecAggClient, SecAggServer
+    from fedsecure.aggregate import SecAggClient, SecAggServer, generate_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWER_VENV = ROOT / ".venv-flower"
@@ -63,12 +64,15 @@ def degree_for(n: int) -> int:
     return min(n - 1 - (n - 1) % 2, 2 * math.ceil(math.log2(n)))
 
 
-def secure_round(n: int, d: int, degree: int | None) -> dict[str, Any]:
+def secure_round(n: int, d: int, degree: int | None, *, checked: bool = False) -> dict[str, Any]:
+    """One round; ``checked``: with signing identities and the consistency check
+    (benchmarks/secagg_consistency.py). Client times are kept per phase too."""
     ids = list(range(1, n + 1))
     holders = n if degree is None else degree + 1
     threshold = holders // 2 + 1
+    pki = generate_federation(ids) if checked else {}
     t_server = 0.0
-    t_client = dict.fromkeys(ids, 0.0)
+    t_client: dict[int, dict[str, float]] = {u: defaultdict(float) for u in ids}
     sent = dict.fromkeys(ids, 0)
 
     def srv(fn: Any, *args: Any) -> Any:
@@ -78,21 +82,22 @@ def secure_round(n: int, d: int, degree: int | None) -> dict[str, Any]:
         t_server += time.perf_counter() - t
         return out
 
-    def cli(u: int, fn: Any, *args: Any) -> bytes:
+    def cli(u: int, phase: str, fn: Any, *args: Any) -> bytes:
         t = time.perf_counter()
         data: bytes = fn(*args).encode()
-        t_client[u] += time.perf_counter() - t
+        t_client[u][phase] += time.perf_counter() - t
         sent[u] += len(data)
         return data
 
-    server = srv(lambda: SecAggServer(clients=ids, threshold=threshold, vector_size=d, bound=1.0, degree=degree))
-    clients = {u: SecAggClient(client_id=u) for u in ids}
+    server = srv(lambda: SecAggServer(clients=ids, threshold=threshold, vector_size=d, bound=1.0, degree=degree,
+                                      consistency_check=checked))
+    clients = {u: SecAggClient(client_id=u, identity=pki.get(u)) for u in ids}
     setup = srv(server.setup.encode)
     for u in ids:
-        srv(server.receive, cli(u, clients[u].advertise_keys, setup))
+        srv(server.receive, cli(u, "advertise", clients[u].advertise_keys, setup))
     broadcast = srv(lambda: server.end_advertise_keys().encode())
     for u in ids:
-        srv(server.receive, cli(u, clients[u].share_keys, broadcast))
+        srv(server.receive, cli(u, "share", clients[u].share_keys, broadcast))
     bundles = srv(lambda: {v: b.encode() for v, b in server.end_share_keys().items()})
     plain_s = 0.0
     acc = np.zeros(d)
@@ -101,17 +106,22 @@ def secure_round(n: int, d: int, degree: int | None) -> dict[str, Any]:
         t = time.perf_counter()
         acc += x  # the plain weighted mean (weights 1), on the same inputs
         plain_s += time.perf_counter() - t
-        srv(server.receive, cli(u, clients[u].masked_input, bundles[u], x))
+        srv(server.receive, cli(u, "mask", clients[u].masked_input, bundles[u], x))
     t = time.perf_counter()
     acc /= n
     plain_s += time.perf_counter() - t
     request = srv(lambda: server.end_masked_input().encode())
+    if checked:
+        for u in ids:
+            srv(server.receive, cli(u, "consistency", clients[u].sign_survivors, request))
+        request = srv(lambda: server.end_consistency_check().encode())
     for u in ids:
-        srv(server.receive, cli(u, clients[u].unmask, request))
+        srv(server.receive, cli(u, "unmask", clients[u].unmask, request))
     result = srv(server.end_unmasking)
     err = float(np.abs(result.total / n - acc).max())
-    times = list(t_client.values())
+    times = [sum(p.values()) for p in t_client.values()]
     return {
+        "phases": {p: statistics.median(t_client[u][p] for u in ids) for p in t_client[1]},
         "threshold": threshold, "client_s": statistics.median(times), "client_max_s": max(times),
         "server_s": t_server, "round_s": statistics.median(times) + t_server, "sequential_s": sum(times) + t_server,
         "bytes_sent": statistics.mean(sent.values()), "expansion": statistics.mean(sent.values()) / (4 * d),
