@@ -5,7 +5,8 @@ data on its own worker (`VirtualWorker`, every message encoded and decoded as ov
 
 - shares: each owner splits its update into 2 additive shares in Z_(2^64) (16 fractional bits)
   and delivers one to each of 2 strict share holders itself (one `Share` request; "owner s"
-  is that request, the delivery included); each holder sums what it holds (`AggregateShares`)
+  is that request, the delivery included; "encode s" and "split s" are the owner's arithmetic
+  on one update alone, without messages); each holder sums what it holds (`AggregateShares`)
   and releases the sum ("holder s", per holder, median); the model owner adds the two sums and
   decodes ("decode s"); "round s" = a median owner + the slower holder + decode, as if each
   party ran on its own machine.
@@ -40,6 +41,7 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import fedsecure as sy
 
+from fedsecure.aggregate.shares import AdditiveShares, FixedPrecision
 from fedsecure.wire import messages as m
 from fedsecure.worker.core import new_id
 
@@ -75,6 +77,14 @@ def shares_round(n: int, d: int) -> dict[str, Any]:
         owner_s.append(time.perf_counter() - start)
         sent[u] = sum(v - before.get(k, 0) for k, v in fed.link_bytes.items() if k[0] == owner.id)
         share_ids.append(new)
+    # The owner's own arithmetic, without the messages: encoding one update, then splitting it.
+    update = fed.cores[owners[0].id].objects[ids[0].id_at_location].obj
+    start = time.perf_counter()
+    fixed = FixedPrecision.encode(update, frac_bits=FRAC_BITS)
+    encode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    fixed.share(2)
+    split_s = time.perf_counter() - start
     holder_s, parts = [], []
     for k, holder in enumerate(holders):
         result = new_id()
@@ -83,12 +93,11 @@ def shares_round(n: int, d: int) -> dict[str, Any]:
         parts.append(holder.request(m.Get(holder.take_release(), result))["tensor"])
         holder_s.append(time.perf_counter() - start)
     start = time.perf_counter()
-    from fedsecure.aggregate.shares import AdditiveShares
-
     total = AdditiveShares.from_tensors(parts, frac_bits=FRAC_BITS).float_precision()
     decode_s = time.perf_counter() - start
     error = float((total - expected).abs().max())
-    return {"owner_s": statistics.median(owner_s), "holder_s": max(holder_s), "decode_s": decode_s,
+    return {"owner_s": statistics.median(owner_s), "encode_s": encode_s, "split_s": split_s,
+            "holder_s": max(holder_s), "decode_s": decode_s,
             "round_s": statistics.median(owner_s) + max(holder_s) + decode_s,
             "bytes_per_owner": statistics.median(sent), "expansion": statistics.median(sent) / (4 * d),
             "max_error": error, "correct": error <= n * 2.0 ** -(FRAC_BITS + 1) + 1e-9}
@@ -133,12 +142,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trusted = median_of([trusted_round(n, d) for _ in range(repeats)])
         rows.append({"n": n, "d": d, "shares": shares, "trusted": trusted,
                      "ratio": shares["round_s"] / trusted["round_s"]})
-    print("| n | d | owner s | holder s | decode s | round s | trusted round s | shares/trusted | bytes/owner "
-          "| expansion | correct |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| n | d | owner s | (encode s | split s) | holder s | decode s | round s | trusted round s | shares/trusted "
+          "| bytes/owner | expansion | correct |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         s, t = r["shares"], r["trusted"]
-        print(f"| {r['n']} | {r['d']:.0e} | {s['owner_s']:.4f} | {s['holder_s']:.4f} | {s['decode_s']:.4f} | "
+        print(f"| {r['n']} | {r['d']:.0e} | {s['owner_s']:.4f} | {s['encode_s']:.4f} | {s['split_s']:.4f} | "
+              f"{s['holder_s']:.4f} | {s['decode_s']:.4f} | "
               f"{s['round_s']:.4f} | {t['round_s']:.4f} | {r['ratio']:.2f}x | {s['bytes_per_owner']:,.0f} | "
               f"{s['expansion']:.2f}x | {s['correct']} |")
     result = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),

@@ -84,3 +84,11 @@ def test_secagg_consistency_benchmark_runs(tmp_path: Path) -> None:
     table, result = run_quick("secagg_consistency.py", tmp_path)
     assert "checked" in table
     assert result["checked"]["bytes_sent"] > result["plain"]["bytes_sent"] > 0
+
+
+def test_dp_sgd_digits_benchmark_runs(tmp_path: Path) -> None:
+    pytest.importorskip("opacus")
+    table, result = run_quick("dp_sgd_digits.py", tmp_path)
+    assert "DP-SGD, z = 1.0" in table
+    plain, private = result["rows"]
+    assert plain["rounds"][-1]["epsilon"] is None and private["rounds"][-1]["epsilon"] > 0
