@@ -14,7 +14,10 @@ average of both owners' models may leave.
 With ``--remote`` the three workers are real servers in processes of their own
 (``fedsecure worker serve`` on loopback, mutual TLS with certificates made for the
 run): bob and alice load their points from their own files, and the model owner
-reaches them over gRPC.
+reaches them over gRPC. This tutorial drives the owners' data with pointer ops, so
+bob and alice serve it with ``--policy full`` (the pointer API, under the release
+rules); by default a served data owner allows only training (``fedsecure.fl``'s
+``Fit``/``Evaluate``, moves to trusted aggregators, secure aggregation).
 
 With ``--secure-aggregation`` there is no trusted secure worker at all: bob and alice mask
 their models (pairwise masks with dropout recovery, Bonawitz et al. 2017) and the model owner
@@ -123,6 +126,7 @@ def _servers(data: torch.Tensor, target: torch.Tensor, strict: bool) -> Any:
                 sy.WorkerProcess(
                     name, clients=clients, tls_dir=str(certs), data=files[name],
                     peers={"secure_worker": secure.address}, trust=["secure_worker"],
+                    policy="full",  # the tutorial's pointer ops run on the owners' data
                 )
             )
             for name in ("bob", "alice")

@@ -1,8 +1,8 @@
 """Workers in their own processes, reached over gRPC: the same API, the same rules.
 
 One federation of three real `fedsecure worker serve` processes (bob and alice with
-private data from .npz files, a strict aggregator), with mutual TLS on every
-connection, serves the module's tests.
+private data from .npz files, served with the full pointer API, ``--policy full``; a
+strict aggregator), with mutual TLS on every connection, serves the module's tests.
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ def federation(
     peers = {"secure_worker": sw.address}
     bob = sy.WorkerProcess(
         "bob", clients=clients, tls_dir=tls, data=str(d / "bob.npz"), peers=peers,
-        trust=["secure_worker"],
+        trust=["secure_worker"], policy="full",
     ).start()
     alice = sy.WorkerProcess(
-        "alice", clients=clients, tls_dir=tls, data=str(d / "alice.npz"), peers=peers
+        "alice", clients=clients, tls_dir=tls, data=str(d / "alice.npz"), peers=peers, policy="full",
     ).start()  # alice trusts nobody
     try:
         yield {"bob": bob, "alice": alice, "secure_worker": sw}

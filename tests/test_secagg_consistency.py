@@ -3,6 +3,7 @@ signed key advertisements and the consistency-check round, honest runs and a lyi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -30,7 +31,8 @@ from fedsecure.aggregate import (
     decode_message,
     generate_federation,
 )
-from fedsecure.aggregate.identity import advertised_keys_statement, survivors_statement
+from fedsecure.aggregate.identity import advertised_keys_statement, round_digest, survivors_statement
+from fedsecure.aggregate.messages import NO_ATTESTATION
 from fedsecure.data import federate, load_digits
 from fedsecure.errors import (
     ConsistencyCheckFailed,
@@ -173,16 +175,18 @@ class Round:
 
 def test_a_forged_or_missing_signature_on_advertised_keys_aborts_the_round() -> None:
     r = Round()
-    forged = tuple((v, c, s, sig[:-1] + bytes([sig[-1] ^ 1]) if v == 2 else sig) for v, c, s, sig in r.broadcast.keys)
+    forged = tuple((v, c, s, a, sig[:-1] + bytes([sig[-1] ^ 1]) if v == 2 else sig)
+                   for v, c, s, a, sig in r.broadcast.keys)
     with pytest.raises(SignatureRejected, match="client 2's advertised keys do not carry its valid signature"):
         r.clients[1].share_keys(SignedKeyBroadcast(r.rid, forged))
     assert r.clients[1].phase is Phase.ABORTED
-    unsigned = KeyBroadcast(r.rid, tuple((v, c, s) for v, c, s, _ in r.broadcast.keys))
+    unsigned = KeyBroadcast(r.rid, tuple((v, c, s) for v, c, s, _, _ in r.broadcast.keys))
     with pytest.raises(SignatureRejected, match="unsigned key broadcast"):
         r.clients[3].share_keys(unsigned.encode())
     # a signature is bound to its round: the same keys signed for another round do not pass
-    other = bytes(16)
-    stale = tuple((v, c, s, r.pki[v].sign(advertised_keys_statement(other, v, c, s))) for v, c, s, _ in r.broadcast.keys)
+    other = round_digest(dataclasses.replace(r.server.setup, round_id=bytes(16)))
+    stale = tuple((v, c, s, a, r.pki[v].sign(advertised_keys_statement(other, v, c, s, a)))
+                  for v, c, s, a, _ in r.broadcast.keys)
     with pytest.raises(SignatureRejected):
         r.clients[4].share_keys(SignedKeyBroadcast(r.rid, stale))
 
@@ -191,13 +195,13 @@ def test_a_substituted_public_key_is_rejected() -> None:
     r = Round()
     mine = X25519PrivateKey.generate().public_key().public_bytes_raw()
     # the server's own mask key in place of client 2's, under client 2's signature
-    swapped = tuple((v, c, mine if v == 2 else s, sig) for v, c, s, sig in r.broadcast.keys)
+    swapped = tuple((v, c, mine if v == 2 else s, a, sig) for v, c, s, a, sig in r.broadcast.keys)
     with pytest.raises(SignatureRejected, match="client 2's advertised keys"):
         r.clients[1].share_keys(SignedKeyBroadcast(r.rid, swapped))
     # ... or signed by a key of the server's making: the PKI does not know it
     rogue = Ed25519PrivateKey.generate()
-    resigned = tuple((v, c, mine, rogue.sign(advertised_keys_statement(r.rid, v, c, mine))) if v == 2
-                     else (v, c, s, sig) for v, c, s, sig in r.broadcast.keys)
+    resigned = tuple((v, c, mine, a, rogue.sign(advertised_keys_statement(round_digest(r.server.setup), v, c, mine, a))) if v == 2
+                     else (v, c, s, a, sig) for v, c, s, a, sig in r.broadcast.keys)
     with pytest.raises(SignatureRejected, match="client 2's advertised keys"):
         r.clients[3].share_keys(SignedKeyBroadcast(r.rid, resigned))
 
@@ -210,7 +214,8 @@ def test_sybil_clients_unknown_to_the_pki_are_refused() -> None:
     r = Round(3, 2)
     sybil = X25519PrivateKey.generate().public_key().public_bytes_raw(), X25519PrivateKey.generate().public_key().public_bytes_raw()
     rogue = Ed25519PrivateKey.generate()
-    extra = (9, *sybil, rogue.sign(advertised_keys_statement(r.rid, 9, *sybil)))
+    statement = advertised_keys_statement(round_digest(r.server.setup), 9, *sybil, NO_ATTESTATION)
+    extra = (9, *sybil, NO_ATTESTATION, rogue.sign(statement))
     with pytest.raises(SignatureRejected, match="client 9, which the PKI does not know"):
         r.clients[1].share_keys(SignedKeyBroadcast(r.rid, (*r.broadcast.keys, extra)))
 
@@ -302,7 +307,7 @@ def test_a_server_with_the_pki_turns_bad_signatures_away_on_arrival() -> None:
     a = adverts[4]
     assert isinstance(a, SignedAdvertiseKeys)
     with pytest.raises(SignatureRejected, match="client 4's signature on its advertised keys"):
-        server.receive(SignedAdvertiseKeys(a.round_id, 4, a.cipher_key, a.mask_key, bytes(64)))
+        server.receive(SignedAdvertiseKeys(a.round_id, 4, a.cipher_key, a.mask_key, a.attestation, bytes(64)))
     for u in ids:
         server.receive(adverts[u])  # the genuine one still gets in
     broadcast = server.end_advertise_keys()
@@ -343,14 +348,14 @@ KEY = bytes(32)
 @pytest.mark.parametrize(
     "value",
     [
-        ["secagg/signed-advertise-keys", R, 1, KEY, KEY, SIG[:-1]],
-        ["secagg/signed-advertise-keys", R, 1, KEY, KEY, SIG + b"\0"],
+        ["secagg/signed-advertise-keys", R, 1, KEY, KEY, KEY, SIG[:-1]],
+        ["secagg/signed-advertise-keys", R, 1, KEY, KEY, KEY, SIG + b"\0"],
         ["secagg/signed-advertise-keys", R, 1, KEY, KEY],
-        ["secagg/signed-advertise-keys", R, 0, KEY, KEY, SIG],
+        ["secagg/signed-advertise-keys", R, 0, KEY, KEY, KEY, SIG],
         ["secagg/signed-key-broadcast", R, [[1, KEY, KEY]]],
-        ["secagg/signed-key-broadcast", R, [[1, KEY, KEY, SIG], [1, KEY, KEY, SIG]]],
-        ["secagg/signed-key-broadcast", R, [[1, KEY, KEY[:31], SIG]]],
-        ["secagg/signed-key-broadcast", R, [[1, KEY, KEY, "sig"]]],
+        ["secagg/signed-key-broadcast", R, [[1, KEY, KEY, KEY, SIG], [1, KEY, KEY, KEY, SIG]]],
+        ["secagg/signed-key-broadcast", R, [[1, KEY, KEY[:31], KEY, SIG]]],
+        ["secagg/signed-key-broadcast", R, [[1, KEY, KEY, KEY, "sig"]]],
         ["secagg/consistency-check", R, [1, 2, 2]],
         ["secagg/consistency-check", R, [1, -2]],
         ["secagg/consistency-check", R, "12"],

@@ -60,7 +60,7 @@ def bearer(token: str) -> Metadata:
 def deliver(obj_id: int, labels: list[Any], owner: str = "owner") -> m.Request:
     """A peer-only `Deliver`, whichever fields this version of it has."""
     values = {"release": [], "object_id": obj_id, "value": torch.ones(3), "labels": labels,
-              "samples": 100, "requires_grad": False, "owner": owner}
+              "samples": 100, "requires_grad": False, "owner": owner, "attestation": []}
     return m.Deliver(*(values[name] for name in m.Deliver.FIELDS))
 
 

@@ -10,12 +10,21 @@ cannot tell different clients different survivor sets). The signatures here are 
 is signed is spelled out below, with the round id and a purpose tag, so that a signature made
 for one round or one purpose is worth nothing in another.
 
+Beyond the paper, the signature on the advertised keys also covers the round's parameters as
+the client received them (``round_digest``) and the digest of the client's attestation of what
+it will mask (``fedsecure.worker.attest``; 32 zero bytes for none). A client checks every other
+signature over its *own* parameters, so a server that told clients different parameters (a
+bound of almost zero for all but one, say, to make their contributions known) is caught before
+any share leaves, and the cohort check (``secagg.SecAggClient.share_keys``) compares the signed
+attestations.
+
 The verification keys must come from the federation's PKI, out of band: never from the server
 (or the model owner driving the rounds), or it could simply hand out keys of its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,18 +32,34 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedsecure.aggregate.messages import SIGNATURE_BYTES
+from fedsecure.aggregate.messages import ATTESTATION_BYTES, SIGNATURE_BYTES, RoundSetup
 from fedsecure.errors import SecAggInputError
+from fedsecure.wire import codec
 
 VERIFY_KEY_BYTES = 32
-_KEYS_TAG = b"fedsecure/secagg/v1/advertised-keys"
+_KEYS_TAG = b"fedsecure/secagg/v2/advertised-keys"  # v2: with the round's parameters and the attestation
 _SURVIVORS_TAG = b"fedsecure/secagg/v1/survivor-set"
+_SETUP_TAG = b"fedsecure/secagg/v1/round-setup"
 _ID = struct.Struct(">I")
 
 
-def advertised_keys_statement(round_id: bytes, client_id: int, cipher_key: bytes, mask_key: bytes) -> bytes:
-    """The bytes a client signs over its two advertised public keys (figure 4, round 0)."""
-    return b"".join((_KEYS_TAG, bytes([len(round_id)]), round_id, _ID.pack(client_id), cipher_key, mask_key))
+def round_digest(setup: RoundSetup) -> bytes:
+    """SHA-256 of the round's public parameters (round id included), exactly as received."""
+    fields = [setup.round_id, list(setup.clients), setup.threshold, setup.vector_size,
+              [[k, setup.codec[k]] for k in sorted(setup.codec)], setup.degree]
+    return hashlib.sha256(_SETUP_TAG + codec.encode(fields)).digest()
+
+
+def advertised_keys_statement(
+    setup_digest: bytes, client_id: int, cipher_key: bytes, mask_key: bytes, attestation: bytes
+) -> bytes:
+    """The bytes a client signs over its two advertised public keys (figure 4, round 0), the
+    round's parameters (``setup_digest``: the ``round_digest`` of its setup) and the digest of
+    its attestation (32 zero bytes for none)."""
+    if len(setup_digest) != 32 or len(attestation) != ATTESTATION_BYTES:
+        raise SecAggInputError(f"the round's digest and the attestation's are 32 bytes each, got "
+                               f"{len(setup_digest)} and {len(attestation)}")
+    return b"".join((_KEYS_TAG, setup_digest, _ID.pack(client_id), cipher_key, mask_key, attestation))
 
 
 def survivors_statement(round_id: bytes, survivors: Iterable[int]) -> bytes:

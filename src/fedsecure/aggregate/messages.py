@@ -22,6 +22,8 @@ from fedsecure.wire import codec
 
 ROUND_ID_BYTES = 16
 SIGNATURE_BYTES = 64  # Ed25519
+ATTESTATION_BYTES = 32
+NO_ATTESTATION = bytes(ATTESTATION_BYTES)  # a signed advertisement's attestation when the client has none
 MAX_ID = (1 << 32) - 1
 Pair = tuple[int, bytes]
 
@@ -75,12 +77,12 @@ def _keys(v: Any, name: str) -> tuple[tuple[int, bytes, bytes], ...]:
     return out
 
 
-def _signed_keys(v: Any, name: str) -> tuple[tuple[int, bytes, bytes, bytes], ...]:
-    if not isinstance(v, list | tuple) or not all(isinstance(p, list | tuple) and len(p) == 4 for p in v):
-        raise SecAggProtocolError(f"{name} must be a list of [client id, key, key, signature] quadruples")
-    key, sig = _bytes(32), _bytes(SIGNATURE_BYTES)
-    out = tuple((_id(i, name), key(a, name), key(b, name), sig(s, name)) for i, a, b, s in v)
-    if len({i for i, _, _, _ in out}) != len(out):
+def _signed_keys(v: Any, name: str) -> tuple[tuple[int, bytes, bytes, bytes, bytes], ...]:
+    if not isinstance(v, list | tuple) or not all(isinstance(p, list | tuple) and len(p) == 5 for p in v):
+        raise SecAggProtocolError(f"{name} must be a list of [client id, key, key, attestation, signature] entries")
+    key, attestation, sig = _bytes(32), _bytes(ATTESTATION_BYTES), _bytes(SIGNATURE_BYTES)
+    out = tuple((_id(i, name), key(a, name), key(b, name), attestation(t, name), sig(s, name)) for i, a, b, t, s in v)
+    if len({entry[0] for entry in out}) != len(out):
         raise SecAggProtocolError(f"{name} names a client twice")
     return out
 
@@ -237,26 +239,29 @@ class UnmaskShares(Message):
 
 @dataclass(frozen=True, slots=True)
 class SignedAdvertiseKeys(Message):
-    """Client to server: ``AdvertiseKeys`` with the client's long-term signature over the two keys
-    and the round (``identity.advertised_keys_statement``)."""
+    """Client to server: ``AdvertiseKeys`` with the digest of the client's attestation of what it
+    will mask (``NO_ATTESTATION`` if none) and its long-term signature over the two keys, that
+    attestation and the round's parameters (``identity.advertised_keys_statement``)."""
 
     KIND = "secagg/signed-advertise-keys"
-    SCHEMA = (_ROUND, _id, _bytes(32), _bytes(32), _bytes(SIGNATURE_BYTES))
+    SCHEMA = (_ROUND, _id, _bytes(32), _bytes(32), _bytes(ATTESTATION_BYTES), _bytes(SIGNATURE_BYTES))
     round_id: bytes
     sender: int
     cipher_key: bytes
     mask_key: bytes
+    attestation: bytes
     signature: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class SignedKeyBroadcast(Message):
-    """Server to the clients that advertised: everyone's keys and signatures, as (id, cipher, mask, sig)."""
+    """Server to the clients that advertised: everyone's keys, attestations and signatures, as
+    (id, cipher, mask, attestation, sig)."""
 
     KIND = "secagg/signed-key-broadcast"
     SCHEMA = (_ROUND, _signed_keys)
     round_id: bytes
-    keys: tuple[tuple[int, bytes, bytes, bytes], ...]
+    keys: tuple[tuple[int, bytes, bytes, bytes, bytes], ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,16 @@ check: it signs the survivor set U3 the server announces, and reveals shares onl
 at least ``threshold`` valid signatures of clients of U3 over that same U3. Such a client runs
 only this variant; the server must be built with ``consistency_check=True``.
 
+The cohort check (beyond the paper; it needs the signed variant). The server chooses what the
+other clients submit: if it knew every input but one, the sum would tell it that one. So a
+signed client also signs, with its keys, the digest of an attestation of what it will mask (its
+worker's own training of the round's model under the round's configuration,
+``fedsecure.worker.attest``; 32 zero bytes, ``NO_ATTESTATION``, when it has none) and the
+round's parameters, and on the key broadcast it aborts (``CohortMismatch``) unless every other
+client signed the very same attestation: all attest the same training, or none attests
+anything. This comes before any share leaves the client. What the attestation is worth is the
+worker's business: the client only compares digests.
+
 The server learns the sum of the inputs of at least ``threshold`` clients, and nothing else (in
 the semi-honest model). The server's side is ``secagg_server.SecAggServer``. Neither side does I/O: the caller carries the messages
 (``fedsecure.aggregate.messages``, msgpack bytes) and decides when a phase's deadline is over.
@@ -46,11 +56,14 @@ from fedsecure.aggregate.fixedpoint import FixedPointCodec
 from fedsecure.aggregate.identity import (
     SigningIdentity,
     advertised_keys_statement,
+    round_digest,
     survivors_statement,
     verify,
 )
 from fedsecure.aggregate.masks import MaskStream, agree, derive, harary_neighbours
 from fedsecure.aggregate.messages import (
+    ATTESTATION_BYTES,
+    NO_ATTESTATION,
     ROUND_ID_BYTES,
     AdvertiseKeys,
     ConsistencyCheck,
@@ -80,6 +93,12 @@ from fedsecure.errors import (
 MAX_VECTOR = 1 << 33
 _PAIR = struct.Struct(">II")
 M = TypeVar("M", bound=Message)
+
+
+class CohortMismatch(ConsistencyCheckFailed):
+    """The signed key advertisements do not all carry this client's attestation: the other inputs
+    were not made the way this one was (another model, another configuration, or no attested
+    training at all), so the server may know them; the client aborts before sharing anything."""
 
 
 class Phase(Enum):
@@ -146,13 +165,24 @@ def _nonce(sender: int, recipient: int) -> bytes:
 class SecAggClient:
     """One client's side of a round: one method per phase, each taking the server's message."""
 
-    def __init__(self, *, client_id: int, identity: SigningIdentity | None = None) -> None:
+    def __init__(
+        self, *, client_id: int, identity: SigningIdentity | None = None, attestation: bytes | None = None
+    ) -> None:
+        """``attestation``: the 32-byte digest of what this client's input will be (signed
+        clients only), which every other client of the round must sign too; None: none."""
         if type(client_id) is not int or not 0 < client_id < 1 << 32:
             raise SecAggInputError(f"client_id must be an int in [1, 2^32), got {client_id!r}")
         if identity is not None and not identity.owns(client_id):
             raise SecAggInputError(f"the PKI's verification key for client {client_id} is not this identity's")
+        if attestation is not None:
+            if identity is None:
+                raise SecAggInputError("an attestation is compared through the clients' signatures: without a "
+                                       "signing identity the server could invent every other client")
+            if not isinstance(attestation, bytes) or len(attestation) != ATTESTATION_BYTES:
+                raise SecAggInputError(f"an attestation digest is {ATTESTATION_BYTES} bytes")
         self.id = client_id
         self.identity = identity
+        self.attestation = NO_ATTESTATION if attestation is None else attestation
         self.phase = Phase.ADVERTISE_KEYS
         self._cipher_sk = X25519PrivateKey.generate()
         self._mask_sk: X25519PrivateKey | None = X25519PrivateKey.generate()
@@ -189,18 +219,20 @@ class SecAggClient:
             if unknown:
                 raise SignatureRejected(f"client {self.id} refuses the round: the PKI knows no clients {unknown[:10]}")
         self.setup = setup
+        self._round = round_digest(setup)  # what the signatures on the advertised keys cover
         self.phase = Phase.SHARE_KEYS
         assert self._mask_sk is not None
         cipher, mask = self._cipher_sk.public_key().public_bytes_raw(), self._mask_sk.public_key().public_bytes_raw()
         if self.identity is None:
             return AdvertiseKeys(setup.round_id, self.id, cipher, mask)
-        signature = self.identity.sign(advertised_keys_statement(setup.round_id, self.id, cipher, mask))
-        return SignedAdvertiseKeys(setup.round_id, self.id, cipher, mask, signature)
+        signature = self.identity.sign(advertised_keys_statement(self._round, self.id, cipher, mask, self.attestation))
+        return SignedAdvertiseKeys(setup.round_id, self.id, cipher, mask, self.attestation, signature)
 
     def share_keys(self, message: KeyBroadcast | SignedKeyBroadcast | bytes) -> EncryptedShares:
         """Phase 1: share the self-mask seed and the mask key among the neighbours, encrypted.
 
-        With an identity, every advertised key pair must carry its owner's valid signature."""
+        With an identity, every advertised key pair must carry its owner's valid signature, over
+        this client's round parameters and the same attestation as this client's (the cohort check)."""
         if self.identity is None:
             broadcast = self._accept(message, KeyBroadcast, Phase.SHARE_KEYS)
             self.keys = {i: (c, s) for i, c, s in broadcast.keys}
@@ -211,7 +243,8 @@ class SecAggClient:
                 raise SignatureRejected(f"client {self.id} got an unsigned key broadcast: it takes only signed keys")
             signed = self._accept(msg, SignedKeyBroadcast, Phase.SHARE_KEYS)
             self._check_key_signatures(signed)
-            self.keys = {i: (c, s) for i, c, s, _ in signed.keys}
+            self._check_cohort(signed)
+            self.keys = {i: (c, s) for i, c, s, _, _ in signed.keys}
         rid = self.setup.round_id
         mine = self.keys.get(self.id)
         assert self._mask_sk is not None
@@ -340,16 +373,29 @@ class SecAggClient:
 
     def _check_key_signatures(self, broadcast: SignedKeyBroadcast) -> None:
         assert self.identity is not None
-        rid = self.setup.round_id
-        for v, cipher, mask, signature in broadcast.keys:
+        for v, cipher, mask, attestation, signature in broadcast.keys:
             key = self.identity.key_of(v)
             if key is None:
                 self.phase = Phase.ABORTED
                 raise SignatureRejected(f"the key broadcast names client {v}, which the PKI does not know")
-            if not verify(key, signature, advertised_keys_statement(rid, v, cipher, mask)):
+            if not verify(key, signature, advertised_keys_statement(self._round, v, cipher, mask, attestation)):
                 self.phase = Phase.ABORTED
-                raise SignatureRejected(f"client {v}'s advertised keys do not carry its valid signature: "
-                                        f"substituted or altered; client {self.id} aborts")
+                raise SignatureRejected(f"client {v}'s advertised keys do not carry its valid signature over "
+                                        f"this round's parameters: substituted or altered, or the server told "
+                                        f"clients different parameters; client {self.id} aborts")
+
+    def _check_cohort(self, broadcast: SignedKeyBroadcast) -> None:
+        """Every advertisement (each signed, checked above) carries this client's attestation."""
+        others = sorted(v for v, _, _, attestation, _ in broadcast.keys if attestation != self.attestation)
+        if others:
+            self.phase = Phase.ABORTED
+            mine = "has none" if self.attestation == NO_ATTESTATION else "attests its own training"
+            raise CohortMismatch(
+                f"clients {others[:10]} signed an attestation other than client {self.id}'s (which {mine}): "
+                "their inputs are not the same training of the same model under the same configuration, so "
+                f"the server may know them and learn this input from the sum; client {self.id} aborts and "
+                "shares nothing"
+            )
 
     def _signed_by(self, client: int, signature: bytes, statement: bytes) -> bool:
         assert self.identity is not None

@@ -15,7 +15,9 @@ takes signed key advertisements and broadcasts the signatures with the keys, and
 instead of unmasking; ``end_consistency_check`` then sends the collected signatures, from the
 clients U4 that signed, with the unmask request. As in the paper, the sum is still over all of
 U3: a client of U3 that did not sign is asked for no shares, and its self-mask is recovered from
-the others' shares, like a client that drops during unmasking.
+the others' shares, like a client that drops during unmasking. Each signed advertisement
+carries the digest of the client's attestation (the cohort check, see ``secagg``); the server
+relays it with the keys and the signature, and the clients compare them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedsecure.aggregate import shamir
 from fedsecure.aggregate.fixedpoint import FixedPointCodec
-from fedsecure.aggregate.identity import advertised_keys_statement, survivors_statement, verify, verify_keys
+from fedsecure.aggregate.identity import (
+    advertised_keys_statement,
+    round_digest,
+    survivors_statement,
+    verify,
+    verify_keys,
+)
 from fedsecure.aggregate.masks import MaskStream, harary_neighbours
 from fedsecure.aggregate.messages import (
     ROUND_ID_BYTES,
@@ -101,12 +109,14 @@ class SecAggServer:
         self._pki = None if verify_keys is None else _verify_keys(verify_keys)
         self._accepts = _ACCEPTS_CHECKED if consistency_check else _ACCEPTS
         self._signatures: dict[int, bytes] = {}  # on the advertised keys, then on U3
+        self.attestations: dict[int, bytes] = {}  # the signed advertisements' attestation digests
         codec = FixedPointCodec(summands=len(clients), bound=bound, bits=bits, frac_bits=frac_bits)
         if len(set(clients)) != len(clients) or not all(type(c) is int and 0 < c < 1 << 32 for c in clients):
             raise SecAggInputError("clients must be distinct int ids in [1, 2^32)")
         self.setup = RoundSetup(os.urandom(ROUND_ID_BYTES), tuple(sorted(clients)), threshold, vector_size,
                                 codec.to_wire(), degree)
         self.codec = check_setup(self.setup)
+        self._round = round_digest(self.setup)
         self.phase = Phase.ADVERTISE_KEYS
         self._eligible: set[int] = set(clients)
         self._got: dict[int, Message] = {}
@@ -143,9 +153,11 @@ class SecAggServer:
             if msg.cipher_key == msg.mask_key or {msg.cipher_key, msg.mask_key} & taken:
                 raise SecAggProtocolError(f"client {sender} advertised a public key already in use")
             if isinstance(msg, SignedAdvertiseKeys):
-                statement = advertised_keys_statement(self.round_id, sender, msg.cipher_key, msg.mask_key)
+                statement = advertised_keys_statement(self._round, sender, msg.cipher_key, msg.mask_key,
+                                                      msg.attestation)
                 self._check_signature(sender, msg.signature, statement, "advertised keys")
                 self._signatures[sender] = msg.signature
+                self.attestations[sender] = msg.attestation
             self.keys[sender] = (msg.cipher_key, msg.mask_key)
         elif isinstance(msg, SurvivorSignature):
             self._check_signature(sender, msg.signature, survivors_statement(self.round_id, self.u3), "survivor set")
@@ -170,7 +182,8 @@ class SecAggServer:
         self.u1 = self._advance(Phase.SHARE_KEYS)
         self.neighbours = harary_neighbours(self.u1, degree=self.setup.degree, seed=self.round_id)
         if self.consistency_check:
-            signed = SignedKeyBroadcast(self.round_id, tuple((i, *self.keys[i], self._signatures[i]) for i in self.u1))
+            signed = SignedKeyBroadcast(self.round_id, tuple((i, *self.keys[i], self.attestations[i], self._signatures[i])
+                                                             for i in self.u1))
             self._signatures = {}
             return signed
         return KeyBroadcast(self.round_id, tuple((i, *self.keys[i]) for i in self.u1))

@@ -14,21 +14,30 @@ A TOML file looks like::
     token = "..."                 # without TLS: this worker's token towards its peers
     data = "bob.npz"              # arrays loaded as bob's private data, tagged by name
     trust = ["secure_worker"]     # aggregators bob's data may move to
+    memory_quota = "4G"           # tensors each model owner may hold here (bytes, K/M/G/T, "none")
     [clients]                     # model owners allowed to call, by name
     owner = "..."                 # their token ("" with TLS: the certificate's name counts)
     [peers.secure_worker]         # workers this one sends values to / accepts values from
     address = "127.0.0.1:7003"
     token = "..."                 # without TLS: the peer's token, accepted from it
     [policy]
+    mode = "training"             # or "full" (see --policy; default "training" with data)
     max_metric_numel = 1
     min_contributors = 2
     strict = false
+
+A worker with private data serves it under a deployment policy (``--policy``): ``training``
+(the default) lets the model owner train and evaluate models on the data and aggregate the
+results, but run no pointer op on it; ``full`` opens the whole pointer API on it, under the
+release rules. An aggregator holds no data of its own: the labels of the data it receives carry
+each owner's rule.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import re
 import signal
 import sys
 import threading
@@ -55,6 +64,51 @@ def _pairs(values: list[str], flag: str, *, optional: bool = False) -> dict[str,
             raise SystemExit(f"{flag} takes NAME=VALUE, got {item!r}")
         out[key] = value
     return out
+
+
+DEFAULT_MEMORY_QUOTA = "4G"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"(\d+)\s*(?:([KMGT])(?:iB)?)?", re.IGNORECASE)
+
+POLICIES = {
+    "training": "the model owner may put models, train and evaluate them (Fit/Evaluate with "
+    "allow-listed configurations), move the results to trusted aggregators and take part in "
+    "secure aggregation, but runs no pointer op on the private data",
+    "full": "the whole pointer API on the private data, subject to the release rules",
+}
+
+
+def parse_size(value: Any, what: str) -> int | None:
+    """Bytes from ``value``: an int, or a string of digits with an optional binary unit (``512M``,
+    ``4G``, ``4GiB``); ``"none"`` is no limit."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == "none":
+            return None
+        match = _SIZE.fullmatch(text)
+        if match:
+            return int(match[1]) * _UNITS[(match[2] or "").upper()]
+    raise SystemExit(
+        f"{what} takes a number of bytes, or one with a binary unit such as 512M or 4G "
+        f"(K, M, G, T: powers of 1024), or none for no limit; got {value!r}"
+    )
+
+
+def _policy_mode(args: argparse.Namespace, policy: dict[str, Any], data: Any, strict: bool) -> str | None:
+    """The deployment policy's name; None for a strict aggregator, which has its own."""
+    mode = args.policy or policy.get("mode")
+    if mode is not None and mode not in POLICIES:
+        raise SystemExit(f"[policy] mode must be one of {', '.join(map(repr, POLICIES))}, got {mode!r}")
+    if strict:
+        if mode is not None:
+            raise SystemExit(
+                "--policy is the rule for a worker's own private data; an aggregator (--aggregator) holds "
+                "none: the labels of the data it receives carry each owner's rule"
+            )
+        return None
+    return mode or ("training" if data else "full")
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,6 +142,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "clients": clients,
         "peers": peers,
         "strict": args.aggregator or policy.get("strict", False),
+        "memory_quota": parse_size(
+            args.memory_quota if args.memory_quota is not None else config.get("memory_quota", DEFAULT_MEMORY_QUOTA),
+            "--memory-quota",
+        ),
         "max_metric_numel": args.max_metric_numel
         if args.max_metric_numel is not None
         else policy.get("max_metric_numel", 1),
@@ -95,6 +153,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         if args.min_contributors is not None
         else policy.get("min_contributors", 2),
     }
+    s["mode"] = _policy_mode(args, policy, s["data"], bool(s["strict"]))
     if not s["id"]:
         raise SystemExit("a worker needs an id: --id NAME (or id = ... in the config file)")
     if (s["secagg_key"] is None) != (s["secagg_pki"] is None):
@@ -136,6 +195,7 @@ def serve(args: argparse.Namespace) -> int:
         min_contributors=int(s["min_contributors"]),
         strict=bool(s["strict"]),
         private_sends=False,
+        training_only=s["mode"] == "training",
     )
     identity = None
     if s["secagg_key"]:
@@ -143,7 +203,7 @@ def serve(args: argparse.Namespace) -> int:
             identity = load_secagg_identity(s["secagg_key"], s["secagg_pki"], s["id"])
         except (OSError, ValueError) as exc:
             raise SystemExit(f"cannot load this worker's secure aggregation identity: {exc}") from None
-    core = WorkerCore(s["id"], policy=policy, secagg_identity=identity)
+    core = WorkerCore(s["id"], policy=policy, secagg_identity=identity, memory_quota=s["memory_quota"])
     tags = _load_data(core, s["data"]) if s["data"] else []
     tls = None
     if s["tls_dir"]:
@@ -159,18 +219,28 @@ def serve(args: argparse.Namespace) -> int:
         for pid, peer in s["peers"].items():
             if "token" in peer:
                 callers[peer["token"]] = ("peer", pid)
-    server = WorkerServer(
-        core,
-        host=s["host"],
-        port=int(s["port"]),
-        callers=callers,
-        peers={pid: p["address"] for pid, p in s["peers"].items() if "address" in p},
-        token=s["token"],
-        tls=tls,
-        max_message=int(s["max_message"]),
-    ).start()
+    try:
+        server = WorkerServer(
+            core,
+            host=s["host"],
+            port=int(s["port"]),
+            callers=callers,
+            peers={pid: p["address"] for pid, p in s["peers"].items() if "address" in p},
+            token=s["token"],
+            tls=tls,
+            max_message=int(s["max_message"]),
+        ).start()
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise SystemExit(str(exc)) from None
     role = "strict aggregator" if policy.strict else "worker"
-    print(f"fedsecure {role} {core.id!r} listening on {server.address}"
+    if s["mode"] is None:
+        rules = "policy: aggregator (each owner's rules travel with its data)"
+    elif s["mode"] == "training":
+        rules = "policy: training (Fit/Evaluate only, no pointer ops on its data)"
+    else:
+        rules = "policy: full (the pointer API, under the release rules)"
+    quota = "no memory quota" if s["memory_quota"] is None else f"memory quota {_size_name(s['memory_quota'])} per owner"
+    print(f"fedsecure {role} {core.id!r} listening on {server.address}, {rules}, {quota}"
           + (f", serving {', '.join('#' + t for t in tags)}" if tags else "")
           + ("" if tls else ", without TLS"), flush=True)
 
@@ -185,6 +255,13 @@ def serve(args: argparse.Namespace) -> int:
     server.stop(grace=5.0)  # calls in flight finish first
     print(f"fedsecure {role} {core.id!r} stopped", flush=True)
     return 0
+
+
+def _size_name(n: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if n and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return f"{n} bytes"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -219,6 +296,13 @@ def parser() -> argparse.ArgumentParser:
                    help="an aggregator this worker's private data may move to (repeatable; default none)")
     p.add_argument("--aggregator", action="store_true",
                    help="a strict aggregator: runs no op on others' data, releases only its own mean")
+    p.add_argument("--policy", choices=sorted(POLICIES),
+                   help="what a model owner may do with this worker's private data (--data; default "
+                   + "training). " + " ".join(f"{name}: {what}." for name, what in POLICIES.items())
+                   + " Not for an aggregator: the data it receives carries its owner's rule.")
+    p.add_argument("--memory-quota", metavar="BYTES",
+                   help="bytes of tensors each model owner may hold on this worker, e.g. 512M or 4G "
+                   f"(binary units; none: no limit; default {DEFAULT_MEMORY_QUOTA})")
     p.add_argument("--max-metric-numel", type=int,
                    help="largest value that may leave as a metric (default 1: scalars; 0: none)")
     p.add_argument("--min-contributors", type=int,

@@ -13,7 +13,13 @@ variant (Bonawitz et al. 2017, section 4): workers that hold a signing identity 
 federation's PKI sign their keys and, in one more phase ("consistency"), the survivor set; they
 reveal shares only when at least ``threshold`` survivors signed the same set. ``client_ids``
 maps each worker to its id in that PKI (public). The workers' verification keys reach them from
-their own operators, not from the model owner.
+their own operators, not from the model owner. Each worker also signs, with its keys, the digest
+of its attestation that its update is its own `Fit` of the round's reference model, and aborts
+unless every other worker signed the same one (the cohort check, `fedsecure.worker.secure`):
+the model owner relays these with the keys and can neither choose nor change them. Training-only
+owners (`Policy.training_only`, the default of served workers with data) take part only in this
+variant, and only with the update of their own `Fit` of the round's global model, which is
+what the engine sends them.
 
 With ``secure_aggregation="shares"`` two or more share holders stand in for the aggregator
 (`shared_mean`): each worker splits its update into additive shares, one per holder, and the

@@ -23,9 +23,12 @@ moves). Every request has a deadline; a worker that is down surfaces as
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import functools
 import hmac
+import socket
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
@@ -302,7 +305,11 @@ class WorkerServer:
         self._lock = threading.Lock()
         self._stopping = False
         self._idle: set[grpc.ServicerContext] = set()  # streams waiting for their next request
-        self._server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=_options())
+        # Without SO_REUSEPORT (which gRPC sets by default) a second server on a busy port
+        # fails to bind instead of silently taking a share of the first one's connections.
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=threads), options=[*_options(), ("grpc.so_reuseport", 0)]
+        )
         handlers = {
             "Handle": grpc.unary_unary_rpc_method_handler(self._handle),
             "Stream": grpc.stream_stream_rpc_method_handler(self._stream),
@@ -310,15 +317,18 @@ class WorkerServer:
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, handlers),)
         )
-        if tls is not None:
-            creds = grpc.ssl_server_credentials(
-                [(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True
-            )
-            self.port = self._server.add_secure_port(f"{host}:{port}", creds)
-        else:
-            self.port = self._server.add_insecure_port(f"{host}:{port}")
+        try:
+            if tls is not None:
+                creds = grpc.ssl_server_credentials(
+                    [(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True
+                )
+                self.port = self._server.add_secure_port(f"{host}:{port}", creds)
+            else:
+                self.port = self._server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:  # grpcio >= 1.5x raises where older versions returned 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {host}:{port}")
+            raise OSError(_cannot_listen(host, port))
         self.address = f"{host}:{self.port}"
         self.core: WorkerCore | None = None  # the first worker hosted
         if core is not None:
@@ -473,11 +483,17 @@ class WorkerServer:
                 reply = hosted.core.handle(body, sender)
             del tensors
             reply_head, views = frames.outgoing("", reply)
-            if views:  # the worker's own tensors: no request may change them while they leave
-                with _cancelled_after(self.deadline, context):  # nor hold the worker for ever
-                    yield from frames.chunks(reply_head, views)
-                return
-        yield reply_head  # bytes of their own: the worker serves others meanwhile
+            # The reply's tensors are views of the worker's own: copied into the chunks gRPC
+            # sends while no other request may change them, so that the caller reads them
+            # (or does not) without holding the worker.
+            outgoing = collections.deque(frames.chunks(reply_head, views))
+            del reply, views
+        if len(outgoing) == 1:
+            yield outgoing.popleft()
+            return
+        with _cancelled_after(self.deadline, context):  # a reply nobody reads ends at the deadline
+            while outgoing:
+                yield outgoing.popleft()  # each chunk is freed once gRPC has it
 
     def _send_to_peer(self, hosted: _Hosted, destination: str, data: bytes) -> bytes:
         local = self._hosted.get(destination)
@@ -533,6 +549,32 @@ class WorkerServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _cannot_listen(host: str, port: int) -> str:
+    """Why gRPC could not bind ``host:port`` (it does not say): a plain socket bound the same
+    way tells."""
+    what = f"cannot listen on {host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return f"{what}: cannot resolve {host!r} ({exc})"
+    family, kind, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return f"{what}: the port is in use (is another worker serving there?); choose another --port"
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return f"{what}: {host} is not an address of this machine; choose another --host"
+        if exc.errno == errno.EACCES:
+            return f"{what}: permission denied (ports below 1024 need privileges); choose another --port"
+        return f"{what}: {exc.strerror or exc}"
+    if port == 0:
+        return f"{what}: no free port on that address"
+    return f"{what}: the port was in use or unavailable; choose another --port"
 
 
 @contextlib.contextmanager

@@ -39,9 +39,14 @@ class WorkerProcess:
         trust: Iterable[str] = (),
         aggregator: bool = False,
         secagg: tuple[str, str] | None = None,
+        policy: str | None = None,
+        memory_quota: int | str | None = None,
         extra: Iterable[str] = (),
         startup_timeout: float = 60.0,
     ) -> None:
+        """``policy``: ``"training"`` or ``"full"`` (``--policy``; by default the worker's own:
+        training for a worker with ``data``). ``memory_quota``: bytes (or ``"512M"``, ``"4G"``,
+        ``"none"``) of tensors each model owner may hold there (``--memory-quota``)."""
         self.id = worker_id
         self.token = token or secrets.token_urlsafe(24)
         # --flag=value throughout: a random token may start with "-"
@@ -58,6 +63,10 @@ class WorkerProcess:
             args.append(f"--data={data}")
         if aggregator:
             args.append("--aggregator")
+        if policy is not None:
+            args.append(f"--policy={policy}")
+        if memory_quota is not None:
+            args.append(f"--memory-quota={memory_quota}")
         if secagg is not None:  # (this worker's NAME.secagg.key, the federation's secagg.json)
             args += [f"--secagg-key={secagg[0]}", f"--secagg-pki={secagg[1]}"]
         args += list(extra)
@@ -65,6 +74,7 @@ class WorkerProcess:
         self._timeout = startup_timeout
         self.process: subprocess.Popen[str] | None = None
         self.address = ""
+        self.banner = ""  # the line the worker printed when it started listening
 
     def start(self) -> WorkerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -79,6 +89,7 @@ class WorkerProcess:
             self.stop()
             raise RuntimeError(f"worker {self.id!r} did not start: {line}{rest}")
         self.address = match.group(1)
+        self.banner = line.strip()
         return self
 
     def connect(self, credentials: str | TLS, **kwargs: Any) -> WorkerClient:

@@ -11,7 +11,7 @@ message fails here with `ProtocolError` and never reaches an executor.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -285,7 +285,7 @@ class OptimizerCall(Request):
     groups: list[Any]
 
 
-@_request(20, ("id", "any", "list", "int", "bool", "str"), peer_only=True)
+@_request(20, ("id", "any", "list", "int", "bool", "str", "list"), peer_only=True)
 @dataclass(frozen=True, slots=True)
 class Deliver(Request):
     """Worker to worker: a moved tensor with its provenance labels."""
@@ -297,9 +297,10 @@ class Deliver(Request):
     samples: int
     requires_grad: bool
     owner: str  # the model owner who ordered the move: the object is its own here too
+    attestation: list[Any] = field(default_factory=list)  # the source's (`fedsecure.worker.attest`)
 
 
-@_request(21, ("id", "dict", "tensors", "ids", "list", "int", "str"), peer_only=True)
+@_request(21, ("id", "dict", "tensors", "ids", "list", "int", "str", "list"), peer_only=True)
 @dataclass(frozen=True, slots=True)
 class DeliverModule(Request):
     """Worker to worker: a moved module, its weights and each weight's labels."""
@@ -312,6 +313,7 @@ class DeliverModule(Request):
     labels: list[Any]
     samples: int
     owner: str
+    attestation: list[Any] = field(default_factory=list)
 
 
 @_request(22, ("id", "str", "str", "dict", "int"))
@@ -402,7 +404,7 @@ class Share(Request):
     frac_bits: int
 
 
-@_request(27, ("id", "tensor", "list", "int", "int", "str"), peer_only=True)
+@_request(27, ("id", "tensor", "list", "int", "int", "str", "list"), peer_only=True)
 @dataclass(frozen=True, slots=True)
 class DeliverShare(Request):
     """Worker to worker: one additive share (int64) with the labels of the value it shares."""
@@ -414,6 +416,7 @@ class DeliverShare(Request):
     samples: int
     frac_bits: int
     owner: str
+    attestation: list[Any] = field(default_factory=list)
 
 
 @_request(28, ("ids", "id"))

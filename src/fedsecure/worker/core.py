@@ -35,8 +35,11 @@ from fedsecure.wire import codec
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import Ref
 from fedsecure.worker import dp_sgd, training
+from fedsecure.worker import execute as ex
 from fedsecure.worker import labels as lb
 from fedsecure.worker.allowlist import ALLOWED, OPTIMIZER_HYPERPARAMETERS, OPTIMIZERS
+from fedsecure.worker.attest import Attestation, config_digest, model_digest
+from fedsecure.worker.attest import wire as attest_wire
 from fedsecure.worker.modules import build, describe, load_state, state_tensors
 from fedsecure.worker.secure import SecAggIdentity, SecureSessions, update_vector
 
@@ -81,16 +84,54 @@ class Entry:
     version: int = -1  # the tensor's version when received (strict mode checks it is unmodified)
     samples: int = 0  # sample count its source reported
     share: int | None = None  # an additive share in Z_(2^64): its fixed point's fractional bits
+    attestation: Attestation | None = None  # this worker's own Fit/Evaluate made it (or the source's did)
+    attested_version: int = -1  # its version then: a later change voids the attestation
+    nbytes: int = 0  # what it costs its owner's memory quota (set by the store)
+
+
+def _cost(obj: Any) -> int:
+    """Bytes an object holds, for the memory quota: a tensor's storage (twice, when a gradient may
+    join it); a module's tensors are entries of their own; an optimizer's state is charged when it
+    is made (`WorkerCore._make_optimizer`)."""
+    if isinstance(obj, torch.Tensor):
+        size = obj.untyped_storage().nbytes()
+        return 2 * size if obj.requires_grad else size
+    return 0
 
 
 class Store(dict[int, Entry]):
-    """id -> entry; an id taken by one model owner cannot be taken over by another."""
+    """id -> entry; an id taken by one model owner cannot be taken over by another. Keeps the
+    bytes each model owner holds (`used`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used: dict[str | None, int] = {}
 
     def __setitem__(self, obj_id: int, entry: Entry) -> None:
         existing = self.get(obj_id)
         if existing is not None and existing.owner != entry.owner:
             raise ProtocolError(f"object id {obj_id:#x} is in use")
+        if existing is not None:
+            self._charge(existing.owner, -existing.nbytes)
+        entry.nbytes = entry.nbytes or _cost(entry.obj)
+        self._charge(entry.owner, entry.nbytes)
         super().__setitem__(obj_id, entry)
+
+    def __delitem__(self, obj_id: int) -> None:
+        entry = self[obj_id]
+        super().__delitem__(obj_id)
+        self._charge(entry.owner, -entry.nbytes)
+
+    def pop(self, obj_id: int, default: Any = None) -> Any:  # type: ignore[override]
+        if obj_id in self:
+            entry = self[obj_id]
+            del self[obj_id]
+            return entry
+        return default
+
+    def _charge(self, owner: str | None, nbytes: int) -> None:
+        if nbytes:
+            self.used[owner] = self.used.get(owner, 0) + nbytes
 
     def release(self, ids: list[int], owner: str | None) -> None:
         for obj_id in ids:
@@ -192,12 +233,18 @@ class WorkerCore:
         policy: lb.Policy | None = None,
         send_to_peer: PeerSend | None = None,
         secagg_identity: SecAggIdentity | None = None,
+        memory_quota: int | None = None,
     ) -> None:
-        """``secagg_identity``: this worker's signing key and the federation's verification keys,
+        """``memory_quota``: bytes of tensors each model owner may hold here (None: no limit); a
+        request that would go over it is refused before anything is allocated.
+        ``secagg_identity``: this worker's signing key and the federation's verification keys,
         from its operator (never from a model owner); with it the worker takes part only in secure
         aggregation with the consistency check (`fedsecure.worker.secure`)."""
         self.id = id
         self.policy = policy or lb.Policy()
+        if memory_quota is not None and memory_quota < 0:
+            raise ValueError("memory_quota must be a number of bytes >= 0 (None: no limit)")
+        self.memory_quota = memory_quota
         self.objects = Store()
         self.samples = 0  # rows of private data, reported with moved updates
         self.max_reply: int | None = None  # the transport's limit: a Get that cannot leave stays
@@ -341,6 +388,19 @@ class WorkerCore:
             return {k: self._resolve(v, tensors, ids) for k, v in value.items()}
         return value
 
+    def _refuse_op(self, labels: lb.Labels, op: str) -> None:
+        """Refuse a pointer op on labelled values where a rule forbids it: on a strict aggregator,
+        and anywhere on data whose owner allows only training (the rule travels with the label)."""
+        self._refuse_if_strict(labels, op)
+        if labels and self._training_only(labels):
+            raise PermissionDenied(
+                f"{op} on {self.id!r} refused: the values derive from private data of "
+                f"{lb.owners(frozenset(x for x in labels if x.training_only))}, whose owners allow only training "
+                "on it (Fit and Evaluate of a model, moves to trusted aggregators, secure aggregation), not "
+                "pointer ops. A data owner who wants the full pointer API serves with --policy full",
+                rule="training-only",
+            )
+
     def _refuse_if_strict(self, labels: lb.Labels, op: str) -> None:
         if self.policy.strict and labels:
             raise PermissionDenied(
@@ -349,6 +409,10 @@ class WorkerCore:
                 f"({self.id}.aggregate([...]))",
                 rule="strict-aggregator",
             )
+
+    @staticmethod
+    def _training_only(labels: lb.Labels) -> bool:
+        return any(label.training_only for label in labels)
 
     def _call(self, msg: m.Call, sender: Sender) -> Any:
         fn = ALLOWED.get(msg.op)
@@ -378,10 +442,20 @@ class WorkerCore:
         ids: dict[int, int],
         result_id: int,
         grad_enabled: bool,
+        module: nn.Module | None = None,
     ) -> Any:
+        """Run one op (or a module's forward) on the guarded path (`fedsecure.worker.execute`)."""
         labels = lb.union(tensors)
-        self._refuse_if_strict(labels, op)
+        self._refuse_op(labels, op)
+        spec = None
+        if (labels or self.memory_quota is not None) and op not in ex.UNPREDICTED:
+            spec = ex.predict(op, fn, args, kwargs, tensors, grad_enabled, module)
+            if spec is None and labels:
+                ex.refuse_unpredictable(op, labels, self.id)
+            if spec is not None:
+                self._admit(spec.nbytes, what=f"the result of {op}")
         versions = [t._version for t in tensors]
+        modules = [module] if module is not None else []
         try:
             if grad_enabled == torch.is_grad_enabled():
                 result = fn(*args, **kwargs)
@@ -389,26 +463,38 @@ class WorkerCore:
                 with torch.set_grad_enabled(grad_enabled):
                     result = fn(*args, **kwargs)
         except FedsecureError:
+            ex.label_writes(tensors, labels, modules)
             raise
         except Exception as exc:
-            detail = (
-                f"{type(exc).__name__}: {exc}"
-                if not labels
-                else f"{type(exc).__name__} (details withheld: the inputs derive from private "
-                f"data of {lb.owners(labels)})"
-            )
-            raise RemoteError(f"{op} failed on {self.id!r}: {detail}", op=op, worker=self.id) from None
+            ex.label_writes(tensors, labels, modules)
+            if spec is None or not ex.hides_failures(labels):
+                detail = (
+                    f"{type(exc).__name__}: {exc}"
+                    if not labels
+                    else f"{type(exc).__name__} (details withheld: the inputs derive from private "
+                    f"data of {lb.owners(labels)})"
+                )
+                raise RemoteError(f"{op} failed on {self.id!r}: {detail}", op=op, worker=self.id) from None
+            # The failure depends on private values that no owner lets out even as a metric: it must
+            # not show. The call "succeeds" as predicted; what it wrote and returned is undefined.
+            result = ex.placeholder(spec, tensors)
+            ex.mark_failed([*tensors, *_tensors_in(result)], op)
+        except BaseException:
+            ex.label_writes(tensors, labels, modules)
+            raise
         # Whatever an op wrote to (in-place ops, out-of-place ops with side effects such as
         # batch_norm's running stats) now derives from all of its inputs.
         for t, v in zip(tensors, versions, strict=True):
             if t._version != v:
                 lb.add_labels(t, labels)
         _record_inputs(result, tensors)
-        if op == "F.batch_norm":  # writes running stats without bumping their versions
-            for t in tensors:
-                lb.add_labels(t, labels)
+        if op == "F.batch_norm" or module is not None:  # running stats change without a version bump
+            ex.label_writes(tensors if op == "F.batch_norm" else [], labels, modules)
         if op == "Tensor.data.__set__":
             lb.merge(args[0], args[1])
+        failure = ex.first_failure(tensors)
+        if failure:
+            ex.mark_failed(_tensors_in(result), failure)
         return self._outputs(result, op, tensors, ids, labels, result_id)
 
     def _outputs(
@@ -454,6 +540,7 @@ class WorkerCore:
                 aggregate=False,
                 what=f"the result of {op}",
             )
+            _refuse_undefined(ex.first_failure(tensors), f"the result of {op}", self.id)
             return result
         if isinstance(result, tuple | list):  # several tensors (split, max(dim), ...)
             return tuple(
@@ -476,27 +563,40 @@ class WorkerCore:
         ids: dict[int, int] = {}
         args = self._resolve(msg.args, tensors, ids)
         kwargs = self._resolve(msg.kwargs, tensors, ids)
+        n_args = len(tensors)
         tensors.extend(t for _, t in state_tensors(module))
+        self._refuse_op(lb.union(tensors), "model.forward")  # before train() changes anything
         if module.training != msg.training:
             module.train(msg.training)
-        out = self._execute(
-            "model.forward", module, args, kwargs, tensors, ids, msg.result_id, msg.grad_enabled
-        )
-        if module.training:
-            # Running statistics are updated in place without a version bump: label them.
-            labels = lb.union(tensors)
-            for buffer in module.buffers():
-                lb.add_labels(buffer, labels)
-        return out
+        del tensors[n_args:]  # the prediction runs the module on meta copies of its own state
+        state = [t for _, t in state_tensors(module)]
+        return self._execute("model.forward", module, args, kwargs, [*tensors, *state],
+                             ids, msg.result_id, msg.grad_enabled, module)
 
-    def _put(self, msg: m.Put, sender: Sender) -> Any:
-        if msg.private and not self.policy.private_sends:
+    def _admit(self, nbytes: int, *, what: str, private: bool = False) -> None:
+        """The checks every new object passes, however it is made (a tensor or a model sent, a result,
+        a delivery from a peer, an optimizer's state): data labelled as this owner's own only where
+        the policy accepts it, and the model owner's memory quota, before anything is allocated."""
+        if private and not self.policy.private_sends:
             raise PermissionDenied(
                 f"{self.id!r} does not accept data sent as its owner's own (private=True): "
                 "only its owner loads its private data",
                 rule="private-sends",
             )
+        quota = self.memory_quota
+        if quota is not None:
+            used = self.objects.used.get(_client.get(), 0)
+            if used + nbytes > quota:
+                raise PermissionDenied(
+                    f"{what} would take {nbytes} bytes on {self.id!r}, which holds {used} bytes for this model "
+                    f"owner already: over its memory quota of {quota} bytes. Free objects you no longer need "
+                    "(drop their pointers) or ask the worker's operator for a larger --memory-quota",
+                    rule="memory-quota",
+                )
+
+    def _put(self, msg: m.Put, sender: Sender) -> Any:
         t = msg.value
+        self._admit(_cost(t), what="the tensor sent", private=msg.private)
         if msg.requires_grad:
             if not (t.is_floating_point() or t.is_complex()):
                 raise ProtocolError("only floating point tensors can require gradients")
@@ -507,6 +607,15 @@ class WorkerCore:
                 self.samples = max(self.samples, t.shape[0])
         self.objects[msg.object_id] = Entry(t, tags=frozenset(_tag(x) for x in msg.tags))
         return _meta(msg.object_id, t)
+
+    def _predicted_size(self, spec: Any) -> int:
+        """Bytes a model of ``spec`` holds, from building it on the meta device (no memory), when a
+        quota needs it."""
+        if self.memory_quota is None:
+            return 0
+        with torch.device("meta"):
+            module = build(spec)
+        return sum(_cost(t) for _, t in state_tensors(module))
 
     def _install_module(
         self, module: nn.Module, module_id: int, ids: list[int], entry: Entry
@@ -520,6 +629,7 @@ class WorkerCore:
         return own
 
     def _put_module(self, msg: m.PutModule, sender: Sender) -> Any:
+        self._admit(self._predicted_size(msg.spec), what="the model sent", private=msg.private)
         module = build(msg.spec)
         own = load_state(module, msg.tensors)
         if msg.private:
@@ -550,6 +660,7 @@ class WorkerCore:
             aggregate=entry.aggregate,
             what="the tensor",
         )
+        _refuse_undefined(ex.failed(obj), "the tensor", self.id)
         value = codec.sendable(obj)  # checked first: a failure must lose nothing
         self._check_reply_size(value.nbytes)
         del self.objects[msg.object_id]
@@ -609,11 +720,13 @@ class WorkerCore:
             if not isinstance(ids, list) or not all(type(i) is int for i in ids):
                 raise ProtocolError("a parameter group needs a list of object ids")
             groups.append({"params": [self._tensor(i) for i in ids], **settings})
+        state = 2 * sum(p.numel() * p.element_size() for g in groups for p in g["params"])  # at most two moments
+        self._admit(state, what=f"the state of {msg.kind}")
         try:
             optimizer = cls(groups)  # type: ignore[call-arg]  # every allowed class has defaults
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"cannot build {msg.kind}: {exc}") from exc
-        self.objects[msg.optimizer_id] = Entry(optimizer)
+        self.objects[msg.optimizer_id] = Entry(optimizer, nbytes=state)
         return None
 
     def _optimizer_call(self, msg: m.OptimizerCall, sender: Sender) -> Any:
@@ -632,11 +745,14 @@ class WorkerCore:
             group.update(self._hyperparameters(settings))  # schedulers change lr between steps
         grads = [p.grad for p in params if p.grad is not None]
         labels = lb.union(params) | lb.union(grads)
-        self._refuse_if_strict(labels, "optimizer step")
-        optimizer.step()
-        # The step wrote every parameter from its gradient and the optimizer's state.
-        for p in params:
-            lb.add_labels(p, labels)
+        self._refuse_op(labels, "optimizer step")
+        try:
+            optimizer.step()
+        finally:  # the step wrote every parameter from its gradient and the optimizer's state
+            ex.label_writes(params, labels)
+        failure = ex.first_failure([*params, *grads])
+        if failure:
+            ex.mark_failed(params, failure)
         return None
 
     def _owners(self, msg: m.Owners, sender: Sender) -> Any:
@@ -675,13 +791,22 @@ class WorkerCore:
         # Everything the module holds afterwards derives from the data and from its old state.
         labels = lb.labels_of(x) | lb.labels_of(y) | lb.union(own)
         self._refuse_if_strict(labels, "training")
+        training.check(module, x, y, settings)
+        ex.step_on_meta(module, x, y, settings.batch_size, lambda out, t: training.loss_of(settings.loss, out, t))
+        reference = model_digest(module)
         ledger = self._account_dp_sgd(settings, module, int(x.shape[0]))
         try:
             examples, loss, steps = training.fit(module, x, y, settings, msg.seed)
+        except Exception as exc:
+            # The metadata fit (checked on meta tensors above): this failure comes from the values.
+            examples, loss, steps = self._failed_on_values("training", exc, labels, own)
+            examples, steps = int(x.shape[0]), training.planned_steps(int(x.shape[0]), settings)
         finally:
             for t in own:
                 lb.add_labels(t, labels)
         entry.samples = examples
+        entry.attestation = Attestation("fit", reference, config_digest(msg.config))
+        entry.attested_version = _version(module)
         # The mean training loss is a 0-dimensional metric: released unless an owner allows none.
         # Under DP-SGD it is withheld: it is computed without noise, so epsilon would not cover it.
         withhold = bool(labels) and min(label.max_metric_numel for label in labels) < 1
@@ -737,10 +862,41 @@ class WorkerCore:
         config = msg.config
         if not isinstance(config, dict) or set(config) != {"loss", "batch_size"}:
             raise ProtocolError("evaluation configuration must be {loss, batch_size}")
-        sums = training.evaluate(module, x, y, config["loss"], config["batch_size"])
+        training.check_evaluation(x, y, config["loss"], config["batch_size"])
+        ex.step_on_meta(module, x, y, config["batch_size"], lambda out, t: training.loss_of(config["loss"], out, t))
+        attestation = Attestation("evaluate", model_digest(module), config_digest(config))
+        self._admit(_cost(torch.empty(3, dtype=torch.float64)), what="the evaluation's sums")
+        try:
+            sums = training.evaluate(module, x, y, config["loss"], config["batch_size"])
+        except Exception as exc:
+            self._failed_on_values("evaluation", exc, labels, own)
+            sums = torch.full((3,), float("nan"), dtype=torch.float64)
+            ex.mark_failed([sums], "evaluation")
         lb.add_labels(sums, labels)
-        self.objects[msg.result_id] = Entry(sums, samples=int(x.shape[0]))
+        self.objects[msg.result_id] = Entry(sums, samples=int(x.shape[0]), attestation=attestation,
+                                            attested_version=sums._version)
         return _meta(msg.result_id, sums)
+
+    def _failed_on_values(self, what: str, exc: Exception, labels: lb.Labels, written: list[torch.Tensor]
+                          ) -> tuple[int, float, int]:
+        """A fixed function whose metadata checked out failed anyway: on the values. Reported (its text
+        withheld) where the owners allow metrics, since a metric could tell as much; otherwise the work
+        goes on as if it had succeeded, with what it wrote undefined (NaN), so the model owner's view
+        does not depend on the values."""
+        if not labels:
+            if isinstance(exc, FedsecureError):
+                raise exc
+            raise RemoteError(f"{what} failed on {self.id!r}: {type(exc).__name__}: {exc}", op=what,
+                              worker=self.id) from None
+        if not ex.hides_failures(labels):
+            raise RemoteError(f"{what} failed on {self.id!r} ({type(exc).__name__}; details withheld: the "
+                              f"data derive from private data of {lb.owners(labels)})", op=what, worker=self.id) from None
+        with torch.no_grad():
+            for t in written:
+                if t.is_floating_point():
+                    t.fill_(float("nan"))
+        ex.mark_failed(written, what)
+        return 0, float("nan"), 0
 
     def _secagg(self, msg: m.SecAgg, sender: Sender) -> Any:
         def update() -> Any:
@@ -750,7 +906,47 @@ class WorkerCore:
                 raise PermissionDenied(f"{self.id!r} is a strict aggregator, not a data owner", rule="strict-aggregator")
             return update_vector(trained, reference, self._samples_of(entry) if msg.weighted else None, msg.privacy)
 
-        return self._secure.step(_client.get(), msg.session, msg.phase, msg.client_id, msg.payload, update)
+        attestation, required = self._update_attestation(msg.module_id, msg.reference_id)
+        return self._secure.step(_client.get(), msg.session, msg.phase, msg.client_id, msg.payload, update,
+                                 attestation=attestation, required=required)
+
+    @staticmethod
+    def _valid_attestation(entry: Entry, obj: Any) -> Attestation | None:
+        """The entry's attestation, if the object is unchanged since it was made."""
+        if entry.attestation is None or _version(obj) != entry.attested_version:
+            return None
+        return entry.attestation
+
+    def _check_cohort(self, entries: list[Entry], labels: lb.Labels, kind: str) -> None:
+        """A training-only owner's contribution counts only as attested work of the cohort: every
+        input must be a worker's own ``kind`` (Fit or Evaluate) of one and the same model under one
+        and the same configuration. Otherwise the model owner could choose what all but one
+        contributor submit, and subtract it."""
+        if not self._training_only(labels):
+            return
+        found = [self._valid_attestation(e, e.obj) for e in entries]
+        if any(a is None or a.kind != kind for a in found):
+            raise _unattested(self.id, "aggregated")
+        if len(set(found)) != 1:
+            raise PermissionDenied(
+                f"the contributions to this aggregate on {self.id!r} do not come from one common round: they "
+                "were trained (or evaluated) from different models or under different configurations, so one "
+                "could be chosen to cancel the others. Send every worker the same model and configuration",
+                rule="cohort",
+            )
+
+    def _update_attestation(self, module_id: int, reference_id: int) -> tuple[bytes | None, bool]:
+        """The digest of the attestation of the update ``module_id`` - ``reference_id`` (None
+        unless the module is this worker's own unmodified training of exactly that reference),
+        and whether its labels require one (a training-only owner's data)."""
+        entry, trained = self._module(module_id)
+        _, reference = self._module(reference_id)
+        labels = lb.union(t for _, t in state_tensors(trained))
+        required = any(label.training_only for label in labels)
+        found = self._valid_attestation(entry, trained)
+        if found is None or found.kind != "fit" or found.model != model_digest(reference):
+            return None, required
+        return found.digest(), required
 
     def _share(self, msg: m.Share, sender: Sender) -> Any:
         """Split a value (a tensor, or a trained model's update) into additive shares, one per
@@ -764,13 +960,25 @@ class WorkerCore:
         if type(msg.frac_bits) is not int or not 0 <= msg.frac_bits <= 52:
             raise ProtocolError(f"frac_bits must be an integer in [0, 52], got {msg.frac_bits!r}")
         entry = self._entry(msg.object_id)
+        attestation: Attestation | None = None
         if msg.reference_id == 0:
             if msg.weighted or msg.privacy:
                 raise ProtocolError("weighting, clipping and noise apply to a model's update, not to a tensor")
             t = self._tensor(msg.object_id)
             labels = lb.labels_of(t)
+            if self._training_only(labels):
+                raise PermissionDenied(
+                    f"the tensor on {self.id!r} derives from private data of {lb.owners(labels)}, whose owners "
+                    "allow only training on it: only a model's update after this worker's own training (Share "
+                    "with a reference model) may be shared, never the data or values computed from it",
+                    rule="cohort",
+                )
             value = t.detach()
         else:
+            digest, required = self._update_attestation(msg.object_id, msg.reference_id)
+            attestation = self._valid_attestation(entry, entry.obj) if digest is not None else None
+            if required and attestation is None:
+                raise _unattested(self.id, "shared")
             _, trained = self._module(msg.object_id)
             _, reference = self._module(msg.reference_id)
             labels = lb.union(t for _, t in state_tensors(trained))
@@ -794,23 +1002,28 @@ class WorkerCore:
             if destination == self.id:
                 self._fresh(new)
                 lb.add_labels(part, labels)
+                self._admit(_cost(part), what="this worker's own share")
                 self.objects[new] = Entry(part, source=self.id, version=part._version, samples=samples,
-                                          share=msg.frac_bits)
+                                          share=msg.frac_bits, attestation=attestation,
+                                          attested_version=part._version)
             else:
                 self._peer(destination, m.DeliverShare([], new, part, wire_labels, samples, msg.frac_bits,
-                                                       _client.get() or ""))
+                                                       _client.get() or "", attest_wire(attestation)))
         return {"shape": list(value.shape), "samples": samples}
 
     def _deliver_share(self, msg: m.DeliverShare, sender: Sender) -> Any:
         self._fresh(msg.object_id)
         labels = lb.labels_from_wire(msg.labels)
         self._receive_check(labels, sender)
+        attestation = Attestation.from_wire(msg.attestation)
         t = msg.value
         if t.dtype != torch.int64 or not 0 <= msg.frac_bits <= 52:
             raise ProtocolError("a share is an int64 tensor with 0 to 52 fractional bits")
+        self._admit(_cost(t), what="the share delivered here")
         lb.add_labels(t, labels)
         self.objects[msg.object_id] = Entry(t, source=sender.id, version=t._version, samples=msg.samples,
-                                            share=msg.frac_bits)
+                                            share=msg.frac_bits, attestation=attestation,
+                                            attested_version=t._version)
         return None
 
     # -- moves: straight from this worker to another ----------------------------------
@@ -847,6 +1060,7 @@ class WorkerCore:
                 self._samples_of(entry),
                 t.requires_grad,
                 _client.get() or "",
+                attest_wire(self._valid_attestation(entry, t)),
             ),
         )
         del self.objects[msg.object_id]
@@ -873,6 +1087,7 @@ class WorkerCore:
                 [lb.labels_to_wire(lb.labels_of(t)) for t in own],
                 self._samples_of(entry),
                 _client.get() or "",
+                attest_wire(self._valid_attestation(entry, module)),
             ),
         )
         del self.objects[msg.module_id]
@@ -881,7 +1096,7 @@ class WorkerCore:
     def _copy_module(self, msg: m.CopyModule, sender: Sender) -> Any:
         entry, module = self._module(msg.module_id)
         own = [t for _, t in state_tensors(module)]
-        self._refuse_if_strict(lb.union(own), "copy")
+        self._refuse_op(lb.union(own), "copy")
         spec = describe(module)
         assert spec is not None
         clone = build(spec)
@@ -902,12 +1117,17 @@ class WorkerCore:
         self._fresh(msg.object_id)
         labels = lb.labels_from_wire(msg.labels)
         self._receive_check(labels, sender)
+        attestation = Attestation.from_wire(msg.attestation)
         t = msg.value
         if msg.requires_grad:
+            if not (t.is_floating_point() or t.is_complex()):
+                raise ProtocolError("only floating point tensors can require gradients")
             t.requires_grad_(True)
+        self._admit(_cost(t), what="the value moved here")
         lb.add_labels(t, labels)
         self.objects[msg.object_id] = Entry(
-            t, source=sender.id, version=t._version, samples=msg.samples
+            t, source=sender.id, version=t._version, samples=msg.samples, attestation=attestation,
+            attested_version=t._version,
         )
         return None
 
@@ -915,13 +1135,17 @@ class WorkerCore:
         self._fresh(msg.module_id, *msg.ids)
         per_tensor = [lb.labels_from_wire(x) for x in msg.labels]
         self._receive_check(frozenset().union(*per_tensor), sender)
+        attestation = Attestation.from_wire(msg.attestation)
+        self._admit(self._predicted_size(msg.spec), what="the model moved here")
         module = build(msg.spec)
         own = load_state(module, msg.tensors)
         if len(per_tensor) != len(own):
             raise ProtocolError("one label list per tensor is required")
         for t, labels in zip(own, per_tensor, strict=True):
             lb.add_labels(t, labels)
-        entry = Entry(module, source=sender.id, version=sum(t._version for t in own), samples=msg.samples)
+        version = _version(module)
+        entry = Entry(module, source=sender.id, version=version, samples=msg.samples, attestation=attestation,
+                      attested_version=version)
         self._install_module(module, msg.module_id, msg.ids, entry)
         return None
 
@@ -979,12 +1203,13 @@ class WorkerCore:
                     raise PermissionDenied("an input was modified after it arrived", rule="strict-aggregator")
         labels: lb.Labels = frozenset().union(*(lb.union(s) for s in states))
         self._check_contributors(labels)
+        self._check_cohort(entries, labels, "fit")
         return entries, states, labels
 
     def _consume(self, ids: list[int], labels: lb.Labels) -> None:
         """A strict aggregator uses each owner's input in one aggregate only: otherwise the
         difference of two aggregates over subsets that differ by one owner is that owner's input."""
-        if self.policy.strict and labels:
+        if labels and (self.policy.strict or self._training_only(labels)):
             for i in ids:
                 self.objects.pop(i, None)
 
@@ -999,6 +1224,7 @@ class WorkerCore:
                     raise PermissionDenied("an input was modified after it arrived", rule="strict-aggregator")
         labels = lb.union(tensors)
         self._check_contributors(labels)
+        self._check_cohort(entries, labels, "evaluate")
         weights = self._weights(entries, bool(labels), msg.weighted)
         self._consume(msg.ids, labels)
         with torch.no_grad():
@@ -1041,6 +1267,8 @@ class WorkerCore:
         spec = describe(reference)
         entries, states, labels = self._aggregation_inputs(msg.module_ids, spec)
         assert spec is not None
+        if self._training_only(labels) and entries[0].attestation.model != model_digest(reference):  # type: ignore[union-attr]
+            raise PermissionDenied("the updates were not trained from the reference model given", rule="cohort")
         weights = self._weights(entries, bool(labels), bool(msg.rule.get("weighted", True)))
         floating = [i for i, t in enumerate(base) if t.is_floating_point()]
         with torch.no_grad():
@@ -1086,6 +1314,7 @@ class WorkerCore:
                 raise PermissionDenied("an input was modified after it arrived", rule="strict-aggregator")
         labels = lb.union(tensors)
         self._check_contributors(labels)
+        self._check_cohort(entries, labels, "fit")
         total = tensors[0].detach().contiguous().clone()
         ring = total.numpy().view("uint64")  # addition in Z_(2^64): unsigned, wrapping by definition
         for t in tensors[1:]:
@@ -1110,11 +1339,49 @@ def _backward(
     leaves, labels = _graph(loss)
     if gradient is not None:
         labels = labels | lb.labels_of(gradient)
-    loss.backward(gradient, retain_graph, create_graph, inputs)
-    if labels:
-        for leaf in leaves:
-            if leaf.grad is not None:
-                lb.add_labels(leaf.grad, labels)
+    try:
+        loss.backward(gradient, retain_graph, create_graph, inputs)
+    finally:  # a pass that fails halfway has accumulated some gradients already
+        if labels:
+            for leaf in leaves:
+                if leaf.grad is not None:
+                    lb.add_labels(leaf.grad, labels)
+
+
+def _unattested(worker: str, verb: str) -> PermissionDenied:
+    return PermissionDenied(
+        f"a value derived from a training-only owner's data is {verb} on {worker!r} only as a worker's own "
+        "unmodified work on it (the model trained by Fit from the round's common model, or the sums of "
+        "Evaluate); this input is not, so it would not count as that owner's contribution",
+        rule="cohort",
+    )
+
+
+def _version(obj: Any) -> int:
+    """A tensor's version, or the sum of a module's tensors' versions: it changes with every write."""
+    if isinstance(obj, nn.Module):
+        return sum(t._version for _, t in state_tensors(obj))
+    return int(obj._version) if isinstance(obj, torch.Tensor) else -1
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
+def _refuse_undefined(failure: str | None, what: str, worker: str) -> None:
+    """A value left undefined by an op that failed on private data does not leave as if it meant
+    something (the release rules were checked first: this says nothing they would not allow)."""
+    if failure:
+        raise RemoteError(
+            f"{what} is undefined: {failure} failed earlier on values derived from private data "
+            "(the failure was not reported then, since the data's owners allow no metrics)",
+            op=failure,
+            worker=worker,
+        )
 
 
 def _tag(tag: str) -> str:

@@ -33,24 +33,28 @@ class Label:
     trusted: frozenset[str] | None  # aggregators the owner trusts; None: any worker
     max_metric_numel: int  # largest value that may leave as a metric; 0: none
     min_contributors: int  # distinct owners an aggregate must combine to leave
+    # Only attested training may touch the data: no pointer ops on it anywhere, and a contribution
+    # counts toward an aggregate only as a `Fit` (or `Evaluate`) of the cohort's common model.
+    training_only: bool = False
 
     def to_wire(self) -> list[Any]:
         trusted = None if self.trusted is None else sorted(self.trusted)
-        return [self.owner, trusted, self.max_metric_numel, self.min_contributors]
+        return [self.owner, trusted, self.max_metric_numel, self.min_contributors, self.training_only]
 
     @classmethod
     def from_wire(cls, raw: Any) -> Label:
         if (
             not isinstance(raw, list)
-            or len(raw) != 4
+            or len(raw) != 5
             or not isinstance(raw[0], str)
             or not (raw[1] is None or (isinstance(raw[1], list) and all(isinstance(x, str) for x in raw[1])))
             or type(raw[2]) is not int
             or type(raw[3]) is not int
+            or type(raw[4]) is not bool
         ):
             raise ProtocolError(f"malformed label {raw!r}")
         trusted = None if raw[1] is None else frozenset(raw[1])
-        return cls(raw[0], trusted, raw[2], raw[3])
+        return cls(raw[0], trusted, raw[2], raw[3], raw[4])
 
 
 Labels = frozenset[Label]
@@ -181,6 +185,13 @@ class Policy:
     ``dp_sgd_budget``: ``(epsilon, delta)``; the worker then trains only with local DP-SGD, and
     refuses a round whose steps would bring the epsilon spent on its data, composed over every
     model owner it trained for, above ``epsilon`` at ``delta`` (see docs/privacy_dp_robust.md).
+    ``training_only``: the deployment policy of a served worker with private data (the default of
+    ``fedsecure worker serve``). The model owner may put models, train them with `Fit`, evaluate
+    them with `Evaluate`, move the results to trusted aggregators and take part in secure
+    aggregation, but runs no pointer op on anything derived from the data, here or on any other
+    worker (the rule travels with the label); and the owner's contribution counts toward an
+    aggregate only as attested training of the cohort's common model under its common
+    configuration (see docs/privacy.md).
     """
 
     trusted_aggregators: frozenset[str] | None = None
@@ -189,6 +200,7 @@ class Policy:
     strict: bool = False
     private_sends: bool = True
     dp_sgd_budget: tuple[float, float] | None = None
+    training_only: bool = False
 
     def __post_init__(self) -> None:
         if self.trusted_aggregators is not None and not isinstance(self.trusted_aggregators, frozenset):
@@ -210,7 +222,8 @@ class Policy:
             object.__setattr__(self, "dp_sgd_budget", (float(budget[0]), float(budget[1])))
 
     def label_for(self, owner: str) -> Label:
-        return Label(owner, self.trusted_aggregators, self.max_metric_numel, self.min_contributors)
+        return Label(owner, self.trusted_aggregators, self.max_metric_numel, self.min_contributors,
+                     self.training_only)
 
 
 def is_metric(numel: int, scalar: bool, limit: int) -> bool:

@@ -15,6 +15,25 @@ it, it signs its keys, checks everyone else's, and answers the extra "consistenc
 reveals shares only with the signatures of at least ``threshold`` survivors on the survivor set
 it signed. The verification keys in the identity must come from the federation's PKI through the
 worker's operator, never from the model owner the check protects against.
+
+The cohort check. The model owner decides what every contributor masks; were all inputs but one
+known to it (an untrained copy of the model, a training with learning rate 0, clients it made
+up), the sum would give it the one owner's update. So the worker passes, on every phase, the
+digest of its attestation that the update is its own `Fit` of exactly the reference model
+(`fedsecure.worker.attest`; None when it is not), and whether its owner requires one (a
+training-only owner's data). The client signs that digest with its keys, and aborts unless every
+other client of the round signed the same one (`SecAggClient`). A round that needs an
+attestation refuses (``PermissionDenied``, rule "cohort"):
+
+- without one: the update is not this worker's own training of the round's model;
+- without a ``SecAggIdentity``: in the unsigned protocol the model owner can invent the other
+  clients, so no cohort can be checked;
+- when the attestation changes between phases: the update masked must be the one advertised;
+- when another client's signed attestation differs from this one.
+
+Where none is required (an owner whose policy is not training-only) the worker still signs its
+attestation, or 32 zero bytes for none, and the same equality holds: every signed round is one
+cohort, all attesting the same training or all attesting none.
 """
 
 from __future__ import annotations
@@ -29,6 +48,7 @@ import torch
 from torch import nn
 
 from fedsecure.aggregate import Message, SecAggClient, SigningIdentity
+from fedsecure.aggregate.secagg import CohortMismatch
 from fedsecure.errors import (
     PermissionDenied,
     ProtocolError,
@@ -104,6 +124,7 @@ class SecureSessions:
 
     def __init__(self, identity: SecAggIdentity | None = None) -> None:
         self._clients: dict[tuple[str | None, str], SecAggClient] = {}
+        self._attested: dict[tuple[str | None, str], bytes | None] = {}  # each session's attestation
         self.identity = identity
 
     def step(
@@ -114,11 +135,19 @@ class SecureSessions:
         client_id: int,
         payload: Any,
         update: Callable[[], np.ndarray],
+        *,
+        attestation: bytes | None = None,
+        required: bool = False,
     ) -> bytes:
+        """One phase of ``session``. ``attestation``: the digest of this worker's attestation that
+        the update is its own training of exactly the reference model (None if it is not);
+        ``required``: the update derives from data whose owner allows only attested training."""
         if phase not in PHASES:
             raise ProtocolError(f"unknown secure aggregation phase {phase!r}; phases are {', '.join(PHASES)}")
         if not isinstance(payload, bytes):
             raise ProtocolError("a secure aggregation payload must be bytes")
+        if attestation is not None and (not isinstance(attestation, bytes) or len(attestation) != 32):
+            raise ProtocolError("an attestation digest is 32 bytes")
         key = (caller, session)
         if phase == "advertise":
             if key in self._clients:
@@ -128,12 +157,23 @@ class SecureSessions:
             mine = self.identity
             if mine is not None and client_id != mine.client_id:
                 raise ProtocolError(f"this worker is client {mine.client_id} in the federation's PKI, not {client_id}")
-            self._clients[key] = SecAggClient(client_id=client_id, identity=None if mine is None else mine.identity)
+            self._clients[key] = SecAggClient(client_id=client_id, identity=None if mine is None else mine.identity,
+                                              attestation=None if mine is None else attestation)
+            self._attested[key] = attestation
         client = self._clients.get(key)
         if client is None:
             raise ProtocolError(f"no secure aggregation session {session!r} here (it ended or never began)")
         if client.id != client_id:
             raise ProtocolError(f"session {session!r} belongs to client {client.id}, not {client_id}")
+        if self._attested[key] != attestation:
+            self._end(key)
+            raise PermissionDenied(
+                f"the update of secure aggregation session {session!r} is no longer the one advertised: its "
+                "attestation changed (the model was modified or trained again), so the round ends here",
+                rule="cohort",
+            )
+        if required:  # on every phase: the update's labels decide, and they may have grown
+            self._require_cohort(key, attestation)
         try:
             out: Message
             if phase == "advertise":
@@ -146,13 +186,44 @@ class SecureSessions:
                 out = client.sign_survivors(payload)
             else:
                 out = client.unmask(payload)
-                del self._clients[key]  # the round is over for this client
+                self._end(key)  # the round is over for this client
             return out.encode()
         except ShareRevealRefused as exc:
-            self._clients.pop(key, None)  # a failed round cannot be resumed
+            self._end(key)  # a failed round cannot be resumed
             raise PermissionDenied(str(exc), rule="secure-aggregation") from exc
+        except CohortMismatch as exc:
+            self._end(key)
+            raise PermissionDenied(str(exc), rule="cohort") from exc
         except (SecureAggregationError, ProtocolError) as exc:
-            self._clients.pop(key, None)
+            self._end(key)
             if isinstance(exc, ProtocolError):
                 raise
             raise ProtocolError(f"secure aggregation: {exc}") from exc
+
+    def _end(self, key: tuple[str | None, str]) -> None:
+        self._clients.pop(key, None)
+        self._attested.pop(key, None)
+
+    def _require_cohort(self, key: tuple[str | None, str], attestation: bytes | None) -> None:
+        """Refuse, ending the session, unless the cohort of the round can be checked."""
+        problem = None
+        if attestation is None:
+            problem = PermissionDenied(
+                "this update derives from data whose owner allows only training on it: it may be masked only "
+                "as this worker's own Fit of the round's reference model (the module trained by Fit from "
+                "exactly that model, unmodified since), which it is not. Otherwise the model owner could "
+                "choose what the other clients submit and subtract it from the sum",
+                rule="cohort",
+            )
+        elif self.identity is None:
+            problem = PermissionDenied(
+                "this update derives from data whose owner allows only training on it, and secure aggregation "
+                "without the federation's signing keys cannot tell that the other clients trained the same "
+                "model the same way (the model owner could invent them all): serve this worker with "
+                "--secagg-key/--secagg-pki from `fedsecure certs --secagg`, and run the rounds with "
+                "SecureSettings(consistency_check=True, client_ids=...)",
+                rule="cohort",
+            )
+        if problem is not None:
+            self._end(key)
+            raise problem

@@ -137,7 +137,7 @@ def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
         raise ProtocolError("this worker holds no training rows under those tags")
 
 
-def _loss(settings_loss: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def loss_of(settings_loss: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     fn = LOSSES[settings_loss]
     try:
         return fn(out, y)
@@ -153,20 +153,14 @@ def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings,
 
     With ``settings.dp_sgd``, the steps are DP-SGD's (`fedsecure.worker.dp_sgd`): Poisson samples
     of the records and noise drawn from this worker's own randomness, not from ``seed``."""
-    _check_data(x, y)
-    if settings.dp_sgd is not None:
-        dp_sgd.check_module(module)
+    optimizer = check(module, x, y, settings)
     params = [p for p in module.parameters() if p.requires_grad]
-    try:
-        optimizer = OPTIMIZERS[settings.optimizer](params, lr=settings.lr, **settings.optimizer_args)  # type: ignore[call-arg]
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"cannot build {settings.optimizer}: {exc}") from exc
     if settings.dp_sgd is not None:
         module.train()
         with torch.enable_grad():
             mean_loss, dp_steps = dp_sgd.fit(
                 module, x, y, optimizer, settings.dp_sgd, dp_plan(x.shape[0], settings),
-                lambda out, target: _loss(settings.loss, out, target), settings.proximal_mu,
+                lambda out, target: loss_of(settings.loss, out, target), settings.proximal_mu,
             )
         return x.shape[0], mean_loss, dp_steps
     anchor = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
@@ -181,7 +175,7 @@ def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings,
                 index = order[start : start + b]
                 xb, yb = x[index], y[index]
                 optimizer.zero_grad(set_to_none=True)
-                loss = _loss(settings.loss, module(xb), yb)
+                loss = loss_of(settings.loss, module(xb), yb)
                 if anchor:  # FedProx: mu/2 * ||w - w_global||^2
                     prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                     (loss + settings.proximal_mu / 2 * prox).backward()
@@ -196,20 +190,42 @@ def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings,
     return n, total / max(count, 1), steps
 
 
-def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, batch_size: int) -> torch.Tensor:
-    """``[summed loss, correct predictions, examples]`` of ``module`` on (x, y), as float64."""
+def check(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings) -> torch.optim.Optimizer:
+    """Everything `fit` checks before it reads a value (metadata only); the optimizer it would use."""
+    _check_data(x, y)
+    if settings.dp_sgd is not None:
+        dp_sgd.check_module(module)
+    params = [p for p in module.parameters() if p.requires_grad]
+    try:
+        return OPTIMIZERS[settings.optimizer](params, lr=settings.lr, **settings.optimizer_args)  # type: ignore[call-arg, no-any-return]
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"cannot build {settings.optimizer}: {exc}") from exc
+
+
+def planned_steps(examples: int, settings: Settings) -> int:
+    """The optimizer steps `fit` takes on ``examples`` rows (a function of counts, not values)."""
+    return dp_plan(examples, settings).steps
+
+
+def check_evaluation(x: torch.Tensor, y: torch.Tensor, loss: str, batch_size: int) -> None:
+    """Everything `evaluate` checks before it reads a value."""
     _check_data(x, y)
     if loss not in LOSSES:
         raise OperationNotAllowed(f"loss {loss!r} is not on the allow-list ({', '.join(LOSSES)})", op=str(loss))
     if type(batch_size) is not int or batch_size < 1:
         raise ProtocolError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, batch_size: int) -> torch.Tensor:
+    """``[summed loss, correct predictions, examples]`` of ``module`` on (x, y), as float64."""
+    check_evaluation(x, y, loss, batch_size)
     module.eval()
     loss_sum, correct = 0.0, 0
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
             out = module(xb)
-            loss_sum += float(_loss(loss, out, yb)) * len(xb)
+            loss_sum += float(loss_of(loss, out, yb)) * len(xb)
             if loss in _CLASSIFICATION and out.dim() == 2:
                 correct += int((out.argmax(1) == yb).sum())
     return torch.tensor([loss_sum, float(correct), float(x.shape[0])], dtype=torch.float64)

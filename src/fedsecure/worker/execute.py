@@ -1,0 +1,259 @@
+"""The one guarded execution path: every op, module call and backward pass on a worker.
+
+Three promises hold for work on labelled inputs (values derived from private data), whatever the
+model owner sends:
+
+1. **Every write is labelled, on every exit path.** A call may write to its inputs (in-place ops,
+   ``x[i] = v``, ``copy_`` inside a traced model, batch norm's running statistics, gradients
+   accumulated by a backward pass that fails halfway). Whether the call returns, raises or is
+   interrupted, everything it could have written carries the union of its inputs' labels before
+   anyone can ask for it again (`label_writes`, called from a ``finally``).
+2. **Metadata does not depend on values.** The result's shapes and dtypes are predicted on meta
+   tensors (shapes and dtypes, no data) before the call runs. An op whose result shape would depend
+   on the values (``x[x > 0]``, ``nonzero``, ``unique``, ``bincount``, ...) cannot be predicted and
+   is refused on labelled inputs; the refusal itself depends on metadata only.
+3. **Whether a call fails does not depend on values**, where the owners switched metrics off. An
+   op that is valid for the inputs' metadata can still fail on their values (an out-of-range
+   index or class label, a singular matrix, negative probabilities). Each such failure would be a
+   one-bit answer about the data. When every owner of the inputs allows metrics, that bit is no
+   more than a metric already reveals, and the error is reported at once (its text withheld).
+   When some owner allows no metrics, the call succeeds as the prediction says: its results hold
+   NaN (or zero for integers), carry the labels, and are marked *undefined*; releasing one later
+   is refused by the release rules anyway, and where a rule would allow it, the refusal names the
+   failed op instead of returning a meaningless value.
+
+The same prediction gives the bytes a call will allocate, so a worker's memory quota is checked
+before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedsecure.errors import FedsecureError, OperationNotAllowed, ProtocolError
+from fedsecure.worker import labels as lb
+
+_FAILED = "_fedsecure_failed"
+# Ops whose results are Python values read from the data: the release rules govern them, and they
+# have no meta form. Ops that only write (a backward pass) are guarded without a prediction.
+UNPREDICTED = frozenset({
+    "Tensor.item", "Tensor.tolist", "Tensor.__bool__", "Tensor.__int__", "Tensor.__float__",
+    "Tensor.__index__", "Tensor.backward", "Tensor.data.__set__", "Tensor.grad.__get__", "Tensor.grad.__set__",
+})
+_MAX_CACHE = 4096
+
+
+def failed(t: Any) -> str | None:
+    """The op whose failure on private data left ``t`` undefined, or None."""
+    return getattr(t, _FAILED, None)
+
+
+def mark_failed(tensors: Iterable[Any], op: str) -> None:
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and not failed(t):
+            setattr(t, _FAILED, op)
+
+
+def first_failure(tensors: Iterable[Any]) -> str | None:
+    for t in tensors:
+        reason = getattr(t, _FAILED, None)
+        if reason:
+            return reason  # type: ignore[no-any-return]
+    return None
+
+
+def hides_failures(labels: lb.Labels) -> bool:
+    """Failures on values are hidden when some owner of the inputs allows no metrics."""
+    return bool(labels) and min(label.max_metric_numel for label in labels) < 1
+
+
+# -- prediction on meta tensors -------------------------------------------------------------
+
+
+class Unpredictable(Exception):
+    """The result's metadata cannot be computed from the inputs' metadata."""
+
+
+def _signature(value: Any) -> Any:
+    """A hashable key of ``value``'s metadata (tensors by shape, dtype and grad flag)."""
+    kind = type(value)
+    if kind in (int, float, bool, str, type(None)):
+        return (kind, value)
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.stride(), value.dtype, value.requires_grad)
+    if kind is list or kind is tuple:
+        return (kind, tuple(_signature(v) for v in value))
+    if kind is dict:
+        return ("D", tuple((k, _signature(v)) for k, v in value.items()))
+    if kind is slice:
+        return ("S", _signature(value.start), _signature(value.stop), _signature(value.step))
+    if value is Ellipsis or isinstance(value, torch.dtype):
+        return value
+    raise TypeError  # not cached: predicted every time
+
+
+def _to_meta(value: Any, inputs: dict[int, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta",
+                                   requires_grad=value.requires_grad)
+        inputs[id(meta)] = value
+        return meta
+    if isinstance(value, list | tuple):
+        return type(value)(_to_meta(v, inputs) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_meta(v, inputs) for k, v in value.items()}
+    return value
+
+
+class Spec:
+    """What a call returns, by metadata: a tensor spec, a plain value, or a sequence of specs."""
+
+    __slots__ = ("shape", "dtype", "requires_grad", "view", "input", "plain", "items")
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] = ()
+        self.dtype: torch.dtype = torch.float32
+        self.requires_grad = False
+        self.view = False  # shares memory with an input: allocates nothing
+        self.input = -1  # the position (in the call's tensor inputs) of an input returned as is
+        self.plain: Any = None
+        self.items: list[Spec] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.items is not None:
+            return sum(item.nbytes for item in self.items)
+        if self.plain is not None or self.view or self.input >= 0 or self.shape is None:
+            return 0
+        numel = 1
+        for n in self.shape:
+            numel *= n
+        return numel * self.dtype.itemsize
+
+
+def _spec(out: Any, inputs: dict[int, torch.Tensor], order: dict[int, int]) -> Spec:
+    spec = Spec()
+    if isinstance(out, torch.Tensor):
+        if out.device.type != "meta":
+            raise Unpredictable
+        spec.shape, spec.dtype, spec.requires_grad = tuple(out.shape), out.dtype, out.requires_grad
+        spec.view = out._is_view()
+        real = inputs.get(id(out))
+        if real is not None:
+            spec.input = order[id(real)]
+        return spec
+    if isinstance(out, list | tuple):
+        spec.items = [_spec(o, inputs, order) for o in out]
+        return spec
+    if out is None or isinstance(out, int | float | bool | torch.Size):
+        spec.plain = out if out is not None else ()
+        return spec
+    raise Unpredictable
+
+
+_cache: dict[Any, Spec | None] = {}
+_module_cache: weakref.WeakKeyDictionary[nn.Module, dict[Any, Spec | None]] = weakref.WeakKeyDictionary()
+
+
+def predict(op: str, fn: Callable[..., Any], args: Any, kwargs: Any, tensors: list[torch.Tensor],
+            grad_enabled: bool, module: nn.Module | None = None) -> Spec | None:
+    """The metadata of ``fn(*args, **kwargs)`` computed on meta tensors; None when it cannot be
+    predicted (a value-dependent shape, or no meta kernel). Cached by the inputs' metadata."""
+    try:
+        key: Any = (op, _signature(args), _signature(kwargs), module is not None and module.training, grad_enabled)
+        cache = _cache if module is None else _module_cache.setdefault(module, {})
+        if key in cache:
+            return cache[key]
+    except TypeError:
+        key, cache = None, {}
+    order = {id(t): i for i, t in enumerate(tensors)}
+    inputs: dict[int, torch.Tensor] = {}
+    try:
+        with torch.set_grad_enabled(grad_enabled):
+            spec: Spec | None = _run_on_meta(fn, args, kwargs, module, inputs, order)
+    except Exception:
+        spec = None
+    if key is not None:
+        if len(cache) >= _MAX_CACHE:
+            cache.clear()
+        cache[key] = spec
+    return spec
+
+
+def _run_on_meta(fn: Callable[..., Any], args: Any, kwargs: Any, module: nn.Module | None,
+                 inputs: dict[int, torch.Tensor], order: dict[int, int]) -> Spec:
+    meta_args, meta_kwargs = _to_meta(args, inputs), _to_meta(kwargs, inputs)
+    if module is None:
+        out = fn(*meta_args, **meta_kwargs)
+    else:
+        state = {name: _to_meta(t, inputs) for name, t in [*module.named_parameters(), *module.named_buffers()]}
+        out = torch.func.functional_call(module, state, tuple(meta_args), meta_kwargs)
+    return _spec(out, inputs, order)
+
+
+def refuse_unpredictable(op: str, labels: lb.Labels, worker: str) -> None:
+    raise OperationNotAllowed(
+        f"{op} cannot run on {worker!r} on values derived from private data of {lb.owners(labels)}: the shape "
+        "of its result would depend on those values (or cannot be computed from shapes alone), which would "
+        "reveal them. Use a form with a fixed shape (e.g. a mask multiplied in, torch.where(c, a, b), "
+        "sums instead of selections)",
+        op=op,
+    )
+
+
+def placeholder(spec: Spec, tensors: list[torch.Tensor]) -> Any:
+    """A result of the predicted metadata with no meaning: NaN for floating types, zero otherwise
+    (an input returned in place is returned as it now is)."""
+    if spec.items is not None:
+        return tuple(placeholder(item, tensors) for item in spec.items)
+    if spec.plain is not None:
+        return None if spec.plain == () else spec.plain
+    if spec.input >= 0:
+        return tensors[spec.input]
+    if spec.dtype.is_floating_point or spec.dtype.is_complex:
+        out = torch.full(spec.shape, float("nan"), dtype=spec.dtype)
+    else:
+        out = torch.zeros(spec.shape, dtype=spec.dtype)
+    if spec.requires_grad and (spec.dtype.is_floating_point or spec.dtype.is_complex):
+        out.requires_grad_(True)
+    return out
+
+
+def label_writes(tensors: Iterable[torch.Tensor], labels: lb.Labels, modules: Iterable[nn.Module] = ()) -> None:
+    """Label everything a call could have written: its tensor inputs, their gradients, and the
+    state of the modules it ran (parameters, buffers such as running statistics, gradients)."""
+    if not labels:
+        return
+    for t in tensors:
+        lb.add_labels(t, labels)
+        if t.is_leaf and t.grad is not None:
+            lb.add_labels(t.grad, labels)
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            lb.add_labels(t, labels)
+            if t.grad is not None:
+                lb.add_labels(t.grad, labels)
+
+
+def step_on_meta(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                 loss: Callable[[torch.Tensor, torch.Tensor], Any]) -> None:
+    """One forward pass and the loss on meta tensors of a batch's shapes. It raises what a
+    mismatch of metadata raises (a model that does not fit the data), so a failure of the real
+    pass afterwards can only come from the values."""
+    b = max(1, min(batch_size, x.shape[0]))
+    inputs: dict[int, torch.Tensor] = {}
+    state = {name: _to_meta(t, inputs) for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    xb = torch.empty((b, *x.shape[1:]), dtype=x.dtype, device="meta")
+    yb = torch.empty((b, *y.shape[1:]), dtype=y.dtype, device="meta")
+    try:
+        loss(torch.func.functional_call(module, state, (xb,)), yb)
+    except FedsecureError:
+        raise
+    except Exception as exc:  # meta tensors hold no values: the message quotes none
+        raise ProtocolError(f"the model cannot run on data of shape {tuple(x.shape)} {x.dtype} with targets "
+                            f"{tuple(y.shape)} {y.dtype}: {type(exc).__name__}: {exc}") from None
