@@ -92,3 +92,9 @@ def test_dp_sgd_digits_benchmark_runs(tmp_path: Path) -> None:
     assert "DP-SGD, z = 1.0" in table
     plain, private = result["rows"]
     assert plain["rounds"][-1]["epsilon"] is None and private["rounds"][-1]["epsilon"] > 0
+
+
+def test_noninterference_benchmark_runs(tmp_path: Path) -> None:
+    table, result = run_quick("noninterference.py", tmp_path)
+    assert "divergent programs: 0" in table
+    assert result["programs"] == 200 and result["divergent_programs"] == 0 and result["steps"] > 0

@@ -364,8 +364,6 @@ def test_a_pointer_op_after_fit_voids_the_attestation(digits: Any) -> None:
 # -- what remains outside the cohort check (see docs/secure_aggregation.md) ----------------------
 
 
-@pytest.mark.xfail(strict=True, reason="the clip norm and weighting are the model owner's per-worker choice "
-                   "in SecAgg and not part of the digest the worker passes to SecureSessions.step (worker/core.py)")
 def test_a_per_worker_clip_norm_cannot_silence_the_others(digits: Any) -> None:
     f = Owners(digits)
     trained = [f.honest(name) for name in NAMES]
@@ -382,8 +380,6 @@ def test_a_per_worker_clip_norm_cannot_silence_the_others(digits: Any) -> None:
     f.refused(trained)
 
 
-@pytest.mark.xfail(strict=True, reason="Fit attests training on any tagged data, also data the model owner sent "
-                   "the worker itself; worker/core.py must attest only training on the owner's own data")
 def test_training_on_data_the_model_owner_sent_is_no_contribution(digits: Any) -> None:
     f = Owners(digits)
     alice = f.workers["alice"]

@@ -447,6 +447,9 @@ class WorkerCore:
         """Run one op (or a module's forward) on the guarded path (`fedsecure.worker.execute`)."""
         labels = lb.union(tensors)
         self._refuse_op(labels, op)
+        if labels and op in ex.VALUE_READS and tensors and tensors[0].numel() == 1:  # the release rules first
+            lb.check_release(labels, tensors[0].numel(), scalar=tensors[0].dim() == 0, holder=self.id,
+                             policy=self.policy, aggregate=False, what=f"the result of {op}")
         spec = None
         if (labels or self.memory_quota is not None) and op not in ex.UNPREDICTED:
             spec = ex.predict(op, fn, args, kwargs, tensors, grad_enabled, module)
@@ -466,19 +469,22 @@ class WorkerCore:
             ex.label_writes(tensors, labels, modules)
             raise
         except Exception as exc:
-            ex.label_writes(tensors, labels, modules)
             if spec is None or not ex.hides_failures(labels):
+                ex.label_writes(tensors, labels, modules)  # the failure shows anyway: label all it touched
                 detail = (
                     f"{type(exc).__name__}: {exc}"
-                    if not labels
-                    else f"{type(exc).__name__} (details withheld: the inputs derive from private "
-                    f"data of {lb.owners(labels)})"
+                    if not labels  # not even the exception's type: it can differ with the values
+                    else f"details withheld: the inputs derive from private data of {lb.owners(labels)}"
                 )
                 raise RemoteError(f"{op} failed on {self.id!r}: {detail}", op=op, worker=self.id) from None
             # The failure depends on private values that no owner lets out even as a metric: it must
-            # not show. The call "succeeds" as predicted; what it wrote and returned is undefined.
+            # not show. The call "succeeds" as predicted; what it wrote and returned is undefined. Only
+            # what it may have written is labelled, as on success: labelling what it only read would
+            # itself show the failure.
+            written = ex.written(op, args, tensors, versions)
+            ex.label_writes(written, labels, modules)
             result = ex.placeholder(spec, tensors)
-            ex.mark_failed([*tensors, *_tensors_in(result)], op)
+            ex.mark_failed([*written, *_tensors_in(result)], op)
         except BaseException:
             ex.label_writes(tensors, labels, modules)
             raise
@@ -805,7 +811,9 @@ class WorkerCore:
             for t in own:
                 lb.add_labels(t, labels)
         entry.samples = examples
-        entry.attestation = Attestation("fit", reference, config_digest(msg.config))
+        # Training on data the model owner sent itself is no owner's contribution: it could compute it.
+        own_data = self.own_label in lb.labels_of(x)
+        entry.attestation = Attestation("fit", reference, config_digest(msg.config)) if own_data else None
         entry.attested_version = _version(module)
         # The mean training loss is a 0-dimensional metric: released unless an owner allows none.
         # Under DP-SGD it is withheld: it is computed without noise, so epsilon would not cover it.
@@ -906,7 +914,7 @@ class WorkerCore:
                 raise PermissionDenied(f"{self.id!r} is a strict aggregator, not a data owner", rule="strict-aggregator")
             return update_vector(trained, reference, self._samples_of(entry) if msg.weighted else None, msg.privacy)
 
-        attestation, required = self._update_attestation(msg.module_id, msg.reference_id)
+        attestation, required = self._update_attestation(msg.module_id, msg.reference_id, msg.weighted, msg.privacy)
         return self._secure.step(_client.get(), msg.session, msg.phase, msg.client_id, msg.payload, update,
                                  attestation=attestation, required=required)
 
@@ -935,10 +943,13 @@ class WorkerCore:
                 rule="cohort",
             )
 
-    def _update_attestation(self, module_id: int, reference_id: int) -> tuple[bytes | None, bool]:
+    def _update_attestation(self, module_id: int, reference_id: int, weighted: bool, privacy: Any
+                            ) -> tuple[bytes | None, bool]:
         """The digest of the attestation of the update ``module_id`` - ``reference_id`` (None
         unless the module is this worker's own unmodified training of exactly that reference),
-        and whether its labels require one (a training-only owner's data)."""
+        and whether its labels require one (a training-only owner's data). The digest covers how the
+        update is weighted, clipped and noised too: the model owner chooses those per worker, and a
+        tiny clip norm for all but one owner would isolate that one."""
         entry, trained = self._module(module_id)
         _, reference = self._module(reference_id)
         labels = lb.union(t for _, t in state_tensors(trained))
@@ -946,7 +957,7 @@ class WorkerCore:
         found = self._valid_attestation(entry, trained)
         if found is None or found.kind != "fit" or found.model != model_digest(reference):
             return None, required
-        return found.digest(), required
+        return _with_update_settings(found, weighted, privacy).digest(), required
 
     def _share(self, msg: m.Share, sender: Sender) -> Any:
         """Split a value (a tensor, or a trained model's update) into additive shares, one per
@@ -975,8 +986,9 @@ class WorkerCore:
                 )
             value = t.detach()
         else:
-            digest, required = self._update_attestation(msg.object_id, msg.reference_id)
-            attestation = self._valid_attestation(entry, entry.obj) if digest is not None else None
+            digest, required = self._update_attestation(msg.object_id, msg.reference_id, msg.weighted, msg.privacy)
+            found = self._valid_attestation(entry, entry.obj) if digest is not None else None
+            attestation = None if found is None else _with_update_settings(found, msg.weighted, msg.privacy)
             if required and attestation is None:
                 raise _unattested(self.id, "shared")
             _, trained = self._module(msg.object_id)
@@ -1346,6 +1358,10 @@ def _backward(
             for leaf in leaves:
                 if leaf.grad is not None:
                     lb.add_labels(leaf.grad, labels)
+
+
+def _with_update_settings(found: Attestation, weighted: bool, privacy: Any) -> Attestation:
+    return Attestation(found.kind, found.model, config_digest([found.config.hex(), weighted, privacy]))
 
 
 def _unattested(worker: str, verb: str) -> PermissionDenied:

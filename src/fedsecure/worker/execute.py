@@ -46,6 +46,10 @@ UNPREDICTED = frozenset({
     "Tensor.__index__", "Tensor.backward", "Tensor.data.__set__", "Tensor.grad.__get__", "Tensor.grad.__set__",
 })
 _MAX_CACHE = 4096
+# Ops that read a value out as a Python number: the release rules are checked before they run, so
+# that how they fail on a value (NaN to int) cannot show where the rules would refuse anyway.
+VALUE_READS = frozenset({"Tensor.item", "Tensor.tolist", "Tensor.__bool__", "Tensor.__int__", "Tensor.__float__",
+                         "Tensor.__index__"})
 
 
 def failed(t: Any) -> str | None:
@@ -221,6 +225,18 @@ def placeholder(spec: Spec, tensors: list[torch.Tensor]) -> Any:
         out = torch.zeros(spec.shape, dtype=spec.dtype)
     if spec.requires_grad and (spec.dtype.is_floating_point or spec.dtype.is_complex):
         out.requires_grad_(True)
+    return out
+
+
+def written(op: str, args: Any, tensors: list[torch.Tensor], versions: list[int]) -> list[torch.Tensor]:
+    """What a failed call may have written: tensors whose version moved, and the target of an
+    in-place op (``x[i] = v``, ``add_``, ``+=``), which may hold part of the result without a bump."""
+    out = [t for t, v in zip(tensors, versions, strict=True) if t._version != v]
+    name = op.rsplit(".", 1)[-1]
+    inplace = name == "__setitem__" or (name.endswith("_") and not name.endswith("__")) or (
+        name.startswith("__i") and name not in ("__int__", "__index__", "__invert__"))
+    if inplace and args and isinstance(args[0], torch.Tensor) and not any(args[0] is t for t in out):
+        out.append(args[0])
     return out
 
 
