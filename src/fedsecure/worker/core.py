@@ -469,6 +469,8 @@ class WorkerCore:
             ex.label_writes(tensors, labels, modules)
             raise
         except Exception as exc:
+            if spec is not None and ex.hides_failures(labels):  # the exact call, floats and all
+                spec = ex.predict(op, fn, args, kwargs, tensors, grad_enabled, module, cached=False)
             if spec is None or not ex.hides_failures(labels):
                 ex.label_writes(tensors, labels, modules)  # the failure shows anyway: label all it touched
                 detail = (

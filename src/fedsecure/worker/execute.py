@@ -86,7 +86,9 @@ class Unpredictable(Exception):
 def _signature(value: Any) -> Any:
     """A hashable key of ``value``'s metadata (tensors by shape, dtype and grad flag)."""
     kind = type(value)
-    if kind in (int, float, bool, str, type(None)):
+    if kind is float:  # a float's value decides no shape or dtype (Adam's step sizes change every step)
+        return kind
+    if kind in (int, bool, str, type(None)):
         return (kind, value)
     if isinstance(value, torch.Tensor):
         return ("T", tuple(value.shape), value.stride(), value.dtype, value.requires_grad)
@@ -165,10 +167,13 @@ _module_cache: weakref.WeakKeyDictionary[nn.Module, dict[Any, Spec | None]] = we
 
 
 def predict(op: str, fn: Callable[..., Any], args: Any, kwargs: Any, tensors: list[torch.Tensor],
-            grad_enabled: bool, module: nn.Module | None = None) -> Spec | None:
+            grad_enabled: bool, module: nn.Module | None = None, *, cached: bool = True) -> Spec | None:
     """The metadata of ``fn(*args, **kwargs)`` computed on meta tensors; None when it cannot be
-    predicted (a value-dependent shape, or no meta kernel). Cached by the inputs' metadata."""
+    predicted (a value-dependent shape, or no meta kernel). Cached by the inputs' metadata (float
+    arguments by type only: ``cached=False`` checks the exact call, as a failure does)."""
     try:
+        if not cached:
+            raise TypeError
         key: Any = (op, _signature(args), _signature(kwargs), module is not None and module.training, grad_enabled)
         cache = _cache if module is None else _module_cache.setdefault(module, {})
         if key in cache:
