@@ -125,3 +125,12 @@ def test_a_step_needs_a_sampling_rate_and_whole_rounds() -> None:
     with pytest.raises(AccountingError, match="rounds must be a positive integer"):
         accountant.step(rounds=0, sampling_rate=0.1)
     assert accountant.rounds == 0
+
+
+@pytest.mark.parametrize(("z", "rounds", "documented"), [(1.0, 1, 4.73), (1.0, 10, 19.05), (2.0, 1, 2.17), (2.0, 10, 8.08)])
+def test_the_isolation_bound_quoted_in_the_privacy_docs(z: float, rounds: int, documented: float) -> None:
+    """docs/privacy.md bounds what a model owner who knows every other contribution (a Sybil) learns of
+    one owner's clipped update: one Gaussian mechanism per round, without sampling amplification."""
+    accountant = Accountant(noise_multiplier=z, sampling_rate=1.0)
+    accountant.step(rounds=rounds)
+    assert accountant.epsilon() == pytest.approx(documented, abs=0.005)

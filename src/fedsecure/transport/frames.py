@@ -71,7 +71,8 @@ def outgoing(worker: str, message: bytes) -> tuple[bytes, list[memoryview]]:
 def chunks(head: bytes, views: list[memoryview]) -> Iterator[bytes]:
     """The gRPC messages of one message: its head, then each frame in chunks.
 
-    Each chunk is copied once, into the bytes object gRPC takes, as it is sent."""
+    Each chunk is copied once, into the bytes object gRPC takes, when the iterator reaches it (a
+    server takes them all while it holds the worker, then sends them without holding it)."""
     yield head
     for view in views:
         for start in range(0, len(view), CHUNK):

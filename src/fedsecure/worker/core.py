@@ -86,6 +86,7 @@ class Entry:
     share: int | None = None  # an additive share in Z_(2^64): its fixed point's fractional bits
     attestation: Attestation | None = None  # this worker's own Fit/Evaluate made it (or the source's did)
     attested_version: int = -1  # its version then: a later change voids the attestation
+    digest: tuple[int, bytes] | None = None  # (version, model digest), cached by `WorkerCore._digest`
     nbytes: int = 0  # what it costs its owner's memory quota (set by the store)
 
 
@@ -484,7 +485,7 @@ class WorkerCore:
             # what it may have written is labelled, as on success: labelling what it only read would
             # itself show the failure.
             written = ex.written(op, args, tensors, versions)
-            ex.label_writes(written, labels, modules)
+            ex.label_writes(written, labels)  # a module's buffers below, as on success
             result = ex.placeholder(spec, tensors)
             ex.mark_failed([*written, *_tensors_in(result)], op)
         except BaseException:
@@ -496,8 +497,10 @@ class WorkerCore:
             if t._version != v:
                 lb.add_labels(t, labels)
         _record_inputs(result, tensors)
-        if op == "F.batch_norm" or module is not None:  # running stats change without a version bump
-            ex.label_writes(tensors if op == "F.batch_norm" else [], labels, modules)
+        if op == "F.batch_norm":  # writes running stats without bumping their versions
+            ex.label_writes(tensors, labels)
+        if module is not None and module.training:  # so does a module's forward, to its buffers
+            ex.label_writes(list(module.buffers()), labels)
         if op == "Tensor.data.__set__":
             lb.merge(args[0], args[1])
         failure = ex.first_failure(tensors)
@@ -571,15 +574,12 @@ class WorkerCore:
         ids: dict[int, int] = {}
         args = self._resolve(msg.args, tensors, ids)
         kwargs = self._resolve(msg.kwargs, tensors, ids)
-        n_args = len(tensors)
         tensors.extend(t for _, t in state_tensors(module))
         self._refuse_op(lb.union(tensors), "model.forward")  # before train() changes anything
         if module.training != msg.training:
             module.train(msg.training)
-        del tensors[n_args:]  # the prediction runs the module on meta copies of its own state
-        state = [t for _, t in state_tensors(module)]
-        return self._execute("model.forward", module, args, kwargs, [*tensors, *state],
-                             ids, msg.result_id, msg.grad_enabled, module)
+        return self._execute("model.forward", module, args, kwargs, tensors, ids, msg.result_id,
+                             msg.grad_enabled, module)
 
     def _admit(self, nbytes: int, *, what: str, private: bool = False) -> None:
         """The checks every new object passes, however it is made (a tensor or a model sent, a result,
@@ -799,16 +799,16 @@ class WorkerCore:
         # Everything the module holds afterwards derives from the data and from its old state.
         labels = lb.labels_of(x) | lb.labels_of(y) | lb.union(own)
         self._refuse_if_strict(labels, "training")
-        training.check(module, x, y, settings)
+        optimizer = training.check(module, x, y, settings)
         ex.step_on_meta(module, x, y, settings.batch_size, lambda out, t: training.loss_of(settings.loss, out, t))
         reference = model_digest(module)
         ledger = self._account_dp_sgd(settings, module, int(x.shape[0]))
         try:
-            examples, loss, steps = training.fit(module, x, y, settings, msg.seed)
+            examples, loss, steps = training.fit(module, x, y, settings, msg.seed, optimizer)
         except Exception as exc:
             # The metadata fit (checked on meta tensors above): this failure comes from the values.
-            examples, loss, steps = self._failed_on_values("training", exc, labels, own)
-            examples, steps = int(x.shape[0]), training.planned_steps(int(x.shape[0]), settings)
+            self._failed_on_values("training", exc, labels, own)
+            examples, loss, steps = int(x.shape[0]), float("nan"), training.planned_steps(int(x.shape[0]), settings)
         finally:
             for t in own:
                 lb.add_labels(t, labels)
@@ -875,7 +875,7 @@ class WorkerCore:
         training.check_evaluation(x, y, config["loss"], config["batch_size"])
         ex.step_on_meta(module, x, y, config["batch_size"], lambda out, t: training.loss_of(config["loss"], out, t))
         attestation = Attestation("evaluate", model_digest(module), config_digest(config))
-        self._admit(_cost(torch.empty(3, dtype=torch.float64)), what="the evaluation's sums")
+        self._admit(3 * torch.float64.itemsize, what="the evaluation's sums")
         try:
             sums = training.evaluate(module, x, y, config["loss"], config["batch_size"])
         except Exception as exc:
@@ -887,8 +887,7 @@ class WorkerCore:
                                             attested_version=sums._version)
         return _meta(msg.result_id, sums)
 
-    def _failed_on_values(self, what: str, exc: Exception, labels: lb.Labels, written: list[torch.Tensor]
-                          ) -> tuple[int, float, int]:
+    def _failed_on_values(self, what: str, exc: Exception, labels: lb.Labels, written: list[torch.Tensor]) -> None:
         """A fixed function whose metadata checked out failed anyway: on the values. Reported (its text
         withheld) where the owners allow metrics, since a metric could tell as much; otherwise the work
         goes on as if it had succeeded, with what it wrote undefined (NaN), so the model owner's view
@@ -906,7 +905,6 @@ class WorkerCore:
                 if t.is_floating_point():
                     t.fill_(float("nan"))
         ex.mark_failed(written, what)
-        return 0, float("nan"), 0
 
     def _secagg(self, msg: m.SecAgg, sender: Sender) -> Any:
         def update() -> Any:
@@ -918,7 +916,7 @@ class WorkerCore:
 
         attestation, required = self._update_attestation(msg.module_id, msg.reference_id, msg.weighted, msg.privacy)
         return self._secure.step(_client.get(), msg.session, msg.phase, msg.client_id, msg.payload, update,
-                                 attestation=attestation, required=required)
+                                 attestation=None if attestation is None else attestation.digest(), required=required)
 
     @staticmethod
     def _valid_attestation(entry: Entry, obj: Any) -> Attestation | None:
@@ -946,20 +944,27 @@ class WorkerCore:
             )
 
     def _update_attestation(self, module_id: int, reference_id: int, weighted: bool, privacy: Any
-                            ) -> tuple[bytes | None, bool]:
-        """The digest of the attestation of the update ``module_id`` - ``reference_id`` (None
+                            ) -> tuple[Attestation | None, bool]:
+        """The attestation of the update ``module_id`` - ``reference_id`` (None
         unless the module is this worker's own unmodified training of exactly that reference),
         and whether its labels require one (a training-only owner's data). The digest covers how the
         update is weighted, clipped and noised too: the model owner chooses those per worker, and a
         tiny clip norm for all but one owner would isolate that one."""
         entry, trained = self._module(module_id)
-        _, reference = self._module(reference_id)
-        labels = lb.union(t for _, t in state_tensors(trained))
-        required = any(label.training_only for label in labels)
+        required = self._training_only(lb.union(t for _, t in state_tensors(trained)))
         found = self._valid_attestation(entry, trained)
-        if found is None or found.kind != "fit" or found.model != model_digest(reference):
+        if found is None or found.kind != "fit" or found.model != self._digest(reference_id):
             return None, required
-        return _with_update_settings(found, weighted, privacy).digest(), required
+        return _with_update_settings(found, weighted, privacy), required
+
+    def _digest(self, module_id: int) -> bytes:
+        """The model digest of a stored model, kept while it is unchanged (secure aggregation asks for
+        the reference's in each of its phases)."""
+        entry, module = self._module(module_id)
+        version = _version(module)
+        if entry.digest is None or entry.digest[0] != version:
+            entry.digest = (version, model_digest(module))
+        return entry.digest[1]
 
     def _share(self, msg: m.Share, sender: Sender) -> Any:
         """Split a value (a tensor, or a trained model's update) into additive shares, one per
@@ -988,9 +993,8 @@ class WorkerCore:
                 )
             value = t.detach()
         else:
-            digest, required = self._update_attestation(msg.object_id, msg.reference_id, msg.weighted, msg.privacy)
-            found = self._valid_attestation(entry, entry.obj) if digest is not None else None
-            attestation = None if found is None else _with_update_settings(found, msg.weighted, msg.privacy)
+            attestation, required = self._update_attestation(msg.object_id, msg.reference_id, msg.weighted,
+                                                             msg.privacy)
             if required and attestation is None:
                 raise _unattested(self.id, "shared")
             _, trained = self._module(msg.object_id)
@@ -1281,7 +1285,7 @@ class WorkerCore:
         spec = describe(reference)
         entries, states, labels = self._aggregation_inputs(msg.module_ids, spec)
         assert spec is not None
-        if self._training_only(labels) and entries[0].attestation.model != model_digest(reference):  # type: ignore[union-attr]
+        if self._training_only(labels) and entries[0].attestation.model != self._digest(msg.reference_id):  # type: ignore[union-attr]
             raise PermissionDenied("the updates were not trained from the reference model given", rule="cohort")
         weights = self._weights(entries, bool(labels), bool(msg.rule.get("weighted", True)))
         floating = [i for i, t in enumerate(base) if t.is_floating_point()]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -39,17 +39,14 @@ from fedsecure.errors import FedsecureError, OperationNotAllowed, ProtocolError
 from fedsecure.worker import labels as lb
 
 _FAILED = "_fedsecure_failed"
-# Ops whose results are Python values read from the data: the release rules govern them, and they
-# have no meta form. Ops that only write (a backward pass) are guarded without a prediction.
-UNPREDICTED = frozenset({
-    "Tensor.item", "Tensor.tolist", "Tensor.__bool__", "Tensor.__int__", "Tensor.__float__",
-    "Tensor.__index__", "Tensor.backward", "Tensor.data.__set__", "Tensor.grad.__get__", "Tensor.grad.__set__",
-})
-_MAX_CACHE = 4096
-# Ops that read a value out as a Python number: the release rules are checked before they run, so
-# that how they fail on a value (NaN to int) cannot show where the rules would refuse anyway.
+# Ops that read a value out as a Python number: the release rules govern them (checked before they
+# run, so that how they fail on a value, NaN to int, cannot show where the rules would refuse anyway),
+# and they have no meta form.
 VALUE_READS = frozenset({"Tensor.item", "Tensor.tolist", "Tensor.__bool__", "Tensor.__int__", "Tensor.__float__",
                          "Tensor.__index__"})
+# Ops run without a prediction: value reads, and ops that only write or read a gradient (guarded all the same).
+UNPREDICTED = VALUE_READS | {"Tensor.backward", "Tensor.data.__set__", "Tensor.grad.__get__", "Tensor.grad.__set__"}
+_MAX_CACHE = 4096
 
 
 def failed(t: Any) -> str | None:
@@ -134,7 +131,7 @@ class Spec:
     def nbytes(self) -> int:
         if self.items is not None:
             return sum(item.nbytes for item in self.items)
-        if self.plain is not None or self.view or self.input >= 0 or self.shape is None:
+        if self.plain is not None or self.view or self.input >= 0:
             return 0
         numel = 1
         for n in self.shape:
@@ -205,7 +202,7 @@ def _run_on_meta(fn: Callable[..., Any], args: Any, kwargs: Any, module: nn.Modu
     return _spec(out, inputs, order)
 
 
-def refuse_unpredictable(op: str, labels: lb.Labels, worker: str) -> None:
+def refuse_unpredictable(op: str, labels: lb.Labels, worker: str) -> NoReturn:
     raise OperationNotAllowed(
         f"{op} cannot run on {worker!r} on values derived from private data of {lb.owners(labels)}: the shape "
         "of its result would depend on those values (or cannot be computed from shapes alone), which would "

@@ -148,12 +148,14 @@ def loss_of(settings_loss: str, out: torch.Tensor, y: torch.Tensor) -> torch.Ten
         ) from exc
 
 
-def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings, seed: int) -> tuple[int, float, int]:
+def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings, seed: int,
+        optimizer: torch.optim.Optimizer | None = None) -> tuple[int, float, int]:
     """Train ``module`` in place; return (examples, mean training loss, optimizer steps).
 
     With ``settings.dp_sgd``, the steps are DP-SGD's (`fedsecure.worker.dp_sgd`): Poisson samples
     of the records and noise drawn from this worker's own randomness, not from ``seed``."""
-    optimizer = check(module, x, y, settings)
+    if optimizer is None:  # the caller may have checked already (`check` returns the optimizer)
+        optimizer = check(module, x, y, settings)
     params = [p for p in module.parameters() if p.requires_grad]
     if settings.dp_sgd is not None:
         module.train()
