@@ -221,3 +221,24 @@ def test_the_policy_is_explained_and_announced(tmp_path: Any) -> None:
     with sy.WorkerProcess("agg", clients={"owner": OWNER}, aggregator=True, memory_quota="none") as agg:
         assert "strict aggregator" in agg.banner and "policy: aggregator" in agg.banner
         assert "no memory quota" in agg.banner
+
+
+# -- the quota counts what a worker already holds -------------------------------------------
+
+
+def test_a_quota_set_on_a_running_worker_counts_what_it_already_holds() -> None:
+    """A worker without a quota keeps no byte counts (they cost every op); a quota switched on
+    later still counts the tensors sent before it, and refuses what would go over it."""
+    hook = sy.TorchHook(torch)
+    bob = sy.VirtualWorker(hook, id="quota-bob")
+    x = torch.zeros(1000).send(bob)  # 4000 bytes, sent while there is no quota
+    assert bob.core.objects.used == {}
+    bob.core.memory_quota = 6000
+    assert sum(bob.core.objects.used.values()) == 4000
+    with pytest.raises(sy.PermissionDenied, match="memory quota of 6000 bytes"):
+        x + 1  # another 4000 bytes would make 8000
+    del x
+    bob.core.memory_quota = None
+    assert bob.core.objects.used == {}
+    with pytest.raises(ValueError, match="bytes >= 0"):
+        bob.core.memory_quota = -1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import torch
 
@@ -42,7 +42,7 @@ def _is_str(v: Any) -> bool:
 # field type -> its check; a decoded request is checked field by field before use
 CHECKS: dict[str, Callable[[Any], bool]] = {
     "id": _is_id,
-    "ids": lambda v: isinstance(v, list) and all(_is_id(x) for x in v),
+    "ids": lambda v: isinstance(v, list) and all(map(_is_id, v)),
     "str": _is_str,
     "strs": lambda v: isinstance(v, list) and all(_is_str(x) for x in v),
     "bool": lambda v: type(v) is bool,
@@ -446,11 +446,15 @@ def decode_request(data: bytes) -> Request:
     values = raw[1:]
     if len(values) != len(cls.SPEC):
         raise ProtocolError(f"{cls.__name__} needs {len(cls.SPEC)} fields, got {len(values)}")
-    for i, (check, value) in enumerate(zip(cls.CHECK_FNS, values, strict=True)):
+    for check, value in zip(cls.CHECK_FNS, values, strict=True):
         if not check(value):
-            name, kind = cls.FIELDS[i], cls.SPEC[i]
-            raise ProtocolError(f"{cls.__name__}.{name} must be {kind}, got {type(value).__name__}")
+            _refuse_fields(cls, values)
     return cls(*values)
+
+
+def _refuse_fields(cls: type[Request], values: list[Any]) -> NoReturn:
+    i = next(i for i, (check, value) in enumerate(zip(cls.CHECK_FNS, values, strict=True)) if not check(value))
+    raise ProtocolError(f"{cls.__name__}.{cls.FIELDS[i]} must be {cls.SPEC[i]}, got {type(values[i]).__name__}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,27 +101,45 @@ def _cost(obj: Any) -> int:
 
 
 class Store(dict[int, Entry]):
-    """id -> entry; an id taken by one model owner cannot be taken over by another. Keeps the
-    bytes each model owner holds (`used`)."""
+    """id -> entry; an id taken by one model owner cannot be taken over by another. With
+    ``accounting`` on (a worker with a memory quota), keeps the bytes each model owner holds (`used`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.used: dict[str | None, int] = {}
+        self._accounting = False
+
+    @property
+    def accounting(self) -> bool:
+        return self._accounting
+
+    @accounting.setter
+    def accounting(self, on: bool) -> None:
+        """Switched on, it counts what the store already holds."""
+        if on and not self._accounting:
+            for entry in self.values():
+                entry.nbytes = entry.nbytes or _cost(entry.obj)
+                self._charge(entry.owner, entry.nbytes)
+        elif not on:
+            self.used.clear()
+        self._accounting = on
 
     def __setitem__(self, obj_id: int, entry: Entry) -> None:
         existing = self.get(obj_id)
-        if existing is not None and existing.owner != entry.owner:
-            raise ProtocolError(f"object id {obj_id:#x} is in use")
         if existing is not None:
-            self._charge(existing.owner, -existing.nbytes)
-        entry.nbytes = entry.nbytes or _cost(entry.obj)
-        self._charge(entry.owner, entry.nbytes)
+            if existing.owner != entry.owner:
+                raise ProtocolError(f"object id {obj_id:#x} is in use")
+            if self._accounting:
+                self._charge(existing.owner, -existing.nbytes)
+        if self._accounting:
+            entry.nbytes = entry.nbytes or _cost(entry.obj)
+            self._charge(entry.owner, entry.nbytes)
         super().__setitem__(obj_id, entry)
 
     def __delitem__(self, obj_id: int) -> None:
-        entry = self[obj_id]
-        super().__delitem__(obj_id)
-        self._charge(entry.owner, -entry.nbytes)
+        entry = dict.pop(self, obj_id)
+        if self._accounting:
+            self._charge(entry.owner, -entry.nbytes)
 
     def pop(self, obj_id: int, default: Any = None) -> Any:  # type: ignore[override]
         if obj_id in self:
@@ -243,10 +261,8 @@ class WorkerCore:
         aggregation with the consistency check (`fedsecure.worker.secure`)."""
         self.id = id
         self.policy = policy or lb.Policy()
-        if memory_quota is not None and memory_quota < 0:
-            raise ValueError("memory_quota must be a number of bytes >= 0 (None: no limit)")
-        self.memory_quota = memory_quota
         self.objects = Store()
+        self.memory_quota = memory_quota
         self.samples = 0  # rows of private data, reported with moved updates
         self.max_reply: int | None = None  # the transport's limit: a Get that cannot leave stays
         self.framed = False  # the transport carries large tensors beside messages (codec.Framed)
@@ -392,8 +408,10 @@ class WorkerCore:
     def _refuse_op(self, labels: lb.Labels, op: str) -> None:
         """Refuse a pointer op on labelled values where a rule forbids it: on a strict aggregator,
         and anywhere on data whose owner allows only training (the rule travels with the label)."""
+        if not labels:
+            return
         self._refuse_if_strict(labels, op)
-        if labels and self._training_only(labels):
+        if self._training_only(labels):
             raise PermissionDenied(
                 f"{op} on {self.id!r} refused: the values derive from private data of "
                 f"{lb.owners(frozenset(x for x in labels if x.training_only))}, whose owners allow only training "
@@ -413,7 +431,18 @@ class WorkerCore:
 
     @staticmethod
     def _training_only(labels: lb.Labels) -> bool:
-        return any(label.training_only for label in labels)
+        return lb.training_only(labels)
+
+    @property
+    def memory_quota(self) -> int | None:
+        return self._memory_quota
+
+    @memory_quota.setter
+    def memory_quota(self, quota: int | None) -> None:
+        if quota is not None and quota < 0:
+            raise ValueError("memory_quota must be a number of bytes >= 0 (None: no limit)")
+        self._memory_quota = quota
+        self.objects.accounting = quota is not None  # the store counts bytes only where they are limited
 
     def _call(self, msg: m.Call, sender: Sender) -> Any:
         fn = ALLOWED.get(msg.op)
@@ -447,16 +476,17 @@ class WorkerCore:
     ) -> Any:
         """Run one op (or a module's forward) on the guarded path (`fedsecure.worker.execute`)."""
         labels = lb.union(tensors)
-        self._refuse_op(labels, op)
+        if labels and (self.policy.strict or lb.training_only(labels)):
+            self._refuse_op(labels, op)
         if labels and op in ex.VALUE_READS and tensors and tensors[0].numel() == 1:  # the release rules first
             lb.check_release(labels, tensors[0].numel(), scalar=tensors[0].dim() == 0, holder=self.id,
                              policy=self.policy, aggregate=False, what=f"the result of {op}")
         spec = None
-        if (labels or self.memory_quota is not None) and op not in ex.UNPREDICTED:
+        if (labels or self._memory_quota is not None) and op not in ex.UNPREDICTED:
             spec = ex.predict(op, fn, args, kwargs, tensors, grad_enabled, module)
             if spec is None and labels:
                 ex.refuse_unpredictable(op, labels, self.id)
-            if spec is not None:
+            if spec is not None and self._memory_quota is not None:
                 self._admit(spec.nbytes, what=f"the result of {op}")
         versions = [t._version for t in tensors]
         modules = [module] if module is not None else []

@@ -28,6 +28,7 @@ before anything is allocated.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
@@ -47,6 +48,7 @@ VALUE_READS = frozenset({"Tensor.item", "Tensor.tolist", "Tensor.__bool__", "Ten
 # Ops run without a prediction: value reads, and ops that only write or read a gradient (guarded all the same).
 UNPREDICTED = VALUE_READS | {"Tensor.backward", "Tensor.data.__set__", "Tensor.grad.__get__", "Tensor.grad.__set__"}
 _MAX_CACHE = 4096
+_marked = False  # whether any tensor in this process was ever marked undefined (a fast path when not)
 
 
 def failed(t: Any) -> str | None:
@@ -55,12 +57,16 @@ def failed(t: Any) -> str | None:
 
 
 def mark_failed(tensors: Iterable[Any], op: str) -> None:
+    global _marked
+    _marked = True
     for t in tensors:
         if isinstance(t, torch.Tensor) and not failed(t):
             setattr(t, _FAILED, op)
 
 
 def first_failure(tensors: Iterable[Any]) -> str | None:
+    if not _marked:
+        return None
     for t in tensors:
         reason = getattr(t, _FAILED, None)
         if reason:
@@ -68,6 +74,7 @@ def first_failure(tensors: Iterable[Any]) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
 def hides_failures(labels: lb.Labels) -> bool:
     """Failures on values are hidden when some owner of the inputs allows no metrics."""
     return bool(labels) and min(label.max_metric_numel for label in labels) < 1
@@ -81,23 +88,27 @@ class Unpredictable(Exception):
 
 
 def _signature(value: Any) -> Any:
-    """A hashable key of ``value``'s metadata (tensors by shape, dtype and grad flag)."""
+    """A hashable key of ``value``'s metadata (tensors by shape, stride, dtype and grad flag)."""
+    if isinstance(value, torch.Tensor):  # the common case first: this runs on every guarded call
+        return (value.shape, value.stride(), value.dtype, value.requires_grad)
     kind = type(value)
     if kind is float:  # a float's value decides no shape or dtype (Adam's step sizes change every step)
         return kind
-    if kind in (int, bool, str, type(None)):
+    if kind in _VALUED:
         return (kind, value)
-    if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), value.stride(), value.dtype, value.requires_grad)
-    if kind is list or kind is tuple:
-        return (kind, tuple(_signature(v) for v in value))
+    if kind is list or kind is tuple:  # tensors inline, as above (one call less each)
+        return (kind, *[(v.shape, v.stride(), v.dtype, v.requires_grad) if isinstance(v, torch.Tensor)
+                        else _signature(v) for v in value])
     if kind is dict:
-        return ("D", tuple((k, _signature(v)) for k, v in value.items()))
+        return ("D", *[(k, _signature(v)) for k, v in value.items()])
     if kind is slice:
         return ("S", _signature(value.start), _signature(value.stop), _signature(value.step))
     if value is Ellipsis or isinstance(value, torch.dtype):
         return value
     raise TypeError  # not cached: predicted every time
+
+
+_VALUED = frozenset({int, bool, str, type(None)})
 
 
 def _to_meta(value: Any, inputs: dict[int, torch.Tensor]) -> Any:
@@ -171,7 +182,8 @@ def predict(op: str, fn: Callable[..., Any], args: Any, kwargs: Any, tensors: li
     try:
         if not cached:
             raise TypeError
-        key: Any = (op, _signature(args), _signature(kwargs), module is not None and module.training, grad_enabled)
+        key: Any = (op, _signature(args), _signature(kwargs) if kwargs else None, module is not None and module.training,
+                    grad_enabled)
         cache = _cache if module is None else _module_cache.setdefault(module, {})
         if key in cache:
             return cache[key]

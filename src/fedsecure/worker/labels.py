@@ -13,6 +13,7 @@ every alias. Labels only ever grow.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -152,6 +153,12 @@ def union_cells(items: Iterable[Cell]) -> Labels:
         if labels:
             out = out | labels
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def training_only(labels: Labels) -> bool:
+    """Whether an owner of ``labels`` allows only training on its data (cached: runs on every op)."""
+    return any(label.training_only for label in labels)
 
 
 def union(items: Iterable[Any]) -> Labels:
