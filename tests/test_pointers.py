@@ -63,8 +63,8 @@ def test_pointer_to_pointer(bob: sy.VirtualWorker, alice: sy.VirtualWorker) -> N
     back = outer.get()
     assert back is inner
     assert torch.equal(back.get(), x)
-    with pytest.raises(sy.OperationNotAllowed, match="pointer to a pointer"):
-        torch.ones(1).send(bob).send(alice) + 1
+    chained = torch.ones(1).send(bob).send(alice) + 1  # runs on bob; alice points to the result
+    assert chained.location is alice and torch.equal(chained.get().get(), torch.tensor([2.0]))
 
 
 def test_dropping_the_last_pointer_frees_the_object(bob: sy.VirtualWorker) -> None:

@@ -5,6 +5,8 @@
 ``model.move(secure_worker)``; the workers enforce who may see what.
 """
 
+import sys as _sys
+import types as _types
 from typing import TYPE_CHECKING
 
 from fedsecure import optim
@@ -29,6 +31,8 @@ from fedsecure.pointer import (
     move,
     send,
 )
+from fedsecure.pointer import floptimizer as _floptimizer
+from fedsecure.pointer.inplace import get_, send_
 from fedsecure.worker import Federation, Policy, VirtualWorker, WorkerClient
 
 if TYPE_CHECKING:  # for type checkers; at run time see __getattr__ below
@@ -36,15 +40,30 @@ if TYPE_CHECKING:  # for type checkers; at run time see __getattr__ below
 
 __version__ = "0.1.0"
 
-# The network transport (gRPC, TLS) loads on first use: one-process users never pay for it.
-_TRANSPORT = {"TLS", "AuthenticationFailed", "WorkerProcess", "connect"}
+# PySyft 0.2's module path for its per-worker optimizers: ``from fedsecure.federated.floptimizer
+# import Optims`` (the class lives in the pointer layer).
+federated = _types.ModuleType("fedsecure.federated", "PySyft 0.2's module path: federated.floptimizer.Optims")
+federated.floptimizer = _floptimizer  # type: ignore[attr-defined]
+_sys.modules.setdefault("fedsecure.federated", federated)
+_sys.modules.setdefault("fedsecure.federated.floptimizer", _floptimizer)
+
+# Loaded on first use: the network transport (gRPC, TLS), which one-process users never pay for,
+# and the rest of PySyft 0.2's names (docs/pysyft.md).
+_LAZY = {
+    **dict.fromkeys(["TLS", "AuthenticationFailed", "WorkerProcess", "connect"], "fedsecure.transport"),
+    **dict.fromkeys(["BaseDataset", "FederatedDataset", "FederatedDataLoader"], "fedsecure.pointer.federated_data"),
+    **dict.fromkeys(["Plan", "func2plan"], "fedsecure.pointer.plan"),
+    **dict.fromkeys(["create_sandbox", "PrivateGridNetwork"], "fedsecure.pointer.sandbox"),
+    **dict.fromkeys(["local_worker"], "fedsecure.pointer.local"),
+}
 
 
 def __getattr__(name: str) -> object:
-    if name in _TRANSPORT:
-        from fedsecure import transport
+    module = _LAZY.get(name)
+    if module is not None:
+        import importlib
 
-        return getattr(transport, name)
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'fedsecure' has no attribute {name!r}")
 
 __all__ = [
@@ -69,9 +88,12 @@ __all__ = [
     "WorkerUnavailable",
     "copy",
     "fix_precision",
+    "federated",
     "get",
+    "get_",
     "hook",
     "move",
     "optim",
     "send",
+    "send_",
 ]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fedsecure.errors import OperationNotAllowed
+from fedsecure.pointer.inplace import get_, send_
 from fedsecure.pointer.module import copy_module, get_module, move_module, send_module
 from fedsecure.pointer.shared import fix_precision
 from fedsecure.pointer.tensor import PointerTensor, send_tensor
@@ -64,7 +65,13 @@ def copy(obj: Any) -> Any:
     raise TypeError(f"copy() takes a tensor or a torch.nn.Module, got {type(obj).__name__}")
 
 
-def _tensor_send(self: torch.Tensor, worker: WorkerClient, *, private: bool = False, tags: Any = ()) -> Any:
+def _tensor_send(
+    self: torch.Tensor, worker: WorkerClient, *more: WorkerClient, private: bool = False, tags: Any = ()
+) -> Any:
+    """``t.send(bob)``: a pointer; ``t.send(bob, alice)``: a tuple of pointers, one per worker (PySyft
+    returns one multi-pointer object there; its parts are these)."""
+    if more:
+        return tuple(send_tensor(self, w, private=private, tags=tags) for w in (worker, *more))
     return send_tensor(self, worker, private=private, tags=tags)
 
 
@@ -73,7 +80,10 @@ def _module_send(self: nn.Module, worker: WorkerClient, *, private: bool = False
 
 
 _VERBS: dict[type, dict[str, Any]] = {
-    torch.Tensor: {"send": _tensor_send, "get": get, "move": move, "copy": copy, "fix_precision": fix_precision},
+    torch.Tensor: {
+        "send": _tensor_send, "get": get, "move": move, "copy": copy, "fix_precision": fix_precision,
+        "send_": send_, "get_": get_,
+    },
     nn.Module: {"send": _module_send, "get": get, "move": move, "copy": copy},
 }
 

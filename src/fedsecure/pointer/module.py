@@ -14,9 +14,11 @@ import copy
 import weakref
 from typing import Any
 
+import torch
 from torch import nn
 
-from fedsecure.errors import OperationNotAllowed, WorkerMismatch
+from fedsecure.errors import OperationNotAllowed, PermissionDenied, WorkerMismatch
+from fedsecure.pointer.inplace import become_local, become_pointer, convertible, in_place
 from fedsecure.pointer.tensor import PointerTensor, call, send_tensor
 from fedsecure.wire import messages as m
 from fedsecure.worker.client import WorkerClient
@@ -85,7 +87,8 @@ def _slots(module: nn.Module) -> list[tuple[dict[str, Any], str]]:
 
 def _install(module: nn.Module, remote: RemoteModule, pointers: list[PointerTensor]) -> None:
     for (slot, name), ptr in zip(_slots(module), pointers, strict=True):
-        slot[name] = ptr
+        if slot[name] is not ptr:
+            slot[name] = ptr
     module.__dict__[_ATTR] = remote
     if remote.module_id is not None:
         module.__dict__["forward"] = _RemoteForward(module, remote)
@@ -108,19 +111,35 @@ def send_module(module: nn.Module, worker: WorkerClient, *, private: bool = Fals
     tensors = [slot[name] for slot, name in slots]
     spec = describe(module)
     if spec is None:  # weights only: the forward pass runs op by op
-        pointers = [send_tensor(t, worker, private=private) for t in tensors]
+        sent = [send_tensor(t, worker, private=private) for t in tensors]
+        pointers = [_in_place(t, p._fs.worker, p.id_at_location, p._fs_owners, p) for t, p in zip(tensors, sent, strict=True)]
         _install(module, RemoteModule(worker, None), pointers)
         return module
     module_id, ids = new_id(), [new_id() for _ in tensors]
     worker.request(
         m.PutModule(worker.take_release(), module_id, spec, [t.detach() for t in tensors], ids, private)
     )
-    pointers = [
-        PointerTensor(worker, i, t.shape, t.dtype, t.requires_grad, [worker.id] if private else [])
-        for i, t in zip(ids, tensors, strict=True)
-    ]
+    owners = [worker.id] if private else []
+    pointers = [_in_place(t, worker, i, owners) for t, i in zip(tensors, ids, strict=True)]
     _install(module, RemoteModule(worker, module_id), pointers)
     return module
+
+
+def _in_place(
+    t: torch.Tensor, worker: WorkerClient, obj_id: int, owners: list[str], sent: PointerTensor | None = None
+) -> PointerTensor:
+    """The model's own tensor object, now pointing to ``obj_id`` (as PySyft moves parameters in
+    place, so that optimizers built before the send step the remote weights); a new pointer for a
+    tensor of another subclass, which cannot convert."""
+    if isinstance(t, PointerTensor):  # a tensor the model holds twice: converted at its first slot
+        if t.id_at_location != obj_id:
+            worker.release(obj_id)
+        return t
+    if not convertible(t):
+        return sent if sent is not None else PointerTensor(worker, obj_id, t.shape, t.dtype, t.requires_grad, owners)
+    if sent is not None:
+        sent._fs.live = False  # the id now belongs to t
+    return become_pointer(t, worker, obj_id, owners)
 
 
 def _pointers(module: nn.Module) -> list[PointerTensor]:
@@ -140,21 +159,45 @@ def _require_remote(module: nn.Module, verb: str) -> RemoteModule:
     return remote
 
 
+# Where PySyft's tutorials get() a model trained on a worker's private data, fedsecure refuses.
+_TRAINED_ON_PRIVATE_DATA = (
+    "A model trained on a data owner's private data comes back only as an aggregate: move each "
+    "owner's model to an aggregator (model.move(secure_worker)) and average there "
+    "(secure_worker.aggregate([...]).get()), or let fedsecure.fl.fit run the rounds; see "
+    "docs/tutorial.md and docs/pysyft.md."
+)
+
+
 def get_module(module: nn.Module) -> nn.Module:
     """Fetch the weights back (if the worker's policy allows); the model becomes local."""
     remote = _require_remote(module, "get")
     pointers = _pointers(module)
+    grads: list[torch.Tensor | None]
     if remote.module_id is None:
-        values = [p.get() for p in pointers]
+        unique = {id(p): p for p in pointers}
+        fetched = {key: PointerTensor.get(p) for key, p in unique.items()}
+        values = [fetched[id(p)].detach() for p in pointers]
+        grads = [fetched[id(p)].grad for p in pointers]
     else:
-        values = remote.worker.request(m.GetModule(remote.worker.take_release(), remote.module_id))
+        try:
+            reply = remote.worker.request(m.GetModule(remote.worker.take_release(), remote.module_id, True))
+        except PermissionDenied as err:
+            raise PermissionDenied(f"{err} {_TRAINED_ON_PRIVATE_DATA}", rule=err.rule) from err
         remote.live = False
+        values, grads = reply["values"], reply["grads"]
     param_slots = {id(sub._parameters) for sub in module.modules()}
-    for (slot, name), ptr, value in zip(_slots(module), pointers, values, strict=True):
-        if id(slot) in param_slots:
-            slot[name] = nn.Parameter(value, requires_grad=ptr.requires_grad)
+    restored: dict[int, torch.Tensor] = {}
+    for (slot, name), ptr, value, grad in zip(_slots(module), pointers, values, grads, strict=True):
+        if id(ptr) in restored:  # held twice: restored at its first slot
+            slot[name] = restored[id(ptr)]
+        elif in_place(ptr):
+            restored[id(ptr)] = become_local(ptr, value, grad)
         else:
-            slot[name] = value
+            ptr._fs.live = False
+            local = nn.Parameter(value, requires_grad=ptr.requires_grad) if id(slot) in param_slots else value
+            if grad is not None and local.requires_grad:
+                local.grad = grad
+            slot[name] = restored[id(ptr)] = local
     del module.__dict__[_ATTR]
     module.__dict__.pop("forward", None)
     return module

@@ -168,7 +168,10 @@ class PointerTensor(torch.Tensor):
                 raise WorkerMismatch("the worker returned a pointer this process did not send")
             return child
         t: torch.Tensor = value["tensor"]
-        return t.requires_grad_(True) if value["requires_grad"] else t
+        if value["requires_grad"]:
+            t.requires_grad_(True)
+            t.grad = value.get("grad")
+        return t
 
     def move(self, worker: WorkerClient) -> PointerTensor:
         """Send the value straight from its worker to ``worker``; this pointer follows it.
@@ -205,6 +208,26 @@ class PointerTensor(torch.Tensor):
         ptr._fs_child = self
         return ptr
 
+    def remote_get(self) -> PointerTensor:
+        """For a pointer to a pointer (``t.send(bob).send(alice)``): the worker in the middle (alice)
+        takes the value from the end of the chain (bob), which no longer holds it; this pointer then
+        points to the value on alice. Returns this pointer."""
+        child = self._fs_child
+        if child is None:
+            raise OperationNotAllowed(
+                "remote_get() is for a pointer to a pointer; this pointer's value is already on "
+                f"{self._fs.worker.id!r} (get() fetches it here)",
+                op="remote_get",
+            )
+        if child._fs_child is not None:
+            child.remote_get()
+        middle = self._fs.worker
+        child.move(middle)  # straight from the end of the chain to the middle
+        middle.release(self._fs.id)  # the middle's record of the chain
+        self._fs.id, self._fs_child = child._fs.id, None
+        child._fs.live = False  # the value is this pointer's now
+        return self
+
     def copy(self) -> PointerTensor:
         """A new remote copy of the value, on the same worker (a leaf, like ``deepcopy``)."""
         with torch.no_grad():
@@ -231,12 +254,55 @@ class PointerTensor(torch.Tensor):
                 "express the computation with allowed ops",
                 op=str(resolve_name(func) or func),
             )
-        return call(name, args, kwargs)
+        try:
+            return call(name, args, kwargs)
+        except _ChainOp:
+            return _chain_call(func, name, args, kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
         # Reached only by a path that bypassed __torch_function__: refuse rather than guess.
         raise OperationNotAllowed(f"{func} reached a pointer below the dispatcher", op=str(func))
+
+
+class _ChainOp(Exception):
+    """An operand is a pointer to a pointer: the op runs where the chain ends (`_chain_call`)."""
+
+
+def _chain_call(func: Any, op: str, args: Any, kwargs: dict[str, Any]) -> Any:
+    """An op on pointers to pointers (``x = t.send(bob).send(alice); x + x``), as PySyft runs it:
+    the op runs on the worker at the end of the chains (bob), and the result is again a pointer
+    held by the worker the operands point through (alice). The operands must all be chains
+    through the same worker; the result of an in-place op is the operand itself."""
+    through: list[WorkerClient] = []
+    outer: dict[int, PointerTensor] = {}
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, PointerTensor):
+            child = value._fs_child
+            if child is None or (through and value._fs.worker is not through[0]):
+                raise WorkerMismatch(
+                    f"{op}: combines a pointer to a pointer with a pointer along another path; both "
+                    "must point through the same worker (send both the same way, or get() one level)"
+                )
+            through[:1] = [value._fs.worker]
+            outer[id(child)] = value
+            return child
+        if isinstance(value, list | tuple):
+            return type(value)(strip(v) for v in value)
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()}
+        return value
+
+    def wrap(value: Any) -> Any:
+        if isinstance(value, PointerTensor):
+            same = outer.get(id(value))
+            return same if same is not None else value.send(through[0])
+        if isinstance(value, tuple):
+            return tuple(wrap(v) for v in value)
+        return value
+
+    return wrap(func(*strip(list(args)), **strip(kwargs)))
 
 
 _GRAD_OPS = frozenset({"Tensor.grad.__get__", "Tensor.grad.__set__", "Tensor.backward"})
@@ -292,10 +358,7 @@ def _encode(value: Any, site: _Site) -> Any:
                 f"{site.op}: this pointer's value was fetched with get() or freed", op=site.op
             )
         if value._fs_child is not None:
-            raise OperationNotAllowed(
-                f"{site.op}: ops on a pointer to a pointer are not supported; get() it first",
-                op=site.op,
-            )
+            raise _ChainOp
         if site.worker is None:
             site.worker = remote.worker
         elif remote.worker is not site.worker:

@@ -167,11 +167,14 @@ class Get(Request):
     object_id: int
 
 
-@_request(7, ("id",))
+@_request(7, ("id", "bool"))
 @dataclass(frozen=True, slots=True)
 class GetModule(Request):
+    """Release a model's tensors (and, with ``grads``, its parameters' gradients) and delete it."""
+
     release: list[int]
     module_id: int
+    grads: bool = False
 
 
 @_request(8, ())

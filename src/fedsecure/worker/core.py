@@ -689,20 +689,23 @@ class WorkerCore:
             return {"ref": [obj.location, obj.ref_id]}
         if not isinstance(obj, torch.Tensor):
             raise OperationNotAllowed("get() of a model: use model.get()", op="get")
+        grad = obj.grad if obj.requires_grad and obj.is_leaf else None
+        what = "the tensor" if grad is None else "the tensor and its gradient"
         lb.check_release(
-            lb.labels_of(obj),
+            lb.labels_of(obj) | (lb.labels_of(grad) if grad is not None else frozenset()),
             obj.numel(),
             scalar=obj.dim() == 0,
             holder=self.id,
             policy=self.policy,
             aggregate=entry.aggregate,
-            what="the tensor",
+            what=what,
         )
         _refuse_undefined(ex.failed(obj), "the tensor", self.id)
         value = codec.sendable(obj)  # checked first: a failure must lose nothing
-        self._check_reply_size(value.nbytes)
+        grad_value = None if grad is None else codec.sendable(grad)
+        self._check_reply_size(value.nbytes + (0 if grad_value is None else grad_value.nbytes))
         del self.objects[msg.object_id]
-        return {"tensor": value, "requires_grad": obj.requires_grad}
+        return {"tensor": value, "requires_grad": obj.requires_grad, "grad": grad_value}
 
     def _check_reply_size(self, size: int) -> None:
         if self.max_reply is not None and size > self.max_reply:
@@ -714,19 +717,22 @@ class WorkerCore:
     def _get_module(self, msg: m.GetModule, sender: Sender) -> Any:
         entry, module = self._module(msg.module_id)
         own = [t for _, t in state_tensors(module)]
+        grads = [t.grad for t in own] if msg.grads else []
+        present = [g for g in grads if g is not None]
         lb.check_release(
-            lb.union(own),
+            lb.union(own + present),
             sum(t.numel() for t in own),
             scalar=False,
             holder=self.id,
             policy=self.policy,
             aggregate=entry.aggregate,
-            what="the model",
+            what="the model and its gradients" if present else "the model",
         )
         values = [codec.sendable(t) for t in own]
-        self._check_reply_size(sum(v.nbytes for v in values))
+        grad_values = [None if g is None else codec.sendable(g) for g in grads]
+        self._check_reply_size(sum(v.nbytes for v in values) + sum(g.nbytes for g in grad_values if g is not None))
         del self.objects[msg.module_id]
-        return values
+        return {"values": values, "grads": grad_values} if msg.grads else values
 
     # -- optimizers next to their parameters -----------------------------------------
 
