@@ -195,3 +195,12 @@ def test_optims_keeps_one_optimizer_per_worker(bob, alice) -> None:
         optims.get_optim("charlie")
     with pytest.raises(TypeError, match="Optimizer"):
         Optims(["bob"], optim=model)  # type: ignore[arg-type]
+
+
+def test_a_worker_side_optimizer_says_so_when_its_parameters_came_back(bob) -> None:
+    model = nn.Linear(2, 1).send(bob)
+    opt = sy.optim.SGD(model.parameters(), lr=0.1)
+    _step(model, opt, DATA.send(bob), TARGET.send(bob))
+    model.get()
+    with pytest.raises(sy.WorkerMismatch, match="came back with get"):
+        opt.step()

@@ -60,10 +60,11 @@ class _RemoteOptimizer:
         worker = self._fs_worker
         assert worker is not None
         for p, obj_id in self._fs_params:
-            if p.location is not worker or p.id_at_location != obj_id:
+            if not isinstance(p, PointerTensor) or p.location is not worker or p.id_at_location != obj_id:
                 raise WorkerMismatch(
-                    "a parameter moved after this optimizer was made; make a new optimizer "
-                    "where the parameters are now"
+                    "a parameter moved (or came back with get()) after this optimizer was made on "
+                    f"{worker.id!r}; its state lives there: make a new optimizer where the parameters "
+                    "are now, or use torch.optim, whose state follows the parameters"
                 )
         return worker
 
