@@ -204,3 +204,13 @@ def test_a_worker_side_optimizer_says_so_when_its_parameters_came_back(bob) -> N
     model.get()
     with pytest.raises(sy.WorkerMismatch, match="came back with get"):
         opt.step()
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu"), "cpu"])
+def test_moving_private_data_to_the_workers_device_is_allowed(federation, device) -> None:
+    """PySyft's Part 6 calls data.to(device) on every batch; on private data too."""
+    bob = _private_owner(federation, torch.randn(4, 2))
+    x = bob.search("x")[0]
+    assert x.to(device).shape == (4, 2)
+    moved = x.to(device=device, dtype=torch.float64)
+    assert moved.dtype == torch.float64 and moved.owners == ["bob"]

@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from fedsecure.errors import OperationNotAllowed
+from fedsecure.pointer.federated_data import federate
 from fedsecure.pointer.inplace import get_, send_
 from fedsecure.pointer.module import copy_module, get_module, move_module, send_module
 from fedsecure.pointer.shared import fix_precision
@@ -85,6 +87,7 @@ _VERBS: dict[type, dict[str, Any]] = {
         "send_": send_, "get_": get_,
     },
     nn.Module: {"send": _module_send, "get": get, "move": move, "copy": copy},
+    Dataset: {"federate": federate},
 }
 
 

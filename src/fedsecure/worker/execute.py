@@ -121,7 +121,13 @@ def _to_meta(value: Any, inputs: dict[int, torch.Tensor]) -> Any:
         return type(value)(_to_meta(v, inputs) for v in value)
     if isinstance(value, dict):
         return {k: _to_meta(v, inputs) for k, v in value.items()}
+    # a worker's tensors are on its CPU: a move there (``x.to("cpu")``) is, on meta, a move to meta
+    if (type(value) is torch.device and value.type == "cpu") or (type(value) is str and value == "cpu"):
+        return _META
     return value
+
+
+_META = torch.device("meta")
 
 
 class Spec:
