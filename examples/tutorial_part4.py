@@ -214,7 +214,7 @@ def _shared_average(models: list[nn.Module], holders: list[sy.WorkerClient]) -> 
     of those sums is put together here. Neither owner sees the other's weights."""
     average = {}
     for name, _ in models[0].named_parameters():
-        shared = [getattr(m, name).fix_precision().share(*holders) for m in models]
+        shared = [getattr(m, name).fix_precision().share(*holders).get() for m in models]
         average[name] = (sy.SharedTensor.sum(shared).get().float_precision() / len(models)).float()
     return average
 

@@ -818,9 +818,9 @@ def test_raw_data_shared_with_known_zeros_does_not_count(cohort: dict[str, Serve
     bob, alice = cohort["bob"], cohort["alice"]
     holders = (cohort["secure_worker"].client, cohort["carol"].client)
     with pytest.raises(sy.PermissionDenied) as info:
-        bobs = private(bob.client, "x").fix_precision().share(*holders)
+        bobs = private(bob.client, "x").fix_precision().share(*holders).get()
         zeros = sy.send(torch.zeros(8, 2), alice.client) + private(alice.client, "x").sum() * 0
-        alices = zeros.fix_precision().share(*holders)
+        alices = zeros.fix_precision().share(*holders).get()
         total = sy.SharedTensor.sum([bobs, alices]).float_precision()
         leaked("the sum of bob's shared data and alice's shared zeros", total.flatten(),
                torch.from_numpy(bob.data["x"]).flatten())
@@ -838,7 +838,7 @@ def test_an_update_shared_with_known_zeros_does_not_count(cohort: dict[str, Serv
         bobs = sy.SharedTensor([sy.PointerTensor(h, i, reply["shape"], torch.int64) for h, i in zip(holders, ids, strict=True)],
                                frac_bits=DEFAULT_FRAC_BITS)
         zeros = sy.send(torch.zeros(reply["shape"]), alice.client) + private(alice.client, "x").sum() * 0
-        alices = zeros.fix_precision().share(*holders)
+        alices = zeros.fix_precision().share(*holders).get()
         total = sy.SharedTensor.sum([bobs, alices]).float_precision()
         leaked("the sum of bob's shared update and alice's shared zeros", total.flatten(),
                floats(local_fit(model, bob, TRAINING)) - floats(model))

@@ -16,8 +16,10 @@ def test_owners_share_and_only_the_sum_is_reconstructed(n: int) -> None:
     shared = [fix_precision(x).share(n) for x in owners]
     total = AdditiveShares.sum(shared)
     exact = sum(x.double() for x in owners)
-    assert torch.allclose(total.float_precision(), exact, atol=len(owners) * 2.0**-17)
-    assert torch.allclose((shared[0] + shared[1]).float_precision(), (owners[0] + owners[1]).double(), atol=2 * 2.0**-17)
+    assert total.float_precision().dtype == torch.float32  # the dtype that was encoded
+    assert torch.allclose(total.float_precision().double(), exact, atol=len(owners) * 2.0**-17)
+    assert torch.allclose((shared[0] + shared[1]).float_precision().double(), (owners[0] + owners[1]).double(),
+                          atol=2 * 2.0**-17)
 
 
 def test_one_share_is_uniform_whatever_the_value() -> None:

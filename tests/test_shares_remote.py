@@ -41,15 +41,14 @@ def test_the_pysyft_spelling_adds_on_shares_and_decodes(hooked) -> None:
     x, y = torch.tensor([0.1, -0.2, 0.3]), torch.tensor([[1.5], [2.0], [-3.25]]).flatten()
     xs, ys = x.fix_precision().share(bob, alice), y.fix_precision().share(bob, alice)
     assert isinstance(xs, sy.SharedTensor) and [w.id for w in xs.holders] == ["bob", "alice"]
-    z = (xs + ys).get().float_precision()
-    torch.testing.assert_close(z, (x + y).double(), atol=2**-16, rtol=0)
-    torch.testing.assert_close((xs - ys).float_precision(), (x - y).double(), atol=2**-16, rtol=0)
-    torch.testing.assert_close((3 * xs).float_precision(), 3 * x.double(), atol=3 * 2**-16, rtol=0)
-    torch.testing.assert_close((xs + 1.5).float_precision(), x.double() + 1.5, atol=2**-16, rtol=0)
-    torch.testing.assert_close((2 - xs).float_precision(), 2 - x.double(), atol=2**-16, rtol=0)
+    z = (xs + ys).get().float_precision()  # float32 in, float32 out
+    torch.testing.assert_close(z, x + y, atol=2**-16, rtol=0)
+    torch.testing.assert_close((xs - ys).float_precision(), x - y, atol=2**-16, rtol=0)
+    torch.testing.assert_close((3 * xs).float_precision(), 3 * x, atol=3 * 2**-16, rtol=0)
+    torch.testing.assert_close((xs + 1.5).float_precision(), x + 1.5, atol=2**-16, rtol=0)
+    torch.testing.assert_close((2 - xs).float_precision(), 2 - x, atol=2**-16, rtol=0)
     # without the hook: the same through fedsecure.fix_precision
-    torch.testing.assert_close(sy.fix_precision(x).share(bob, alice).float_precision(), x.double(), atol=2**-16,
-                               rtol=0)
+    torch.testing.assert_close(sy.fix_precision(x).share(bob, alice).float_precision(), x, atol=2**-16, rtol=0)
 
 
 def test_each_holder_sees_a_uniform_share_not_the_value(hooked) -> None:
@@ -70,9 +69,9 @@ def test_a_remote_value_is_shared_by_its_worker_and_never_leaves_whole(hooked) -
     value = torch.tensor([5.0, 6.0, -7.0])
     ptr = value.send(carol)
     before = dict(fed.link_bytes)
-    shared = ptr.fix_precision().share(bob, alice)
+    shared = ptr.fix_precision().share(bob, alice).get()  # as in PySyft: a pointer, whose get() is the value
     assert set(fed.link_bytes) - set(before) == {("carol", "bob"), ("carol", "alice")}  # carol sent the shares
-    torch.testing.assert_close(shared.float_precision(), value.double(), atol=2**-16, rtol=0)
+    torch.testing.assert_close(shared.float_precision(), value, atol=2**-16, rtol=0)
 
 
 def test_shares_of_private_data_are_labelled_and_sum_only_across_owners(hooked) -> None:
@@ -82,7 +81,7 @@ def test_shares_of_private_data_are_labelled_and_sum_only_across_owners(hooked) 
     b = sy.VirtualWorker(id="b", federation=fed, data={"v": b_data})
     h1, h2 = workers(fed, "h1", "h2", policy=sy.Policy(strict=True))
     (av,), (bv,) = a.search("v"), b.search("v")
-    a_shared, b_shared = av.fix_precision().share(h1, h2), bv.fix_precision().share(h1, h2)
+    a_shared, b_shared = av.fix_precision().share(h1, h2).get(), bv.fix_precision().share(h1, h2).get()
     with pytest.raises(sy.PermissionDenied):  # one owner's share does not leave its holder
         a_shared.shares[0].get()
     with pytest.raises(sy.PermissionDenied):  # a strict holder runs no op on it either
@@ -90,7 +89,7 @@ def test_shares_of_private_data_are_labelled_and_sum_only_across_owners(hooked) 
     with pytest.raises(sy.PermissionDenied, match="at least 2"):
         sy.SharedTensor.sum([a_shared])
     total = sy.SharedTensor.sum([a_shared, b_shared])
-    torch.testing.assert_close(total.float_precision(), (a_data + b_data).double(), atol=2 * 2**-16, rtol=0)
+    torch.testing.assert_close(total.float_precision(), a_data + b_data, atol=2 * 2**-16, rtol=0)
     with pytest.raises(sy.ObjectNotFound):  # consumed: each share joins one sum only
         sy.SharedTensor.sum([a_shared, b_shared])
 
@@ -272,7 +271,7 @@ def test_a_refused_sum_of_shares_loses_nothing(hooked) -> None:
     _, fed = hooked
     owners_ = [sy.VirtualWorker(id=n, federation=fed, data={"v": torch.ones(k)}) for n, k in (("a", 2), ("b", 3))]
     h1, h2 = workers(fed, "h1", "h2", policy=sy.Policy(strict=True))
-    a, b = (o.search("v")[0].fix_precision().share(h1, h2) for o in owners_)
+    a, b = (o.search("v")[0].fix_precision().share(h1, h2).get() for o in owners_)
     with pytest.raises(SecAggInputError, match="shapes"):
         sy.SharedTensor.sum([a, b])
     with pytest.raises(sy.ProtocolError, match="one shape"):  # the holder checks too

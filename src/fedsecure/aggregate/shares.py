@@ -15,13 +15,17 @@ from AES-128-CTR under a fresh random key (``fedsecure.aggregate.masks.MaskStrea
 
 Each share is also a plain int64 torch tensor (``to_tensors`` / ``from_tensors``), so it can be
 sent to a worker and added there with ordinary torch ops; int64 addition wraps as Z_(2^64) does.
+
+A value remembers the floating dtype it was encoded from, and ``float_precision()`` decodes to it
+(float32 in, float32 out, as in PySyft); a sum of values of two dtypes decodes to the dtype torch
+promotes them to. Integers, and shares that arrive without a dtype, decode to float64.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any, overload
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -33,19 +37,41 @@ DEFAULT_FRAC_BITS = 16
 _BLOCK = 1 << 16  # entries per block of encoding's float64 scratch (512 KB)
 
 
-class FixedPrecision:
-    """A tensor in fixed point over Z_(2^64); ``share(n)`` splits it among n aggregators."""
+def decoded_dtype(dtype: Any) -> torch.dtype:
+    """The torch floating dtype a decoded value takes: ``dtype`` itself when floating, else float64."""
+    if isinstance(dtype, torch.dtype):
+        return dtype if dtype.is_floating_point else torch.float64
+    numpy_dtype = np.dtype(dtype)
+    if np.issubdtype(numpy_dtype, np.floating) and numpy_dtype.itemsize <= 8:
+        return torch.from_numpy(np.zeros(0, numpy_dtype)).dtype
+    return torch.float64
 
-    def __init__(self, *, ring: np.ndarray, shape: tuple[int, ...], frac_bits: int) -> None:
+
+def _checked_dtype(dtype: Any) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise SecAggInputError(f"a fixed-point value decodes to a floating torch dtype, got {dtype!r}")
+    return dtype
+
+
+class FixedPrecision:
+    """A tensor in fixed point over Z_(2^64); ``share(n)`` splits it among n aggregators.
+    ``dtype``: the floating dtype ``float_precision()`` returns (the one encoded)."""
+
+    def __init__(self, *, ring: np.ndarray, shape: tuple[int, ...], frac_bits: int,
+                 dtype: torch.dtype = torch.float64) -> None:
         if ring.dtype != np.uint64 or ring.size != int(np.prod(shape)):
             raise SecAggInputError(f"a fixed-point tensor of shape {shape} needs {int(np.prod(shape))} uint64 values")
-        self.ring, self.shape, self.frac_bits = ring, tuple(shape), frac_bits
+        self.ring, self.shape, self.frac_bits, self.dtype = ring, tuple(shape), frac_bits, _checked_dtype(dtype)
 
     @classmethod
-    def encode(cls, tensor: torch.Tensor | np.ndarray, *, frac_bits: int = DEFAULT_FRAC_BITS) -> FixedPrecision:
+    def encode(cls, tensor: torch.Tensor | np.ndarray, *, frac_bits: int = DEFAULT_FRAC_BITS) -> Self:
         if type(frac_bits) is not int or not 0 <= frac_bits <= 52:
             raise SecAggInputError(f"frac_bits must be an int in [0, 52], got {frac_bits!r}")
-        x = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
+        if isinstance(tensor, torch.Tensor):
+            t = tensor.detach().cpu()
+            x = (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16
+        else:
+            x = np.asarray(tensor)
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise SecAggInputError(f"cannot encode {x.dtype} values: give real numbers")
         flat, scale = x.reshape(-1), 2.0**frac_bits
@@ -68,24 +94,19 @@ class FixedPrecision:
                 )
             np.rint(s, out=s)
             ring[start : start + part.size] = s
-        return cls(ring=ring.view(np.uint64), shape=x.shape, frac_bits=frac_bits)
+        dtype = decoded_dtype(tensor.dtype if isinstance(tensor, torch.Tensor) else x.dtype)
+        return cls(ring=ring.view(np.uint64), shape=x.shape, frac_bits=frac_bits, dtype=dtype)
 
-    @overload
-    def share(self, n: int = 2, /) -> AdditiveShares: ...
-    @overload
-    def share(self, *workers: Any) -> Any: ...
-
-    def share(self, *holders: Any) -> Any:
-        """``share(n)``: n shares here, each uniform on its own, adding up to this value.
-        ``share(bob, alice, ...)``: one share sent to each worker (`fedsecure.pointer.shared`)."""
-        if holders and not (len(holders) == 1 and isinstance(holders[0], int)):
-            from fedsecure.pointer.shared import share_local  # the pointer layer sits above this one
-
-            return share_local(self, holders)
-        return self._split(holders[0] if holders else 2)
-
-    def _split(self, n: int) -> AdditiveShares:
-        if type(n) is not int or n < 2:
+    def share(self, n: int = 2, /) -> AdditiveShares:
+        """n shares here, each uniform on its own, adding up to this value. (Sharing among workers,
+        ``x.fix_precision().share(bob, alice)``, is the pointer layer's: ``fedsecure.fix_precision``.)"""
+        if type(n) is not int:
+            raise SecAggInputError(
+                f"share(n) splits a value into n local shares, got {type(n).__name__}: to share among workers, "
+                "encode with fedsecure.fix_precision(x) (or x.fix_precision() after fedsecure.TorchHook(torch)), "
+                "then .share(bob, alice)"
+            )
+        if n < 2:
             raise SecAggInputError(f"sharing needs at least 2 shares (one per aggregator), got {n!r}")
         stream = MaskStream(size=self.ring.size, dtype=np.uint64)
         keys = [os.urandom(16) for _ in range(n - 1)]
@@ -96,37 +117,39 @@ class FixedPrecision:
             parts.append(part)
         last = self.ring.copy()
         stream.apply(last, [(key, -1) for key in keys])
-        return AdditiveShares(parts=[*parts, last], shape=self.shape, frac_bits=self.frac_bits)
+        return AdditiveShares(parts=[*parts, last], shape=self.shape, frac_bits=self.frac_bits, dtype=self.dtype)
 
     def float_precision(self) -> torch.Tensor:
-        """Back to float64: the value, within 2^-(frac_bits + 1) per summand."""
+        """Back to the encoded dtype: the value, within 2^-(frac_bits + 1) per summand (decoded in
+        float64, then rounded once to the dtype)."""
         x = self.ring.view(np.int64).astype(np.float64) / 2.0**self.frac_bits
-        return torch.from_numpy(x.reshape(self.shape))
+        return torch.from_numpy(x.reshape(self.shape)).to(self.dtype)
 
     def __add__(self, other: FixedPrecision) -> FixedPrecision:
-        _same(self, other)
-        return FixedPrecision(ring=self.ring + other.ring, shape=self.shape, frac_bits=self.frac_bits)
+        dtype = _same(self, other)
+        return type(self)(ring=self.ring + other.ring, shape=self.shape, frac_bits=self.frac_bits, dtype=dtype)
 
     def __repr__(self) -> str:
-        return f"FixedPrecision(shape={self.shape}, frac_bits={self.frac_bits})"
+        return f"FixedPrecision(shape={self.shape}, dtype={self.dtype}, frac_bits={self.frac_bits})"
 
 
 class AdditiveShares:
     """Shares of one fixed-point tensor, one per aggregator, in aggregator order."""
 
-    def __init__(self, *, parts: Sequence[np.ndarray], shape: tuple[int, ...], frac_bits: int) -> None:
+    def __init__(self, *, parts: Sequence[np.ndarray], shape: tuple[int, ...], frac_bits: int,
+                 dtype: torch.dtype = torch.float64) -> None:
         size = int(np.prod(shape))
         if len(parts) < 2 or any(p.dtype != np.uint64 or p.size != size for p in parts):
             raise SecAggInputError(f"shares must be two or more uint64 arrays of {size} values")
-        self.parts, self.shape, self.frac_bits = list(parts), tuple(shape), frac_bits
+        self.parts, self.shape, self.frac_bits, self.dtype = list(parts), tuple(shape), frac_bits, _checked_dtype(dtype)
 
     def __add__(self, other: AdditiveShares) -> AdditiveShares:
         """Share-wise: each aggregator adds the two shares it holds; nothing is revealed."""
-        _same(self, other)
+        dtype = _same(self, other)
         if len(self.parts) != len(other.parts):
             raise SecAggInputError(f"cannot add {len(self.parts)} shares to {len(other.parts)}: share among the same aggregators")
         return AdditiveShares(parts=[a + b for a, b in zip(self.parts, other.parts, strict=True)],
-                              shape=self.shape, frac_bits=self.frac_bits)
+                              shape=self.shape, frac_bits=self.frac_bits, dtype=dtype)
 
     @staticmethod
     def sum(shared: Iterable[AdditiveShares]) -> AdditiveShares:
@@ -144,7 +167,7 @@ class AdditiveShares:
         ring = self.parts[0].copy()
         for p in self.parts[1:]:
             np.add(ring, p, out=ring)
-        return FixedPrecision(ring=ring, shape=self.shape, frac_bits=self.frac_bits)
+        return FixedPrecision(ring=ring, shape=self.shape, frac_bits=self.frac_bits, dtype=self.dtype)
 
     def float_precision(self) -> torch.Tensor:
         return self.reconstruct().float_precision()
@@ -154,15 +177,18 @@ class AdditiveShares:
         return [torch.from_numpy(p.view(np.int64).reshape(self.shape)) for p in self.parts]
 
     @classmethod
-    def from_tensors(cls, tensors: Sequence[torch.Tensor], *, frac_bits: int) -> AdditiveShares:
-        """Shares that came back from the aggregators (int64 tensors of one shape)."""
+    def from_tensors(cls, tensors: Sequence[torch.Tensor], *, frac_bits: int,
+                     dtype: torch.dtype = torch.float64) -> AdditiveShares:
+        """Shares that came back from the aggregators (int64 tensors of one shape); ``dtype``: the
+        floating dtype the value was encoded from."""
         if not tensors or any(t.dtype != torch.int64 or t.shape != tensors[0].shape for t in tensors):
             raise SecAggInputError("shares must be int64 tensors of one shape")
         return cls(parts=[t.detach().cpu().contiguous().numpy().reshape(-1).view(np.uint64) for t in tensors],
-                   shape=tuple(tensors[0].shape), frac_bits=frac_bits)
+                   shape=tuple(tensors[0].shape), frac_bits=frac_bits, dtype=dtype)
 
     def __repr__(self) -> str:
-        return f"AdditiveShares({len(self.parts)} shares, shape={self.shape}, frac_bits={self.frac_bits})"
+        return (f"AdditiveShares({len(self.parts)} shares, shape={self.shape}, dtype={self.dtype}, "
+                f"frac_bits={self.frac_bits})")
 
 
 def fix_precision(tensor: torch.Tensor | np.ndarray, *, frac_bits: int = DEFAULT_FRAC_BITS) -> FixedPrecision:
@@ -170,11 +196,19 @@ def fix_precision(tensor: torch.Tensor | np.ndarray, *, frac_bits: int = DEFAULT
     return FixedPrecision.encode(tensor, frac_bits=frac_bits)
 
 
-def _same(a: FixedPrecision | AdditiveShares, b: FixedPrecision | AdditiveShares) -> None:
-    if type(a) is not type(b):
+def _same(a: FixedPrecision | AdditiveShares, b: FixedPrecision | AdditiveShares) -> torch.dtype:
+    """Check that two values combine; the dtype of their combination (torch's promotion)."""
+    if not isinstance(b, FixedPrecision if isinstance(a, FixedPrecision) else AdditiveShares):
         raise SecAggInputError(f"cannot combine {type(a).__name__} with {type(b).__name__}")
     if a.shape != b.shape or a.frac_bits != b.frac_bits:
         raise SecAggInputError(
             f"shapes {a.shape} and {b.shape} with {a.frac_bits} and {b.frac_bits} fractional bits do not match: "
             "encode both with the same frac_bits"
         )
+    return promote(a.dtype, b.dtype)
+
+
+def promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The dtype a combination of values encoded from ``a`` and ``b`` decodes to: torch's promotion
+    (float32 with float64 gives float64, as ``torch.ones(1) + torch.ones(1, dtype=torch.float64)`` does)."""
+    return torch.promote_types(a, b)
