@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fedsecure run examples/digits.toml
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples benchmarks
+	$(VENV)/bin/ruff check src tests examples benchmarks notebooks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
 

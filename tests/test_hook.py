@@ -24,7 +24,8 @@ sy.TorchHook(torch)
 sy.hook(torch)  # again: harmless
 for c in (torch.Tensor, nn.Module):
     added = set(vars(c)) - before[c]
-    expected = {"send", "get", "move", "copy"} | ({"fix_precision", "send_", "get_"} if c is torch.Tensor else set())
+    tensor_verbs = {"fix_precision", "send_", "get_", "tag", "describe", "tags", "description"}
+    expected = {"send", "get", "move", "copy"} | (tensor_verbs if c is torch.Tensor else set())
     assert added == expected, added
     changed = [k for k, v in ids[c].items() if id(vars(c)[k]) != v]
     assert not changed, changed

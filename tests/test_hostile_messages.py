@@ -473,7 +473,7 @@ def test_odd_tags_are_only_names() -> None:
 def test_overlong_names_are_refused(length: int) -> None:
     core, private_id = worker()
     long = "a" * length
-    for raw in ([9, [], long], [3, [], 2, torch.ones(1), False, False, [long]], [1, [], long, [], {}, 2, False]):
+    for raw in ([9, [], long, []], [3, [], 2, torch.ones(1), False, False, [long], ""], [1, [], long, [], {}, 2, False]):
         assert kind(send(core, encode(raw))) == "protocol"
     assert 2 not in core.objects
     assert_healthy(core, private_id)

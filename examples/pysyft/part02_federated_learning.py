@@ -67,6 +67,7 @@ optims = Optims(workers, optim=optim.Adam(params=model.parameters(), lr=0.1))
 
 def federated_train() -> None:
     for _ in range(10):
+        total = 0.0
         for data, target in datasets:
             model.send(data.location)  # the model goes to where this data is
             opt = optims.get_optim(data.location.id)
@@ -78,7 +79,8 @@ def federated_train() -> None:
             model.get()  # and comes back, trained on this worker's data
             loss = loss.get()
             print(loss)
-            losses["federated training"].append(float(loss))
+            total += loss.item()
+        losses["federated training"].append(total)  # both workers' losses, per pass over the data
 
 
 federated_train()

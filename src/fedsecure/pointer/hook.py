@@ -1,4 +1,5 @@
-"""`TorchHook`: adds the verbs ``send``, ``get``, ``move``, ``copy`` and ``fix_precision`` to torch.
+"""`TorchHook`: adds the verbs ``send``, ``get``, ``move``, ``copy``, ``fix_precision``, ``tag`` and
+``describe`` (with ``tags`` and ``description``) to torch.
 
 It only adds names that torch does not have; it never replaces anything torch
 defines, so every existing torch behaviour is unchanged. Without the hook the
@@ -16,10 +17,19 @@ from torch.utils.data import Dataset
 from fedsecure.errors import OperationNotAllowed
 from fedsecure.pointer.federated_data import federate
 from fedsecure.pointer.inplace import get_, send_
+from fedsecure.pointer.local import LocalWorker, local_worker
 from fedsecure.pointer.module import copy_module, get_module, move_module, send_module
 from fedsecure.pointer.shared import fix_precision
 from fedsecure.pointer.tensor import PointerTensor, send_tensor
-from fedsecure.worker.client import WorkerClient
+from fedsecure.worker.client import (
+    DESCRIPTION_ATTR,
+    TAGS_ATTR,
+    WorkerClient,
+    clean_description,
+    clean_tags,
+    description_of,
+    tags_of,
+)
 from fedsecure.worker.virtual import Federation, default_federation
 
 
@@ -81,10 +91,42 @@ def _module_send(self: nn.Module, worker: WorkerClient, *, private: bool = False
     return send_module(self, worker, private=private)
 
 
+def tag(tensor: torch.Tensor, *tags: str) -> torch.Tensor:
+    """``t.tag("#a", "#b")``: add tags ("#a" and "a" are the same tag, kept as "#a") that travel
+    with ``send`` and that ``worker.search`` matches; returns the tensor itself."""
+    if isinstance(tensor, PointerTensor):
+        return tensor.tag(*tags)
+    setattr(tensor, TAGS_ATTR, clean_tags([*tags_of(tensor), *tags]))
+    return tensor
+
+
+def describe(tensor: torch.Tensor, description: str) -> torch.Tensor:
+    """``t.describe("text")``: a description that travels with ``send`` and whose words
+    ``worker.search`` matches; returns the tensor itself."""
+    if isinstance(tensor, PointerTensor):
+        return tensor.describe(description)
+    setattr(tensor, DESCRIPTION_ATTR, clean_description(description))
+    return tensor
+
+
+def _set_tags(tensor: torch.Tensor, tags: Any) -> None:
+    setattr(tensor, TAGS_ATTR, clean_tags([tags] if isinstance(tags, str) else tags or ()))
+
+
+def _set_description(tensor: torch.Tensor, text: str | None) -> None:
+    setattr(tensor, DESCRIPTION_ATTR, None if text is None else clean_description(text))
+
+
+# ``t.tags`` (a set, empty when untagged) and ``t.description`` (None when undescribed)
+_TAGS = property(lambda t: set(tags_of(t)), _set_tags, doc="The tensor's tags, as a set of '#name'.")
+_DESCRIPTION = property(description_of, _set_description, doc="The tensor's description, or None.")
+
+
 _VERBS: dict[type, dict[str, Any]] = {
     torch.Tensor: {
         "send": _tensor_send, "get": get, "move": move, "copy": copy, "fix_precision": fix_precision,
-        "send_": send_, "get_": get_,
+        "send_": send_, "get_": get_, "tag": tag, "describe": describe, "tags": _TAGS,
+        "description": _DESCRIPTION,
     },
     nn.Module: {"send": _module_send, "get": get, "move": move, "copy": copy},
     Dataset: {"federate": federate},
@@ -114,6 +156,11 @@ class TorchHook:
                         f"behaviour. Use fedsecure.{name}(...) instead."
                     )
                 setattr(cls, name, fn)
+
+    @property
+    def local_worker(self) -> LocalWorker:
+        """This process, the model owner (id ``"me"``): the ``owner`` of every pointer."""
+        return local_worker
 
 
 def hook(torch_module: Any = torch) -> TorchHook:

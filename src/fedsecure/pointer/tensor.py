@@ -18,11 +18,23 @@ from torch._C import DisableTorchFunctionSubclass
 from torch.overrides import resolve_name
 
 from fedsecure.errors import OperationNotAllowed, WorkerMismatch
+from fedsecure.pointer import render
+from fedsecure.pointer.chains import chain_call, remote_get
+from fedsecure.pointer.local import LocalWorker, local_worker
+from fedsecure.pointer.predict import predict
 from fedsecure.wire import codec
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import Ref
-from fedsecure.worker.allowlist import ALLOWED, NAME_OF
-from fedsecure.worker.client import WorkerClient
+from fedsecure.worker.allowlist import NAME_OF
+from fedsecure.worker.client import (
+    DESCRIPTION_ATTR,
+    TAGS_ATTR,
+    WorkerClient,
+    clean_description,
+    clean_tags,
+    description_of,
+    tags_of,
+)
 from fedsecure.worker.core import new_id
 
 _T = torch.Tensor
@@ -106,7 +118,7 @@ class PointerTensor(torch.Tensor):
 
     @classmethod
     def _from_meta(cls, worker: WorkerClient, meta: dict[str, Any]) -> PointerTensor:
-        return cls(
+        ptr = cls(
             worker,
             meta["id"],
             meta["shape"],
@@ -114,6 +126,11 @@ class PointerTensor(torch.Tensor):
             meta["requires_grad"],
             meta["owners"],
         )
+        if "tags" in meta:  # what the worker holds it under (Put and Search replies)
+            tags, text = meta["tags"], meta.get("description")
+            setattr(ptr, TAGS_ATTR, [f"#{t}" for t in tags if isinstance(t, str)] if isinstance(tags, list) else [])
+            setattr(ptr, DESCRIPTION_ATTR, text if isinstance(text, str) and text else None)
+        return ptr
 
     # -- the spec ------------------------------------------------------------------------
 
@@ -127,6 +144,32 @@ class PointerTensor(torch.Tensor):
         return self._fs.id
 
     @property
+    def owner(self) -> LocalWorker:
+        """The process holding this pointer: the local worker, ``"me"`` (`fedsecure.local_worker`)."""
+        return local_worker
+
+    @property
+    def tags(self) -> set[str]:
+        """The object's tags ("#name"): those it was sent or found with, and any ``tag(...)`` added."""
+        return set(tags_of(self))
+
+    @property
+    def description(self) -> str | None:
+        """The object's description (None when it has none)."""
+        return description_of(self)
+
+    def tag(self, *tags: str) -> PointerTensor:
+        """Add tags to this pointer, here; returns it. The worker's object keeps the tags it was
+        sent with (tag a tensor before ``send`` to make it findable by ``search``); so with
+        ``describe``, which sets the pointer's description."""
+        setattr(self, TAGS_ATTR, clean_tags([*tags_of(self), *tags]))
+        return self
+
+    def describe(self, description: str) -> PointerTensor:
+        setattr(self, DESCRIPTION_ATTR, clean_description(description))
+        return self
+
+    @property
     def owners(self) -> list[str]:
         """The data owners whose private data this value derives from, as the worker
         labels it now (one message; ``repr`` shows the last answer without asking)."""
@@ -135,14 +178,11 @@ class PointerTensor(torch.Tensor):
         return list(self._fs_owners)
 
     def __repr__(self, **_: Any) -> str:  # type: ignore[override]
-        with DisableTorchFunctionSubclass():
-            shape, dtype = tuple(self.shape), self.dtype
-        private = f", private to {self._fs_owners}" if self._fs_owners else ""
-        state = "" if self._fs.live else " (gone)"
-        return (
-            f"PointerTensor(@{self._fs.worker.id}:{self._fs.id:#018x}, shape={shape}, "
-            f"dtype={dtype}{private}){state}"
-        )
+        return render.text(self)
+
+    def _repr_html_(self) -> str:
+        """How a notebook shows the pointer: where its value is, what it is, and whose data."""
+        return render.html(self)
 
     __str__ = __repr__
 
@@ -212,21 +252,7 @@ class PointerTensor(torch.Tensor):
         """For a pointer to a pointer (``t.send(bob).send(alice)``): the worker in the middle (alice)
         takes the value from the end of the chain (bob), which no longer holds it; this pointer then
         points to the value on alice. Returns this pointer."""
-        child = self._fs_child
-        if child is None:
-            raise OperationNotAllowed(
-                "remote_get() is for a pointer to a pointer; this pointer's value is already on "
-                f"{self._fs.worker.id!r} (get() fetches it here)",
-                op="remote_get",
-            )
-        if child._fs_child is not None:
-            child.remote_get()
-        middle = self._fs.worker
-        child.move(middle)  # straight from the end of the chain to the middle
-        middle.release(self._fs.id)  # the middle's record of the chain
-        self._fs.id, self._fs_child = child._fs.id, None
-        child._fs.live = False  # the value is this pointer's now
-        return self
+        return remote_get(self)
 
     def copy(self) -> PointerTensor:
         """A new remote copy of the value, on the same worker (a leaf, like ``deepcopy``)."""
@@ -257,7 +283,7 @@ class PointerTensor(torch.Tensor):
         try:
             return call(name, args, kwargs)
         except _ChainOp:
-            return _chain_call(func, name, args, kwargs)
+            return chain_call(func, name, args, kwargs, cls)
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
@@ -266,43 +292,7 @@ class PointerTensor(torch.Tensor):
 
 
 class _ChainOp(Exception):
-    """An operand is a pointer to a pointer: the op runs where the chain ends (`_chain_call`)."""
-
-
-def _chain_call(func: Any, op: str, args: Any, kwargs: dict[str, Any]) -> Any:
-    """An op on pointers to pointers (``x = t.send(bob).send(alice); x + x``), as PySyft runs it:
-    the op runs on the worker at the end of the chains (bob), and the result is again a pointer
-    held by the worker the operands point through (alice). The operands must all be chains
-    through the same worker; the result of an in-place op is the operand itself."""
-    through: list[WorkerClient] = []
-    outer: dict[int, PointerTensor] = {}
-
-    def strip(value: Any) -> Any:
-        if isinstance(value, PointerTensor):
-            child = value._fs_child
-            if child is None or (through and value._fs.worker is not through[0]):
-                raise WorkerMismatch(
-                    f"{op}: combines a pointer to a pointer with a pointer along another path; both "
-                    "must point through the same worker (send both the same way, or get() one level)"
-                )
-            through[:1] = [value._fs.worker]
-            outer[id(child)] = value
-            return child
-        if isinstance(value, list | tuple):
-            return type(value)(strip(v) for v in value)
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items()}
-        return value
-
-    def wrap(value: Any) -> Any:
-        if isinstance(value, PointerTensor):
-            same = outer.get(id(value))
-            return same if same is not None else value.send(through[0])
-        if isinstance(value, tuple):
-            return tuple(wrap(v) for v in value)
-        return value
-
-    return wrap(func(*strip(list(args)), **strip(kwargs)))
+    """An operand is a pointer to a pointer: the op runs where the chain ends (`chains.chain_call`)."""
 
 
 _GRAD_OPS = frozenset({"Tensor.grad.__get__", "Tensor.grad.__set__", "Tensor.backward"})
@@ -421,89 +411,6 @@ _SYNCHRONOUS = frozenset(
 )
 
 
-def _signature(value: Any, pointers: list[PointerTensor]) -> Any:
-    """A hashable key for an op's arguments: pointers by their spec, in order."""
-    if isinstance(value, PointerTensor):
-        pointers.append(value)
-        with DisableTorchFunctionSubclass():
-            return ("P", tuple(value.shape), value.dtype, value.requires_grad)
-    if isinstance(value, list | tuple):
-        return (type(value).__name__, *(_signature(v, pointers) for v in value))
-    if isinstance(value, dict):
-        return ("dict", *((k, _signature(v, pointers)) for k, v in sorted(value.items())))
-    if isinstance(value, slice):
-        return ("slice", value.start, value.stop, value.step)
-    hash(value)  # anything else must be hashable, or there is no key
-    return (type(value).__name__, value)  # 1, 1.0 and True are equal keys, not equal operands
-
-
-# (op, argument signature, grad mode) -> the result's spec, the index of the argument pointer
-# it returns, or None if it cannot be predicted
-_PREDICTIONS: dict[Any, Any] = {}
-_MAX_PREDICTIONS = 4096
-
-
-def _predict(op: str, args: Any, kwargs: dict[str, Any], worker: WorkerClient, result_id: int) -> Any:
-    """The pointer an op will produce, worked out without the worker, or None.
-
-    The op runs here on meta tensors (shapes and dtypes, no data), as DTensor
-    propagates shapes; then the client need not wait for the worker's reply.
-    Ops whose output shape depends on the data fail on meta tensors: they wait.
-    The answer depends only on the op and its arguments' specs, so it is cached.
-    """
-    inputs: list[PointerTensor] = []
-    try:
-        key: Any = (op, _signature(list(args), inputs), _signature(kwargs, inputs), torch.is_grad_enabled())
-    except TypeError:
-        key = None
-    if key is not None and key in _PREDICTIONS:
-        known = _PREDICTIONS[key]
-        if known is None or isinstance(known, int):
-            return None if known is None else inputs[known]
-        shape, dtype, requires_grad = known
-        return PointerTensor(worker, result_id, shape, dtype, requires_grad)
-    predicted = _predict_on_meta(op, args, kwargs, worker, result_id)
-    if key is not None and len(_PREDICTIONS) < _MAX_PREDICTIONS:
-        if predicted is None:
-            _PREDICTIONS[key] = None
-        elif any(predicted is p for p in inputs):
-            _PREDICTIONS[key] = next(i for i, p in enumerate(inputs) if p is predicted)
-        else:
-            with DisableTorchFunctionSubclass():
-                _PREDICTIONS[key] = (tuple(predicted.shape), predicted.dtype, predicted.requires_grad)
-    return predicted
-
-
-def _predict_on_meta(op: str, args: Any, kwargs: dict[str, Any], worker: WorkerClient, result_id: int) -> Any:
-    pointers: dict[int, PointerTensor] = {}
-
-    def meta(value: Any) -> Any:
-        if isinstance(value, PointerTensor):
-            with DisableTorchFunctionSubclass():
-                shape, dtype, requires_grad = value.shape, value.dtype, value.requires_grad
-            t = torch.empty(shape, dtype=dtype, device="meta")
-            if requires_grad:
-                t.requires_grad_(True)
-            pointers[id(t)] = value
-            return t
-        if isinstance(value, list | tuple):
-            return type(value)(meta(v) for v in value)
-        if isinstance(value, dict):
-            return {k: meta(v) for k, v in value.items()}
-        return value
-
-    try:
-        out = ALLOWED[op](*meta(list(args)), **meta(kwargs))
-    except Exception:  # no meta kernel, or a data-dependent shape: ask the worker
-        return None
-    if not isinstance(out, torch.Tensor) or out.device.type != "meta":
-        return None
-    same = pointers.get(id(out))
-    if same is not None:
-        return same
-    return PointerTensor(worker, result_id, out.shape, out.dtype, out.requires_grad)
-
-
 def call(
     op: str,
     args: Any,
@@ -529,10 +436,10 @@ def call(
             target.defer(msg)
             return None if op.endswith(("__set__", "__setitem__")) else args[0]
         if target.pipelined and op not in _SYNCHRONOUS:
-            predicted = _predict(op, args, kwargs, target, result_id)
+            predicted = predict(op, args, kwargs, PointerTensor)
             if predicted is not None:
                 target.defer(msg)
-                return predicted
+                return PointerTensor(target, result_id, *predicted) if isinstance(predicted, tuple) else predicted
     else:
         msg = m.CallModule(target.take_release(), module_id, wire_args, wire_kwargs, result_id, grad, training)
     out = _decode(target.request(msg), target, site)
@@ -566,7 +473,8 @@ def send_tensor(
             tensor.detach(),
             tensor.requires_grad,
             private,
-            [str(t) for t in ([tags] if isinstance(tags, str) else tags)],
+            clean_tags([*tags_of(tensor), *([tags] if isinstance(tags, str) else tags)]),
+            description_of(tensor) or "",
         )
     )
     return PointerTensor._from_meta(worker, meta)

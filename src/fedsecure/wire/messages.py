@@ -39,12 +39,18 @@ def _is_str(v: Any) -> bool:
     return isinstance(v, str) and len(v) <= 256
 
 
+MAX_TEXT = 8192  # characters of a free-text field (an object's description)
+MAX_TERMS = 64  # items of a search query beyond the first
+
+
 # field type -> its check; a decoded request is checked field by field before use
 CHECKS: dict[str, Callable[[Any], bool]] = {
     "id": _is_id,
     "ids": lambda v: isinstance(v, list) and all(map(_is_id, v)),
     "str": _is_str,
     "strs": lambda v: isinstance(v, list) and all(_is_str(x) for x in v),
+    "text": lambda v: isinstance(v, str) and len(v) <= MAX_TEXT,
+    "terms": lambda v: isinstance(v, list) and len(v) <= MAX_TERMS and all(_is_str(x) for x in v),
     "bool": lambda v: type(v) is bool,
     "int": lambda v: type(v) is int,
     "list": lambda v: isinstance(v, list | tuple),
@@ -119,10 +125,11 @@ class CallModule(Request):
     training: bool
 
 
-@_request(3, ("id", "tensor", "bool", "bool", "strs"))
+@_request(3, ("id", "tensor", "bool", "bool", "strs", "text"))
 @dataclass(frozen=True, slots=True)
 class Put(Request):
-    """Store a tensor sent by the model owner (``private`` simulates the owner's own data)."""
+    """Store a tensor sent by the model owner (``private`` simulates the owner's own data), findable
+    by ``tags`` and by words of ``description`` (`Search`)."""
 
     release: list[int]
     object_id: int
@@ -130,6 +137,7 @@ class Put(Request):
     requires_grad: bool
     private: bool
     tags: list[str]
+    description: str = ""
 
 
 @_request(4, ("id", "dict", "tensors", "ids", "bool"))
@@ -183,11 +191,15 @@ class Count(Request):
     release: list[int]
 
 
-@_request(9, ("str",))
+@_request(9, ("str", "terms"))
 @dataclass(frozen=True, slots=True)
 class Search(Request):
+    """The tensors matching ``tag`` and every item of ``also``; an item matches an object's tag
+    ("#x" and "x" alike) or occurs in its description."""
+
     release: list[int]
     tag: str
+    also: list[str] = field(default_factory=list)
 
 
 @_request(10, ("id", "str", "id"))

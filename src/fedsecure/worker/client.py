@@ -9,15 +9,67 @@ in-process `WorkerCore`; a network transport gives it one that calls a server.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from fedsecure.errors import OperationNotAllowed
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import message_size
 
 Transport = Callable[[bytes], bytes]
 
 _DEFER_BATCH = 64
+
+# Where a tensor (local, or a pointer) keeps what ``t.tag(...)`` and ``t.describe(...)`` gave it.
+TAGS_ATTR = "_fs_tags"
+DESCRIPTION_ATTR = "_fs_description"
+_MAX_TAG = 255  # characters of a tag's name; with its "#", a wire string (messages.py)
+
+
+def clean_tags(tags: Iterable[Any]) -> list[str]:
+    """Tags in their one spelling, "#name" ("x" and "#x" are the same tag), checked for the wire."""
+    out: list[str] = []
+    for tag in tags:
+        if not isinstance(tag, str):
+            raise TypeError(f"a tag is a string such as '#data', got {type(tag).__name__} {tag!r}")
+        name = tag[1:] if tag.startswith("#") else tag
+        if not name or len(name) > _MAX_TAG:
+            raise ValueError(f"a tag needs a name of 1 to {_MAX_TAG} characters after its '#', got {tag!r}")
+        if f"#{name}" not in out:
+            out.append(f"#{name}")
+    return out
+
+
+def clean_description(text: Any) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"a description is a string, got {type(text).__name__}")
+    if len(text) > m.MAX_TEXT:
+        raise ValueError(f"a description has at most {m.MAX_TEXT} characters, got {len(text)}; shorten it")
+    return text
+
+
+def tags_of(obj: Any) -> list[str]:
+    """The tags ``obj.tag(...)`` gave a tensor or pointer ([] when it has none)."""
+    return list(getattr(obj, TAGS_ATTR, None) or [])
+
+
+def description_of(obj: Any) -> str | None:
+    """The text ``obj.describe(...)`` gave a tensor or pointer (None when it has none)."""
+    return getattr(obj, DESCRIPTION_ATTR, None)
+
+
+def search_items(query: str | Sequence[str]) -> list[str]:
+    """A query, a tag or a list of tags and words, as the list of its items."""
+    items = [query] if isinstance(query, str) else query
+    if not isinstance(items, Sequence) or not items or not all(isinstance(x, str) and x for x in items):
+        raise TypeError(
+            f"search() takes a tag such as '#data', or a non-empty list of tags and words, got {query!r}"
+        )
+    if len(items) > m.MAX_TERMS + 1:
+        raise ValueError(f"a search has at most {m.MAX_TERMS + 1} items, got {len(items)}")
+    if any(len(x) > 256 for x in items):
+        raise ValueError("a search item has at most 256 characters")
+    return list(items)
 
 
 class PointerFactory(Protocol):
@@ -113,10 +165,33 @@ class WorkerClient:
         gc.collect()  # pointers caught in reference cycles are freed too
         return int(self.request(m.Count(self.take_release())))
 
-    def search(self, tag: str) -> list[Any]:
-        """Pointers to the tensors this worker serves under ``tag`` ("#x" or "x")."""
-        metas = self.request(m.Search(self.take_release(), tag))
+    def search(self, query: str | Sequence[str]) -> list[Any]:
+        """Pointers to the tensors that match every item of ``query`` (a tag, or a list of tags and
+        words). An item matches an object's tag exactly ("#x" and "x" are the same tag) or occurs
+        in its description: PySyft 0.2.9's rule. A model owner finds the worker's own data and
+        its own objects, never another model owner's. Each pointer shows ``tags`` and
+        ``description``."""
+        items = search_items(query)
+        metas = self.request(m.Search(self.take_release(), items[0], items[1:]))
         return [_pointers[0].tensor(self, meta) for meta in metas]
+
+    @property
+    def _objects(self) -> Mapping[int, Any]:
+        """What this model owner may see of the objects on the worker (`VirtualWorker._objects`):
+        listed for a worker in this process only."""
+        raise OperationNotAllowed(
+            f"_objects lists the objects of a worker in this process; {self.id!r} is reached over "
+            "a transport. Use search(tag) to find its data and object_count() to count your objects",
+            op="_objects",
+        )
+
+    def clear_objects(self) -> WorkerClient:
+        """Free every object this model owner made on the worker (`VirtualWorker.clear_objects`)."""
+        raise OperationNotAllowed(
+            f"clear_objects() frees objects of a worker in this process; on {self.id!r}, reached "
+            "over a transport, drop the pointers you no longer need (del ptr) and call flush()",
+            op="clear_objects",
+        )
 
     def aggregate(self, values: list[Any], *, weighted: bool = False) -> Any:
         """This worker's own aggregation function: the (sample-weighted) mean of ``values``.

@@ -88,6 +88,7 @@ class Entry:
     attested_version: int = -1  # its version then: a later change voids the attestation
     digest: tuple[int, bytes] | None = None  # (version, model digest), cached by `WorkerCore._digest`
     nbytes: int = 0  # what it costs its owner's memory quota (set by the store)
+    description: str = ""  # free text from whoever stored it; `Search` matches words of it
 
 
 def _cost(obj: Any) -> int:
@@ -643,8 +644,12 @@ class WorkerCore:
             lb.add_labels(t, frozenset({self.own_label}))
             if t.dim() > 0:
                 self.samples = max(self.samples, t.shape[0])
-        self.objects[msg.object_id] = Entry(t, tags=frozenset(_tag(x) for x in msg.tags))
-        return _meta(msg.object_id, t)
+        entry = Entry(t, tags=frozenset(_tag(x) for x in msg.tags), description=msg.description)
+        self.objects[msg.object_id] = entry
+        meta = _meta(msg.object_id, t)
+        if entry.tags or entry.description:
+            meta.update(tags=sorted(entry.tags), description=entry.description)
+        return meta
 
     def _predicted_size(self, spec: Any) -> int:
         """Bytes a model of ``spec`` holds, from building it on the meta device (no memory), when a
@@ -806,16 +811,21 @@ class WorkerCore:
         return lb.owners(lb.labels_of(obj))
 
     def _search(self, msg: m.Search, sender: Sender) -> Any:
-        tag = _tag(msg.tag)
+        """Each tensor matching every item: an item matches a tag ("#x" and "x" alike) or occurs in
+        the description, as PySyft 0.2.9's ``search`` matches. Each match gets a new id of the
+        caller's (freeing it frees only that id), which carries no tags, so searches never find it."""
+        items = [msg.tag, *msg.also]
         found = []
         caller = _client.get()
         for entry in list(self.objects.values()):
             if entry.owner not in (None, caller):  # another model owner's tags are its own
                 continue
-            if tag in entry.tags and isinstance(entry.obj, torch.Tensor):
+            if isinstance(entry.obj, torch.Tensor) and all(_matches(entry, item) for item in items):
                 obj_id = new_id()
                 self.objects[obj_id] = Entry(entry.obj)
-                found.append(_meta(obj_id, entry.obj))
+                meta = _meta(obj_id, entry.obj)
+                meta.update(tags=sorted(entry.tags), description=entry.description)
+                found.append(meta)
         return found
 
     # -- a round's local work in one message (fedsecure.fl) ------------------------------
@@ -1444,3 +1454,7 @@ def _refuse_undefined(failure: str | None, what: str, worker: str) -> None:
 
 def _tag(tag: str) -> str:
     return tag[1:] if tag.startswith("#") else tag
+
+
+def _matches(entry: Entry, item: str) -> bool:
+    return _tag(item) in entry.tags or (bool(item) and item in entry.description)
