@@ -43,7 +43,7 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
 
 from fedsecure.aggregate.shares import AdditiveShares, FixedPrecision
 from fedsecure.wire import messages as m
-from fedsecure.worker.core import new_id
+from fedsecure.wire.ids import new_id
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAC_BITS = 16

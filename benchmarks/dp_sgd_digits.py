@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from fedsecure.fl.config import Experiment
+    from fedsecure.experiment.config import parse as Experiment
 except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from fedsecure.fl.config import Experiment
-from fedsecure.fl.run import run_experiment
+    from fedsecure.experiment.config import parse as Experiment
+from fedsecure.experiment.run import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOWN = (1, 3, 5, 10)

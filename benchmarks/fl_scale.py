@@ -30,7 +30,7 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     import fedsecure as sy
 from fedsecure import fl
 from fedsecure.data import federate, load_digits, load_fashion_mnist
-from fedsecure.fl.models import build_model
+from fedsecure.experiment.models import build_model
 
 TARGET_GB = 4.0
 

@@ -18,6 +18,7 @@ Run:  python benchmarks/niid_bench.py [--partitions dir0.5,iid,c2,c3] [--rounds 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -27,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from fedsecure.fl import config
+    from fedsecure.experiment import config
 except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from fedsecure.fl import config
-from fedsecure.fl.run import run_experiment
+    from fedsecure.experiment import config
+from fedsecure.experiment.run import run_experiment
 
 REFERENCE = {"dir0.5": 0.884, "iid": 0.890, "c2": 0.810, "c3": 0.832}  # Flower's NIID-Bench reproduction
 PARTITIONS: dict[str, dict[str, Any]] = {
@@ -67,9 +68,9 @@ def main() -> int:
         if args.processes:
             overrides.update({"workers.mode": "processes", "workers.processes": args.processes})
         exp = config.load(EXAMPLE, overrides)
-        for option in ("alpha", "classes_per_worker"):  # the example's Dirichlet alpha, when not Dirichlet
-            if option not in PARTITIONS[name]:
-                exp.config["data"].pop(option, None)
+        # the example's Dirichlet alpha, when not Dirichlet
+        unused = {option: None for option in ("alpha", "classes_per_worker") if option not in PARTITIONS[name]}
+        exp = exp.with_sections(data=dataclasses.replace(exp.config.data, **unused))
         started = time.perf_counter()
         history = run_experiment(exp, progress=True)
         wall = time.perf_counter() - started
@@ -78,7 +79,7 @@ def main() -> int:
         goal = REFERENCE[name] - 0.01
         reached = next((i for i, a in enumerate(accuracy) if a >= goal), None)
         rows.append({
-            "partition": name, "reference": REFERENCE[name], "rounds": len(history), "epochs": exp.get("training", "epochs"),
+            "partition": name, "reference": REFERENCE[name], "rounds": len(history), "epochs": exp.config.training.epochs,
             "final": accuracy[-1], "best": max(accuracy), "within_one_point": accuracy[-1] >= goal,
             "round_reached": None if reached is None else reached + 1,
             "seconds_reached": None if reached is None else elapsed[reached],

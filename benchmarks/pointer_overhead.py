@@ -182,7 +182,7 @@ GROUP_RULES = [(re.compile(pattern), group) for pattern, group in [
      "message decode"),
     (r"msgpack|wire/messages\.py:\d+\(encode_|wire/codec\.py", "message encode"),
     (r"random\.py|urandom|secrets\.py|\(new_id\)", "object ids"),
-    (r"fedsecure/worker/(core|labels|allowlist|modules)\.py", "worker execution"),
+    (r"fedsecure/worker/(core|store|ops|execute|predict|guards|objects|labels|allowlist|modules)\.py", "worker execution"),
     (r"fedsecure/(pointer|worker/client|worker/virtual)", "torch_function dispatch + client"),
     (r"^~:.*torch", "torch C++ (ops, autograd engine, arg parsing)"),
     (r"torch/", "torch python (optimizer, autograd, nn.Module)"),

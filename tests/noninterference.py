@@ -41,9 +41,9 @@ import fedsecure as sy
 from fedsecure.wire import codec
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import Ref
+from fedsecure.wire.ids import new_id
 from fedsecure.worker.allowlist import ALLOWED
 from fedsecure.worker.client import WorkerClient
-from fedsecure.worker.core import new_id
 from fedsecure.worker.labels import Policy
 
 T = TypeVar("T")

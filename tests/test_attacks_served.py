@@ -47,7 +47,7 @@ from fedsecure.pointer.shared import share_remote
 from fedsecure.transport.certs import write_federation
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import Ref
-from fedsecure.worker.core import new_id
+from fedsecure.wire.ids import new_id
 
 # -- the private data ---------------------------------------------------------------------------
 # Two data sets of the same shapes and dtypes. Values are exact binary fractions, so a released

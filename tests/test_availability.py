@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fedsecure as sy
-from fedsecure.cli.main import parse_size
+from fedsecure.cli.worker import parse_size
 from fedsecure.transport import frames
 from fedsecure.transport.grpc import STREAM, WorkerServer
 from fedsecure.wire import messages as m

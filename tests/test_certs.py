@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedsecure.cli import certs as certs_cli
 from fedsecure.transport import certs
 
 SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
@@ -297,7 +298,7 @@ def test_write_federation_checks_everything_before_writing(
 
 
 def test_load_pem_says_what_is_wrong(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="fedsecure.transport.certs DIR --party"):
+    with pytest.raises(FileNotFoundError, match="fedsecure certs DIR --party"):
         certs.load_pem(tmp_path / "missing.pem")
     (tmp_path / "junk.pem").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a PEM file"):
@@ -327,7 +328,7 @@ def test_common_name_refuses_a_certificate_without_one() -> None:
 
 def test_main_writes_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = [str(tmp_path / "fed"), "--party", "bob", "--party", "alice", "--host", "10.1.2.3", "--days", "30"]
-    assert certs.main(argv) == 0
+    assert certs_cli.main(argv) == 0
     out = capsys.readouterr().out
     for name in ("ca", "bob", "alice"):
         assert str(tmp_path / "fed" / f"{name}.key") in out
@@ -336,28 +337,28 @@ def test_main_writes_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert _ext(leaf, x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress) == [
         ipaddress.ip_address("10.1.2.3")
     ]
-    assert certs.main(argv) == 1
+    assert certs_cli.main(argv) == 1
     assert "already exists" in capsys.readouterr().err
-    assert certs.main([*argv, "--overwrite"]) == 0
-    assert certs.main([str(tmp_path / "other"), "--party", "../x"]) == 1
+    assert certs_cli.main([*argv, "--overwrite"]) == 0
+    assert certs_cli.main([str(tmp_path / "other"), "--party", "../x"]) == 1
     assert "invalid party name '../x'" in capsys.readouterr().err
 
 
 def test_main_help_and_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
-        certs.main(["--help"])
+        certs_cli.main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--party NAME" in out and "--overwrite" in out and "common name" in out
     with pytest.raises(SystemExit) as exit_:
-        certs.main(["somewhere"])  # no --party
+        certs_cli.main(["somewhere"])  # no --party
     assert exit_.value.code == 2
 
 
 def test_runs_as_a_module(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(certs.__file__).parents[2])}
     done = subprocess.run(
-        [sys.executable, "-m", "fedsecure.transport.certs", str(tmp_path), "--party", "bob"],
+        [sys.executable, "-m", "fedsecure.cli.certs", str(tmp_path), "--party", "bob"],
         capture_output=True,
         text=True,
         env=env,

@@ -15,12 +15,13 @@ from torch import nn
 import fedsecure as sy
 from fedsecure import fl
 from fedsecure.data import federate, load_digits
-from fedsecure.fl.config import Experiment
+from fedsecure.experiment.config import parse as Experiment
 from fedsecure.wire import messages as m
+from fedsecure.wire.ids import new_id
 from fedsecure.worker import training
 from fedsecure.worker.client import WorkerClient
-from fedsecure.worker.core import Sender, new_id
 from fedsecure.worker.modules import build, describe, state_tensors
+from fedsecure.worker.store import Sender
 
 DP = fl.DPSGD(noise_multiplier=0.7, max_grad_norm=1.0)
 opacus = pytest.mark.skipif(importlib.util.find_spec("opacus") is None,

@@ -11,8 +11,8 @@ from fedsecure import fl
 from fedsecure.data import federate, load_digits
 from fedsecure.fl.engine import _seed
 from fedsecure.wire import messages as m
+from fedsecure.wire.ids import new_id
 from fedsecure.worker import training
-from fedsecure.worker.core import new_id
 from fedsecure.worker.modules import describe
 
 

@@ -12,7 +12,7 @@ from fedsecure.aggregate import SecAggServer, decode_message
 from fedsecure.data import federate, load_digits
 from fedsecure.fl.secure import SecureSettings
 from fedsecure.wire import messages as m
-from fedsecure.worker.core import new_id
+from fedsecure.wire.ids import new_id
 from fedsecure.worker.modules import describe
 
 TRAINING = fl.LocalTraining(epochs=1, batch_size=16, lr=0.05, optimizer_args={"momentum": 0.9})

@@ -13,8 +13,8 @@ from torch import nn
 import fedsecure as sy
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import Ref
+from fedsecure.wire.ids import new_id
 from fedsecure.worker import graphs
-from fedsecure.worker.core import new_id
 from fedsecure.worker.modules import build, describe
 
 Spec = dict[str, Any]

@@ -27,7 +27,8 @@ from fedsecure.wire import messages as m
 from fedsecure.wire.codec import Ref, encode
 from fedsecure.worker import labels as lb
 from fedsecure.worker.allowlist import ALLOWED
-from fedsecure.worker.core import Sender, WorkerCore
+from fedsecure.worker.core import WorkerCore
+from fedsecure.worker.store import Sender
 
 CLIENT = Sender("client", "mallory")
 PEER = Sender("peer", "alice")
@@ -306,7 +307,8 @@ _DEEP_TUPLES = textwrap.dedent(
     """
     import msgpack
     from fedsecure.wire.messages import decode_reply
-    from fedsecure.worker.core import Sender, WorkerCore
+    from fedsecure.worker.core import WorkerCore
+    from fedsecure.worker.store import Sender
     value = msgpack.packb([])
     for _ in range(10_000):
         value = msgpack.packb(msgpack.ExtType(2, value))

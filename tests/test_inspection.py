@@ -12,7 +12,8 @@ from torch import nn
 import fedsecure as sy
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import encode
-from fedsecure.worker.core import Sender, WorkerCore
+from fedsecure.worker.core import WorkerCore
+from fedsecure.worker.store import Sender
 
 SECRET = torch.tensor([[123.456, 654.321], [111.222, 333.444]])
 

@@ -14,7 +14,7 @@ from torch import nn
 import fedsecure as sy
 from fedsecure.pointer.plan import PlanBuildError, PlanNotBuilt, PointerPlan
 from fedsecure.wire import messages as m
-from fedsecure.worker.core import new_id
+from fedsecure.wire.ids import new_id
 
 
 def double_abs(x: torch.Tensor) -> torch.Tensor:

@@ -51,9 +51,10 @@ from fedsecure.fl.strategy import Failure
 from fedsecure.transport.grpc import WorkerServer
 from fedsecure.wire import codec
 from fedsecure.wire import messages as m
+from fedsecure.wire.ids import new_id
 from fedsecure.worker import training
 from fedsecure.worker.client import WorkerClient
-from fedsecure.worker.core import WorkerCore, new_id
+from fedsecure.worker.core import WorkerCore
 from fedsecure.worker.modules import describe, state_tensors
 from fedsecure.worker.secure import SecAggIdentity, SecureSessions
 

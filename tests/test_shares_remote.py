@@ -11,7 +11,7 @@ from fedsecure.data import federate, load_digits
 from fedsecure.errors import SecAggInputError
 from fedsecure.fl.secure import SecureSettings
 from fedsecure.wire import messages as m
-from fedsecure.worker.core import new_id
+from fedsecure.wire.ids import new_id
 
 TRAINING = fl.LocalTraining(epochs=1, batch_size=16, lr=0.05, optimizer_args={"momentum": 0.9})
 

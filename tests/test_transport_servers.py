@@ -19,8 +19,9 @@ import fedsecure as sy
 from fedsecure.transport import frames
 from fedsecure.transport.grpc import STREAM, WorkerServer
 from fedsecure.wire import messages as m
-from fedsecure.worker.core import Sender, WorkerCore
+from fedsecure.worker.core import WorkerCore
 from fedsecure.worker.labels import Policy
+from fedsecure.worker.store import Sender
 
 OWNER, OTHER = "owner-token-0123456789", "other-owner-token-9876543210"
 PEER = {name: f"{name}-peer-token-abcdef" for name in ("ann", "ben", "cat", "dan")}
@@ -49,10 +50,10 @@ def hold_moves_until_both_started(*cores: WorkerCore) -> None:
     for core in cores:
         inner = core.handle
 
-        def handle(data: bytes, sender: Sender, inner: Callable[..., bytes] = inner) -> bytes:
+        def handle(data: bytes, sender: Sender, inner: Callable[..., bytes] = inner, **settings: Any) -> bytes:
             if sender.kind == "client" and isinstance(m.decode_request(data), m.Move):
                 barrier.wait()
-            return inner(data, sender)
+            return inner(data, sender, **settings)
 
         core.handle = handle  # type: ignore[method-assign]
 
@@ -152,7 +153,7 @@ def test_a_request_for_an_unknown_worker_is_refused_before_its_message_is_read()
     handled: list[bytes] = []
     for core in (ann, ben):
         inner = core.handle
-        core.handle = lambda data, sender, inner=inner: (handled.append(data), inner(data, sender))[1]  # type: ignore[method-assign]
+        core.handle = lambda data, sender, inner=inner, **kw: (handled.append(data), inner(data, sender, **kw))[1]  # type: ignore[method-assign]
     server = WorkerServer(ann, callers=callers())
     server.add(ben, callers=callers())
     with server, grpc.insecure_channel(server.address) as channel:
@@ -217,11 +218,11 @@ def test_a_hung_worker_is_unavailable_within_the_deadline_and_the_next_request_w
     inner = core.handle
     hang = threading.Event()
 
-    def handle(data: bytes, sender: Sender) -> bytes:
+    def handle(data: bytes, sender: Sender, **settings: Any) -> bytes:
         if hang.is_set():
             hang.clear()
             time.sleep(3.0)  # longer than the deadline
-        return inner(data, sender)
+        return inner(data, sender, **settings)
 
     core.handle = handle  # type: ignore[method-assign]
     with servers(dict(core=core, callers=callers())) as (server,):

@@ -9,7 +9,7 @@ Central evaluation runs after every round through the strategy's ``evaluate_fn``
 code as the plain loop and Flower (workload.evaluate), with 2 torch threads.
 
 How the 2 cores are used (``--mode``):
-- ``processes``: `fedsecure.fl.simulation.Simulation`, the simulation mode of ``fedsecure run``:
+- ``processes``: `fedsecure.experiment.simulation.Simulation`, the simulation mode of ``fedsecure run``:
   the owners live in 2 host processes (balanced by share size) with 1 torch thread each, served
   over gRPC on loopback; the aggregator is served from this process. The hosts load the data from
   a copy of the prepared subset and partition it themselves with the same call and seed, which
@@ -128,7 +128,7 @@ def main() -> None:
         evaluate_fn=central_evaluation,
     )
     if args.mode == "processes":
-        from fedsecure.fl.simulation import Simulation
+        from fedsecure.experiment.simulation import Simulation
 
         with Simulation(simulation_config(data, args.data), processes=cores, threads=1, sizes=data.sizes) as sim:
             central_evaluation(fl.parameters_of(model))  # the initial model, as Flower's round 0

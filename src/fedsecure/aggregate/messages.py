@@ -3,8 +3,8 @@
 Each message is one of the phases of Bonawitz et al. 2017 (CCS, "Practical Secure Aggregation
 for Privacy-Preserving Machine Learning", figure 4): the server's message that opens a phase,
 and each client's answer. Every message names its round (``round_id``), so a message of an
-earlier round is recognised as a replay. ``decode_message`` checks every field and builds only
-these types (through ``fedsecure.wire.codec``, never pickle); anything malformed raises
+earlier round is recognised as a replay. Each field's annotation says what it must be
+(`fedsecure.wire.fields`); ``decode_message`` checks every field and builds only these types (through ``fedsecure.wire.codec``, never pickle); anything malformed raises
 ``SecAggProtocolError``. Sender ids in client messages must be checked against the transport's
 authenticated peer by whoever carries them.
 """
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import numpy as np
 
 from fedsecure.errors import ProtocolError, SecAggProtocolError
 from fedsecure.wire import codec
+from fedsecure.wire import fields as wf
 
 ROUND_ID_BYTES = 16
 SIGNATURE_BYTES = 64  # Ed25519
@@ -95,22 +96,33 @@ def _signatures(v: Any, name: str) -> tuple[Pair, ...]:
     return out
 
 
-def _any(v: Any, name: str) -> Any:
-    return v
-
-
 def _optional_count(v: Any, name: str) -> int | None:
     return None if v is None else _count(v, name)
 
 
-_ROUND = _bytes(ROUND_ID_BYTES)
+# What each field must be, said in its annotation (`fedsecure.wire.fields`).
+RoundId = Annotated[bytes, _bytes(ROUND_ID_BYTES)]
+ClientId = Annotated[int, _id]
+ClientIds = Annotated[tuple[int, ...], _ids]
+Count = Annotated[int, _count]
+OptionalCount = Annotated[int | None, _optional_count]
+Key = Annotated[bytes, _bytes(32)]  # an X25519 public key
+AttestationDigest = Annotated[bytes, _bytes(ATTESTATION_BYTES)]
+Signature = Annotated[bytes, _bytes(SIGNATURE_BYTES)]
+Data = Annotated[bytes | memoryview, _bytes(None)]
+Pairs = Annotated[tuple[Pair, ...], _pairs]
+Keys = Annotated[tuple[tuple[int, bytes, bytes], ...], _keys]
+SignedKeys = Annotated[tuple[tuple[int, bytes, bytes, bytes, bytes], ...], _signed_keys]
+Signatures = Annotated[tuple[Pair, ...], _signatures]
+Settings = Annotated[dict[str, Any], wf.anything]
 
 
 class Message:
     """Base of the messages below: ``encode()`` to bytes, ``decode_message`` back."""
 
     KIND: ClassVar[str]
-    SCHEMA: ClassVar[tuple[Callable[[Any, str], Any], ...]]
+    CHECKS: ClassVar[tuple[wf.Check, ...]]  # each field's, from its annotation
+    WHERE: ClassVar[tuple[str, ...]]  # each field's name in errors ("AdvertiseKeys.sender")
     round_id: bytes
 
     def encode(self) -> bytes:
@@ -118,78 +130,89 @@ class Message:
         return codec.encode([self.KIND, *(_plain(v) for v in values)])
 
 
+MESSAGES: dict[str, type[Message]] = {}
+M = TypeVar("M", bound=type[Message])
+
+
+def _message(cls: M) -> M:
+    """Register a message class under its ``KIND``, with the checks of its fields."""
+    cls.CHECKS, cls.WHERE = wf.checks(cls)
+    MESSAGES[cls.KIND] = cls
+    return cls
+
+
 def _plain(value: Any) -> Any:
     """Tuples as msgpack lists (the codec would make each one an extension value)."""
     return [_plain(v) for v in value] if isinstance(value, tuple) else value
 
 
+@_message
 @dataclass(frozen=True, slots=True)
 class RoundSetup(Message):
     """Server to the invited clients: the round's public parameters (fixed-point: ``codec``)."""
 
     KIND = "secagg/setup"
-    SCHEMA = (_ROUND, _ids, _count, _count, _any, _optional_count)
-    round_id: bytes
-    clients: tuple[int, ...]
-    threshold: int
-    vector_size: int
-    codec: dict[str, Any]
-    degree: int | None
+    round_id: RoundId
+    clients: ClientIds
+    threshold: Count
+    vector_size: Count
+    codec: Settings
+    degree: OptionalCount
 
 
+@_message
 @dataclass(frozen=True, slots=True)
 class AdvertiseKeys(Message):
     """Client to server: its two X25519 public keys (share encryption, masks)."""
 
     KIND = "secagg/advertise-keys"
-    SCHEMA = (_ROUND, _id, _bytes(32), _bytes(32))
-    round_id: bytes
-    sender: int
-    cipher_key: bytes
-    mask_key: bytes
+    round_id: RoundId
+    sender: ClientId
+    cipher_key: Key
+    mask_key: Key
 
 
+@_message
 @dataclass(frozen=True, slots=True)
 class KeyBroadcast(Message):
     """Server to the clients that advertised: everyone's public keys, as (id, cipher, mask)."""
 
     KIND = "secagg/key-broadcast"
-    SCHEMA = (_ROUND, _keys)
-    round_id: bytes
-    keys: tuple[tuple[int, bytes, bytes], ...]
+    round_id: RoundId
+    keys: Keys
 
 
+@_message
 @dataclass(frozen=True, slots=True)
 class EncryptedShares(Message):
     """Client to server: for each neighbour, its shares encrypted to it, as (recipient, ciphertext)."""
 
     KIND = "secagg/encrypted-shares"
-    SCHEMA = (_ROUND, _id, _pairs)
-    round_id: bytes
-    sender: int
-    ciphertexts: tuple[Pair, ...]
+    round_id: RoundId
+    sender: ClientId
+    ciphertexts: Pairs
 
 
+@_message
 @dataclass(frozen=True, slots=True)
 class ShareBundle(Message):
     """Server to one client: the ciphertexts addressed to it, as (sender, ciphertext)."""
 
     KIND = "secagg/share-bundle"
-    SCHEMA = (_ROUND, _id, _pairs)
-    round_id: bytes
-    recipient: int
-    ciphertexts: tuple[Pair, ...]
+    round_id: RoundId
+    recipient: ClientId
+    ciphertexts: Pairs
 
 
+@_message
 @dataclass(frozen=True, slots=True)
 class MaskedInput(Message):
     """Client to server: its masked, fixed-point update (raw little-endian ring elements)."""
 
     KIND = "secagg/masked-input"
-    SCHEMA = (_ROUND, _id, _bytes(None))
-    round_id: bytes
-    sender: int
-    data: bytes | memoryview
+    round_id: RoundId
+    sender: ClientId
+    data: Data
 
     def vector(self, dtype: np.dtype[Any] | type[np.unsignedinteger[Any]]) -> np.ndarray:
         if len(self.data) % np.dtype(dtype).itemsize:
@@ -209,27 +232,27 @@ class MaskedInput(Message):
         return b"".join((b"\x94", memoryview(head)[1:], bin_head, data))
 
 
+@_message
 @dataclass(frozen=True, slots=True)
 class UnmaskRequest(Message):
     """Server to the clients that sent masked inputs: who survived, who dropped."""
 
     KIND = "secagg/unmask-request"
-    SCHEMA = (_ROUND, _ids, _ids)
-    round_id: bytes
-    survivors: tuple[int, ...]
-    dropped: tuple[int, ...]
+    round_id: RoundId
+    survivors: ClientIds
+    dropped: ClientIds
 
 
+@_message
 @dataclass(frozen=True, slots=True)
 class UnmaskShares(Message):
     """Client to server: shares of survivors' self-mask seeds and of dropped clients' mask keys."""
 
     KIND = "secagg/unmask-shares"
-    SCHEMA = (_ROUND, _id, _pairs, _pairs)
-    round_id: bytes
-    sender: int
-    self_mask_shares: tuple[Pair, ...]
-    key_shares: tuple[Pair, ...]
+    round_id: RoundId
+    sender: ClientId
+    self_mask_shares: Pairs
+    key_shares: Pairs
 
 
 # -- the active-adversary variant (Bonawitz et al. 2017, figure 4 with signatures): used instead
@@ -237,6 +260,7 @@ class UnmaskShares(Message):
 # the consistency-check round between masked input and unmasking.
 
 
+@_message
 @dataclass(frozen=True, slots=True)
 class SignedAdvertiseKeys(Message):
     """Client to server: ``AdvertiseKeys`` with the digest of the client's attestation of what it
@@ -244,67 +268,58 @@ class SignedAdvertiseKeys(Message):
     attestation and the round's parameters (``identity.advertised_keys_statement``)."""
 
     KIND = "secagg/signed-advertise-keys"
-    SCHEMA = (_ROUND, _id, _bytes(32), _bytes(32), _bytes(ATTESTATION_BYTES), _bytes(SIGNATURE_BYTES))
-    round_id: bytes
-    sender: int
-    cipher_key: bytes
-    mask_key: bytes
-    attestation: bytes
-    signature: bytes
+    round_id: RoundId
+    sender: ClientId
+    cipher_key: Key
+    mask_key: Key
+    attestation: AttestationDigest
+    signature: Signature
 
 
+@_message
 @dataclass(frozen=True, slots=True)
 class SignedKeyBroadcast(Message):
     """Server to the clients that advertised: everyone's keys, attestations and signatures, as
     (id, cipher, mask, attestation, sig)."""
 
     KIND = "secagg/signed-key-broadcast"
-    SCHEMA = (_ROUND, _signed_keys)
-    round_id: bytes
-    keys: tuple[tuple[int, bytes, bytes, bytes, bytes], ...]
+    round_id: RoundId
+    keys: SignedKeys
 
 
+@_message
 @dataclass(frozen=True, slots=True)
 class ConsistencyCheck(Message):
     """Server to the clients whose masked inputs arrived: that set, U3, for each of them to sign."""
 
     KIND = "secagg/consistency-check"
-    SCHEMA = (_ROUND, _ids)
-    round_id: bytes
-    survivors: tuple[int, ...]
+    round_id: RoundId
+    survivors: ClientIds
 
 
+@_message
 @dataclass(frozen=True, slots=True)
 class SurvivorSignature(Message):
     """Client to server: its signature over the round and the survivor set it was told
     (``identity.survivors_statement``)."""
 
     KIND = "secagg/survivor-signature"
-    SCHEMA = (_ROUND, _id, _bytes(SIGNATURE_BYTES))
-    round_id: bytes
-    sender: int
-    signature: bytes
+    round_id: RoundId
+    sender: ClientId
+    signature: Signature
 
 
+@_message
 @dataclass(frozen=True, slots=True)
 class SignedUnmaskRequest(Message):
     """Server to the clients that signed (U4): ``UnmaskRequest`` with the collected signatures over
     the survivor set, as (signer, signature)."""
 
     KIND = "secagg/signed-unmask-request"
-    SCHEMA = (_ROUND, _ids, _ids, _signatures)
-    round_id: bytes
-    survivors: tuple[int, ...]
-    dropped: tuple[int, ...]
-    signatures: tuple[Pair, ...]
-
-
-MESSAGES: dict[str, type[Message]] = {
-    cls.KIND: cls
-    for cls in (RoundSetup, AdvertiseKeys, KeyBroadcast, EncryptedShares, ShareBundle, MaskedInput,
-                UnmaskRequest, UnmaskShares, SignedAdvertiseKeys, SignedKeyBroadcast, ConsistencyCheck,
-                SurvivorSignature, SignedUnmaskRequest)
-}
+    round_id: RoundId
+    survivors: ClientIds
+    dropped: ClientIds
+    signatures: Signatures
 
 
 def decode_message(data: bytes | bytearray | memoryview) -> Message:
@@ -323,10 +338,9 @@ def decode_message(data: bytes | bytearray | memoryview) -> Message:
     if not isinstance(value, list) or not value or not isinstance(value[0], str) or value[0] not in MESSAGES:
         raise SecAggProtocolError(f"not a secure-aggregation message: {str(value)[:60]}")
     cls = MESSAGES[value[0]]
-    if len(value) != len(cls.SCHEMA) + 1:
-        raise SecAggProtocolError(f"{cls.__name__} has {len(cls.SCHEMA)} fields, got {len(value) - 1}")
-    names = cls.__dataclass_fields__  # type: ignore[attr-defined]
-    return cls(*(check(v, f"{cls.__name__}.{n}") for check, v, n in zip(cls.SCHEMA, value[1:], names, strict=True)))
+    if len(value) != len(cls.CHECKS) + 1:
+        raise SecAggProtocolError(f"{cls.__name__} has {len(cls.CHECKS)} fields, got {len(value) - 1}")
+    return wf.build(cls, cls.CHECKS, cls.WHERE, value[1:])
 
 
 _MASKED_HEAD = b"\x94" + codec.encode(MaskedInput.KIND) + b"\xc4" + bytes([ROUND_ID_BYTES])

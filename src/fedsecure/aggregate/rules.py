@@ -18,6 +18,7 @@ it in ``metrics`` under `UNCLIPPED_FRACTION` when the rule's options ask for it 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,13 +33,34 @@ Rule = Callable[..., torch.Tensor]
 
 def weighted_mean(updates: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """sum_i w_i u_i / sum_i w_i, accumulated in float64, one update at a time."""
+    return weighted_sum(updates, normalized(weights))
+
+
+def normalized(weights: Sequence[float]) -> list[float]:
+    """w_i / sum_j w_j: the weights of a mean."""
     total = float(sum(weights))
     if total <= 0:
         raise ProtocolError("the weights of a mean must add up to more than 0")
-    out = torch.zeros(updates[0].shape, dtype=torch.float64)
-    for w, u in zip(weights, updates, strict=True):
-        out.add_(u, alpha=float(w) / total)
+    return [float(w) / total for w in weights]
+
+
+def weighted_sum(
+    values: Sequence[torch.Tensor], weights: Sequence[float], *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """sum_i w_i v_i, accumulated in ``dtype`` one value at a time, so it streams: a mean is this
+    sum with `normalized` weights. On the first value's device."""
+    out = torch.zeros_like(values[0], dtype=dtype)
+    for w, v in zip(weights, values, strict=True):
+        out.add_(v, alpha=w)
     return out
+
+
+def mean_from_sums(total: torch.Tensor, weight: float) -> torch.Tensor:
+    """sum_i w_i u_i / sum_i w_i from its two sums, as secure aggregation learns them (``weight``
+    the sum of the weights, or the count of an unweighted mean)."""
+    if not math.isfinite(weight) or weight <= 0:
+        raise ProtocolError("the summed sample counts are not positive: the round cannot be averaged")
+    return total / weight
 
 
 def clip_by_norm(update: torch.Tensor, bound: float) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""The ``fedsecure`` command.
+"""Layer 8: the ``fedsecure`` command.
 
-``fedsecure worker serve``: run a worker (a data owner or an aggregator) as a gRPC server.
+``fedsecure run`` and ``fedsecure plot`` (`experiment`), ``fedsecure worker serve`` (`worker`),
+``fedsecure certs`` (`certs`); `main` parses the command line.
 """
 
 from fedsecure.cli.main import main

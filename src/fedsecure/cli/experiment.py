@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from fedsecure.errors import FedsecureError
+from fedsecure.experiment import config
+from fedsecure.experiment.run import run_experiment
+from fedsecure.fl.history import History
 
 
 def _override(item: str) -> tuple[str, Any]:
@@ -23,9 +26,6 @@ def _override(item: str) -> tuple[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedsecure.fl import config
-    from fedsecure.fl.run import run_experiment
-
     overrides = dict(_override(item) for item in args.set)
     if args.rounds is not None:
         overrides["experiment.rounds"] = args.rounds
@@ -41,8 +41,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def plot(args: argparse.Namespace) -> int:
-    from fedsecure.fl.history import History
-
     try:
         import matplotlib
 

@@ -1,4 +1,6 @@
-"""The FedAvg engine: strategies, worker-side local training, checkpoints and history."""
+"""Layer 5: the FedAvg engine: strategies, worker-side local training, secure rounds, checkpoints
+and history. Experiment files, where their workers run and the models they name are the
+application around it, in `fedsecure.experiment`."""
 
 from fedsecure.fl.engine import Engine, RoundFailed, fit, load_parameters, parameters_of
 from fedsecure.fl.history import History

@@ -29,6 +29,7 @@ from torch import nn
 from fedsecure.errors import FedsecureError, SecureAggregationError
 from fedsecure.fl import checkpoint as ckpt
 from fedsecure.fl.history import History
+from fedsecure.fl.parties import check_parties, sendable
 from fedsecure.fl.progress import Progress
 from fedsecure.fl.secure import SecureSettings, Trained, secure_mean, shared_mean
 from fedsecure.fl.strategy import (
@@ -43,10 +44,11 @@ from fedsecure.fl.strategy import (
     Strategy,
 )
 from fedsecure.wire import messages as m
+from fedsecure.wire.ids import new_id
 from fedsecure.worker import training
 from fedsecure.worker.client import WorkerClient
-from fedsecure.worker.core import new_id
-from fedsecure.worker.modules import describe, state_tensors
+from fedsecure.worker.modules import state_tensors
+from fedsecure.worker.remote_model import RemoteModel
 
 
 class RoundFailed(FedsecureError, RuntimeError):
@@ -56,8 +58,7 @@ class RoundFailed(FedsecureError, RuntimeError):
 @dataclass(frozen=True, slots=True)
 class _Trained:
     worker: str
-    module_id: int  # on the aggregator
-    ids: list[int]
+    model: RemoteModel  # on the aggregator
     examples: int
     loss: float | None
     epsilon: float | None = None  # the worker's local DP-SGD epsilon for this model owner, so far
@@ -118,39 +119,8 @@ class Engine:
         work_deadline: float = 3600.0,
         share_holders: Sequence[WorkerClient] = (),
     ) -> None:
-        if secure_aggregation not in ("trusted", "pairwise", "shares"):
-            raise ConfigurationError(
-                f"secure_aggregation must be 'trusted' (the aggregator sees updates), 'pairwise' (no one "
-                f"does) or 'shares' (share holders that do not collude see only shares), got {secure_aggregation!r}"
-            )
-        spec = describe(model)
-        if spec is None:
-            raise ConfigurationError(
-                f"{type(model).__name__} uses parts outside the workers' allow-list: the engine "
-                "sends models as an architecture built from allow-listed layers, for example an "
-                "nn.Sequential of Conv2d, ReLU, MaxPool2d, Flatten and Linear, or as a custom module "
-                "whose forward torch.fx traces into allow-listed operations (see docs/models.md)"
-            )
-        ids = [w.id for w in workers]
-        if len(set(ids)) != len(ids):
-            raise ConfigurationError(f"worker ids must be distinct, got {ids}")
-        holders = [h.id for h in share_holders]
-        if secure_aggregation == "shares":
-            if len(holders) < 2 or len(set(holders)) != len(holders):
-                raise ConfigurationError(
-                    f"secure_aggregation='shares' needs two or more distinct share_holders, got {holders}"
-                )
-            if set(holders) & set(ids):
-                raise ConfigurationError(f"share holders {sorted(set(holders) & set(ids))} cannot also be training workers")
-            aggregator = aggregator or share_holders[0]  # federated evaluation's small sums go there
-        elif holders:
-            raise ConfigurationError("share_holders are used by secure_aggregation='shares' only")
-        if aggregator is None and secure_aggregation != "pairwise":
-            raise ConfigurationError("an aggregator is needed, unless secure_aggregation='pairwise'")
-        if aggregator is not None and aggregator.id in ids:
-            raise ConfigurationError(f"the aggregator {aggregator.id!r} cannot also be a training worker")
-        if not workers:
-            raise ConfigurationError("federated training needs at least one worker")
+        spec = sendable(model)
+        aggregator = check_parties(workers, aggregator, secure_aggregation, share_holders)
         self.model, self.spec = model, spec
         self.workers = {w.id: w for w in workers}
         self.strategy = strategy
@@ -165,7 +135,7 @@ class Engine:
         self.on_round = on_round
         self.groups = dict(groups or {})
         self.secure_aggregation = secure_aggregation
-        self._kept: dict[str, list[tuple[int, list[int]]]] = {}
+        self._kept: dict[str, list[RemoteModel]] = {}
         self._last_failures: list[Failure] = []
         self.secure = secure or SecureSettings()
         self.work_deadline = work_deadline  # seconds a worker may take for a round's training
@@ -207,54 +177,40 @@ class Engine:
 
     # -- a round ---------------------------------------------------------------------
 
-    def _put(self, worker: WorkerClient, parameters: Parameters) -> tuple[int, list[int]]:
-        module_id, ids = new_id(), [new_id() for _ in parameters]
-        tensors = list(parameters.values())
-        worker.request(m.PutModule(worker.take_release(), module_id, self.spec, tensors, ids, False))
-        return module_id, ids
+    def _put(self, worker: WorkerClient, parameters: Parameters) -> RemoteModel:
+        return RemoteModel.put(worker, self.spec, list(parameters.values()))
 
-    def _forget(self, worker: WorkerClient, module_id: int, ids: list[int]) -> None:
-        worker.release(module_id)
-        for i in ids:
-            worker.release(i)
-
-    def _fit_on(self, worker: WorkerClient, plan: FitPlan, server_round: int) -> tuple[int, list[int], dict[str, Any]]:
-        """Send the global model to ``worker`` and train it there; (its ids there, the reply)."""
-        module_id, ids = self._put(worker, self.parameters)
+    def _fit_on(self, worker: WorkerClient, plan: FitPlan, server_round: int) -> tuple[RemoteModel, dict[str, Any]]:
+        """Send the global model to ``worker`` and train it there; (the model there, the reply)."""
+        model = self._put(worker, self.parameters)
         try:
-            reply = worker.request(
-                m.Fit(worker.take_release(), module_id, self.data[0], self.data[1], plan.training.to_wire(),
-                      _seed(self.seed, server_round, worker.id)), deadline=self.work_deadline
-            )
+            reply = model.fit(self.data[0], self.data[1], plan.training.to_wire(),
+                              _seed(self.seed, server_round, worker.id), deadline=self.work_deadline)
         except BaseException:
-            self._forget(worker, module_id, ids)
+            model.release()
             raise
-        return module_id, ids, reply
+        return model, reply
 
     def _train_one(self, worker: WorkerClient, plan: FitPlan, server_round: int) -> _Trained:
         """Train, then move the trained model to the aggregator."""
-        module_id, ids, reply = self._fit_on(worker, plan, server_round)
-        moved_id, moved_ids = new_id(), [new_id() for _ in ids]
+        model, reply = self._fit_on(worker, plan, server_round)
         try:
-            worker.request(m.MoveModule(worker.take_release(), module_id, self.aggregator.id, moved_id, moved_ids))
+            model.move(self.aggregator)
         except BaseException:
-            self._forget(worker, module_id, ids)
+            model.release()
             raise
-        for i in ids:  # the module's id went with the move; its tensors' ids are freed here
-            worker.release(i)
-        return _Trained(worker.id, moved_id, moved_ids, int(reply["examples"]), reply.get("loss"),
-                        _epsilon(reply))
+        return _Trained(worker.id, model, int(reply["examples"]), reply.get("loss"), _epsilon(reply))
 
     def _train_kept(self, worker: WorkerClient, plan: FitPlan, server_round: int) -> Trained:
         """Train, and keep the trained model and the global one on the worker (secure aggregation)."""
         reference = self._put(worker, self.parameters)
         try:
-            module_id, ids, reply = self._fit_on(worker, plan, server_round)
+            model, reply = self._fit_on(worker, plan, server_round)
         except BaseException:
-            self._forget(worker, *reference)
+            reference.release()
             raise
-        self._kept[worker.id] = [(module_id, ids), reference]
-        return Trained(worker.id, module_id, reference[0], int(reply["examples"]), _epsilon(reply))
+        self._kept[worker.id] = [model, reference]
+        return Trained(worker.id, model.module(), reference.module(), int(reply["examples"]), _epsilon(reply))
 
     def _secure_round(self, plan: FitPlan, server_round: int) -> tuple[FitAggregate, list[Failure]] | None:
         rule = plan.rule
@@ -290,9 +246,9 @@ class Engine:
                                        Failure(worker="(round)", phase="secure aggregation", error=str(exc))]
                 return None
         finally:
-            for name, kept in self._kept.items():
-                for module_id, ids in kept:
-                    self._forget(self.workers[name], module_id, ids)
+            for kept in self._kept.values():
+                for model in kept:
+                    model.release()
         failures += lost
         self._last_failures = failures
         if len(survivors) < self.strategy.min_fit_workers:
@@ -333,26 +289,22 @@ class Engine:
 
     def _aggregate(self, rule: AggregationRule, trained: list[_Trained]) -> tuple[Parameters, dict[str, float]]:
         agg = self.aggregator
-        new_module, new_ids = new_id(), [new_id() for _ in self.parameters]
         plain = rule.name == "mean" and rule.clip_norm is None and rule.noise_multiplier == 0
-        reference: tuple[int, list[int]] | None = None
-        released: dict[str, float] = {}
+        reference: RemoteModel | None = None
+        released: dict[str, Any] = {}
+        models = [t.model for t in trained]
         try:
             if plain:
-                agg.request(m.AggregateModules(agg.take_release(), [t.module_id for t in trained],
-                                               rule.weighted, new_module, new_ids))
+                combined = RemoteModel.aggregate(agg, models, rule.weighted)
             else:
                 reference = self._put(agg, self.parameters)
-                released = agg.request(m.AggregateUpdates(agg.take_release(), [t.module_id for t in trained],
-                                                          reference[0], rule.to_wire(), new_module, new_ids)) or {}
+                combined, released = RemoteModel.aggregate_updates(agg, models, reference, rule.to_wire())
         finally:
-            for t in trained:
-                self._forget(agg, t.module_id, t.ids)
+            for model in models:
+                model.release()
             if reference is not None:
-                self._forget(agg, *reference)
-        values = agg.request(m.GetModule(agg.take_release(), new_module))
-        for i in new_ids:
-            agg.release(i)
+                reference.release()
+        values = combined.get()
         return dict(zip(self.parameters, values, strict=True)), {k: float(v) for k, v in released.items()}
 
     def _fit_round(self, server_round: int) -> tuple[FitPlan, FitAggregate, list[Failure]]:
@@ -384,7 +336,7 @@ class Engine:
                                          workers=tuple(t.worker for t in trained), metrics=metrics)
                 return plan, aggregate, failures
             for t in trained:
-                self._forget(self.aggregator, t.module_id, t.ids)
+                t.model.release()
         raise RoundFailed(
             f"round {server_round}: too few of the {len(plan.workers)} workers finished, "
             f"{self.strategy.min_fit_workers} are needed (tried {self.retries + 1} times)"
@@ -394,16 +346,14 @@ class Engine:
 
     def _evaluate_one(self, worker: WorkerClient, plan: EvaluatePlan) -> tuple[str, int]:
         """Evaluate on ``worker``'s held-out data; the sums move to the aggregator: (worker, their id there)."""
-        module_id, ids = self._put(worker, self.parameters)
-        result = new_id()
+        model = self._put(worker, self.parameters)
         try:
-            worker.request(m.Evaluate(worker.take_release(), module_id, self.eval_data[0], self.eval_data[1],
-                                      {"loss": plan.loss, "batch_size": plan.batch_size}, result),
-                           deadline=self.work_deadline)
+            result = model.evaluate(self.eval_data[0], self.eval_data[1],
+                                    {"loss": plan.loss, "batch_size": plan.batch_size}, deadline=self.work_deadline)
             moved = new_id()
             worker.request(m.Move(worker.take_release(), result, self.aggregator.id, moved))
         finally:
-            self._forget(worker, module_id, ids)
+            model.release()
         return worker.id, moved
 
     def _federated_evaluate(self, server_round: int) -> dict[str, float]:

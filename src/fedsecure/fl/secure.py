@@ -30,7 +30,6 @@ no threshold, but every holder must stay up for the round.
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,13 +39,15 @@ import torch
 from torch import nn
 
 from fedsecure.aggregate import SecAggServer, decode_message
+from fedsecure.aggregate.rules import mean_from_sums
 from fedsecure.aggregate.shares import AdditiveShares
 from fedsecure.errors import FedsecureError, ProtocolError, SecureAggregationError, TooFewSurvivors
 from fedsecure.fl.strategy import ConfigurationError, Failure, Parameters
 from fedsecure.wire import messages as m
+from fedsecure.wire.ids import new_id
 from fedsecure.worker.client import WorkerClient
-from fedsecure.worker.core import new_id
 from fedsecure.worker.modules import describe, state_tensors
+from fedsecure.worker.remote_model import RemoteModel
 
 Runner = Callable[[Sequence[str], Callable[[WorkerClient], Any], str], tuple[list[Any], list[Failure]]]
 
@@ -89,6 +90,17 @@ class Trained:
     epsilon: float | None = None  # the worker's local DP-SGD epsilon, when it ran DP-SGD
 
 
+def _client_ids(trained: Sequence[Trained], settings: SecureSettings) -> dict[str, int]:
+    """Each worker's client id in the protocol: its PKI id when the consistency check signs, else 1..n."""
+    if not settings.consistency_check:
+        return {t.worker: i + 1 for i, t in enumerate(trained)}
+    assert settings.client_ids is not None
+    unknown = [t.worker for t in trained if t.worker not in settings.client_ids]
+    if unknown:
+        raise ConfigurationError(f"client_ids gives no PKI id for workers {unknown}")
+    return {t.worker: settings.client_ids[t.worker] for t in trained}
+
+
 def secure_mean(
     trained: Sequence[Trained],
     workers: dict[str, WorkerClient],
@@ -106,14 +118,7 @@ def secure_mean(
     n = len(trained)
     threshold = settings.threshold or max(2, n // 2 + 1)
     top = max(t.examples for t in trained) if weighted else 1
-    if settings.consistency_check:
-        assert settings.client_ids is not None
-        unknown = [t.worker for t in trained if t.worker not in settings.client_ids]
-        if unknown:
-            raise ConfigurationError(f"client_ids gives no PKI id for workers {unknown}")
-        ids = {t.worker: settings.client_ids[t.worker] for t in trained}
-    else:
-        ids = {t.worker: i + 1 for i, t in enumerate(trained)}
+    ids = _client_ids(trained, settings)
     by_name = {t.worker: t for t in trained}
     server = SecAggServer(clients=list(ids.values()), threshold=threshold, vector_size=size,
                           bound=settings.bound * top, bits=settings.bits, degree=settings.degree,
@@ -159,13 +164,7 @@ def secure_mean(
 def _apply_sum(parameters: Parameters, total: torch.Tensor, weighted: bool, count: int) -> Parameters:
     """The global model plus the mean update, from the sum of the (weighted) updates, whose last
     entry is the sum of the weights when ``weighted``."""
-    if weighted:
-        weight = float(total[-1])
-        if not math.isfinite(weight) or weight <= 0:
-            raise ProtocolError("the summed sample counts are not positive: the round cannot be averaged")
-        mean = total[:-1] / weight
-    else:
-        mean = total / count
+    mean = mean_from_sums(total[:-1], float(total[-1])) if weighted else mean_from_sums(total, count)
     out = dict(parameters)
     at = 0
     for k, t in parameters.items():
@@ -242,7 +241,7 @@ def secure_average(
         raise ProtocolError("secure averaging needs models built from allow-listed layers (see docs/fl.md)")
     workers: dict[str, WorkerClient] = {}
     trained: list[Trained] = []
-    references: list[tuple[WorkerClient, int, list[int]]] = []
+    references: list[RemoteModel] = []
     try:
         for model in models:
             remote = remote_of(model)
@@ -251,11 +250,10 @@ def secure_average(
             worker = remote.worker
             if worker.id in workers:
                 raise ProtocolError(f"two of these models are on {worker.id!r}: one model per worker")
-            ref_id, ids = new_id(), [new_id() for _ in tensors]
-            worker.request(m.PutModule(worker.take_release(), ref_id, spec, tensors, ids, False))
-            references.append((worker, ref_id, ids))
+            reference_there = RemoteModel.put(worker, spec, tensors)
+            references.append(reference_there)
             workers[worker.id] = worker
-            trained.append(Trained(worker.id, remote.module_id, ref_id, 1))
+            trained.append(Trained(worker.id, remote.module_id, reference_there.module(), 1))
 
         def run(names: Sequence[str], task: Callable[[WorkerClient], Any], phase: str) -> tuple[list[Any], list[Failure]]:
             done, failed = [], []
@@ -269,9 +267,8 @@ def secure_average(
         average, _, _ = secure_mean(trained, workers, parameters, settings or SecureSettings(bound=10.0, bits=64),
                                     run, weighted=False)
     finally:
-        for worker, ref_id, ids in references:
-            for i in (ref_id, *ids):
-                worker.release(i)
+        for reference_there in references:
+            reference_there.release()
     return average
 
 

@@ -21,33 +21,18 @@ from fedsecure.errors import OperationNotAllowed, PermissionDenied, WorkerMismat
 from fedsecure.pointer.inplace import become_local, become_pointer, convertible, in_place
 from fedsecure.pointer.tensor import PointerTensor, call, send_tensor
 from fedsecure.wire import messages as m
+from fedsecure.wire.ids import new_id
 from fedsecure.worker.client import WorkerClient
-from fedsecure.worker.core import new_id
 from fedsecure.worker.modules import describe
+from fedsecure.worker.remote_model import RemoteModel
 
 _ATTR = "_fedsecure_remote"
-
-
-class RemoteModule:
-    """Where a sent model lives. ``module_id`` is None for models sent as weights only."""
-
-    __slots__ = ("worker", "module_id", "live", "__weakref__")
-
-    def __init__(self, worker: WorkerClient, module_id: int | None) -> None:
-        self.worker = worker
-        self.module_id = module_id
-        self.live = True
-
-    def release(self) -> None:
-        if self.live and self.module_id is not None:
-            self.live = False
-            self.worker.release(self.module_id)
 
 
 class _RemoteForward:
     """Installed as the sent model's ``forward``: one message runs the whole pass."""
 
-    def __init__(self, module: nn.Module, remote: RemoteModule) -> None:
+    def __init__(self, module: nn.Module, remote: RemoteModel) -> None:
         self.module = weakref.ref(module)
         self.remote = remote
 
@@ -64,7 +49,7 @@ class _RemoteForward:
         )
 
 
-def remote_of(module: nn.Module) -> RemoteModule | None:
+def remote_of(module: nn.Module) -> RemoteModel | None:
     return module.__dict__.get(_ATTR)
 
 
@@ -85,7 +70,7 @@ def _slots(module: nn.Module) -> list[tuple[dict[str, Any], str]]:
     return params + buffers
 
 
-def _install(module: nn.Module, remote: RemoteModule, pointers: list[PointerTensor]) -> None:
+def _install(module: nn.Module, remote: RemoteModel, pointers: list[PointerTensor]) -> None:
     for (slot, name), ptr in zip(_slots(module), pointers, strict=True):
         if slot[name] is not ptr:
             slot[name] = ptr
@@ -113,15 +98,13 @@ def send_module(module: nn.Module, worker: WorkerClient, *, private: bool = Fals
     if spec is None:  # weights only: the forward pass runs op by op
         sent = [send_tensor(t, worker, private=private) for t in tensors]
         pointers = [_in_place(t, p._fs.worker, p.id_at_location, p._fs_owners, p) for t, p in zip(tensors, sent, strict=True)]
-        _install(module, RemoteModule(worker, None), pointers)
+        _install(module, RemoteModel(worker, None), pointers)
         return module
-    module_id, ids = new_id(), [new_id() for _ in tensors]
-    worker.request(
-        m.PutModule(worker.take_release(), module_id, spec, [t.detach() for t in tensors], ids, private)
-    )
+    remote = RemoteModel.put(worker, spec, tensors, private=private)
+    remote.owns_tensors = False  # the parameters' pointers hold their ids
     owners = [worker.id] if private else []
-    pointers = [_in_place(t, worker, i, owners) for t, i in zip(tensors, ids, strict=True)]
-    _install(module, RemoteModule(worker, module_id), pointers)
+    pointers = [_in_place(t, worker, i, owners) for t, i in zip(tensors, remote.ids, strict=True)]
+    _install(module, remote, pointers)
     return module
 
 
@@ -152,7 +135,7 @@ def _pointers(module: nn.Module) -> list[PointerTensor]:
     return out
 
 
-def _require_remote(module: nn.Module, verb: str) -> RemoteModule:
+def _require_remote(module: nn.Module, verb: str) -> RemoteModel:
     remote = remote_of(module)
     if remote is None:
         raise OperationNotAllowed(f"{verb}() of a local model: send it to a worker first", op=verb)
@@ -180,10 +163,9 @@ def get_module(module: nn.Module) -> nn.Module:
         grads = [fetched[id(p)].grad for p in pointers]
     else:
         try:
-            reply = remote.worker.request(m.GetModule(remote.worker.take_release(), remote.module_id, True))
+            reply = remote.get(grads=True)
         except PermissionDenied as err:
             raise PermissionDenied(f"{err} {_TRAINED_ON_PRIVATE_DATA}", rule=err.rule) from err
-        remote.live = False
         values, grads = reply["values"], reply["grads"]
     param_slots = {id(sub._parameters) for sub in module.modules()}
     restored: dict[int, torch.Tensor] = {}
@@ -214,24 +196,24 @@ def move_module(module: nn.Module, worker: WorkerClient) -> nn.Module:
             p.move(worker)
         remote.worker = worker
         return module
-    module_id, ids = new_id(), [new_id() for _ in pointers]
     source = remote.worker
-    source.request(m.MoveModule(source.take_release(), remote.module_id, worker.id, module_id, ids))
-    for p, i in zip(pointers, ids, strict=True):
+    remote.ids = [p.id_at_location for p in pointers]
+    remote.move(worker)
+    for p, i in zip(pointers, remote.ids, strict=True):
         if p._fs.live:  # the source's entry for the old id goes with the next request
             source.release(p._fs.id)
         p._fs.worker, p._fs.id, p._fs.live = worker, i, True
         p._fs_grad = None
-    remote.worker, remote.module_id = worker, module_id
     return module
 
 
-def _proxy_copy(module: nn.Module, worker: WorkerClient, module_id: int, ids: list[int]) -> nn.Module:
-    """A new local proxy of ``module``'s structure for the remote model ``module_id``."""
+def _proxy_copy(module: nn.Module, remote: RemoteModel) -> nn.Module:
+    """A new local proxy of ``module``'s structure for the remote model ``remote``."""
     pointers = _pointers(module)
+    remote.owns_tensors = False  # the new pointers hold their ids
     fresh = [
-        PointerTensor(worker, i, p.shape, p.dtype, p.requires_grad, p.owners)
-        for p, i in zip(pointers, ids, strict=True)
+        PointerTensor(remote.worker, i, p.shape, p.dtype, p.requires_grad, p.owners)
+        for p, i in zip(pointers, remote.ids, strict=True)
     ]
     memo: dict[int, Any] = {id(p): f for p, f in zip(pointers, fresh, strict=True)}
     old_remote = remote_of(module)
@@ -239,7 +221,7 @@ def _proxy_copy(module: nn.Module, worker: WorkerClient, module_id: int, ids: li
     memo[id(module.__dict__.get("forward"))] = None
     clone = copy.deepcopy(module, memo)
     clone.__dict__.pop("forward", None)
-    _install(clone, RemoteModule(worker, module_id), fresh)
+    _install(clone, remote, fresh)
     return clone
 
 
@@ -249,11 +231,9 @@ def copy_module(module: nn.Module) -> nn.Module:
     if remote is None:
         return copy.deepcopy(module)
     if remote.module_id is None:  # each pointer copies itself on its worker
-        return copy.deepcopy(module, {id(remote): RemoteModule(remote.worker, None)})
-    ids = [new_id() for _ in _slots(module)]
-    module_id = new_id()
-    remote.worker.request(m.CopyModule(remote.worker.take_release(), remote.module_id, module_id, ids))
-    return _proxy_copy(module, remote.worker, module_id, ids)
+        return copy.deepcopy(module, {id(remote): RemoteModel(remote.worker, None)})
+    remote.ids = [p.id_at_location for p in _pointers(module)]
+    return _proxy_copy(module, remote.copy())
 
 
 def aggregate(worker: WorkerClient, values: list[Any], weighted: bool) -> Any:
@@ -270,7 +250,7 @@ def aggregate(worker: WorkerClient, values: list[Any], weighted: bool) -> Any:
         )
         return PointerTensor._from_meta(worker, meta)
     if all(isinstance(v, nn.Module) for v in values):
-        module_ids: list[int] = []
+        models: list[RemoteModel] = []
         for v in values:
             r = remote_of(v)
             if r is None or r.module_id is None or r.worker is not worker:
@@ -279,12 +259,8 @@ def aggregate(worker: WorkerClient, values: list[Any], weighted: bool) -> Any:
                     "(allow-listed layers, or graphs of allow-listed operations: see docs/models.md); "
                     "move them there first"
                 )
-            module_ids.append(r.module_id)
-        ids = [new_id() for _ in _slots(values[0])]
-        module_id = new_id()
-        worker.request(
-            m.AggregateModules(worker.take_release(), module_ids, weighted, module_id, ids)
-        )
-        return _proxy_copy(values[0], worker, module_id, ids)
+            models.append(r)
+        models[0].ids = [p.id_at_location for p in _pointers(values[0])]
+        return _proxy_copy(values[0], RemoteModel.aggregate(worker, models, weighted))
     raise TypeError("aggregate() takes a list of pointers or a list of sent models")
 

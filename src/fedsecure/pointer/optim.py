@@ -21,9 +21,9 @@ import torch
 from fedsecure.errors import OperationNotAllowed, WorkerMismatch
 from fedsecure.pointer.tensor import PointerTensor
 from fedsecure.wire import messages as m
+from fedsecure.wire.ids import new_id
 from fedsecure.worker.allowlist import OPTIMIZER_HYPERPARAMETERS
 from fedsecure.worker.client import WorkerClient
-from fedsecure.worker.core import new_id
 
 
 class _RemoteOptimizer:

@@ -41,8 +41,8 @@ from fedsecure.aggregate.shares import (
 from fedsecure.errors import ObjectNotFound, OperationNotAllowed, SecAggInputError, WorkerMismatch
 from fedsecure.pointer.tensor import PointerTensor, send_tensor
 from fedsecure.wire import messages as m
+from fedsecure.wire.ids import new_id
 from fedsecure.worker.client import WorkerClient
-from fedsecure.worker.core import new_id
 
 
 def _holders(workers: Sequence[Any]) -> list[WorkerClient]:

@@ -25,6 +25,7 @@ from fedsecure.pointer.predict import predict
 from fedsecure.wire import codec
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import Ref
+from fedsecure.wire.ids import new_id
 from fedsecure.worker.allowlist import NAME_OF
 from fedsecure.worker.client import (
     DESCRIPTION_ATTR,
@@ -35,7 +36,6 @@ from fedsecure.worker.client import (
     description_of,
     tags_of,
 )
-from fedsecure.worker.core import new_id
 
 _T = torch.Tensor
 _CPU = torch.device("cpu")

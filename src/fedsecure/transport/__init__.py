@@ -1,6 +1,8 @@
 """Layer 4: carrying `wire` messages between processes and machines (gRPC)."""
 
-from fedsecure.transport.grpc import TLS, AuthenticationFailed, GrpcTransport, WorkerServer, connect
+from fedsecure.transport.client import GrpcTransport, connect
 from fedsecure.transport.process import WorkerProcess
+from fedsecure.transport.server import WorkerServer
+from fedsecure.transport.service import TLS, AuthenticationFailed
 
 __all__ = ["TLS", "AuthenticationFailed", "GrpcTransport", "WorkerProcess", "WorkerServer", "connect"]

@@ -12,19 +12,17 @@ with Ed25519 certificates fails (no common signature algorithm). This is tooling
 keep ``ca.key`` away from the workers (only ``ca.pem`` and each party's own key
 and certificate go to that party).
 
-Run as ``python -m fedsecure.transport.certs DIR --party bob --party alice ...``.
+On the command line: ``fedsecure certs DIR --party bob --party alice ...`` (`fedsecure.cli.certs`).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import ipaddress
 import json
 import os
 import re
-import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +108,14 @@ def _subject(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """A CA signs certificates (and revocation lists); a party signs its TLS handshakes."""
+    return x509.KeyUsage(
+        digital_signature=not ca, content_commitment=False, key_encipherment=False, data_encipherment=False,
+        key_agreement=False, key_cert_sign=ca, crl_sign=ca, encipher_only=False, decipher_only=False,
+    )
+
+
 def make_ca(common_name: str = DEFAULT_CA_NAME, *, days: int = DEFAULT_DAYS) -> tuple[bytes, bytes]:
     """A new self-signed CA: ``(key_pem, cert_pem)``, valid for ``days`` days from now."""
     if not common_name or len(common_name) > 64:
@@ -127,20 +133,7 @@ def make_ca(common_name: str = DEFAULT_CA_NAME, *, days: int = DEFAULT_DAYS) -> 
         .not_valid_before(now - _CLOCK_SKEW)
         .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -163,6 +156,14 @@ def _load_ca(ca_key_pem: bytes, ca_cert_pem: bytes) -> tuple[ec.EllipticCurvePri
             f"{cert.subject.rfc4514_string()} is not a CA certificate (BasicConstraints ca=False)"
         )
     return key, cert
+
+
+def _authority_key_id(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    try:
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    except x509.ExtensionNotFound:  # a CA made elsewhere
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
 
 
 def issue(
@@ -196,11 +197,6 @@ def issue(
     usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
         [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
     )
-    try:
-        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
-    except x509.ExtensionNotFound:  # a CA made elsewhere
-        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     builder = (
         x509.CertificateBuilder()
         .subject_name(_subject(name))
@@ -210,23 +206,10 @@ def issue(
         .not_valid_before(now - _CLOCK_SKEW)
         .not_valid_after(min(now + lifetime, ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(aki, critical=False)
+        .add_extension(_authority_key_id(ca_key, ca_cert), critical=False)
     )
     if san:
         builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
@@ -254,7 +237,7 @@ def load_pem(path: str | os.PathLike[str]) -> bytes:
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{path} not found; make a test federation's certificates with "
-            "`python -m fedsecure.transport.certs DIR --party NAME ...`"
+            "`fedsecure certs DIR --party NAME ...`"
         ) from None
     if b"-----BEGIN " not in data:
         raise ValueError(f"{path} is not a PEM file (no '-----BEGIN' line)")
@@ -309,19 +292,7 @@ def write_federation(
     """
     names = list(names)
     signers = list(dict.fromkeys(secagg))
-    unknown = sorted(set(signers) - set(names))
-    if unknown:
-        raise ValueError(f"--secagg names {unknown}, which are not parties: add them with --party too")
-    if not names:
-        raise ValueError("name at least one party (for example bob, alice, secure_worker, owner)")
-    for name in names:
-        check_name(name)
-        if name.lower() == CA:
-            raise ValueError(f"{name!r} cannot be a party's name: ca.pem and ca.key are the CA's files")
-    folded = [name.lower() for name in names]  # bob.pem and Bob.pem are one file on some file systems
-    repeated = sorted({name for name, low in zip(names, folded, strict=True) if folded.count(low) > 1})
-    if repeated:
-        raise ValueError(f"party names must differ (also in case): {repeated}")
+    _check_parties(names, signers)
     ca_key, ca_cert = make_ca(ca_name, days=days)  # everything is made (and checked) before a write
     made = {CA: (ca_key, ca_cert)}
     hosts = list(hosts)
@@ -337,32 +308,57 @@ def write_federation(
         stem: Paths(key=_target(root, stem, ".key"), cert=_target(root, stem, ".pem"))
         for stem in [CA, *names]
     }
-    signing = {name: Ed25519PrivateKey.generate() for name in signers}
-    extra = {_target(root, name, SECAGG_KEY): key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        for name, key in signing.items()}
-    if signers:
-        pki = {"clients": {name: {"id": i, "verify_key": key.public_key().public_bytes_raw().hex()}
-                           for i, (name, key) in enumerate(signing.items(), start=1)}}
-        extra[_target(root, "secagg", ".json")] = (json.dumps(pki, indent=2) + "\n").encode()
+    extra = _secagg_files(root, signers)
     if not overwrite:
-        for path in extra:
-            if os.path.lexists(path):
-                raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-        for party in paths.values():
-            for path in (party.key, party.cert):
-                if os.path.lexists(path):
-                    raise FileExistsError(
-                        f"{path} already exists; pass overwrite=True (--overwrite) to replace the "
-                        "federation's files, or choose another directory"
-                    )
-
+        _refuse_existing(paths, extra)
     for stem, (key, cert) in made.items():
         _write(paths[stem].key, key, mode=0o600, overwrite=overwrite)
         _write(paths[stem].cert, cert, mode=0o644, overwrite=overwrite)
     for path, data in extra.items():
         _write(path, data, mode=0o644 if path.suffix == ".json" else 0o600, overwrite=overwrite)
     return paths
+
+
+def _check_parties(names: list[str], signers: list[str]) -> None:
+    unknown = sorted(set(signers) - set(names))
+    if unknown:
+        raise ValueError(f"--secagg names {unknown}, which are not parties: add them with --party too")
+    if not names:
+        raise ValueError("name at least one party (for example bob, alice, secure_worker, owner)")
+    for name in names:
+        check_name(name)
+        if name.lower() == CA:
+            raise ValueError(f"{name!r} cannot be a party's name: ca.pem and ca.key are the CA's files")
+    folded = [name.lower() for name in names]  # bob.pem and Bob.pem are one file on some file systems
+    repeated = sorted({name for name, low in zip(names, folded, strict=True) if folded.count(low) > 1})
+    if repeated:
+        raise ValueError(f"party names must differ (also in case): {repeated}")
+
+
+def _secagg_files(root: Path, signers: list[str]) -> dict[Path, bytes]:
+    """Each signer's ``NAME.secagg.key``, and the public ``secagg.json`` that all of them share."""
+    signing = {name: Ed25519PrivateKey.generate() for name in signers}
+    files = {_target(root, name, SECAGG_KEY): key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        for name, key in signing.items()}
+    if signers:
+        pki = {"clients": {name: {"id": i, "verify_key": key.public_key().public_bytes_raw().hex()}
+                           for i, (name, key) in enumerate(signing.items(), start=1)}}
+        files[_target(root, "secagg", ".json")] = (json.dumps(pki, indent=2) + "\n").encode()
+    return files
+
+
+def _refuse_existing(paths: dict[str, Paths], extra: dict[Path, bytes]) -> None:
+    for path in extra:
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+    for party in paths.values():
+        for path in (party.key, party.cert):
+            if os.path.lexists(path):
+                raise FileExistsError(
+                    f"{path} already exists; pass overwrite=True (--overwrite) to replace the "
+                    "federation's files, or choose another directory"
+                )
 
 
 def load_secagg_ids(pki: str | os.PathLike[str]) -> dict[str, int]:
@@ -408,84 +404,3 @@ def _read_pki(path: Path) -> dict[str, tuple[int, bytes]]:
     if len({cid for cid, _ in out.values()}) != len(out):
         raise ValueError(f"{path}: two parties share one client id")
     return out
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedsecure certs",
-        description=(
-            "Make the TLS certificates of a test federation: a CA (ca.pem, ca.key) and, for each "
-            "party, NAME.key and NAME.pem with common name NAME, which is how workers recognise "
-            "who is calling. Give each party its own NAME.key, NAME.pem and ca.pem; keep ca.key."
-        ),
-        epilog=(
-            "example: fedsecure certs ./certs --party owner --party bob --party alice "
-            "--party secure_worker --host localhost --host 127.0.0.1"
-        ),
-    )
-    parser.add_argument("directory", type=Path, help="where to write the files (created with mode 0700)")
-    parser.add_argument(
-        "--party",
-        dest="parties",
-        action="append",
-        required=True,
-        metavar="NAME",
-        help="a party's name (letters, digits, '-', '_', '.'; at most 64); repeat for each party",
-    )
-    parser.add_argument(
-        "--host",
-        dest="hosts",
-        action="append",
-        metavar="H",
-        help=f"a DNS name or IP address the parties are reached under; repeatable (default: {' '.join(DEFAULT_HOSTS)})",
-    )
-    parser.add_argument(
-        "--days", type=int, default=DEFAULT_DAYS, help="validity in days (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--ca-name", default=DEFAULT_CA_NAME, help="the CA's common name (default: %(default)r)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace existing files in DIRECTORY")
-    parser.add_argument(
-        "--secagg", action="append", default=[], metavar="NAME",
-        help="a party (a data owner) that signs in secure aggregation against a malicious server: writes "
-        "NAME.secagg.key and the shared public secagg.json; repeatable",
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fedsecure certs``: write a federation's certificates and say what was written."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    hosts = args.hosts or list(DEFAULT_HOSTS)
-    try:
-        paths = write_federation(
-            args.directory,
-            args.parties,
-            hosts=hosts,
-            days=args.days,
-            ca_name=args.ca_name,
-            overwrite=args.overwrite,
-            secagg=args.secagg,
-        )
-    except (ValueError, OSError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 1
-    _report(paths, hosts=hosts, days=args.days)
-    if args.secagg:
-        print(f"secure aggregation keys for {', '.join(args.secagg)}: NAME{SECAGG_KEY} each, and "
-              f"{args.directory / 'secagg.json'} for everyone (public)")
-    return 0
-
-
-def _report(paths: Mapping[str, Paths], *, hosts: Sequence[str], days: int) -> None:
-    width = max(len(name) for name in paths)
-    for name, party in paths.items():
-        note = "  (the CA: keep its key; give every party the certificate)" if name == CA else ""
-        print(f"{name:<{width}}  {party.cert}  {party.key}{note}")
-    print(f"valid for {days} days; servers reachable as {', '.join(hosts)}")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

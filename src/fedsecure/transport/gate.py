@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 
 from fedsecure.errors import ProtocolError
-from fedsecure.worker.core import Sender
+from fedsecure.worker.store import Sender
 
 
 class Gate:

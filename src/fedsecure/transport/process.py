@@ -16,7 +16,8 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from fedsecure.transport.grpc import TLS, connect
+from fedsecure.transport.client import connect
+from fedsecure.transport.service import TLS
 from fedsecure.worker.client import WorkerClient
 
 _LISTENING = re.compile(r"listening on (\S+?)(,|\s|$)")

@@ -82,7 +82,7 @@ class Stream:
 
     def exchange(self, worker: str, data: bytes, deadline: float, limit: int) -> bytes:
         head, views = frames.outgoing(worker, data)
-        self.due = time.monotonic() + deadline
+        self.due = due = time.monotonic() + deadline
         WATCHDOG.watch(self)
         try:
             self._outbox.put(frames.chunks(head, views))
@@ -91,7 +91,11 @@ class Stream:
                 raise Closed()
             _, rest = frames.split_head(reply)
             announced, body = frames.read_manifest(rest, limit=limit, what=f"a reply from {worker!r}")
-            return frames.body_and_frames(body, frames.receive(announced, self._replies))
+            message = frames.body_and_frames(body, frames.receive(announced, self._replies))
+            if time.monotonic() > due:  # late, before the watchdog's thread had its turn
+                self.expired = True
+                raise Expired()
+            return message
         except grpc.RpcError:
             if self.expired:
                 raise Expired() from None

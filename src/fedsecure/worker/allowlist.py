@@ -14,11 +14,13 @@ a test keeps that file current.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from fedsecure.errors import OperationNotAllowed, ProtocolError
 
 _ARITHMETIC = """
 __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ __mul__ __rmul__ __imul__
@@ -92,6 +94,27 @@ OPTIMIZER_HYPERPARAMETERS = frozenset(
 )
 """the only group settings a message may set; anything else (foreach, fused, capturable,
 differentiable, ...) keeps torch's default."""
+
+
+def optimizer_settings(
+    settings: Mapping[Any, Any], *, skip: Collection[str] = (), reserved: Collection[str] = (), where: str = ""
+) -> dict[str, Any]:
+    """``settings`` as received for an optimizer (a parameter group, a round's ``optimizer_args``),
+    checked: only `OPTIMIZER_HYPERPARAMETERS`, each a number or up to four numbers (a list becomes a
+    tuple). ``skip``: keys that are no settings (a group's ``params``); ``reserved``: settings the
+    message gives elsewhere, refused here; ``where`` ends the refusal's message."""
+    checked = {}
+    for key, value in settings.items():
+        if key in skip:
+            continue
+        if key not in OPTIMIZER_HYPERPARAMETERS or key in reserved:
+            raise OperationNotAllowed(f"optimizer setting {key!r} is not allowed{where}", op=str(key))
+        if not isinstance(value, bool | int | float) and not (
+            isinstance(value, list | tuple) and len(value) <= 4 and all(isinstance(v, int | float) for v in value)
+        ):
+            raise ProtocolError(f"optimizer setting {key!r} must be a number or a pair of numbers")
+        checked[key] = tuple(value) if isinstance(value, list) else value
+    return checked
 
 NAME_OF: dict[Any, str] = {}
 """callable -> op name (the client side's lookup, keyed by what __torch_function__ sees)."""

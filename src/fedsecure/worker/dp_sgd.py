@@ -191,23 +191,8 @@ def fit(
         for _ in range(schedule.steps):
             index = (torch.rand(n, generator=private) < schedule.sampling_rate).nonzero().squeeze(1)
             dp_optimizer.zero_grad(set_to_none=True)
-            if len(index):
-                current = {name: p.detach() for name, p in named}
-                try:
-                    grads, losses = per_record(current, x[index], y[index])
-                except ProtocolError:
-                    raise
-                except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-                    raise ProtocolError(
-                        f"DP-SGD cannot compute this model's gradient one record at a time: {exc}"[:800]
-                    ) from exc
-                for name, p in named:
-                    setattr(p, "grad_sample", grads[name].detach())  # noqa: B010 (Opacus reads it)
-                total += float(losses.sum())
-                count += len(index)
-            else:  # an empty Poisson sample: the step is noise alone
-                for p in params:
-                    setattr(p, "grad_sample", p.new_zeros((0, *p.shape)))  # noqa: B010
+            total += _record_gradients(per_record, named, x, y, index)
+            count += len(index)
             if dp_optimizer.pre_step():  # clip, sum, add noise, divide by the expected batch size
                 for p, a in zip(params, anchor, strict=False):  # FedProx: mu (w - w_global), data-free
                     if p.grad is not None:
@@ -219,6 +204,39 @@ def fit(
                 if hasattr(p, attr):
                     delattr(p, attr)
             p.grad = None
+    _check_unchanged(module, fixed)
+    return (total / count if count else math.nan), schedule.steps
+
+
+def _record_gradients(
+    per_record: Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]],
+    named: list[tuple[str, nn.Parameter]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    index: torch.Tensor,
+) -> float:
+    """Each sampled record's own gradient, where Opacus reads it (``grad_sample``); the sample's
+    summed loss. An empty Poisson sample has no gradients: its step is noise alone."""
+    if not len(index):
+        for _, p in named:
+            setattr(p, "grad_sample", p.new_zeros((0, *p.shape)))  # noqa: B010
+        return 0.0
+    current = {name: p.detach() for name, p in named}
+    try:
+        grads, losses = per_record(current, x[index], y[index])
+    except ProtocolError:
+        raise
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        raise ProtocolError(
+            f"DP-SGD cannot compute this model's gradient one record at a time: {exc}"[:800]
+        ) from exc
+    for name, p in named:
+        setattr(p, "grad_sample", grads[name].detach())  # noqa: B010 (Opacus reads it)
+    return float(losses.sum())
+
+
+def _check_unchanged(module: nn.Module, fixed: dict[str, torch.Tensor]) -> None:
+    """Only clipped, noised gradient steps may change a model under DP-SGD: not its forward pass."""
     after = module.state_dict(keep_vars=True)
     for name, before in fixed.items():
         if not torch.equal(before, after[name]):
@@ -226,4 +244,3 @@ def fit(
                 "the model changed its buffers or frozen weights while training with DP-SGD: "
                 "only clipped, noised gradient steps may change a model under DP-SGD"
             )
-    return (total / count if count else math.nan), schedule.steps

@@ -23,21 +23,24 @@ model owner sends:
    failed op instead of returning a meaningless value.
 
 The same prediction gives the bytes a call will allocate, so a worker's memory quota is checked
-before anything is allocated.
+before anything is allocated. How a call's metadata is predicted is `fedsecure.worker.predict`;
+how its inputs are found and its results stored is `fedsecure.worker.ops`.
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import nn
 
-from fedsecure.errors import FedsecureError, OperationNotAllowed, ProtocolError
+from fedsecure.errors import FedsecureError, RemoteError
 from fedsecure.worker import labels as lb
+from fedsecure.worker.guards import refuse_op
+from fedsecure.worker.predict import Spec, placeholder, predict, refuse_unpredictable
+from fedsecure.worker.store import WorkerState
 
 _FAILED = "_fedsecure_failed"
 # Ops that read a value out as a Python number: the release rules govern them (checked before they
@@ -47,7 +50,6 @@ VALUE_READS = frozenset({"Tensor.item", "Tensor.tolist", "Tensor.__bool__", "Ten
                          "Tensor.__index__"})
 # Ops run without a prediction: value reads, and ops that only write or read a gradient (guarded all the same).
 UNPREDICTED = VALUE_READS | {"Tensor.backward", "Tensor.data.__set__", "Tensor.grad.__get__", "Tensor.grad.__set__"}
-_MAX_CACHE = 4096
 _marked = False  # whether any tensor in this process was ever marked undefined (a fast path when not)
 
 
@@ -80,174 +82,6 @@ def hides_failures(labels: lb.Labels) -> bool:
     return bool(labels) and min(label.max_metric_numel for label in labels) < 1
 
 
-# -- prediction on meta tensors -------------------------------------------------------------
-
-
-class Unpredictable(Exception):
-    """The result's metadata cannot be computed from the inputs' metadata."""
-
-
-def _signature(value: Any) -> Any:
-    """A hashable key of ``value``'s metadata (tensors by shape, stride, dtype and grad flag)."""
-    if isinstance(value, torch.Tensor):  # the common case first: this runs on every guarded call
-        return (value.shape, value.stride(), value.dtype, value.requires_grad)
-    kind = type(value)
-    if kind is float:  # a float's value decides no shape or dtype (Adam's step sizes change every step)
-        return kind
-    if kind in _VALUED:
-        return (kind, value)
-    if kind is list or kind is tuple:  # tensors inline, as above (one call less each)
-        return (kind, *[(v.shape, v.stride(), v.dtype, v.requires_grad) if isinstance(v, torch.Tensor)
-                        else _signature(v) for v in value])
-    if kind is dict:
-        return ("D", *[(k, _signature(v)) for k, v in value.items()])
-    if kind is slice:
-        return ("S", _signature(value.start), _signature(value.stop), _signature(value.step))
-    if value is Ellipsis or isinstance(value, torch.dtype):
-        return value
-    raise TypeError  # not cached: predicted every time
-
-
-_VALUED = frozenset({int, bool, str, type(None)})
-
-
-def _to_meta(value: Any, inputs: dict[int, torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta",
-                                   requires_grad=value.requires_grad)
-        inputs[id(meta)] = value
-        return meta
-    if isinstance(value, list | tuple):
-        return type(value)(_to_meta(v, inputs) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_meta(v, inputs) for k, v in value.items()}
-    # a worker's tensors are on its CPU: a move there (``x.to("cpu")``) is, on meta, a move to meta
-    if (type(value) is torch.device and value.type == "cpu") or (type(value) is str and value == "cpu"):
-        return _META
-    return value
-
-
-_META = torch.device("meta")
-
-
-class Spec:
-    """What a call returns, by metadata: a tensor spec, a plain value, or a sequence of specs."""
-
-    __slots__ = ("shape", "dtype", "requires_grad", "view", "input", "plain", "items")
-
-    def __init__(self) -> None:
-        self.shape: tuple[int, ...] = ()
-        self.dtype: torch.dtype = torch.float32
-        self.requires_grad = False
-        self.view = False  # shares memory with an input: allocates nothing
-        self.input = -1  # the position (in the call's tensor inputs) of an input returned as is
-        self.plain: Any = None
-        self.items: list[Spec] | None = None
-
-    @property
-    def nbytes(self) -> int:
-        if self.items is not None:
-            return sum(item.nbytes for item in self.items)
-        if self.plain is not None or self.view or self.input >= 0:
-            return 0
-        numel = 1
-        for n in self.shape:
-            numel *= n
-        return numel * self.dtype.itemsize
-
-
-def _spec(out: Any, inputs: dict[int, torch.Tensor], order: dict[int, int]) -> Spec:
-    spec = Spec()
-    if isinstance(out, torch.Tensor):
-        if out.device.type != "meta":
-            raise Unpredictable
-        spec.shape, spec.dtype, spec.requires_grad = tuple(out.shape), out.dtype, out.requires_grad
-        spec.view = out._is_view()
-        real = inputs.get(id(out))
-        if real is not None:
-            spec.input = order[id(real)]
-        return spec
-    if isinstance(out, list | tuple):
-        spec.items = [_spec(o, inputs, order) for o in out]
-        return spec
-    if out is None or isinstance(out, int | float | bool | torch.Size):
-        spec.plain = out if out is not None else ()
-        return spec
-    raise Unpredictable
-
-
-_cache: dict[Any, Spec | None] = {}
-_module_cache: weakref.WeakKeyDictionary[nn.Module, dict[Any, Spec | None]] = weakref.WeakKeyDictionary()
-
-
-def predict(op: str, fn: Callable[..., Any], args: Any, kwargs: Any, tensors: list[torch.Tensor],
-            grad_enabled: bool, module: nn.Module | None = None, *, cached: bool = True) -> Spec | None:
-    """The metadata of ``fn(*args, **kwargs)`` computed on meta tensors; None when it cannot be
-    predicted (a value-dependent shape, or no meta kernel). Cached by the inputs' metadata (float
-    arguments by type only: ``cached=False`` checks the exact call, as a failure does)."""
-    try:
-        if not cached:
-            raise TypeError
-        key: Any = (op, _signature(args), _signature(kwargs) if kwargs else None, module is not None and module.training,
-                    grad_enabled)
-        cache = _cache if module is None else _module_cache.setdefault(module, {})
-        if key in cache:
-            return cache[key]
-    except TypeError:
-        key, cache = None, {}
-    order = {id(t): i for i, t in enumerate(tensors)}
-    inputs: dict[int, torch.Tensor] = {}
-    try:
-        with torch.set_grad_enabled(grad_enabled):
-            spec: Spec | None = _run_on_meta(fn, args, kwargs, module, inputs, order)
-    except Exception:
-        spec = None
-    if key is not None:
-        if len(cache) >= _MAX_CACHE:
-            cache.clear()
-        cache[key] = spec
-    return spec
-
-
-def _run_on_meta(fn: Callable[..., Any], args: Any, kwargs: Any, module: nn.Module | None,
-                 inputs: dict[int, torch.Tensor], order: dict[int, int]) -> Spec:
-    meta_args, meta_kwargs = _to_meta(args, inputs), _to_meta(kwargs, inputs)
-    if module is None:
-        out = fn(*meta_args, **meta_kwargs)
-    else:
-        state = {name: _to_meta(t, inputs) for name, t in [*module.named_parameters(), *module.named_buffers()]}
-        out = torch.func.functional_call(module, state, tuple(meta_args), meta_kwargs)
-    return _spec(out, inputs, order)
-
-
-def refuse_unpredictable(op: str, labels: lb.Labels, worker: str) -> NoReturn:
-    raise OperationNotAllowed(
-        f"{op} cannot run on {worker!r} on values derived from private data of {lb.owners(labels)}: the shape "
-        "of its result would depend on those values (or cannot be computed from shapes alone), which would "
-        "reveal them. Use a form with a fixed shape (e.g. a mask multiplied in, torch.where(c, a, b), "
-        "sums instead of selections)",
-        op=op,
-    )
-
-
-def placeholder(spec: Spec, tensors: list[torch.Tensor]) -> Any:
-    """A result of the predicted metadata with no meaning: NaN for floating types, zero otherwise
-    (an input returned in place is returned as it now is)."""
-    if spec.items is not None:
-        return tuple(placeholder(item, tensors) for item in spec.items)
-    if spec.plain is not None:
-        return None if spec.plain == () else spec.plain
-    if spec.input >= 0:
-        return tensors[spec.input]
-    if spec.dtype.is_floating_point or spec.dtype.is_complex:
-        out = torch.full(spec.shape, float("nan"), dtype=spec.dtype)
-    else:
-        out = torch.zeros(spec.shape, dtype=spec.dtype)
-    if spec.requires_grad and (spec.dtype.is_floating_point or spec.dtype.is_complex):
-        out.requires_grad_(True)
-    return out
-
-
 def written(op: str, args: Any, tensors: list[torch.Tensor], versions: list[int]) -> list[torch.Tensor]:
     """What a failed call may have written: tensors whose version moved, and the target of an
     in-place op (``x[i] = v``, ``add_``, ``+=``), which may hold part of the result without a bump."""
@@ -276,20 +110,188 @@ def label_writes(tensors: Iterable[torch.Tensor], labels: lb.Labels, modules: It
                 lb.add_labels(t.grad, labels)
 
 
-def step_on_meta(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                 loss: Callable[[torch.Tensor, torch.Tensor], Any]) -> None:
-    """One forward pass and the loss on meta tensors of a batch's shapes. It raises what a
-    mismatch of metadata raises (a model that does not fit the data), so a failure of the real
-    pass afterwards can only come from the values."""
-    b = max(1, min(batch_size, x.shape[0]))
-    inputs: dict[int, torch.Tensor] = {}
-    state = {name: _to_meta(t, inputs) for name, t in [*module.named_parameters(), *module.named_buffers()]}
-    xb = torch.empty((b, *x.shape[1:]), dtype=x.dtype, device="meta")
-    yb = torch.empty((b, *y.shape[1:]), dtype=y.dtype, device="meta")
+# -- the path -----------------------------------------------------------------------------
+
+
+def run(
+    state: WorkerState,
+    op: str,
+    fn: Callable[..., Any],
+    args: list[Any],
+    kwargs: dict[str, Any],
+    tensors: list[torch.Tensor],
+    labels: lb.Labels,
+    grad_enabled: bool,
+    module: nn.Module | None = None,
+) -> Any:
+    """Run one op (or a module's forward) on ``state``'s worker: ``tensors`` are its tensor inputs
+    (a module's own included), ``labels`` their union. Returns what ``fn`` returned, or, where a
+    failure on private values must not show, a placeholder of the predicted metadata."""
+    spec = None
+    if labels or state._memory_quota is not None:  # the attribute, not the property: this runs on every op
+        spec = _before(state, op, fn, args, kwargs, tensors, labels, grad_enabled, module)
+    versions = [t._version for t in tensors]
+    modules = [module] if module is not None else []
     try:
-        loss(torch.func.functional_call(module, state, (xb,)), yb)
+        if grad_enabled == torch.is_grad_enabled():
+            result = fn(*args, **kwargs)
+        else:
+            with torch.set_grad_enabled(grad_enabled):
+                result = fn(*args, **kwargs)
     except FedsecureError:
+        label_writes(tensors, labels, modules)
         raise
-    except Exception as exc:  # meta tensors hold no values: the message quotes none
-        raise ProtocolError(f"the model cannot run on data of shape {tuple(x.shape)} {x.dtype} with targets "
-                            f"{tuple(y.shape)} {y.dtype}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:
+        if spec is not None and hides_failures(labels):  # the exact call, floats and all
+            spec = predict(op, fn, args, kwargs, tensors, grad_enabled, module, cached=False)
+        if spec is None or not hides_failures(labels):
+            label_writes(tensors, labels, modules)  # the failure shows anyway: label all it touched
+            raise _failure(op, exc, labels, state.id) from None
+        result = _undefined(op, spec, args, tensors, labels, versions)
+    except BaseException:
+        label_writes(tensors, labels, modules)
+        raise
+    # Whatever an op wrote to (in-place ops, out-of-place ops with side effects such as
+    # batch_norm's running stats) now derives from all of its inputs.
+    for t, v in zip(tensors, versions, strict=True):
+        if t._version != v:
+            lb.add_labels(t, labels)
+    _record_inputs(result, tensors)
+    if op == "F.batch_norm":  # writes running stats without bumping their versions
+        label_writes(tensors, labels)
+    if module is not None and module.training:  # so does a module's forward, to its buffers
+        label_writes(list(module.buffers()), labels)
+    if op == "Tensor.data.__set__":
+        lb.merge(args[0], args[1])
+    failure = first_failure(tensors)
+    if failure:
+        mark_failed(_tensors_in(result), failure)
+    return result
+
+
+def _before(
+    state: WorkerState,
+    op: str,
+    fn: Callable[..., Any],
+    args: list[Any],
+    kwargs: dict[str, Any],
+    tensors: list[torch.Tensor],
+    labels: lb.Labels,
+    grad_enabled: bool,
+    module: nn.Module | None,
+) -> Spec | None:
+    """What is refused before a call on labelled inputs or under a memory quota runs: the rules
+    against pointer ops, the release rules for a value read, a result whose metadata would depend
+    on values, and a result over the quota. Returns the predicted result."""
+    if labels:
+        if state.policy.strict or lb.training_only(labels):
+            refuse_op(state, labels, op)
+        if op in VALUE_READS and tensors and tensors[0].numel() == 1:  # the release rules first
+            lb.check_release(labels, tensors[0].numel(), scalar=tensors[0].dim() == 0, holder=state.id,
+                             policy=state.policy, aggregate=False, what=f"the result of {op}")
+    if op in UNPREDICTED:
+        return None
+    spec = predict(op, fn, args, kwargs, tensors, grad_enabled, module)
+    if spec is None and labels:
+        refuse_unpredictable(op, labels, state.id)
+    if spec is not None and state.memory_quota is not None:
+        state.admit(spec.nbytes, what=f"the result of {op}")
+    return spec
+
+
+def _failure(op: str, exc: Exception, labels: lb.Labels, worker: str) -> RemoteError:
+    """The error reported for a call that failed where the failure may show."""
+    detail = (
+        f"{type(exc).__name__}: {exc}"
+        if not labels  # not even the exception's type: it can differ with the values
+        else f"details withheld: the inputs derive from private data of {lb.owners(labels)}"
+    )
+    return RemoteError(f"{op} failed on {worker!r}: {detail}", op=op, worker=worker)
+
+
+def _undefined(op: str, spec: Spec, args: list[Any], tensors: list[torch.Tensor], labels: lb.Labels,
+               versions: list[int]) -> Any:
+    """The result of a call whose failure depends on private values that no owner lets out even as
+    a metric: it must not show. The call "succeeds" as predicted; what it wrote and returned is
+    undefined. Only what it may have written is labelled, as on success: labelling what it only
+    read would itself show the failure."""
+    changed = written(op, args, tensors, versions)
+    label_writes(changed, labels)  # a module's buffers afterwards, as on success
+    result = placeholder(spec, tensors)
+    mark_failed([*changed, *_tensors_in(result)], op)
+    return result
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
+# -- backward passes ------------------------------------------------------------------------
+
+_INPUT_CELLS = "fedsecure_inputs"
+
+
+def _record_inputs(result: Any, tensors: list[torch.Tensor]) -> None:
+    """Remember, on the autograd node that made ``result``, the label cells of its inputs.
+
+    A backward pass recomputes with the tensors saved in the forward pass; if private
+    data was written into one of them since (through ``.data``, which autograd does not
+    see), the gradients depend on it. The cells are read again at backward time.
+    """
+    if isinstance(result, torch.Tensor):
+        node = result.grad_fn
+        if node is not None:
+            node.metadata[_INPUT_CELLS] = lb.cells(tensors)  # type: ignore[index]
+    elif isinstance(result, tuple | list):
+        for r in result:
+            _record_inputs(r, tensors)
+
+
+def _graph(root: torch.Tensor) -> tuple[list[torch.Tensor], lb.Labels]:
+    """The leaves whose ``.grad`` a backward pass from ``root`` writes, and the current
+    labels of every tensor the pass reads."""
+    fn = root.grad_fn
+    if fn is None:
+        return ([root] if root.requires_grad else []), lb.labels_of(root)
+    leaves: list[torch.Tensor] = []
+    labels = lb.labels_of(root)
+    seen, stack = {fn}, [fn]
+    while stack:
+        node = stack.pop()
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.append(variable)
+            labels = labels | lb.labels_of(variable)
+        recorded = node.metadata.get(_INPUT_CELLS)  # type: ignore[attr-defined]
+        if recorded:
+            labels = labels | lb.union_cells(recorded)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return leaves, labels
+
+
+def backward(
+    loss: torch.Tensor,
+    gradient: torch.Tensor | None = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    inputs: Any = None,
+) -> None:
+    """``loss.backward()``, then label every gradient it wrote with the labels of
+    everything the backward pass read (the op ``Tensor.backward`` runs this on the path)."""
+    leaves, labels = _graph(loss)
+    if gradient is not None:
+        labels = labels | lb.labels_of(gradient)
+    try:
+        loss.backward(gradient, retain_graph, create_graph, inputs)
+    finally:  # a pass that fails halfway has accumulated some gradients already
+        if labels:
+            for leaf in leaves:
+                if leaf.grad is not None:
+                    lb.add_labels(leaf.grad, labels)

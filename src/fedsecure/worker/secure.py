@@ -150,16 +150,29 @@ class SecureSessions:
             raise ProtocolError("an attestation digest is 32 bytes")
         key = (caller, session)
         if phase == "advertise":
-            if key in self._clients:
-                raise ProtocolError(f"secure aggregation session {session!r} exists already: use a fresh one")
-            if sum(1 for owner, _ in self._clients if owner == caller) >= MAX_SESSIONS:
-                raise ProtocolError(f"at most {MAX_SESSIONS} secure aggregation sessions may be open at once")
-            mine = self.identity
-            if mine is not None and client_id != mine.client_id:
-                raise ProtocolError(f"this worker is client {mine.client_id} in the federation's PKI, not {client_id}")
-            self._clients[key] = SecAggClient(client_id=client_id, identity=None if mine is None else mine.identity,
-                                              attestation=None if mine is None else attestation)
-            self._attested[key] = attestation
+            self._open(key, client_id, attestation)
+        client = self._session(key, client_id, attestation, required)
+        return self._advance(key, client, phase, payload, update)
+
+    def _open(self, key: tuple[str | None, str], client_id: int, attestation: bytes | None) -> None:
+        """A new session: a fresh client, as this worker's PKI identity where it has one."""
+        caller, session = key
+        if key in self._clients:
+            raise ProtocolError(f"secure aggregation session {session!r} exists already: use a fresh one")
+        if sum(1 for owner, _ in self._clients if owner == caller) >= MAX_SESSIONS:
+            raise ProtocolError(f"at most {MAX_SESSIONS} secure aggregation sessions may be open at once")
+        mine = self.identity
+        if mine is not None and client_id != mine.client_id:
+            raise ProtocolError(f"this worker is client {mine.client_id} in the federation's PKI, not {client_id}")
+        self._clients[key] = SecAggClient(client_id=client_id, identity=None if mine is None else mine.identity,
+                                          attestation=None if mine is None else attestation)
+        self._attested[key] = attestation
+
+    def _session(
+        self, key: tuple[str | None, str], client_id: int, attestation: bytes | None, required: bool
+    ) -> SecAggClient:
+        """The session's client, if it is ``client_id``'s and its update is still the one advertised."""
+        session = key[1]
         client = self._clients.get(key)
         if client is None:
             raise ProtocolError(f"no secure aggregation session {session!r} here (it ended or never began)")
@@ -174,6 +187,13 @@ class SecureSessions:
             )
         if required:  # on every phase: the update's labels decide, and they may have grown
             self._require_cohort(key, attestation)
+        return client
+
+    def _advance(
+        self, key: tuple[str | None, str], client: SecAggClient, phase: str, payload: bytes,
+        update: Callable[[], np.ndarray],
+    ) -> bytes:
+        """Run ``phase`` on the client; a round that fails ends here, and cannot be resumed."""
         try:
             out: Message
             if phase == "advertise":
@@ -189,7 +209,7 @@ class SecureSessions:
                 self._end(key)  # the round is over for this client
             return out.encode()
         except ShareRevealRefused as exc:
-            self._end(key)  # a failed round cannot be resumed
+            self._end(key)
             raise PermissionDenied(str(exc), rule="secure-aggregation") from exc
         except CohortMismatch as exc:
             self._end(key)

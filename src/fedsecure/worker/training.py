@@ -19,7 +19,7 @@ from torch import nn
 
 from fedsecure.errors import OperationNotAllowed, ProtocolError
 from fedsecure.worker import dp_sgd
-from fedsecure.worker.allowlist import OPTIMIZER_HYPERPARAMETERS, OPTIMIZERS
+from fedsecure.worker.allowlist import OPTIMIZERS, optimizer_settings
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "cross_entropy": F.cross_entropy,
@@ -102,20 +102,14 @@ def parse(config: dict[str, Any]) -> Settings:
     args = config["optimizer_args"]
     if not isinstance(args, dict):
         raise ProtocolError("optimizer_args must be a map of settings")
-    for key, value in args.items():
-        if key not in OPTIMIZER_HYPERPARAMETERS or key == "lr":
-            raise OperationNotAllowed(f"optimizer setting {key!r} is not allowed here", op=str(key))
-        if not isinstance(value, bool | int | float) and not (
-            isinstance(value, list | tuple) and len(value) <= 4 and all(isinstance(v, int | float) for v in value)
-        ):
-            raise ProtocolError(f"optimizer setting {key!r} must be a number or a pair of numbers")
+    optimizer_args = optimizer_settings(args, reserved={"lr"}, where=" here")  # lr is a setting of its own
     max_steps = config["max_steps"]
     return Settings(
         epochs=min(_number(config, "epochs", integer=True, minimum=1), _MAX_EPOCHS),
         batch_size=_number(config, "batch_size", integer=True, minimum=1),
         optimizer=optimizer,
         lr=float(_number(config, "lr")),
-        optimizer_args={k: tuple(v) if isinstance(v, list) else v for k, v in args.items()},
+        optimizer_args=optimizer_args,
         loss=loss,
         proximal_mu=float(_number(config, "proximal_mu")),
         max_steps=None if max_steps is None else _number(config, "max_steps", integer=True, minimum=1),

@@ -13,12 +13,14 @@ import torch
 from fedsecure.errors import WorkerUnavailable
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import dtype_name
+from fedsecure.wire.ids import new_id
 from fedsecure.worker import execute as ex
 from fedsecure.worker import labels as lb
 from fedsecure.worker.client import WorkerClient, clean_description, clean_tags, description_of, tags_of
-from fedsecure.worker.core import Entry, RemoteRecord, Sender, WorkerCore, new_id
+from fedsecure.worker.core import WorkerCore
 from fedsecure.worker.labels import Policy
 from fedsecure.worker.secure import SecAggIdentity
+from fedsecure.worker.store import Entry, RemoteRecord, Sender
 
 
 class Federation:

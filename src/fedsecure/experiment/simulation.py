@@ -1,6 +1,6 @@
 """Simulation in worker processes: many data owners on one machine, every core busy.
 
-`Simulation` starts ``processes`` host processes (``python -m fedsecure.fl.simulation``); each
+`Simulation` starts ``processes`` host processes (``python -m fedsecure.experiment.host``); each
 loads the data set itself, keeps the shares of the owners assigned to it (balanced by the shares'
 sizes, `assign`) as those owners' private data, and serves them all from one gRPC server, one
 `WorkerCore` per owner, with torch limited to ``threads`` threads so that the hosts do not
@@ -28,18 +28,16 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fedsecure.aggregate.identity import generate_federation
+from fedsecure.experiment.config import DEFAULT_AGGREGATOR, Experiment, parse
+from fedsecure.experiment.owners import owner_id
+from fedsecure.fl import ConfigurationError
+from fedsecure.transport.grpc import WorkerServer, connect
+from fedsecure.worker.client import WorkerClient
+from fedsecure.worker.core import WorkerCore
+from fedsecure.worker.labels import Policy
 
-from fedsecure.aggregate.identity import SigningIdentity, generate_federation
-from fedsecure.fl.strategy import ConfigurationError
-from fedsecure.worker.secure import SecAggIdentity
-
-_LISTENING = "listening on "
-
-
-def owner_id(index: int) -> str:
-    return f"worker-{index:03d}"
-
+LISTENING = "listening on "  # the line a host prints when it serves, before its address
 
 def assign(sizes: list[int], processes: int) -> list[int]:
     """The host of each owner: largest shares first, each to the host with the least data so far
@@ -59,16 +57,16 @@ def token_for(secret: str, name: str) -> str:
 
 class Simulation:
     """``with Simulation(config, processes=2) as sim: fl.fit(model, sim.workers, ...,
-    aggregator=sim.aggregator, groups=sim.groups)``; ``config`` is an experiment's dictionary
-    (its ``[data]`` section says what each owner holds)."""
+    aggregator=sim.aggregator, groups=sim.groups)``; ``config`` is an `Experiment`, or an
+    experiment file's tables (its ``[data]`` section says what each owner holds)."""
 
     def __init__(
         self,
-        config: Mapping[str, Any],
+        config: Experiment | Mapping[str, Any],
         *,
         processes: int = 2,
         threads: int = 1,
-        aggregator: str = "secure_worker",
+        aggregator: str = DEFAULT_AGGREGATOR,
         share_holders: Sequence[str] = (),
         consistency_check: bool = False,
         strict: bool = True,
@@ -77,8 +75,8 @@ class Simulation:
     ) -> None:
         if processes < 1 or threads < 1:
             raise ConfigurationError(f"processes and threads must be >= 1, got {processes} and {threads}")
-        self.config = {k: dict(v) for k, v in config.items() if isinstance(v, dict)}
-        self.owners = int(self.config.get("data", {}).get("workers", 10))
+        self.experiment = config if isinstance(config, Experiment) else parse(config)
+        self.owners = self.experiment.config.data.workers
         self.processes = min(processes, self.owners)
         self.threads = threads
         if sizes is not None and len(sizes) != self.owners:
@@ -97,17 +95,13 @@ class Simulation:
         self.secret = secrets.token_hex(32)
         self.owner_token = secrets.token_urlsafe(32)
         self._hosts: list[subprocess.Popen[str]] = []
-        self._server: Any = None
-        self.workers: list[Any] = []
-        self.aggregator: Any = None
-        self.share_holders: list[Any] = []
+        self._server: WorkerServer | None = None
+        self.workers: list[WorkerClient] = []
+        self.aggregator: WorkerClient | None = None
+        self.share_holders: list[WorkerClient] = []
         self.groups: dict[str, int] = {}
 
     def start(self) -> Simulation:
-        from fedsecure.transport.grpc import WorkerServer, connect
-        from fedsecure.worker.core import WorkerCore
-        from fedsecure.worker.labels import Policy
-
         names = [owner_id(i) for i in range(self.owners)]
         callers = {self.owner_token: ("client", "owner")}
         callers.update({token_for(self.secret, n): ("peer", n) for n in names})
@@ -134,8 +128,10 @@ class Simulation:
         return self
 
     def _spawn(self, p: int) -> subprocess.Popen[str]:
+        assert self._server is not None
         spec = {
-            "config": self.config,
+            "config": self.experiment.tables(),
+            "base": str(self.experiment.base),
             "owners": [i for i in range(self.owners) if self.hosts[i] == p],
             "threads": self.threads,
             "secret": self.secret,
@@ -150,7 +146,7 @@ class Simulation:
             },
         }
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
-        proc = subprocess.Popen([sys.executable, "-m", "fedsecure.fl.simulation"], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "fedsecure.experiment.host"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=None, text=True, env=env)
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(spec))
@@ -163,12 +159,12 @@ class Simulation:
         reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
         reader.start()
         reader.join(self.timeout)
-        if not line or _LISTENING not in line[0]:
+        if not line or LISTENING not in line[0]:
             raise ConfigurationError(
                 f"simulation host {p} did not start within {self.timeout:g} s "
                 f"(exit code {proc.poll()}); its error is above"
             )
-        return line[0].split(_LISTENING, 1)[1].split()[0]
+        return line[0].split(LISTENING, 1)[1].split()[0]
 
     def stop(self) -> None:
         for proc in self._hosts:
@@ -192,48 +188,3 @@ class Simulation:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-def host(spec: Mapping[str, Any]) -> None:
-    """A host process: its owners' data, one worker core each, one server for all of them."""
-    import torch
-
-    torch.set_num_threads(int(spec["threads"]))
-    from fedsecure.fl.config import Experiment
-    from fedsecure.fl.run import shares_of
-    from fedsecure.transport.grpc import WorkerServer
-    from fedsecure.worker.core import WorkerCore
-    from fedsecure.worker.labels import Policy
-
-    exp = Experiment(spec["config"])
-    peers: dict[str, str] = spec["peers"]
-    secret = spec["secret"]
-    data = exp.dataset()
-    parts = exp.partitions(data)
-    policy = Policy(trusted_aggregators=frozenset(peers), private_sends=False)
-    server = WorkerServer()
-    secagg = spec.get("secagg")
-    verify = {int(cid): bytes.fromhex(key) for cid, key in secagg["verify"].items()} if secagg else {}
-    for i in spec["owners"]:
-        name = owner_id(i)
-        identity = None
-        if secagg:
-            signing = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(secagg["keys"][name]))
-            identity = SecAggIdentity(secagg["ids"][name], SigningIdentity(signing, verify))
-        core = WorkerCore(name, policy=policy, secagg_identity=identity)
-        for tag, tensor in shares_of(exp, data, parts, i).items():
-            core.load(tensor, (tag,))
-        server.add(core, callers={spec["owner_token"]: ("client", "owner")},
-                   peers=peers, token=token_for(secret, name))
-    del data, parts
-    server.start()
-    print(f"simulation host {_LISTENING}{server.address}", flush=True)
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    stopping.wait()
-    server.stop(2.0)
-
-
-if __name__ == "__main__":
-    host(json.loads(sys.stdin.read()))

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from fedsecure.fl.strategy import ConfigurationError
+from fedsecure.fl import ConfigurationError
 
 
 def mlp(shape: tuple[int, ...], classes: int, *, hidden: int = 64) -> nn.Module:

@@ -1,0 +1,379 @@
+"""Experiments from a TOML file: ``fedsecure run examples/digits.toml``.
+
+A file has the sections below; every key is optional except where noted, and an unknown key or a
+value of the wrong type is an error (a typo must not silently fall back to a default). Each
+section is a frozen dataclass below, whose fields are its keys with their one default (None:
+the library's own default, or off); `load` reads a file into an `Experiment` once, and the rest
+of the run reads typed fields. Only ``[workers]`` says where workers run: the same experiment
+runs in one process, in worker processes, or on remote servers.
+
+    [experiment]  name, rounds, seed, output (a directory: history.json, history.csv, checkpoint/),
+                  tensorboard (a log directory; needs the tensorboard package)
+    [data]        dataset ("digits", "fashion_mnist", or a .npz / .csv path), path, subset,
+                  workers, partition ("iid", "dirichlet", "shards", "quantity"), alpha,
+                  classes_per_worker, test_fraction (held out on each worker for federated evaluation)
+    [model]       name ("mlp", "cnn_niid", "cnn_mcmahan"), hidden (mlp)
+    [strategy]    name (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad), fraction_fit,
+                  min_fit_workers, fraction_evaluate, and the strategy's own settings
+                  (proximal_mu, server_learning_rate, server_momentum, beta_1, beta_2, tau)
+    [training]    epochs, batch_size, optimizer, lr, momentum, weight_decay, nesterov, loss, max_steps;
+                  local DP-SGD on every worker: dp_sgd_noise_multiplier and dp_sgd_max_grad_norm (both
+                  required to turn it on), dp_sgd_delta (default 1e-5); workers need fedsecure[dp-sgd]
+    [aggregation] rule ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bounded_mean"),
+                  clip_norm, and the rule's options (trim, byzantine, keep, quantile);
+                  secure ("trusted": the aggregator sees the updates; "pairwise": no one does, the
+                  model owner learns only their sum; "shares": additive shares among share holders
+                  that must not collude), and for "pairwise": bound (largest absolute value of an
+                  update's coordinate), threshold (survivors needed), degree (SecAgg+ neighbours),
+                  bits (32 or 64), consistency_check (signed keys and the consistency-check round
+                  against a malicious model owner); for "shares": frac_bits (fixed point, default 24)
+    [privacy]     DP-FedAvg around the strategy: noise_multiplier, clip_norm (both required), delta,
+                  accountant ("rdp" or "pld"), budget_epsilon, adaptive_clipping, target_quantile
+    [workers]     mode ("local", "processes" or "remote"), aggregator, strict, parallelism,
+                  work_deadline (seconds a worker may take to train in a round; default 3600);
+                  for "processes" (simulation hosts on this machine): processes, threads (per process);
+                  for "remote": token or tls_dir, and [[workers.remote]] tables (id, address),
+                  plus [workers.aggregator_address]; for secure = "shares": share_holders (ids,
+                  default [aggregator, aggregator + "_2"]), and in remote mode
+                  [workers.share_holder_addresses] (id = address); with consistency_check in remote
+                  mode: secagg_pki (the federation's secagg.json, from `fedsecure certs --secagg`)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+
+from fedsecure.data import Dataset, load_csv, load_digits, load_fashion_mnist, load_npz, partition
+from fedsecure.experiment.tables import from_table, read_toml, set_dotted, to_table
+from fedsecure.fl import DPSGD, STRATEGIES, AggregationRule, ConfigurationError, LocalTraining, Strategy
+from fedsecure.fl.secure import SecureSettings
+from fedsecure.privacy import DPFedAvg
+
+SecureMode = Literal["trusted", "pairwise", "shares"]
+WorkersMode = Literal["local", "processes", "remote"]
+DEFAULT_AGGREGATOR = "secure_worker"
+
+
+def _given(section: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """The fields among ``names`` that the file set (not None)."""
+    return {n: getattr(section, n) for n in names if getattr(section, n) is not None}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExperimentSection:
+    name: str | None = None  # default: the file's stem
+    rounds: int = 10
+    seed: int = 0
+    output: str | None = None  # default: runs/NAME
+    tensorboard: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigurationError(f"[experiment] rounds must be >= 1, got {self.rounds}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataSection:
+    dataset: str = "digits"
+    path: str | None = None
+    subset: int | None = None
+    workers: int = 10
+    partition: str = "iid"
+    alpha: float | None = None
+    classes_per_worker: int | None = None
+    test_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.dataset not in ("digits", "fashion_mnist", "fashion-mnist") and not self.dataset.endswith((".npz", ".csv")):
+            raise ConfigurationError(
+                f"[data] dataset {self.dataset!r} is not 'digits', 'fashion_mnist' or a .npz/.csv file"
+            )
+        if not 0 <= self.test_fraction < 1:
+            raise ConfigurationError(f"[data] test_fraction must be in [0, 1), got {self.test_fraction}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSection:
+    name: str = "mlp"
+    hidden: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        return _given(self, ("hidden",))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StrategySection:
+    name: str = "fedavg"
+    fraction_fit: float | None = None
+    min_fit_workers: int | None = None
+    fraction_evaluate: float | None = None
+    proximal_mu: float | None = None
+    server_learning_rate: float | None = None
+    server_momentum: float | None = None
+    beta_1: float | None = None
+    beta_2: float | None = None
+    tau: float | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The strategy's own settings that the file set."""
+        return _given(self, tuple(f.name for f in fields(self) if f.name != "name"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingSection:
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    nesterov: bool | None = None
+    loss: str | None = None
+    max_steps: int | None = None
+    dp_sgd_noise_multiplier: float | None = None
+    dp_sgd_max_grad_norm: float | None = None
+    dp_sgd_delta: float | None = None
+
+    def __post_init__(self) -> None:
+        dp = (self.dp_sgd_noise_multiplier, self.dp_sgd_max_grad_norm, self.dp_sgd_delta)
+        if any(v is not None for v in dp) and None in dp[:2]:
+            raise ConfigurationError("[training] local DP-SGD needs both dp_sgd_noise_multiplier and "
+                                     "dp_sgd_max_grad_norm (dp_sgd_delta is optional)")
+
+    def local_training(self) -> LocalTraining:
+        dp_sgd = None
+        if self.dp_sgd_noise_multiplier is not None and self.dp_sgd_max_grad_norm is not None:
+            delta = {} if self.dp_sgd_delta is None else {"delta": self.dp_sgd_delta}
+            dp_sgd = DPSGD(noise_multiplier=self.dp_sgd_noise_multiplier, max_grad_norm=self.dp_sgd_max_grad_norm,
+                           **delta)
+        plain = _given(self, ("epochs", "batch_size", "optimizer", "lr", "loss", "max_steps"))
+        return LocalTraining(**plain, optimizer_args=_given(self, ("momentum", "weight_decay", "nesterov")),
+                             dp_sgd=dp_sgd)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AggregationSection:
+    rule: str = "mean"
+    clip_norm: float | None = None
+    trim: float | None = None
+    byzantine: int | None = None
+    keep: int | None = None
+    quantile: float | None = None
+    secure: SecureMode = "trusted"
+    bound: float | None = None
+    threshold: int | None = None
+    degree: int | None = None
+    bits: int | None = None
+    frac_bits: int | None = None
+    consistency_check: bool = False
+
+    def aggregation_rule(self) -> AggregationRule:
+        return AggregationRule(name=self.rule, clip_norm=self.clip_norm,
+                               options=_given(self, ("trim", "byzantine", "keep", "quantile")))
+
+    def secure_settings(self) -> SecureSettings:
+        return SecureSettings(**_given(self, ("bound", "threshold", "degree", "bits", "frac_bits")))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrivacySection:
+    noise_multiplier: float
+    clip_norm: float
+    delta: float | None = None
+    accountant: str | None = None
+    budget_epsilon: float | None = None
+    adaptive_clipping: bool | None = None
+    target_quantile: float | None = None
+
+    def wrap(self, strategy: Strategy) -> DPFedAvg:
+        return DPFedAvg(strategy, **_given(self, tuple(f.name for f in fields(self))))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoteWorker:
+    id: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkersSection:
+    mode: WorkersMode = "local"
+    aggregator: str = DEFAULT_AGGREGATOR
+    strict: bool = True
+    parallelism: int | None = None  # default: 1 in local mode, every worker in remote mode
+    processes: int | None = None  # default: this machine's cores
+    threads: int = 1
+    work_deadline: float = 3600.0
+    token: str | None = None
+    tls_dir: str | None = None
+    remote: tuple[RemoteWorker, ...] = ()
+    aggregator_address: str | None = None
+    share_holders: tuple[str, ...] | None = None  # default: (aggregator, aggregator + "_2")
+    share_holder_addresses: Mapping[str, str] = field(default_factory=dict)
+    secagg_pki: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """An experiment file's sections, typed."""
+
+    experiment: ExperimentSection = field(default_factory=ExperimentSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    aggregation: AggregationSection = field(default_factory=AggregationSection)
+    privacy: PrivacySection | None = None  # DP-FedAvg around the strategy, when present
+    workers: WorkersSection = field(default_factory=WorkersSection)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecureAggregation:
+    """How the updates are summed, as one checked value: ``mode`` "trusted" (the aggregator sees
+    them), "pairwise" (no one does; ``consistency_check`` against a malicious model owner) or
+    "shares" (``share_holders``, two or more that must not collude, see their shares only)."""
+
+    mode: SecureMode = "trusted"
+    settings: SecureSettings = field(default_factory=SecureSettings)
+    consistency_check: bool = False
+    share_holders: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in get_args(SecureMode):
+            raise ConfigurationError(f"[aggregation] secure must be 'trusted', 'pairwise' or 'shares', got {self.mode!r}")
+        if self.consistency_check and self.mode != "pairwise":
+            raise ConfigurationError("[aggregation] consistency_check needs secure = 'pairwise'")
+        holders = self.share_holders
+        if self.mode == "shares" and (len(holders) < 2 or not all(isinstance(h, str) and h for h in holders)
+                                      or len(set(holders)) != len(holders)):
+            raise ConfigurationError(f"[workers] share_holders must name two or more distinct workers, got {holders!r}")
+        if self.mode != "shares" and holders:
+            raise ConfigurationError("[workers] share_holders needs [aggregation] secure = 'shares'")
+
+    @classmethod
+    def of(cls, config: Config) -> SecureAggregation:
+        a, w = config.aggregation, config.workers
+        if w.share_holders is not None and a.secure != "shares":
+            raise ConfigurationError("[workers] share_holders needs [aggregation] secure = 'shares'")
+        default = (w.aggregator, f"{w.aggregator}_2") if a.secure == "shares" else ()
+        return cls(mode=a.secure, settings=a.secure_settings(), consistency_check=a.consistency_check,
+                   share_holders=default if w.share_holders is None else w.share_holders)
+
+    def for_run(self, client_ids: Mapping[str, int] | None) -> SecureSettings:
+        """The engine's settings, with each owner's id in the signing PKI for the consistency check."""
+        if client_ids is None:
+            return self.settings
+        return replace(self.settings, consistency_check=True, client_ids=client_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    """A checked experiment: `load` reads one from a file, `parse` from tables;
+    `fedsecure.experiment.run.run_experiment` runs it. ``base``: where its relative paths start."""
+
+    config: Config = field(default_factory=Config)
+    source: str = "<config>"
+    base: Path = field(default_factory=Path.cwd)
+    secure: SecureAggregation = field(init=False)
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "secure", SecureAggregation.of(self.config))
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{self.source}: {exc}") from None
+
+    @property
+    def name(self) -> str:
+        return self.config.experiment.name or Path(self.source).stem
+
+    @property
+    def rounds(self) -> int:
+        return self.config.experiment.rounds
+
+    @property
+    def seed(self) -> int:
+        return self.config.experiment.seed
+
+    @property
+    def output(self) -> Path:
+        out = Path(self.config.experiment.output or f"runs/{self.name}")
+        return out if out.is_absolute() else Path.cwd() / out
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base / p
+
+    def with_sections(self, **sections: Any) -> Experiment:
+        """This experiment with some sections replaced (``data=...``), checked again."""
+        return Experiment(replace(self.config, **sections), self.source, self.base)
+
+    # -- parts -----------------------------------------------------------------------
+
+    def dataset(self) -> Dataset:
+        d = self.config.data
+        if d.dataset == "digits":
+            data = load_digits(seed=self.seed)
+        elif d.dataset in ("fashion_mnist", "fashion-mnist"):
+            data = load_fashion_mnist(None if d.path is None else self.path(d.path))
+        elif d.dataset.endswith(".npz"):
+            data = load_npz(str(self.path(d.dataset)))
+        else:
+            data = load_csv(str(self.path(d.dataset)))
+        if d.subset is not None:
+            if not 1 <= d.subset <= len(data.y_train):
+                raise ConfigurationError(f"{self.source}: [data] subset must be in [1, {len(data.y_train)}]")
+            keep = torch.from_numpy(np.sort(np.random.default_rng(self.seed).permutation(len(data.y_train))[:d.subset]))
+            data = Dataset(name=data.name, x_train=data.x_train[keep], y_train=data.y_train[keep],
+                           x_test=data.x_test, y_test=data.y_test, num_classes=data.num_classes,
+                           class_names=data.class_names)
+        return data
+
+    def partitions(self, data: Dataset) -> list[np.ndarray]:
+        d = self.config.data
+        options = _given(d, ("alpha", "classes_per_worker"))
+        return partition(data.y_train, d.workers, scheme=d.partition, seed=self.seed, **options)  # type: ignore[arg-type]
+
+    def training(self) -> LocalTraining:
+        return self.config.training.local_training()
+
+    def rule(self) -> AggregationRule:
+        return self.config.aggregation.aggregation_rule()
+
+    def strategy(self, evaluate_fn: Callable[..., Any] | None = None) -> Strategy:
+        s = self.config.strategy
+        cls = STRATEGIES.get(s.name.lower())
+        if cls is None:
+            raise ConfigurationError(f"{self.source}: unknown strategy {s.name.lower()!r}; "
+                                     f"choose one of {', '.join(STRATEGIES)}")
+        try:
+            strategy: Strategy = cls(training=self.training(), rule=self.rule(), evaluate_fn=evaluate_fn, **s.options())
+        except TypeError as exc:
+            raise ConfigurationError(f"{self.source}: [strategy] {s.name.lower()} does not take these settings: {exc}") from None
+        privacy = self.config.privacy
+        return strategy if privacy is None else privacy.wrap(strategy)
+
+    def settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the run that wrote the checkpoint (not rounds)."""
+        tables = to_table(self.config)
+        return {k: v for k, v in tables.items() if k not in ("experiment", "workers")} | {"seed": self.seed}
+
+    def tables(self) -> dict[str, Any]:
+        """The experiment as the tables of a file (what `parse` reads back)."""
+        return to_table(self.config)  # type: ignore[no-any-return]
+
+
+def parse(tables: Mapping[str, Any], source: str = "<config>", base: Path | None = None) -> Experiment:
+    """An experiment from an experiment file's tables, checked as a file's are."""
+    return Experiment(from_table(Config, tables, source), source, Path.cwd() if base is None else base)
+
+
+def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Experiment:
+    """Read and check an experiment file; ``overrides`` maps "section.key" to a value."""
+    tables = set_dotted(read_toml(path), overrides or {})
+    return parse(tables, str(path), Path(path).resolve().parent)

@@ -1,0 +1,68 @@
+"""A simulation host: ``python -m fedsecure.experiment.host``, started by `Simulation`.
+
+It reads its spec as JSON on stdin (the secret travels on a pipe, never on a command line), loads
+the data set itself, keeps the shares of the owners assigned to it as their private data, serves
+them all from one gRPC server (one `WorkerCore` per owner), prints the address it listens on and
+serves until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedsecure.aggregate.identity import SigningIdentity
+from fedsecure.experiment.config import parse
+from fedsecure.experiment.owners import owner_id, shares_of
+from fedsecure.experiment.simulation import LISTENING, token_for
+from fedsecure.transport.grpc import WorkerServer
+from fedsecure.worker.core import WorkerCore
+from fedsecure.worker.labels import Policy
+from fedsecure.worker.secure import SecAggIdentity
+
+
+def _identity(secagg: Mapping[str, Any] | None, name: str) -> SecAggIdentity | None:
+    """Owner ``name``'s signing identity for the consistency check, when the run uses it."""
+    if not secagg:
+        return None
+    verify = {int(cid): bytes.fromhex(key) for cid, key in secagg["verify"].items()}
+    signing = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(secagg["keys"][name]))
+    return SecAggIdentity(secagg["ids"][name], SigningIdentity(signing, verify))
+
+
+def host(spec: Mapping[str, Any]) -> None:
+    """A host process: its owners' data, one worker core each, one server for all of them."""
+    torch.set_num_threads(int(spec["threads"]))
+    exp = parse(spec["config"], base=Path(spec["base"]))
+    peers: dict[str, str] = spec["peers"]
+    data = exp.dataset()
+    parts = exp.partitions(data)
+    policy = Policy(trusted_aggregators=frozenset(peers), private_sends=False)
+    server = WorkerServer()
+    for i in spec["owners"]:
+        name = owner_id(i)
+        core = WorkerCore(name, policy=policy, secagg_identity=_identity(spec.get("secagg"), name))
+        for tag, tensor in shares_of(exp, data, parts, i).items():
+            core.load(tensor, (tag,))
+        server.add(core, callers={spec["owner_token"]: ("client", "owner")},
+                   peers=peers, token=token_for(spec["secret"], name))
+    del data, parts
+    server.start()
+    print(f"simulation host {LISTENING}{server.address}", flush=True)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    stopping.wait()
+    server.stop(2.0)
+
+
+if __name__ == "__main__":
+    host(json.loads(sys.stdin.read()))

@@ -1,0 +1,435 @@
+"""The worker protocol's requests: small frozen dataclasses, registered with their wire kind.
+
+A request is encoded as ``[kind, release, *fields]``: ``release`` lists object ids the sender
+no longer points to (freed lazily, piggybacked on the next request). Each field's annotation
+says what it must be (`fedsecure.wire.fields`); decoding checks every field before a worker
+sees it, so a hostile message fails here with `ProtocolError` and never reaches an executor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Annotated, ClassVar, TypeVar
+
+import torch
+
+from fedsecure.errors import ProtocolError
+from fedsecure.wire import fields as wf
+from fedsecure.wire.codec import decode, encode
+from fedsecure.wire.fields import (
+    Blobs,
+    Bool,
+    Id,
+    Ids,
+    Int,
+    Items,
+    Map,
+    Str,
+    Strs,
+    Tensor,
+    Tensors,
+    Terms,
+    Text,
+    Value,
+    anything,
+)
+
+
+class Request:
+    """Base of every request; subclasses declare ``KIND`` and annotate their fields.
+
+    Requests are checked where they cross the trust boundary, in `decode_request`,
+    not on construction: the sender builds them from its own values, and checking
+    twice doubled the cost of a message.
+    """
+
+    KIND: ClassVar[int]
+    FIELDS: ClassVar[tuple[str, ...]]
+    CHECKS: ClassVar[tuple[wf.Check, ...]]  # each field's, from its annotation
+    WHERE: ClassVar[tuple[str, ...]]  # each field's name in errors ("Put.tags")
+    PEER_ONLY: ClassVar[bool] = False
+    release: list[int]
+
+
+REQUESTS: dict[int, type[Request]] = {}
+R = TypeVar("R", bound=Request)
+
+
+def _request(kind: int, peer_only: bool = False) -> Callable[[type[R]], type[R]]:
+    """Register a request class under its wire ``kind``, with the checks of its fields."""
+
+    def register(cls: type[R]) -> type[R]:
+        cls.FIELDS = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+        assert cls.FIELDS[0] == "release", cls
+        cls.KIND, cls.PEER_ONLY = kind, peer_only
+        cls.CHECKS, cls.WHERE = wf.checks(cls)
+        REQUESTS[kind] = cls
+        return cls
+
+    return register
+
+
+@_request(1)
+@dataclass(frozen=True, slots=True)
+class Call(Request):
+    """Run the allow-listed op ``op`` on stored objects; store a tensor result at ``result_id``."""
+
+    release: Ids
+    op: Str
+    args: Items
+    kwargs: Map
+    result_id: Id
+    grad_enabled: Bool
+
+
+@_request(2)
+@dataclass(frozen=True, slots=True)
+class CallModule(Request):
+    """Run a stored module's forward pass (the whole pass is one message)."""
+
+    release: Ids
+    module_id: Id
+    args: Items
+    kwargs: Map
+    result_id: Id
+    grad_enabled: Bool
+    training: Bool
+
+
+@_request(3)
+@dataclass(frozen=True, slots=True)
+class Put(Request):
+    """Store a tensor sent by the model owner (``private`` simulates the owner's own data), findable
+    by ``tags`` and by words of ``description`` (`Search`)."""
+
+    release: Ids
+    object_id: Id
+    value: Tensor
+    requires_grad: Bool
+    private: Bool
+    tags: Strs
+    description: Text = ""
+
+
+@_request(4)
+@dataclass(frozen=True, slots=True)
+class PutModule(Request):
+    """Build a module from an allow-listed architecture description and its weights."""
+
+    release: Ids
+    module_id: Id
+    spec: Map
+    tensors: Tensors
+    ids: Ids
+    private: Bool
+
+
+@_request(5)
+@dataclass(frozen=True, slots=True)
+class PutRef(Request):
+    """Store a pointer to an object on another worker (a pointer to a pointer)."""
+
+    release: Ids
+    object_id: Id
+    location: Str
+    ref_id: Id
+    shape: Items
+    dtype: Str
+
+
+@_request(6)
+@dataclass(frozen=True, slots=True)
+class Get(Request):
+    """Release an object to the caller and delete it, if the release policy allows."""
+
+    release: Ids
+    object_id: Id
+
+
+@_request(7)
+@dataclass(frozen=True, slots=True)
+class GetModule(Request):
+    """Release a model's tensors (and, with ``grads``, its parameters' gradients) and delete it."""
+
+    release: Ids
+    module_id: Id
+    grads: Bool = False
+
+
+@_request(8)
+@dataclass(frozen=True, slots=True)
+class Count(Request):
+    release: Ids
+
+
+@_request(9)
+@dataclass(frozen=True, slots=True)
+class Search(Request):
+    """The tensors matching ``tag`` and every item of ``also``; an item matches an object's tag
+    ("#x" and "x" alike) or occurs in its description."""
+
+    release: Ids
+    tag: Str
+    also: Terms = field(default_factory=list)
+
+
+@_request(10)
+@dataclass(frozen=True, slots=True)
+class Move(Request):
+    """Send an object straight to another worker; the caller sends only this instruction."""
+
+    release: Ids
+    object_id: Id
+    destination: Str
+    new_id: Id
+
+
+@_request(11)
+@dataclass(frozen=True, slots=True)
+class MoveModule(Request):
+    release: Ids
+    module_id: Id
+    destination: Str
+    new_module_id: Id
+    new_ids: Ids
+
+
+@_request(12)
+@dataclass(frozen=True, slots=True)
+class CopyModule(Request):
+    release: Ids
+    module_id: Id
+    new_module_id: Id
+    new_ids: Ids
+
+
+@_request(13)
+@dataclass(frozen=True, slots=True)
+class Aggregate(Request):
+    """The aggregator's own fixed function: (weighted) mean of received tensors."""
+
+    release: Ids
+    ids: Ids
+    weighted: Bool
+    result_id: Id
+
+
+@_request(14)
+@dataclass(frozen=True, slots=True)
+class AggregateModules(Request):
+    release: Ids
+    module_ids: Ids
+    weighted: Bool
+    new_module_id: Id
+    new_ids: Ids
+
+
+@_request(15)
+@dataclass(frozen=True, slots=True)
+class Batch(Request):
+    """Requests the sender did not wait for (in-place ops), then the one it waits for.
+
+    The worker runs them in order and stops at the first failure, which it reports,
+    naming the op, as the reply to the whole batch.
+    """
+
+    release: Ids
+    requests: Blobs
+
+
+@_request(16)
+@dataclass(frozen=True, slots=True)
+class Owners(Request):
+    """Which data owners' private data an object derives from (the worker's labels)."""
+
+    release: Ids
+    object_id: Id
+
+
+@_request(17)
+@dataclass(frozen=True, slots=True)
+class MakeOptimizer(Request):
+    """Build an allow-listed torch optimizer over stored parameters, next to them.
+
+    ``groups``: one map per parameter group, ``{"params": [ids], hyperparameter: value}``.
+    """
+
+    release: Ids
+    optimizer_id: Id
+    kind: Str
+    groups: Items
+
+
+@_request(18)
+@dataclass(frozen=True, slots=True)
+class OptimizerCall(Request):
+    """``step`` (with each group's current hyperparameters) or ``zero_grad`` of a stored optimizer."""
+
+    release: Ids
+    optimizer_id: Id
+    method: Str
+    groups: Items
+
+
+@_request(20, peer_only=True)
+@dataclass(frozen=True, slots=True)
+class Deliver(Request):
+    """Worker to worker: a moved tensor with its provenance labels."""
+
+    release: Ids
+    object_id: Id
+    value: Annotated[torch.Tensor, anything]  # checked by the receiver
+    labels: Items
+    samples: Int
+    requires_grad: Bool
+    owner: Str  # the model owner who ordered the move: the object is its own here too
+    attestation: Items = field(default_factory=list)  # the source's (`fedsecure.worker.attest`)
+
+
+@_request(21, peer_only=True)
+@dataclass(frozen=True, slots=True)
+class DeliverModule(Request):
+    """Worker to worker: a moved module, its weights and each weight's labels."""
+
+    release: Ids
+    module_id: Id
+    spec: Map
+    tensors: Tensors
+    ids: Ids
+    labels: Items
+    samples: Int
+    owner: Str
+    attestation: Items = field(default_factory=list)
+
+
+@_request(22)
+@dataclass(frozen=True, slots=True)
+class Fit(Request):
+    """Train a stored module on this worker's data found by tags: one message per round.
+
+    ``config`` is `fedsecure.fl.LocalTraining.to_wire()`; the worker checks every setting
+    against its allow-lists. The trained module stays here, labelled with the data's owner.
+    """
+
+    release: Ids
+    module_id: Id
+    x_tag: Str
+    y_tag: Str
+    config: Map
+    seed: Int
+
+
+@_request(23)
+@dataclass(frozen=True, slots=True)
+class Evaluate(Request):
+    """Evaluate a stored module on data found by tags; the sums ``[loss, correct, count]``
+    are stored at ``result_id`` (labelled: only an aggregate of several workers leaves)."""
+
+    release: Ids
+    module_id: Id
+    x_tag: Str
+    y_tag: Str
+    config: Map
+    result_id: Id
+
+
+@_request(24)
+@dataclass(frozen=True, slots=True)
+class AggregateUpdates(Request):
+    """The aggregator's fixed rule over models' differences from ``reference_id`` (the global
+    model): clipping, a robust rule or the mean, noise; the result is reference + rule."""
+
+    release: Ids
+    module_ids: Ids
+    reference_id: Id
+    rule: Map
+    new_module_id: Id
+    new_ids: Ids
+
+
+@_request(25)
+@dataclass(frozen=True, slots=True)
+class SecAgg(Request):
+    """One phase of secure aggregation ("advertise", "share", "mask", "consistency" (only with the
+    consistency check), "unmask") for this worker's
+    client ``client_id`` of ``session``: ``payload`` is the server's message (bytes); in the "mask"
+    phase the worker masks the update ``module_id`` - ``reference_id`` (weighted by its own sample
+    count when ``weighted``), after clipping it to ``privacy["clip_norm"]`` and adding Gaussian
+    noise of standard deviation ``privacy["noise_std"]`` when given (distributed DP: the noises of
+    all workers add up in the sum). The reply is the client's message (bytes)."""
+
+    release: Ids
+    session: Str
+    phase: Str
+    client_id: Int
+    payload: Value
+    module_id: Id
+    reference_id: Id
+    weighted: Bool
+    privacy: Map
+
+
+@_request(26)
+@dataclass(frozen=True, slots=True)
+class Share(Request):
+    """Split a value into additive shares in Z_(2^64), one delivered to each worker of
+    ``destinations`` (at ``new_ids``); the value never leaves whole.
+
+    With ``reference_id`` 0 the value is the tensor ``object_id``; otherwise it is the update
+    ``object_id`` - ``reference_id`` of two stored models, flattened, weighted by this worker's
+    sample count when ``weighted`` (the count appended), clipped and noised by ``privacy`` as in
+    `SecAgg`. ``frac_bits``: the fixed point's fractional bits."""
+
+    release: Ids
+    object_id: Id
+    reference_id: Id
+    weighted: Bool
+    privacy: Map
+    destinations: Strs
+    new_ids: Ids
+    frac_bits: Int
+
+
+@_request(27, peer_only=True)
+@dataclass(frozen=True, slots=True)
+class DeliverShare(Request):
+    """Worker to worker: one additive share (int64) with the labels of the value it shares."""
+
+    release: Ids
+    object_id: Id
+    value: Tensor
+    labels: Items
+    samples: Int
+    frac_bits: Int
+    owner: Str
+    attestation: Items = field(default_factory=list)
+
+
+@_request(28)
+@dataclass(frozen=True, slots=True)
+class AggregateShares(Request):
+    """The share holder's fixed function: the sum in Z_(2^64) of shares it holds, one per data
+    owner, stored at ``result_id``; the inputs are consumed (each share joins one sum)."""
+
+    release: Ids
+    ids: Ids
+    result_id: Id
+
+
+def encode_request(msg: Request, *, framed: bool = False) -> bytes:
+    """``framed``: large tensors travel beside the body (`codec.Framed`), for transports
+    that carry them."""
+    return encode([msg.KIND, *[getattr(msg, name) for name in msg.FIELDS]], framed=framed)
+
+
+def decode_request(data: bytes) -> Request:
+    raw = decode(data)
+    if not isinstance(raw, list) or not raw or type(raw[0]) is not int:
+        raise ProtocolError("a request must be a list starting with its kind")
+    cls = REQUESTS.get(raw[0])
+    if cls is None:
+        raise ProtocolError(f"unknown request kind {raw[0]}")
+    if len(raw) != len(cls.CHECKS) + 1:
+        raise ProtocolError(f"{cls.__name__} needs {len(cls.CHECKS)} fields, got {len(raw) - 1}")
+    return wf.build(cls, cls.CHECKS, cls.WHERE, raw[1:])

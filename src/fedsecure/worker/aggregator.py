@@ -1,0 +1,225 @@
+"""The aggregator's fixed functions: the mean of tensors (`Aggregate`), of models
+(`AggregateModules`), a rule over models' updates (`AggregateUpdates`, `fedsecure.aggregate.rules`)
+and the sum of additive shares (`AggregateShares`).
+
+Their results may leave where single inputs may not, so each checks its inputs first: enough
+distinct data owners (`min_contributors`); on a strict aggregator, one unmodified input per owner,
+each used in one aggregate only; for a training-only owner's data, one common round's attested
+work (the cohort check), so the model owner cannot choose all inputs but one and subtract them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from fedsecure.aggregate import rules
+from fedsecure.errors import OperationNotAllowed, PermissionDenied, ProtocolError
+from fedsecure.wire import messages as m
+from fedsecure.worker import labels as lb
+from fedsecure.worker.guards import unattested, valid_attestation
+from fedsecure.worker.modules import build, describe, state_tensors
+from fedsecure.worker.store import Entry, Sender, WorkerState, meta, version
+
+
+def aggregate(state: WorkerState, msg: m.Aggregate, sender: Sender) -> Any:
+    if len(msg.ids) < 1:
+        raise ProtocolError("nothing to aggregate")
+    entries = [state.entry(i) for i in msg.ids]
+    tensors = [state.tensor(i) for i in msg.ids]
+    if state.policy.strict:
+        _check_unmodified(e for e in entries if e.source is not None)
+    labels = lb.union(tensors)
+    _check_contributors(state, labels)
+    _check_cohort(state, entries, labels, "evaluate")
+    weights = _weights(state, entries, bool(labels), msg.weighted)
+    _consume(state, msg.ids, labels)
+    first = tensors[0]
+    with torch.no_grad():
+        accumulator = torch.float64 if first.dtype == torch.float64 else torch.float32
+        out = rules.weighted_sum(tensors, weights, dtype=accumulator).to(first.dtype)
+    lb.add_labels(out, labels)
+    state.objects[msg.result_id] = Entry(out, aggregate=True)
+    return meta(msg.result_id, out)
+
+
+def aggregate_modules(state: WorkerState, msg: m.AggregateModules, sender: Sender) -> Any:
+    if len(msg.module_ids) < 1:
+        raise ProtocolError("nothing to aggregate")
+    spec = describe(state.module(msg.module_ids[0])[1])
+    entries, states, labels = _inputs(state, msg.module_ids, spec)
+    weights = _weights(state, entries, bool(labels), msg.weighted)
+    _consume(state, msg.module_ids, labels)
+    assert spec is not None
+    clone = build(spec)
+    own = [t for _, t in state_tensors(clone)]
+    with torch.no_grad():
+        for i, target in enumerate(own):
+            if target.is_floating_point():
+                target.copy_(rules.weighted_sum([s[i] for s in states], weights))
+            else:  # counters such as num_batches_tracked: take the largest
+                target.copy_(torch.stack([s[i] for s in states]).max(0).values)
+            lb.add_labels(target, labels)
+    state.install_module(clone, msg.new_module_id, msg.new_ids, Entry(clone, aggregate=True))
+    return None
+
+
+def aggregate_updates(state: WorkerState, msg: m.AggregateUpdates, sender: Sender) -> Any:
+    if not msg.module_ids:
+        raise ProtocolError("nothing to aggregate")
+    _, reference = state.module(msg.reference_id)
+    base = [t for _, t in state_tensors(reference)]
+    spec = describe(reference)
+    entries, states, labels = _inputs(state, msg.module_ids, spec)
+    assert spec is not None
+    if lb.training_only(labels) and entries[0].attestation.model != state.digest(msg.reference_id):  # type: ignore[union-attr]
+        raise PermissionDenied("the updates were not trained from the reference model given", rule="cohort")
+    weights = _weights(state, entries, bool(labels), bool(msg.rule.get("weighted", True)))
+    floating = [i for i, t in enumerate(base) if t.is_floating_point()]
+    with torch.no_grad():
+        flat_base = torch.cat([base[i].reshape(-1).double() for i in floating])
+        updates = [torch.cat([s[i].reshape(-1).double() for i in floating]) - flat_base for s in states]
+        released = rules.release(msg.rule, updates, weights)
+        _consume(state, msg.module_ids, labels)
+        combined = flat_base + released.aggregate
+        clone = build(spec)
+        own = [t for _, t in state_tensors(clone)]
+        at = 0
+        for i, target in enumerate(own):
+            if i in floating:
+                size = target.numel()
+                target.copy_(combined[at : at + size].view(target.shape))
+                at += size
+            else:  # counters such as num_batches_tracked: take the largest
+                target.copy_(torch.stack([s[i] for s in states]).max(0).values)
+            lb.add_labels(target, labels)
+    state.install_module(clone, msg.new_module_id, msg.new_ids, Entry(clone, aggregate=True))
+    return released.metrics  # what the rule itself releases (a noisy count for adaptive clipping)
+
+
+def aggregate_shares(state: WorkerState, msg: m.AggregateShares, sender: Sender) -> Any:
+    if not msg.ids or len(set(msg.ids)) != len(msg.ids):
+        raise ProtocolError("AggregateShares needs one or more distinct share ids")
+    entries = [state.entry(i) for i in msg.ids]
+    tensors = [state.tensor(i) for i in msg.ids]
+    # Shares delivered by Share, or the caller's own int64 values (unlabelled: free to use anyway)
+    if any(t.dtype != torch.int64 or (e.share is None and lb.labels_of(t)) for e, t in zip(entries, tensors, strict=True)):
+        raise OperationNotAllowed("AggregateShares sums additive shares only: those delivered by Share, or "
+                                  "int64 values of the caller's own", op="AggregateShares")
+    frac_bits = {e.share for e in entries if e.share is not None}
+    if len(frac_bits) > 1 or len({tuple(t.shape) for t in tensors}) != 1:
+        raise ProtocolError("the shares to sum must have one shape and one number of fractional bits")
+    if state.policy.strict:
+        shared = [e for e in entries if e.share is not None]
+        sources = [e.source for e in shared]
+        if len(set(sources)) != len(sources):
+            raise PermissionDenied(f"a strict aggregator sums one share per owner, got sources {sources}",
+                                   rule="strict-aggregator")
+        _check_unmodified(shared)
+    labels = lb.union(tensors)
+    _check_contributors(state, labels)
+    _check_cohort(state, entries, labels, "fit")
+    total = tensors[0].detach().contiguous().clone()
+    ring = total.numpy().view("uint64")  # addition in Z_(2^64): unsigned, wrapping by definition
+    for t in tensors[1:]:
+        ring += t.detach().contiguous().numpy().view("uint64")
+    for i in msg.ids:  # each share joins one sum only: no differences of sums over other subsets
+        del state.objects[i]
+    lb.add_labels(total, labels)
+    state.objects[msg.result_id] = Entry(total, aggregate=True, share=min(frac_bits, default=None),
+                                         samples=sum(e.samples for e in entries))
+    return meta(msg.result_id, total)
+
+
+# -- what every aggregate checks ------------------------------------------------------------
+
+
+def _inputs(
+    state: WorkerState, module_ids: list[int], spec: dict[str, Any] | None
+) -> tuple[list[Entry], list[list[torch.Tensor]], lb.Labels]:
+    """The models to aggregate, each of architecture ``spec``, unmodified since they arrived
+    (strict mode), with their labels' union, checked for enough contributors."""
+    pairs = [state.module(i) for i in module_ids]
+    if spec is None or any(describe(mod) != spec for _, mod in pairs):
+        raise ProtocolError("only models of the same architecture can be aggregated")
+    entries = [e for e, _ in pairs]
+    states = [[t for _, t in state_tensors(mod)] for _, mod in pairs]
+    if state.policy.strict:
+        _check_unmodified(e for e in entries if e.source is not None)
+    labels: lb.Labels = frozenset().union(*(lb.union(s) for s in states))
+    _check_contributors(state, labels)
+    _check_cohort(state, entries, labels, "fit")
+    return entries, states, labels
+
+
+def _check_unmodified(entries: Iterable[Entry]) -> None:
+    """A strict aggregator aggregates values as they arrived: a change since (by a pointer op of
+    the model owner's) would make the aggregate the model owner's choice."""
+    if any(version(e.obj) != e.version for e in entries):
+        raise PermissionDenied("an input was modified after it arrived", rule="strict-aggregator")
+
+
+def _weights(state: WorkerState, entries: list[Entry], labelled: bool, weighted: bool) -> list[float]:
+    if state.policy.strict and labelled:
+        sources = [e.source for e in entries]
+        if None in sources:
+            raise PermissionDenied(
+                "a strict aggregator aggregates only values moved to it by their owners",
+                rule="strict-aggregator",
+            )
+        if len(set(sources)) != len(sources):
+            raise PermissionDenied(
+                f"a strict aggregator takes one value per owner, got sources {sources}",
+                rule="strict-aggregator",
+            )
+    if not weighted:
+        return [1.0 / len(entries)] * len(entries)
+    counts = [e.samples if e.source is not None else state.samples for e in entries]
+    if any(c <= 0 for c in counts):
+        raise ProtocolError(
+            "a weighted mean needs every contributor's sample count; a worker reports the "
+            "number of rows of its private data, and some inputs come from workers without any"
+        )
+    return rules.normalized(counts)
+
+
+def _check_contributors(state: WorkerState, labels: lb.Labels) -> None:
+    if not labels:
+        return
+    need = max([state.policy.min_contributors, *(x.min_contributors for x in labels)])
+    have = lb.owners(labels)
+    if len(have) < need:
+        raise PermissionDenied(
+            f"an aggregate must combine at least {need} data owners, these inputs come from "
+            f"{have}",
+            rule="min-contributors",
+        )
+
+
+def _check_cohort(state: WorkerState, entries: list[Entry], labels: lb.Labels, kind: str) -> None:
+    """A training-only owner's contribution counts only as attested work of the cohort: every
+    input must be a worker's own ``kind`` (Fit or Evaluate) of one and the same model under one
+    and the same configuration. Otherwise the model owner could choose what all but one
+    contributor submit, and subtract it."""
+    if not lb.training_only(labels):
+        return
+    found = [valid_attestation(e, e.obj) for e in entries]
+    if any(a is None or a.kind != kind for a in found):
+        raise unattested(state.id, "aggregated")
+    if len(set(found)) != 1:
+        raise PermissionDenied(
+            f"the contributions to this aggregate on {state.id!r} do not come from one common round: they "
+            "were trained (or evaluated) from different models or under different configurations, so one "
+            "could be chosen to cancel the others. Send every worker the same model and configuration",
+            rule="cohort",
+        )
+
+
+def _consume(state: WorkerState, ids: list[int], labels: lb.Labels) -> None:
+    """A strict aggregator uses each owner's input in one aggregate only: otherwise the
+    difference of two aggregates over subsets that differ by one owner is that owner's input."""
+    if labels and (state.policy.strict or lb.training_only(labels)):
+        for i in ids:
+            state.objects.pop(i, None)

@@ -1,0 +1,72 @@
+"""Optimizers next to their parameters (`fedsecure.optim`): `MakeOptimizer` builds an allow-listed
+torch optimizer over stored tensors, `OptimizerCall` runs its ``zero_grad`` or ``step``, and a step
+labels every parameter it wrote with what it read (the gradients, the optimizer's state)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedsecure.errors import OperationNotAllowed, ProtocolError
+from fedsecure.wire import messages as m
+from fedsecure.worker import execute as ex
+from fedsecure.worker import labels as lb
+from fedsecure.worker.allowlist import OPTIMIZERS, optimizer_settings
+from fedsecure.worker.guards import refuse_op
+from fedsecure.worker.store import Entry, Sender, WorkerState
+
+_IDS = ("params",)  # a parameter group's tensors: ids, not a setting
+_NOT_A_MAP = "a parameter group must be a map"
+
+
+def make_optimizer(state: WorkerState, msg: m.MakeOptimizer, sender: Sender) -> Any:
+    cls = OPTIMIZERS.get(msg.kind)
+    if cls is None:
+        raise OperationNotAllowed(f"optimizer {msg.kind!r} is not on the allow-list", op=msg.kind)
+    groups = []
+    for group in msg.groups:
+        if not isinstance(group, dict):
+            raise ProtocolError(_NOT_A_MAP)
+        settings = optimizer_settings(group, skip=_IDS)
+        ids = group.get("params")
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise ProtocolError("a parameter group needs a list of object ids")
+        groups.append({"params": [state.tensor(i) for i in ids], **settings})
+    nbytes = 2 * sum(p.numel() * p.element_size() for g in groups for p in g["params"])  # at most two moments
+    state.admit(nbytes, what=f"the state of {msg.kind}")
+    try:
+        optimizer = cls(groups)  # type: ignore[call-arg]  # every allowed class has defaults
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"cannot build {msg.kind}: {exc}") from exc
+    state.objects[msg.optimizer_id] = Entry(optimizer, nbytes=nbytes)
+    return None
+
+
+def optimizer_call(state: WorkerState, msg: m.OptimizerCall, sender: Sender) -> Any:
+    optimizer = state.entry(msg.optimizer_id).obj
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise OperationNotAllowed(f"object {msg.optimizer_id:#x} is not an optimizer", op=msg.method)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if msg.method == "zero_grad":
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    if msg.method != "step":
+        raise OperationNotAllowed(f"optimizer method {msg.method!r} is not allowed", op=msg.method)
+    if len(msg.groups) != len(optimizer.param_groups):
+        raise ProtocolError("one settings map per parameter group is required")
+    for group, settings in zip(optimizer.param_groups, msg.groups, strict=True):
+        if not isinstance(settings, dict):
+            raise ProtocolError(_NOT_A_MAP)
+        group.update(optimizer_settings(settings, skip=_IDS))  # schedulers change lr between steps
+    grads = [p.grad for p in params if p.grad is not None]
+    labels = lb.union(params) | lb.union(grads)
+    refuse_op(state, labels, "optimizer step")
+    try:
+        optimizer.step()
+    finally:  # the step wrote every parameter from its gradient and the optimizer's state
+        ex.label_writes(params, labels)
+    failure = ex.first_failure([*params, *grads])
+    if failure:
+        ex.mark_failed(params, failure)
+    return None
