@@ -72,7 +72,7 @@ def shares_round(n: int, d: int) -> dict[str, Any]:
         new = [new_id(), new_id()]
         before = {k: v for k, v in fed.link_bytes.items() if k[0] == owner.id}
         start = time.perf_counter()
-        owner.request(m.Share(owner.take_release(), obj.id_at_location, 0, False, {}, [h.id for h in holders], new,
+        owner.request(m.Share(obj.id_at_location, 0, False, {}, [h.id for h in holders], new,
                               FRAC_BITS))
         owner_s.append(time.perf_counter() - start)
         sent[u] = sum(v - before.get(k, 0) for k, v in fed.link_bytes.items() if k[0] == owner.id)
@@ -89,8 +89,8 @@ def shares_round(n: int, d: int) -> dict[str, Any]:
     for k, holder in enumerate(holders):
         result = new_id()
         start = time.perf_counter()
-        holder.request(m.AggregateShares(holder.take_release(), [s[k] for s in share_ids], result))
-        parts.append(holder.request(m.Get(holder.take_release(), result))["tensor"])
+        holder.request(m.AggregateShares([s[k] for s in share_ids], result))
+        parts.append(holder.request(m.Get(result))["tensor"])
         holder_s.append(time.perf_counter() - start)
     start = time.perf_counter()
     total = AdditiveShares.from_tensors(parts, frac_bits=FRAC_BITS).float_precision()
@@ -110,13 +110,13 @@ def trusted_round(n: int, d: int) -> dict[str, Any]:
     for owner, obj in zip(owners, ids, strict=True):
         new = new_id()
         start = time.perf_counter()
-        owner.request(m.Move(owner.take_release(), obj.id_at_location, aggregator.id, new))
+        owner.request(m.Move(obj.id_at_location, aggregator.id, new))
         owner_s.append(time.perf_counter() - start)
         moved.append(new)
     result = new_id()
     start = time.perf_counter()
-    aggregator.request(m.Aggregate(aggregator.take_release(), moved, False, result))
-    aggregator.request(m.Get(aggregator.take_release(), result))
+    aggregator.request(m.Aggregate(moved, False, result))
+    aggregator.request(m.Get(result))
     holder_s = time.perf_counter() - start
     return {"owner_s": statistics.median(owner_s), "holder_s": holder_s,
             "round_s": statistics.median(owner_s) + holder_s}

@@ -248,7 +248,7 @@ class Runner:
         self.entries: list[Entry] = []
         search = []
         for tag in PRIVATE:
-            metas = client.request(m.Search([], tag))
+            metas = client.request(m.Search(tag))
             search.append(tuple(self._canon(-1, meta, [0], tag) for meta in metas))
             for meta in metas:
                 self.writer[meta["id"]] = "private data"
@@ -296,7 +296,7 @@ class Runner:
         client = self.client
         if isinstance(step, PutStep):
             oid = new_id()
-            reply = client.request(m.Put([], oid, step.value.clone(), step.requires_grad, False, []))
+            reply = client.request(m.Put(oid, step.value.clone(), step.requires_grad, False, []))
             self.writer[oid] = "send"
             return self._canon(k, reply, [0])
         if isinstance(step, CallStep):
@@ -304,15 +304,15 @@ class Runner:
             kwargs = {name: self._wire(v) for name, v in step.kwargs}
             if writes(step.op) and step.args and isinstance(step.args[0], V):
                 self.writer[self._id(step.args[0])] = step.op  # even if it fails: partial writes
-            reply = client.request(m.Call([], step.op, args, kwargs, new_id(), step.grad))
+            reply = client.request(m.Call(step.op, args, kwargs, new_id(), step.grad))
             return self._canon(k, reply, [0], op=step.op)
         if isinstance(step, GetStep):
             oid = self._id(step.target)
-            reply = client.request(m.Get([], oid))
+            reply = client.request(m.Get(oid))
             self.gone.add(oid)
             return self._canon(k, reply, [0])
         oid = self._id(step.target)
-        return ("owners", tuple(client.request(m.Owners([], oid))))
+        return ("owners", tuple(client.request(m.Owners(oid))))
 
     def _canon(self, k: int, value: Any, part: list[int], name: str | None = None, op: str = "") -> Any:
         """``value`` with ids replaced by names, floats by their hex form (NaN equals NaN)

@@ -502,7 +502,7 @@ def raw_call(op: str, operands: Callable[[sy.WorkerClient, Any, Any], list[Any]]
     def program(w: sy.WorkerClient, t: Transcript) -> None:
         x, k = private(w, "x"), private(w, "k")
         args = [Ref(a.id_at_location) if isinstance(a, sy.PointerTensor) else a for a in operands(w, x, k)]
-        t.step(op, lambda: w.request(m.Call(w.take_release(), op, args, {}, new_id(), False)))
+        t.step(op, lambda: w.request(m.Call(op, args, {}, new_id(), False)))
 
     return program
 
@@ -635,9 +635,8 @@ def fit_on(served: Served, model: nn.Module, training: fl.LocalTraining, seed: i
     """The model owner's copy of ``model``, trained by the worker on its own data (one `Fit`)."""
     w = served.client
     remote = sy.send(copy.deepcopy(model), w)
-    values = {"release": w.take_release(), "module_id": module_id(remote), "x_tag": "x", "y_tag": "y",
-              "config": training.to_wire(), "seed": seed}
-    w.request(m.Fit(*(values[name] for name in m.Fit.FIELDS)))
+    values = {"module_id": module_id(remote), "x_tag": "x", "y_tag": "y", "config": training.to_wire(), "seed": seed}
+    w.request(m.Fit(**values))
     return remote
 
 
@@ -884,7 +883,7 @@ def grow_step_by_step(w: sy.WorkerClient, held: list[Any]) -> None:
 def grow_model_spec(w: sy.WorkerClient, held: list[Any]) -> None:
     spec = {"type": "Linear", "args": {"in_features": 1 << 14, "out_features": 1 << 14, "bias": True},
             "children": [], "training": True, "frozen": []}
-    w.request(m.PutModule(w.take_release(), new_id(), spec, [torch.zeros(1), torch.zeros(1)],
+    w.request(m.PutModule(new_id(), spec, [torch.zeros(1), torch.zeros(1)],
                           [new_id(), new_id()], False))
 
 

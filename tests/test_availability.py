@@ -71,7 +71,7 @@ def test_worker_serve_on_a_busy_port_exits_with_a_message() -> None:
 
 def unread_get(channel: grpc.Channel, object_id: int, timeout: float) -> Any:
     """A raw stream that asks for ``object_id`` and does not read the reply (yet)."""
-    head, _ = frames.outgoing("ann", m.encode_request(m.Get([], object_id)))
+    head, _ = frames.outgoing("ann", m.encode_request(m.Get(object_id)))
     outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
     outbox.put(head)
     return channel.stream_stream(STREAM)(iter(outbox.get, None), metadata=BEARER, timeout=timeout)
@@ -87,7 +87,7 @@ def wait_until_taken(ann: sy.WorkerClient, objects_left: int, seconds: float = 6
     """Wait until the worker has run the unread Get (its object is gone); every request here
     has a deadline of several seconds, far below the unread reply's."""
     give_up = time.monotonic() + seconds
-    while ann.request(m.Count([]), deadline=10.0) != objects_left:
+    while ann.request(m.Count(), deadline=10.0) != objects_left:
         assert time.monotonic() < give_up, "the worker never ran the Get"
         time.sleep(0.05)
 

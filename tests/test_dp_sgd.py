@@ -51,7 +51,7 @@ def mlp(seed=0):
 def put(worker, model):
     tensors = [t for _, t in state_tensors(model)]
     module_id, ids = new_id(), [new_id() for _ in tensors]
-    worker.request(m.PutModule([], module_id, describe(model), tensors, ids, False))
+    worker.request(m.PutModule(module_id, describe(model), tensors, ids, False))
     return module_id
 
 
@@ -90,8 +90,8 @@ def test_a_worker_keeps_one_ledger_per_model_owner(digits) -> None:
     w = workers[0]
     other = WorkerClient(w.id, lambda data: w.federation.call(w.id, data, Sender("client", "another-owner")))
     config = fl.LocalTraining(batch_size=32, max_steps=3, dp_sgd=DP).to_wire()
-    first = [w.request(m.Fit([], put(w, mlp()), "x", "y", config, 1))["epsilon"] for _ in range(2)]
-    second = other.request(m.Fit([], put(other, mlp()), "x", "y", config, 1))["epsilon"]
+    first = [w.request(m.Fit(put(w, mlp()), "x", "y", config, 1))["epsilon"] for _ in range(2)]
+    second = other.request(m.Fit(put(other, mlp()), "x", "y", config, 1))["epsilon"]
     assert first[0] < first[1] and second == pytest.approx(first[0])
     assert set(w.core.dp_ledgers) == {"model-owner", "another-owner"}
     assert w.core.dp_ledgers["model-owner"].steps == 6
@@ -201,7 +201,7 @@ def test_batchnorm_is_refused_with_what_to_use_instead(digits) -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
     config = fl.LocalTraining(dp_sgd=DP).to_wire()
     with pytest.raises(sy.OperationNotAllowed, match="GroupNorm or LayerNorm"):
-        w.request(m.Fit([], put(w, model), "x", "y", config, 1))
+        w.request(m.Fit(put(w, model), "x", "y", config, 1))
     assert not w.core.dp_ledgers  # nothing ran, nothing is charged
 
 
@@ -227,7 +227,7 @@ def test_hostile_dp_sgd_settings_are_refused(digits, dp_sgd) -> None:
     w = workers[0]
     config = {**fl.LocalTraining().to_wire(), "dp_sgd": dp_sgd}
     with pytest.raises(sy.ProtocolError, match="dp_sgd|DP-SGD"):
-        w.request(m.Fit([], put(w, mlp()), "x", "y", config, 1))
+        w.request(m.Fit(put(w, mlp()), "x", "y", config, 1))
     assert not w.core.dp_ledgers
 
 
@@ -253,9 +253,9 @@ def test_without_opacus_the_worker_says_what_to_install(digits, monkeypatch) -> 
     w = workers[0]
     monkeypatch.setitem(sys.modules, "opacus", None)  # `import opacus` now fails
     with pytest.raises(sy.OperationNotAllowed, match=r"pip install 'fedsecure\[dp-sgd\]'"):
-        w.request(m.Fit([], put(w, mlp()), "x", "y", fl.LocalTraining(dp_sgd=DP).to_wire(), 1))
+        w.request(m.Fit(put(w, mlp()), "x", "y", fl.LocalTraining(dp_sgd=DP).to_wire(), 1))
     assert not w.core.dp_ledgers
-    reply = w.request(m.Fit([], put(w, mlp()), "x", "y", fl.LocalTraining(max_steps=2).to_wire(), 1))
+    reply = w.request(m.Fit(put(w, mlp()), "x", "y", fl.LocalTraining(max_steps=2).to_wire(), 1))
     assert reply["steps"] == 2 and "epsilon" not in reply  # plain training needs no Opacus
 
 
@@ -265,13 +265,13 @@ def test_a_data_owner_budget_ends_its_dp_sgd_and_refuses_plain_training(digits) 
     workers, _, _ = federation(digits, 2, policy=budget)
     w = workers[0]
     with pytest.raises(sy.PermissionDenied, match="trains only with DP-SGD"):
-        w.request(m.Fit([], put(w, mlp()), "x", "y", fl.LocalTraining(max_steps=2).to_wire(), 1))
+        w.request(m.Fit(put(w, mlp()), "x", "y", fl.LocalTraining(max_steps=2).to_wire(), 1))
     dp = fl.DPSGD(noise_multiplier=1.0, max_grad_norm=1.0)
     config = fl.LocalTraining(batch_size=32, max_steps=10, dp_sgd=dp).to_wire()
     spent = []
     with pytest.raises(sy.PermissionDenied, match="over its owner's budget"):
         for _ in range(10):
-            spent.append(w.request(m.Fit([], put(w, mlp()), "x", "y", config, 1))["epsilon"])
+            spent.append(w.request(m.Fit(put(w, mlp()), "x", "y", config, 1))["epsilon"])
     assert len(spent) == 3 and spent == sorted(spent) and spent[-1] <= 2.5  # about 1.98, 2.25, 2.47
     assert w.core.dp_ledgers["model-owner"].steps == 30  # the refused round charged nothing
     with pytest.raises(ValueError, match="dp_sgd_budget"):

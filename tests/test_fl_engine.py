@@ -79,13 +79,13 @@ def test_a_trained_update_cannot_be_fetched_from_its_worker(digits) -> None:
     w = workers[0]
     model = mlp()
     module_id, ids = new_id(), [new_id() for _ in model.state_dict()]
-    w.request(m.PutModule([], module_id, describe(model), list(model.state_dict().values()), ids, False))
-    w.request(m.Fit([], module_id, "x", "y", TRAINING.to_wire(), 1))
+    w.request(m.PutModule(module_id, describe(model), list(model.state_dict().values()), ids, False))
+    w.request(m.Fit(module_id, "x", "y", TRAINING.to_wire(), 1))
     with pytest.raises(sy.PermissionDenied) as refused:
-        w.request(m.GetModule([], module_id))
+        w.request(m.GetModule(module_id))
     assert refused.value.rule == "private-data"
     with pytest.raises(sy.PermissionDenied):  # nor moved anywhere but to a trusted aggregator
-        w.request(m.MoveModule([], module_id, "w1", new_id(), [new_id() for _ in ids]))
+        w.request(m.MoveModule(module_id, "w1", new_id(), [new_id() for _ in ids]))
 
 
 @pytest.mark.parametrize(
@@ -103,9 +103,9 @@ def test_hostile_training_configurations_are_refused(digits, config, error) -> N
     model = mlp()
     module_id, ids = new_id(), [new_id() for _ in model.state_dict()]
     w = workers[0]
-    w.request(m.PutModule([], module_id, describe(model), list(model.state_dict().values()), ids, False))
+    w.request(m.PutModule(module_id, describe(model), list(model.state_dict().values()), ids, False))
     with pytest.raises(error):
-        w.request(m.Fit([], module_id, "x", "y", config, 1))
+        w.request(m.Fit(module_id, "x", "y", config, 1))
 
 
 def test_failed_workers_arrive_as_values(digits) -> None:

@@ -90,20 +90,20 @@ def test_a_masked_update_reveals_nothing_and_the_model_stays_private(digits) -> 
     ids = {}
     for name in ("ref", "model"):
         ids[name] = new_id()
-        w.request(m.PutModule([], ids[name], spec, tensors, [new_id() for _ in tensors], False))
-    w.request(m.Fit([], ids["model"], "x", "y", TRAINING.to_wire(), 1))
+        w.request(m.PutModule(ids[name], spec, tensors, [new_id() for _ in tensors], False))
+    w.request(m.Fit(ids["model"], "x", "y", TRAINING.to_wire(), 1))
     with pytest.raises(sy.PermissionDenied):
-        w.request(m.GetModule([], ids["model"]))
+        w.request(m.GetModule(ids["model"]))
     size = sum(t.numel() for t in tensors) + 1
     server = SecAggServer(clients=[1, 2], threshold=2, vector_size=size, bound=1000.0)
-    reply = w.request(m.SecAgg([], "s", "advertise", 1, server.setup.encode(), ids["model"], ids["ref"], True, {}))
+    reply = w.request(m.SecAgg("s", "advertise", 1, server.setup.encode(), ids["model"], ids["ref"], True, {}))
     assert decode_message(reply).sender == 1
     with pytest.raises(sy.ProtocolError, match="exists already"):
-        w.request(m.SecAgg([], "s", "advertise", 1, server.setup.encode(), ids["model"], ids["ref"], True, {}))
+        w.request(m.SecAgg("s", "advertise", 1, server.setup.encode(), ids["model"], ids["ref"], True, {}))
     with pytest.raises(sy.ProtocolError, match="phases are"):
-        w.request(m.SecAgg([], "s2", "reveal", 1, b"", ids["model"], ids["ref"], True, {}))
+        w.request(m.SecAgg("s2", "reveal", 1, b"", ids["model"], ids["ref"], True, {}))
     with pytest.raises(sy.ProtocolError, match="no secure aggregation session"):
-        w.request(m.SecAgg([], "nope", "mask", 1, b"", ids["model"], ids["ref"], True, {}))
+        w.request(m.SecAgg("nope", "mask", 1, b"", ids["model"], ids["ref"], True, {}))
 
 
 def test_pairwise_mode_refuses_rules_it_cannot_compute(digits) -> None:

@@ -178,7 +178,7 @@ def test_a_worker_refuses_a_hostile_graph_and_serves_on(bob: sy.VirtualWorker, n
     mutate(spec)
     tensors = [torch.zeros(2, 3), torch.zeros(2), torch.zeros(2)]  # fc.weight, fc.bias, scale
     with pytest.raises(error, match=match):
-        bob.request(m.PutModule([], new_id(), spec, tensors, [new_id() for _ in tensors], False))
+        bob.request(m.PutModule(new_id(), spec, tensors, [new_id() for _ in tensors], False))
     assert bob.object_count() == 0
     model = Tiny().send(bob)  # the worker serves on
     assert model(torch.ones(1, 3).send(bob)).get().shape == (1, 2)

@@ -53,19 +53,19 @@ def worker() -> tuple[WorkerCore, int]:
     private_id = core.load(PRIVATE, tags=("data",))
     core.load(torch.arange(16.0).reshape(4, 4), tags=("matrix",))
     core.load(torch.tensor(0.25), tags=("loss",))
-    assert send(core, m.Put([], PUBLIC, torch.ones(4), False, False, [])).error is None
+    assert send(core, m.Put(PUBLIC, torch.ones(4), False, False, [])).error is None
     return core, private_id
 
 
 def found(core: WorkerCore, tag: str = "data") -> int:
     """The id a client gets for private data: via Search, like any model owner."""
-    (meta,) = send(core, m.Search([], tag)).value
+    (meta,) = send(core, m.Search(tag)).value
     return int(meta["id"])
 
 
 def assert_healthy(core: WorkerCore, private_id: int) -> None:
     """The worker still serves requests, and its private data is still there, still labelled."""
-    reply = send(core, m.Count([]))
+    reply = send(core, m.Count())
     mine = sum(1 for e in core.objects.values() if e.owner == CLIENT.id)
     assert reply.error is None and reply.value == mine
     obj = core.objects[private_id].obj
@@ -106,13 +106,13 @@ REQUEST_SHAPED = st.builds(
 VALID = [
     m.encode_request(msg)
     for msg in (
-        m.Put([], 7, torch.randn(2, 3), True, True, ["train", "#x"]),
-        m.Call([9], "Tensor.__getitem__", [Ref(PUBLIC), (slice(0, 2, None), ...)], {}, 8, True),
-        m.Call([], "Tensor.to", [Ref(PUBLIC), torch.float64], {"memory_format": torch.preserve_format}, 8, False),
-        m.Get([], PUBLIC),
-        m.Search([], "data"),
-        m.Count([3, 4]),
-        m.Aggregate([], [PUBLIC, PUBLIC], False, 8),
+        m.Put(7, torch.randn(2, 3), True, True, ["train", "#x"]),
+        m.Call("Tensor.__getitem__", [Ref(PUBLIC), (slice(0, 2, None), ...)], {}, 8, True, release=[9]),
+        m.Call("Tensor.to", [Ref(PUBLIC), torch.float64], {"memory_format": torch.preserve_format}, 8, False),
+        m.Get(PUBLIC),
+        m.Search("data"),
+        m.Count(release=[3, 4]),
+        m.Aggregate([PUBLIC, PUBLIC], False, 8),
     )
 ]
 
@@ -182,16 +182,16 @@ def _released(steps: list[tuple[str, list[Any], bool]], seed: int) -> list[Any]:
     core.load(torch.randn(4, 4, generator=g), tags=("matrix",))
     ids = {"P": found(core), "M": found(core, "matrix"), "pub": 1, "w": 2}
     ids.update({f"r{i}": 100 + i for i in range(4)})
-    send(core, m.Put([], 1, torch.linspace(-1, 1, 4), False, False, []))
-    send(core, m.Put([], 2, torch.linspace(0, 3, 4), True, False, []))
+    send(core, m.Put(1, torch.linspace(-1, 1, 4), False, False, []))
+    send(core, m.Put(2, torch.linspace(0, 3, 4), True, False, []))
     out: list[Any] = []
     for i, (op, args, grad) in enumerate(steps):
         torch.manual_seed(i)
-        reply = send(core, m.Call([], op, refs(args, ids), {}, ids[f"r{i}"], grad))
+        reply = send(core, m.Call(op, refs(args, ids), {}, ids[f"r{i}"], grad))
         plain = reply.error is None and isinstance(reply.value, list) and "{" not in repr(reply.value)
         out.append(torch.tensor(reply.value, dtype=torch.float64) if plain else None)
     for name in _NAMES:
-        reply = send(core, m.Get([], ids[name]))
+        reply = send(core, m.Get(ids[name]))
         out.append(reply.value["tensor"] if reply.error is None else None)
     return out
 
@@ -221,7 +221,7 @@ OFF_LIST = [
 def test_ops_off_the_allow_list_are_refused(op: str, tmp_path: Path) -> None:
     core, private_id = worker()
     target = tmp_path / "pwned"
-    reply = send(core, m.Call([], op, [f"touch {target}", Ref(PUBLIC)], {}, 2, False))
+    reply = send(core, m.Call(op, [f"touch {target}", Ref(PUBLIC)], {}, 2, False))
     assert op not in ALLOWED and kind(reply) == "not_allowed"
     assert not target.exists() and 2 not in core.objects
     assert_healthy(core, private_id)
@@ -229,8 +229,8 @@ def test_ops_off_the_allow_list_are_refused(op: str, tmp_path: Path) -> None:
 
 def test_out_keyword_is_refused() -> None:
     core, _ = worker()
-    send(core, m.Put([], 2, torch.zeros(4), False, False, []))
-    reply = send(core, m.Call([], "torch.add", [Ref(PUBLIC), Ref(PUBLIC)], {"out": Ref(2)}, 3, False))
+    send(core, m.Put(2, torch.zeros(4), False, False, []))
+    reply = send(core, m.Call("torch.add", [Ref(PUBLIC), Ref(PUBLIC)], {"out": Ref(2)}, 3, False))
     assert kind(reply) == "not_allowed" and torch.equal(core.objects[2].obj, torch.zeros(4))
 
 
@@ -288,10 +288,10 @@ def test_timestamp_ext_is_harmless() -> None:
 
 def test_impossible_allocations_are_refused() -> None:
     core, private_id = worker()
-    huge = send(core, m.Call([], "Tensor.new_zeros", [Ref(PUBLIC), [2**40, 2**40]], {}, 2, False))
+    huge = send(core, m.Call("Tensor.new_zeros", [Ref(PUBLIC), [2**40, 2**40]], {}, 2, False))
     assert kind(huge) == "remote"
-    assert send(core, m.Call([], "Tensor.expand", [Ref(PUBLIC), [2**50, 4]], {}, 3, False)).error is None
-    assert kind(send(core, m.Call([], "Tensor.contiguous", [Ref(3)], {}, 4, False))) == "remote"
+    assert send(core, m.Call("Tensor.expand", [Ref(PUBLIC), [2**50, 4]], {}, 3, False)).error is None
+    assert kind(send(core, m.Call("Tensor.contiguous", [Ref(3)], {}, 4, False))) == "remote"
     assert_healthy(core, private_id)
 
 
@@ -332,9 +332,9 @@ def test_deeply_nested_tuples_do_not_kill_the_process() -> None:
 def test_senders_may_send_only_their_own_kinds_of_message() -> None:
     core, private_id = worker()
     forged = [["carol", None, 10**9, 2]]  # a label claiming another owner with lax rules
-    for msg in (m.Deliver([], 5, torch.ones(3), forged, 100, False, ""), m.DeliverModule([], 5, {}, [], [], [], 0, "")):
+    for msg in (m.Deliver(5, torch.ones(3), forged, 100, False, ""), m.DeliverModule(5, {}, [], [], [], 0, "")):
         assert kind(send(core, msg)) == "protocol"  # peer-only, sent by a client
-    for msg in (m.Call([], "Tensor.clone", [Ref(PUBLIC)], {}, 5, False), m.Get([], PUBLIC), m.Count([])):
+    for msg in (m.Call("Tensor.clone", [Ref(PUBLIC)], {}, 5, False), m.Get(PUBLIC), m.Count()):
         assert kind(send(core, msg, PEER)) == "protocol"  # client requests, sent by a peer
     assert 5 not in core.objects and PUBLIC in core.objects
     assert_healthy(core, private_id)
@@ -349,9 +349,9 @@ def test_guessed_ids_are_not_found(guess: int) -> None:
     core, private_id = worker()
     assume(guess not in core.objects)
     for msg in (
-        m.Get([], guess), m.GetModule([], guess), m.Move([], guess, "alice", 3),
-        m.Call([], "Tensor.sum", [Ref(guess)], {}, 3, False), m.CallModule([], guess, [], {}, 3, False, False),
-        m.Aggregate([], [PUBLIC, guess], False, 3), m.CopyModule([], guess, 3, []),
+        m.Get(guess), m.GetModule(guess), m.Move(guess, "alice", 3),
+        m.Call("Tensor.sum", [Ref(guess)], {}, 3, False), m.CallModule(guess, [], {}, 3, False, False),
+        m.Aggregate([PUBLIC, guess], False, 3), m.CopyModule(guess, 3, []),
     ):
         assert kind(send(core, msg)) == "not_found"
     assert_healthy(core, private_id)
@@ -362,11 +362,11 @@ def test_get_of_private_data_is_refused_and_loses_nothing() -> None:
     ref = found(core)
     before = len(core.objects)
     for obj_id in (ref, ref, private_id):  # also with the owner's own id, as if it had leaked
-        reply = send(core, m.Get([], obj_id))
+        reply = send(core, m.Get(obj_id))
         assert kind(reply) == "permission" and reply.error[2] == "private-data"
         assert "2.5" not in reply.error[1]
     assert len(core.objects) == before and ref in core.objects
-    assert send(core, m.Call([], "Tensor.sum", [Ref(ref)], {}, 2, False)).error is None
+    assert send(core, m.Call("Tensor.sum", [Ref(ref)], {}, 2, False)).error is None
     assert_healthy(core, private_id)
 
 
@@ -383,9 +383,9 @@ DERIVED = [  # op, args, kwargs; P is a private vector, M a private matrix, pub 
 def test_results_derived_from_private_data_are_refused(op: str, args: list[Any], kwargs: dict[str, Any]) -> None:
     core, private_id = worker()
     ids = {"P": found(core), "M": found(core, "matrix"), "pub": PUBLIC}
-    meta = send(core, m.Call([], op, refs(args, ids), kwargs, 2, False)).value
+    meta = send(core, m.Call(op, refs(args, ids), kwargs, 2, False)).value
     assert meta["owners"] == ["bob"]
-    assert kind(send(core, m.Get([], 2))) == "permission" and 2 in core.objects
+    assert kind(send(core, m.Get(2))) == "permission" and 2 in core.objects
     assert_healthy(core, private_id)
 
 
@@ -401,22 +401,22 @@ WRITES = [
 def test_writing_private_data_into_a_public_tensor_taints_it_and_its_views(op: str, args: list[Any]) -> None:
     core, _ = worker()
     ids = {"P": found(core), "pub": PUBLIC, "mask": 9}
-    send(core, m.Call([], "Tensor.__gt__", [Ref(ids["P"]), 2.0], {}, 9, False))
-    send(core, m.Call([], "Tensor.view", [Ref(PUBLIC), 2, 2], {}, 3, False))  # an alias made beforehand
-    assert send(core, m.Call([], op, refs(args, ids), {}, 2, False)).error is None
+    send(core, m.Call("Tensor.__gt__", [Ref(ids["P"]), 2.0], {}, 9, False))
+    send(core, m.Call("Tensor.view", [Ref(PUBLIC), 2, 2], {}, 3, False))  # an alias made beforehand
+    assert send(core, m.Call(op, refs(args, ids), {}, 2, False)).error is None
     for obj_id in (PUBLIC, 3):
-        assert kind(send(core, m.Get([], obj_id))) == "permission"
+        assert kind(send(core, m.Get(obj_id))) == "permission"
 
 
 def test_scalar_metrics_leave_but_vectors_do_not() -> None:
     core, private_id = worker()
     vector, loss = found(core), found(core, "loss")
-    assert send(core, m.Call([], "Tensor.item", [Ref(loss)], {}, 2, False)).value == 0.25
-    assert send(core, m.Call([], "Tensor.__float__", [Ref(loss)], {}, 2, False)).value == 0.25
-    assert kind(send(core, m.Call([], "Tensor.tolist", [Ref(vector)], {}, 2, False))) == "permission"
-    assert send(core, m.Call([], "Tensor.sum", [Ref(vector)], {}, 3, False)).error is None
-    assert send(core, m.Get([], 3)).value["tensor"].item() == 8.0  # a scalar: a metric
-    failed = send(core, m.Call([], "Tensor.item", [Ref(vector)], {}, 2, False))  # 4 elements
+    assert send(core, m.Call("Tensor.item", [Ref(loss)], {}, 2, False)).value == 0.25
+    assert send(core, m.Call("Tensor.__float__", [Ref(loss)], {}, 2, False)).value == 0.25
+    assert kind(send(core, m.Call("Tensor.tolist", [Ref(vector)], {}, 2, False))) == "permission"
+    assert send(core, m.Call("Tensor.sum", [Ref(vector)], {}, 3, False)).error is None
+    assert send(core, m.Get(3)).value["tensor"].item() == 8.0  # a scalar: a metric
+    failed = send(core, m.Call("Tensor.item", [Ref(vector)], {}, 2, False))  # 4 elements
     assert kind(failed) == "remote" and "withheld" in failed.error[1] and "2.5" not in failed.error[1]
     assert_healthy(core, private_id)
 
@@ -425,17 +425,17 @@ def test_scalar_metrics_leave_but_vectors_do_not() -> None:
 def test_autograd_graph_cannot_launder_private_data(write: str) -> None:
     core, _ = worker()
     private = found(core)
-    send(core, m.Put([], 2, torch.zeros(4), True, False, []))  # w, a weight
-    send(core, m.Call([], "Tensor.__mul__", [Ref(2), Ref(PUBLIC)], {}, 3, True))  # saves PUBLIC
-    send(core, m.Call([], "Tensor.sum", [Ref(3)], {}, 4, True))  # an unlabelled loss
+    send(core, m.Put(2, torch.zeros(4), True, False, []))  # w, a weight
+    send(core, m.Call("Tensor.__mul__", [Ref(2), Ref(PUBLIC)], {}, 3, True))  # saves PUBLIC
+    send(core, m.Call("Tensor.sum", [Ref(3)], {}, 4, True))  # an unlabelled loss
     if write == "data_set":
-        send(core, m.Call([], "Tensor.data.__set__", [Ref(PUBLIC), Ref(private)], {}, 5, False))
+        send(core, m.Call("Tensor.data.__set__", [Ref(PUBLIC), Ref(private)], {}, 5, False))
     else:
-        send(core, m.Call([], "Tensor.data.__get__", [Ref(PUBLIC)], {}, 5, False))
-        send(core, m.Call([], "Tensor.copy_", [Ref(5), Ref(private)], {}, 6, False))
-    assert send(core, m.Call([], "Tensor.backward", [Ref(4)], {}, 7, False)).error is None
-    send(core, m.Call([], "Tensor.grad.__get__", [Ref(2)], {}, 8, False))  # w.grad == private data
-    reply = send(core, m.Get([], 8))
+        send(core, m.Call("Tensor.data.__get__", [Ref(PUBLIC)], {}, 5, False))
+        send(core, m.Call("Tensor.copy_", [Ref(5), Ref(private)], {}, 6, False))
+    assert send(core, m.Call("Tensor.backward", [Ref(4)], {}, 7, False)).error is None
+    send(core, m.Call("Tensor.grad.__get__", [Ref(2)], {}, 8, False))  # w.grad == private data
+    reply = send(core, m.Get(8))
     assert kind(reply) == "permission", f"released {reply.value}"
 
 
@@ -446,12 +446,12 @@ def test_autograd_graph_cannot_launder_private_data(write: str) -> None:
 )
 def test_a_failed_get_loses_nothing(value: torch.Tensor, op: str, extra: list[Any]) -> None:
     core, _ = worker()
-    send(core, m.Put([], 2, value, False, False, []))
-    made = send(core, m.Call([], op, [Ref(2), *extra], {}, 3, False))
+    send(core, m.Put(2, value, False, False, []))
+    made = send(core, m.Call(op, [Ref(2), *extra], {}, 3, False))
     if made.error is not None:  # refused up front (a meta tensor is not data): also fine
         assert kind(made) == "not_allowed" and 3 not in core.objects
         return
-    reply = send(core, m.Get([], 3))
+    reply = send(core, m.Get(3))
     assert reply.error is None or 3 in core.objects, f"{reply.error} and object 3 is gone"
 
 
@@ -462,12 +462,12 @@ ODD_TAGS = ["../../etc/passwd", "/etc/shadow", "\x00", "a\x00b", "~root", "C:\\W
 
 def test_odd_tags_are_only_names() -> None:
     core, private_id = worker()
-    assert send(core, m.Put([], 2, torch.ones(2), False, False, ODD_TAGS)).error is None
+    assert send(core, m.Put(2, torch.ones(2), False, False, ODD_TAGS)).error is None
     for tag in ODD_TAGS:
-        (meta,) = send(core, m.Search([], tag)).value
+        (meta,) = send(core, m.Search(tag)).value
         assert meta["shape"] == [2] and meta["owners"] == []
     for tag in ("../../etc", "passwd", "/etc/passwd", "a" * 255, "b\x00"):
-        assert send(core, m.Search([], tag)).value == []
+        assert send(core, m.Search(tag)).value == []
     assert_healthy(core, private_id)
 
 
@@ -483,14 +483,14 @@ def test_overlong_names_are_refused(length: int) -> None:
 
 def test_replayed_requests() -> None:
     core, private_id = worker()
-    put = m.encode_request(m.Put([], 2, torch.tensor([1.0, 2.0]), False, False, ["x"]))
+    put = m.encode_request(m.Put(2, torch.tensor([1.0, 2.0]), False, False, ["x"]))
     before = len(core.objects)
     assert send(core, put).error is None and send(core, put).error is None
     assert len(core.objects) == before + 1
-    get = m.encode_request(m.Get([], 2))
+    get = m.encode_request(m.Get(2))
     assert torch.equal(send(core, get).value["tensor"], torch.tensor([1.0, 2.0]))
     assert kind(send(core, get)) == "not_found"
-    refused = m.encode_request(m.Get([], found(core)))
+    refused = m.encode_request(m.Get(found(core)))
     assert [kind(send(core, refused)) for _ in range(3)] == ["permission"] * 3
     assert_healthy(core, private_id)
 
@@ -510,33 +510,33 @@ def test_replayed_requests() -> None:
 )
 def test_hostile_optimizers_are_refused(optimizer: str, group: dict[str, Any], expected: str) -> None:
     core, private_id = worker()
-    send(core, m.Put([], 2, torch.ones(2, requires_grad=True), True, False, []))
-    assert kind(send(core, m.MakeOptimizer([], 5, optimizer, [group]))) == expected
+    send(core, m.Put(2, torch.ones(2, requires_grad=True), True, False, []))
+    assert kind(send(core, m.MakeOptimizer(5, optimizer, [group]))) == expected
     assert 5 not in core.objects
     assert_healthy(core, private_id)
 
 
 def test_optimizer_calls_only_step_and_zero_grad() -> None:
     core, private_id = worker()
-    send(core, m.Put([], 2, torch.ones(2, requires_grad=True), True, False, []))
-    assert send(core, m.MakeOptimizer([], 5, "SGD", [{"params": [2], "lr": 0.1}])).error is None
+    send(core, m.Put(2, torch.ones(2, requires_grad=True), True, False, []))
+    assert send(core, m.MakeOptimizer(5, "SGD", [{"params": [2], "lr": 0.1}])).error is None
     for method in ("load_state_dict", "state_dict", "__init__", "add_param_group"):
-        assert kind(send(core, m.OptimizerCall([], 5, method, [{}]))) == "not_allowed"
-    assert kind(send(core, m.OptimizerCall([], 2, "step", [{}]))) == "not_allowed"
-    assert kind(send(core, m.OptimizerCall([], 5, "step", [{}, {}]))) == "protocol"
-    assert send(core, m.OptimizerCall([], 5, "step", [{"lr": 0.5}])).error is None
+        assert kind(send(core, m.OptimizerCall(5, method, [{}]))) == "not_allowed"
+    assert kind(send(core, m.OptimizerCall(2, "step", [{}]))) == "not_allowed"
+    assert kind(send(core, m.OptimizerCall(5, "step", [{}, {}]))) == "protocol"
+    assert send(core, m.OptimizerCall(5, "step", [{"lr": 0.5}])).error is None
     assert_healthy(core, private_id)
 
 
 def test_model_owners_of_one_worker_cannot_see_each_others_objects() -> None:
     core, private_id = worker()
     alice_owner, mallory = Sender("client", "owner-a"), Sender("client", "eve")
-    assert send(core, m.Put([], 77, torch.arange(3.0), False, False, []), alice_owner).error is None
-    for request in (m.Get([], 77), m.Call([], "Tensor.clone", [Ref(77)], {}, 78, False)):
+    assert send(core, m.Put(77, torch.arange(3.0), False, False, []), alice_owner).error is None
+    for request in (m.Get(77), m.Call("Tensor.clone", [Ref(77)], {}, 78, False)):
         assert kind(send(core, request, mallory)) == "not_found"
-    assert kind(send(core, m.Put([], 77, torch.zeros(3), False, False, []), mallory)) == "protocol"
-    send(core, m.Count([77]), mallory)  # releasing someone else's id does nothing
-    assert send(core, m.Count([]), mallory).value == 0
-    assert send(core, m.Count([]), alice_owner).value == 1
-    assert torch.equal(send(core, m.Get([], 77), alice_owner).value["tensor"], torch.arange(3.0))
+    assert kind(send(core, m.Put(77, torch.zeros(3), False, False, []), mallory)) == "protocol"
+    send(core, m.Count(release=[77]), mallory)  # releasing someone else's id does nothing
+    assert send(core, m.Count(), mallory).value == 0
+    assert send(core, m.Count(), alice_owner).value == 1
+    assert torch.equal(send(core, m.Get(77), alice_owner).value["tensor"], torch.arange(3.0))
     assert_healthy(core, private_id)

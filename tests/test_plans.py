@@ -274,7 +274,7 @@ def test_a_worker_refuses_a_forged_plan_and_serves_on(
     spec = _forge(mutate)
     assert spec["nodes"][2][0] == "abs_1"  # the node the forgery changed
     with pytest.raises(error, match=match):
-        bob.request(m.PutModule([], new_id(), spec, [], [], False))
+        bob.request(m.PutModule(new_id(), spec, [], [], False))
     assert bob.object_count() == 0
     pointer_plan = sy.func2plan(args_shape=[(2,)])(double_abs).send(bob)  # the worker serves on
     assert torch.equal(pointer_plan(torch.tensor([-1.0, 2.0]).send(bob)).get(), torch.tensor([2.0, 4.0]))

@@ -254,7 +254,7 @@ def test_the_receiver_checks_the_owners_trust_too(make_worker: Make, federation:
             "mallory",
             "alice",
             m.encode_request(
-                m.Deliver([], 1234, torch.ones(2), labels_to_wire(frozenset({bob_label})), 2, False, "")
+                m.Deliver(1234, torch.ones(2), labels_to_wire(frozenset({bob_label})), 2, False, "")
             ),
         )
     )

@@ -131,12 +131,12 @@ class Owners:
         model = model or self.model
         tensors = list(model.state_dict().values())
         module_id = new_id()
-        self.workers[name].request(m.PutModule([], module_id, describe(model), tensors,
+        self.workers[name].request(m.PutModule(module_id, describe(model), tensors,
                                                [new_id() for _ in tensors], False))
         return module_id
 
     def fit(self, name: str, module_id: int, config: dict[str, Any] = CONFIG, seed: int = 1) -> dict[str, Any]:
-        reply: dict[str, Any] = self.workers[name].request(m.Fit([], module_id, "x", "y", config, seed))
+        reply: dict[str, Any] = self.workers[name].request(m.Fit(module_id, "x", "y", config, seed))
         return reply
 
     def honest(self, name: str, seed: int = 1) -> Trained:
@@ -245,7 +245,7 @@ def test_masking_the_reference_itself_as_the_trained_model_is_refused(digits: An
     bob = f.honest("bob")
     # bob's trained model as its own reference: an update of zero
     with pytest.raises(sy.PermissionDenied, match="own Fit of the round's reference model") as caught:
-        f.workers["bob"].request(m.SecAgg([], "s", "advertise", 2, SecAggServer(
+        f.workers["bob"].request(m.SecAgg("s", "advertise", 2, SecAggServer(
             clients=[1, 2, 3], threshold=2, vector_size=3, bound=1.0, consistency_check=True).setup.encode(),
             bob.module_id, bob.module_id, True, {}))
     assert caught.value.rule == "cohort"
@@ -265,7 +265,7 @@ def test_an_owner_trained_with_learning_rate_zero_aborts_the_round_before_unmask
     # and a session that aborted cannot be resumed
     (session,) = {msg for msg in f.spy.sessions}
     with pytest.raises(sy.ProtocolError, match="no secure aggregation session"):
-        f.workers["bob"].request(m.SecAgg([], session, "mask", 2, b"", bob.module_id, bob.reference_id, True, {}))
+        f.workers["bob"].request(m.SecAgg(session, "mask", 2, b"", bob.module_id, bob.reference_id, True, {}))
 
 
 def test_an_owner_trained_for_more_epochs_aborts_the_round(digits: Any) -> None:
@@ -307,7 +307,7 @@ def test_the_unsigned_protocol_is_refused_for_a_training_only_owner(digits: Any)
     bob = f.honest("bob")
     setup = SecAggServer(clients=[1, 2], threshold=2, vector_size=3, bound=1.0).setup.encode()
     with pytest.raises(sy.PermissionDenied, match="--secagg-key/--secagg-pki") as caught:
-        f.workers["bob"].request(m.SecAgg([], "s", "advertise", 2, setup, bob.module_id, bob.reference_id, True, {}))
+        f.workers["bob"].request(m.SecAgg("s", "advertise", 2, setup, bob.module_id, bob.reference_id, True, {}))
     assert caught.value.rule == "cohort"
     assert "consistency_check=True" in str(caught.value)
     # through the engine: the round fails, naming the fix
@@ -359,7 +359,7 @@ def test_a_pointer_op_after_fit_voids_the_attestation(digits: Any) -> None:
     with pytest.raises(sy.PermissionDenied, match="only training"):
         with torch.no_grad():
             next(bob_model.parameters()).mul_(0.0)  # pipelined: refused by the time of the next request
-        f.workers["bob"].request(m.Count([]))
+        f.workers["bob"].request(m.Count())
 
 
 # -- what remains outside the cohort check (see docs/secure_aggregation.md) ----------------------
@@ -387,7 +387,7 @@ def test_training_on_data_the_model_owner_sent_is_no_contribution(digits: Any) -
     kept = [torch.zeros(8, 8, 8).send(alice, tags=["known-x"]),  # pointers kept: the data stays
             torch.zeros(8, dtype=torch.long).send(alice, tags=["known-y"])]
     reference, known = f.put("alice"), f.put("alice")
-    alice.request(m.Fit([], known, "known-x", "known-y", CONFIG, 1))  # an update the model owner can compute
+    alice.request(m.Fit(known, "known-x", "known-y", CONFIG, 1))  # an update the model owner can compute
     f.refused([Trained("alice", known, reference, 8), f.honest("bob"), f.honest("carol")])
     del kept
 
@@ -574,8 +574,8 @@ def test_served_owners_train_with_the_check_and_refuse_a_known_contribution(digi
         for w in workers:
             reference, module_id = new_id(), new_id()
             for i in (reference, module_id):
-                w.request(m.PutModule([], i, describe(model), tensors, [new_id() for _ in tensors], False))
-            w.request(m.Fit([], module_id, "x", "y", dict(CONFIG, lr=0.0 if w.id == "alice" else 0.05), 1))
+                w.request(m.PutModule(i, describe(model), tensors, [new_id() for _ in tensors], False))
+            w.request(m.Fit(module_id, "x", "y", dict(CONFIG, lr=0.0 if w.id == "alice" else 0.05), 1))
             trained.append(Trained(w.id, module_id, reference, 100))
 
         def run(names: Sequence[str], task: Callable[[WorkerClient], Any], phase: str

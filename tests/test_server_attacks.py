@@ -61,7 +61,7 @@ def deliver(obj_id: int, labels: list[Any], owner: str = "owner") -> m.Request:
     """A peer-only `Deliver`, whichever fields this version of it has."""
     values = {"release": [], "object_id": obj_id, "value": torch.ones(3), "labels": labels,
               "samples": 100, "requires_grad": False, "owner": owner, "attestation": []}
-    return m.Deliver(*(values[name] for name in m.Deliver.FIELDS))
+    return m.Deliver(**{name: values[name] for name in m.Deliver.FIELDS})
 
 
 def kind(reply: m.Reply) -> str | None:
@@ -87,7 +87,7 @@ class Served:
         return m.decode_reply(self.raw(data, bearer(token)))  # raises if the reply is malformed
 
     def count(self, token: str = TOKEN) -> int:
-        reply = self.send(m.Count([]), token)
+        reply = self.send(m.Count(), token)
         assert reply.error is None and type(reply.value) is int, reply
         return int(reply.value)
 
@@ -96,14 +96,14 @@ class Served:
 
     def assert_intact(self) -> None:
         """The worker serves; its private data is still there, unchanged, and still refused."""
-        found = [x for x in self.send(m.Search([], "#x")).value if x["owners"] == [self.core.id]]
+        found = [x for x in self.send(m.Search("#x")).value if x["owners"] == [self.core.id]]
         assert len(found) == 1 and found[0]["shape"] == [4]
         alias, weights, dot = found[0]["id"], new_id(), new_id()
-        assert kind(self.send(m.Get([], alias))) == "permission"
-        assert self.send(m.Put([], weights, WEIGHTS, False, False, [])).error is None
-        assert self.send(m.Call([], "torch.dot", [Ref(alias), Ref(weights)], {}, dot, False)).error is None
-        assert self.send(m.Call([alias, weights], "Tensor.item", [Ref(dot)], {}, new_id(), False)).value == 3765.5
-        self.send(m.Count([dot]))
+        assert kind(self.send(m.Get(alias))) == "permission"
+        assert self.send(m.Put(weights, WEIGHTS, False, False, [])).error is None
+        assert self.send(m.Call("torch.dot", [Ref(alias), Ref(weights)], {}, dot, False)).error is None
+        assert self.send(m.Call("Tensor.item", [Ref(dot)], {}, new_id(), False, release=[alias, weights])).value == 3765.5
+        self.send(m.Count(release=[dot]))
 
 
 @contextmanager
@@ -166,7 +166,7 @@ BAD_CREDENTIALS: dict[str, Metadata] = {
 
 @pytest.mark.parametrize("metadata", BAD_CREDENTIALS.values(), ids=BAD_CREDENTIALS.keys())
 def test_bad_credentials_never_reach_the_core(served: Served, metadata: Metadata) -> None:
-    for data in (m.encode_request(m.Count([])), b"\xc1 garbage"):
+    for data in (m.encode_request(m.Count()), b"\xc1 garbage"):
         with pytest.raises(grpc.RpcError) as info:
             served.raw(data, metadata)
         expected = {grpc.StatusCode.UNAUTHENTICATED}
@@ -185,7 +185,7 @@ def test_an_empty_token_does_not_switch_authentication_off() -> None:
         except ValueError:
             return  # refused up front: one fix
         with pytest.raises(grpc.RpcError) as info:
-            s.raw(m.encode_request(m.Count([])), ())
+            s.raw(m.encode_request(m.Count()), ())
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -194,12 +194,12 @@ def test_an_empty_token_does_not_switch_authentication_off() -> None:
 VALID = [
     m.encode_request(msg)
     for msg in (
-        m.Put([], 7, torch.randn(2, 3), True, False, ["train"]),
-        m.Call([9], "Tensor.__getitem__", [Ref(7), (slice(0, 2, None), ...)], {}, 8, True),
-        m.Get([], 7),
-        m.Search([], "x"),
-        m.Count([3, 4]),
-        m.Batch([], [m.encode_request(m.Count([])), m.encode_request(m.Get([], 8))]),
+        m.Put(7, torch.randn(2, 3), True, False, ["train"]),
+        m.Call("Tensor.__getitem__", [Ref(7), (slice(0, 2, None), ...)], {}, 8, True, release=[9]),
+        m.Get(7),
+        m.Search("x"),
+        m.Count(release=[3, 4]),
+        m.Batch([m.encode_request(m.Count()), m.encode_request(m.Get(8))]),
         deliver(5, []),
     )
 ]
@@ -236,14 +236,14 @@ def test_fuzzed_requests_get_well_formed_replies(shared: Served, data: bytes) ->
 
 def test_replayed_requests_do_no_harm(served: Served) -> None:
     before, obj_id = served.count(), new_id()
-    put = m.encode_request(m.Put([], obj_id, SECRET, False, False, []))
+    put = m.encode_request(m.Put(obj_id, SECRET, False, False, []))
     assert served.send(put).error is None and served.send(put).error is None
     assert served.count() == before + 1
-    get = m.encode_request(m.Get([], obj_id))
+    get = m.encode_request(m.Get(obj_id))
     assert torch.equal(served.send(get).value["tensor"], SECRET)
     assert kind(served.send(get)) == "not_found"
-    (meta,) = served.send(m.Search([], "x")).value
-    refused = m.encode_request(m.Get([], meta["id"]))
+    (meta,) = served.send(m.Search("x")).value
+    refused = m.encode_request(m.Get(meta["id"]))
     assert [kind(served.send(refused)) for _ in range(2)] == ["permission", "permission"]
     served.assert_intact()
 
@@ -254,7 +254,7 @@ def test_replayed_requests_do_no_harm(served: Served) -> None:
 def test_guessed_ids_find_nothing(served: Served) -> None:
     ptr = sy.send(SECRET, served.owner())
     for guess in [*range(32), *(random.Random(0).getrandbits(64) for _ in range(32))]:
-        assert kind(served.send(m.Get([], guess), MALLORY)) == "not_found"
+        assert kind(served.send(m.Get(guess), MALLORY)) == "not_found"
     assert torch.equal(sy.get(ptr), SECRET)
 
 
@@ -262,17 +262,17 @@ def mallory_tries(served: Served, attack: str, ptr: Any) -> m.Reply | None:
     """Mallory, a model owner too, knows the id (or tag) of the owner's object; what she read."""
     known, copy = ptr.id_at_location, new_id()
     if attack == "get":
-        return served.send(m.Get([], known), MALLORY)
+        return served.send(m.Get(known), MALLORY)
     if attack == "compute_then_get":
-        served.send(m.Call([], "Tensor.clone", [Ref(known)], {}, copy, False), MALLORY)
-        return served.send(m.Get([], copy), MALLORY)
+        served.send(m.Call("Tensor.clone", [Ref(known)], {}, copy, False), MALLORY)
+        return served.send(m.Get(copy), MALLORY)
     if attack == "search_tag_then_get":
-        found = served.send(m.Search([], "owner-only"), MALLORY).value
-        return served.send(m.Get([], found[0]["id"] if found else copy), MALLORY)
+        found = served.send(m.Search("owner-only"), MALLORY).value
+        return served.send(m.Get(found[0]["id"] if found else copy), MALLORY)
     if attack == "overwrite":
-        served.send(m.Put([], known, torch.zeros(3), False, False, []), MALLORY)
+        served.send(m.Put(known, torch.zeros(3), False, False, []), MALLORY)
     else:
-        served.send(m.Count([known]), MALLORY)  # release=[known]: frees it, if she may
+        served.send(m.Count(release=[known]), MALLORY)  # release=[known]: frees it, if she may
     return None
 
 
@@ -301,7 +301,7 @@ def test_count_does_not_reveal_another_clients_objects(served: Served) -> None:
 
 @pytest.mark.parametrize(
     "msg",
-    [m.Call([], "Tensor.clone", [Ref(1)], {}, 2, False), m.Get([], 1), m.Count([]), m.Search([], "x")],
+    [m.Call("Tensor.clone", [Ref(1)], {}, 2, False), m.Get(1), m.Count(), m.Search("x")],
     ids=["Call", "Get", "Count", "Search"],
 )
 def test_a_peer_token_makes_no_client_requests(served: Served, msg: m.Request) -> None:
@@ -316,13 +316,13 @@ def test_a_client_token_delivers_nothing(served: Served) -> None:
     for token in (TOKEN, MALLORY):
         reply = served.send(deliver(obj_id, forged), token)
         assert kind(reply) == "protocol"
-    assert kind(served.send(m.Get([], obj_id))) == "not_found" and served.count() == before
+    assert kind(served.send(m.Get(obj_id))) == "not_found" and served.count() == before
 
 
 def test_a_peer_token_sends_no_batch() -> None:
     with serving({**CALLERS, "peer-named-owner": ("peer", "owner")}) as served:
         ptr = sy.send(SECRET, served.owner())
-        reply = served.send(m.Batch([ptr.id_at_location], []), "peer-named-owner")
+        reply = served.send(m.Batch([], release=[ptr.id_at_location]), "peer-named-owner")
         assert kind(reply) == "protocol", f"a peer's Batch was answered {reply}"
         assert torch.equal(sy.get(ptr), SECRET)
 
@@ -351,20 +351,20 @@ def test_path_like_names_are_only_names(served: Served) -> None:
         _watching.append(True)
     _opened.clear()
     obj_id = new_id()
-    assert served.send(m.Put([], obj_id, SECRET, False, False, PATHS)).error is None
+    assert served.send(m.Put(obj_id, SECRET, False, False, PATHS)).error is None
     for tag in PATHS:
-        (meta,) = served.send(m.Search([], tag)).value
+        (meta,) = served.send(m.Search(tag)).value
         assert meta["shape"] == [3] and meta["owners"] == []
-    assert served.send(m.Search([], "passwd")).value == []
+    assert served.send(m.Search("passwd")).value == []
     for op in ["../torch.load", "torch.load", "torch/../os.system", *PATHS]:
-        reply = served.send(m.Call([], op, ["/etc/passwd", Ref(obj_id)], {}, new_id(), False))
+        reply = served.send(m.Call(op, ["/etc/passwd", Ref(obj_id)], {}, new_id(), False))
         assert kind(reply) == "not_allowed", (op, reply)
-    assert kind(served.send(m.MakeOptimizer([], new_id(), PATHS[0], [{"params": [obj_id]}]))) == "not_allowed"
+    assert kind(served.send(m.MakeOptimizer(new_id(), PATHS[0], [{"params": [obj_id]}]))) == "not_allowed"
     spec = {"type": PATHS[0], "args": {}, "children": [], "training": False, "frozen": []}
-    assert kind(served.send(m.PutModule([], new_id(), spec, [], [], False))) == "not_allowed"
-    assert kind(served.send(m.Move([], obj_id, PATHS[0], new_id()))) == "unavailable"  # no such peer
+    assert kind(served.send(m.PutModule(new_id(), spec, [], [], False))) == "not_allowed"
+    assert kind(served.send(m.Move(obj_id, PATHS[0], new_id()))) == "unavailable"  # no such peer
     assert _opened == []
-    assert torch.equal(served.send(m.Get([], obj_id)).value["tensor"], SECRET)
+    assert torch.equal(served.send(m.Get(obj_id)).value["tensor"], SECRET)
     served.assert_intact()
 
 
@@ -380,7 +380,7 @@ def test_path_like_names_are_only_names(served: Served) -> None:
 def test_an_oversized_request_is_refused_and_the_worker_serves_on(served: Served, factor: float) -> None:
     big = torch.zeros(int(factor * MAX_MESSAGE) // 4)
     try:
-        reply = served.send(m.Put([], new_id(), big, False, False, []))
+        reply = served.send(m.Put(new_id(), big, False, False, []))
     except grpc.RpcError as exc:
         assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and served.handled == []
     else:  # or an error reply that says so
@@ -391,7 +391,7 @@ def test_an_oversized_request_is_refused_and_the_worker_serves_on(served: Served
 
 
 def test_the_other_methods_authenticate_first_too(served: Served) -> None:
-    data, service = m.encode_request(m.Count([])), "/fedsecure.Worker"
+    data, service = m.encode_request(m.Count()), "/fedsecure.Worker"
     calls: dict[str, Callable[[Metadata], Any]] = {  # the chunked transport's methods; one that does not exist
         "Upload": lambda md: served.channel.stream_unary(f"{service}/Upload")(iter([data]), metadata=md, timeout=10),
         "Fetch": lambda md: list(served.channel.unary_stream(f"{service}/Fetch")(b"0" * 32, metadata=md, timeout=10)),
@@ -410,11 +410,11 @@ def test_the_other_methods_authenticate_first_too(served: Served) -> None:
 
 def test_an_oversized_reply_loses_nothing(served: Served) -> None:
     part, whole = new_id(), new_id()
-    assert served.send(m.Put([], part, torch.ones(MAX_MESSAGE // 8), False, False, [])).error is None
-    assert served.send(m.Call([], "torch.cat", [[Ref(part)] * 4], {}, whole, False)).error is None
-    reply = served.send(m.Get([], whole))  # 2 MiB of float32: over the server's limit
+    assert served.send(m.Put(part, torch.ones(MAX_MESSAGE // 8), False, False, [])).error is None
+    assert served.send(m.Call("torch.cat", [[Ref(part)] * 4], {}, whole, False)).error is None
+    reply = served.send(m.Get(whole))  # 2 MiB of float32: over the server's limit
     assert reply.error is not None and "maximum message" in reply.error[1]
-    assert served.send(m.Call([], "Tensor.sum", [Ref(whole)], {}, new_id(), False)).error is None
+    assert served.send(m.Call("Tensor.sum", [Ref(whole)], {}, new_id(), False)).error is None
 
 
 # -- many callers at once -----------------------------------------------------------------------
@@ -433,19 +433,19 @@ def test_concurrent_callers_valid_and_hostile(served: Served) -> None:
             try:
                 step = i % 5
                 if step == 0:
-                    assert served.send(m.Put([], mine, value, False, False, [])).error is None
+                    assert served.send(m.Put(mine, value, False, False, [])).error is None
                 elif step == 1:
-                    assert torch.equal(served.send(m.Get([], mine)).value["tensor"], value)
+                    assert torch.equal(served.send(m.Get(mine)).value["tensor"], value)
                 elif step == 2:
                     served.send(rng.randbytes(rng.randint(0, 64)), rng.choice([TOKEN, MALLORY, PEER_TOKEN]))
                 elif step == 3:
                     with pytest.raises(grpc.RpcError) as info:
-                        served.raw(m.encode_request(m.Count([])), bearer(f"guess-{n}-{i}"))
+                        served.raw(m.encode_request(m.Count()), bearer(f"guess-{n}-{i}"))
                     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 else:
-                    (meta,) = served.send(m.Search([], "x")).value
-                    assert kind(served.send(m.Get([], meta["id"]))) == "permission"
-                    served.send(m.Count([meta["id"]]))
+                    (meta,) = served.send(m.Search("x")).value
+                    assert kind(served.send(m.Get(meta["id"]))) == "permission"
+                    served.send(m.Count(release=[meta["id"]]))
                 done.append(1)
             except BaseException as exc:  # collected: an assertion in a thread would be lost
                 problems.append(f"thread {n}, step {i}: {exc!r}")

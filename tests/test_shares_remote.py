@@ -117,7 +117,7 @@ def test_malformed_share_requests_are_refused(hooked, bad) -> None:
     fields = {"object_id": ptr.id_at_location, "reference_id": 0, "weighted": False, "privacy": {},
               "destinations": ["h1", "h2"], "new_ids": [new_id(), new_id()], "frac_bits": 16} | bad
     with pytest.raises(sy.ProtocolError):
-        src.request(m.Share(src.take_release(), **fields))
+        src.request(m.Share(**fields))
     assert fed.cores["h1"].objects == {} and fed.cores["h2"].objects == {}
 
 
@@ -125,12 +125,12 @@ def test_shares_cannot_be_delivered_by_a_client_or_summed_when_they_are_not_shar
     _, fed = hooked
     (h,) = workers(fed, "h")
     with pytest.raises(sy.ProtocolError, match="not accepted from a client"):
-        h.request(m.DeliverShare([], new_id(), torch.zeros(2, dtype=torch.int64), [], 0, 16, ""))
+        h.request(m.DeliverShare(new_id(), torch.zeros(2, dtype=torch.int64), [], 0, 16, ""))
     owner = sy.VirtualWorker(id="o", federation=fed, data={"v": torch.ones(2, dtype=torch.int64)})
     (v,) = owner.search("v")
     v = v.move(h)
     with pytest.raises(sy.OperationNotAllowed, match="additive shares only"):
-        h.request(m.AggregateShares(h.take_release(), [v.id_at_location], new_id()))
+        h.request(m.AggregateShares([v.id_at_location], new_id()))
 
 
 def test_a_value_too_large_for_the_fixed_point_is_refused_without_its_size() -> None:
@@ -275,6 +275,6 @@ def test_a_refused_sum_of_shares_loses_nothing(hooked) -> None:
     with pytest.raises(SecAggInputError, match="shapes"):
         sy.SharedTensor.sum([a, b])
     with pytest.raises(sy.ProtocolError, match="one shape"):  # the holder checks too
-        h1.request(m.AggregateShares(h1.take_release(), [a.shares[0].id_at_location, b.shares[0].id_at_location],
+        h1.request(m.AggregateShares([a.shares[0].id_at_location, b.shares[0].id_at_location],
                                      new_id()))
     assert len(fed.cores["h1"].objects) == 2 and len(fed.cores["h2"].objects) == 2  # both shares still there

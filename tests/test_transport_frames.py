@@ -34,8 +34,8 @@ def test_without_framing_nothing_changes() -> None:
 
 
 def test_a_framed_request_rides_in_a_batch() -> None:
-    put = m.encode_request(m.Put([], 7, torch.randn(BIG), False, False, []), framed=True)
-    batch = m.encode_request(m.Batch([], [m.encode_request(m.Count([])), put]), framed=True)
+    put = m.encode_request(m.Put(7, torch.randn(BIG), False, False, []), framed=True)
+    batch = m.encode_request(m.Batch([m.encode_request(m.Count()), put]), framed=True)
     assert isinstance(batch, codec.Framed) and len(batch.frames) == 1
     with codec.incoming(batch.frames):  # as a server decodes a batch's parts, later
         outer = m.decode_request(batch)

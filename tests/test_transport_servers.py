@@ -164,9 +164,9 @@ def test_a_request_for_an_unknown_worker_is_refused_before_its_message_is_read()
         assert info.value.code() == grpc.StatusCode.NOT_FOUND and "'dan'" in info.value.details()
         handle = channel.unary_unary("/fedsecure.Worker/Handle")
         with pytest.raises(grpc.RpcError) as info:  # a server of several workers needs a name
-            handle(m.encode_request(m.Count([])), metadata=bearer, timeout=10)
+            handle(m.encode_request(m.Count()), metadata=bearer, timeout=10)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND and "name one" in info.value.details()
-        reply = handle(m.encode_request(m.Count([])), metadata=(*bearer, ("fedsecure-worker", "ben")), timeout=10)
+        reply = handle(m.encode_request(m.Count()), metadata=(*bearer, ("fedsecure-worker", "ben")), timeout=10)
         assert m.reply_value(reply, worker="ben") == 0
         assert len(handled) == 1
 
@@ -174,7 +174,7 @@ def test_a_request_for_an_unknown_worker_is_refused_before_its_message_is_read()
 def test_a_stream_with_bad_credentials_is_refused_before_anything_is_read() -> None:
     core = WorkerCore("ann")
     with servers(dict(core=core, callers=callers())) as (server,), grpc.insecure_channel(server.address) as channel:
-        head, _ = frames.outgoing("ann", m.encode_request(m.Count([])))
+        head, _ = frames.outgoing("ann", m.encode_request(m.Count()))
         for metadata in ((), (("authorization", "Bearer wrong"),)):
             with pytest.raises(grpc.RpcError) as info:
                 list(channel.stream_stream(STREAM)(iter([head]), metadata=metadata, timeout=10))
@@ -190,12 +190,12 @@ def test_a_caller_has_at_most_max_message_bytes_in_flight() -> None:
         bearer = (("authorization", f"Bearer {OWNER}"),)
         # a request that announces 3.5 MiB of frames, sends one chunk and stalls
         stalled: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        head, _ = frames.outgoing("ann", m.encode_request(m.Put([], 1, torch.zeros(7 << 17), False, False, []), framed=True))
+        head, _ = frames.outgoing("ann", m.encode_request(m.Put(1, torch.zeros(7 << 17), False, False, []), framed=True))
         stalled.put(head)
         stalled.put(b"\0" * 1024)
         first = channel.stream_stream(STREAM)(iter(stalled.get, None), metadata=bearer, timeout=20)
         time.sleep(0.5)  # the server is reading the first request
-        second, _ = frames.outgoing("ann", m.encode_request(m.Put([], 2, torch.zeros(1 << 18), False, False, []), framed=True))
+        second, _ = frames.outgoing("ann", m.encode_request(m.Put(2, torch.zeros(1 << 18), False, False, []), framed=True))
         with pytest.raises(grpc.RpcError) as info:  # 3.5 + 1 MiB: over the limit together
             list(channel.stream_stream(STREAM)(iter([second]), metadata=bearer, timeout=10))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -274,7 +274,7 @@ def test_a_caller_that_does_not_read_a_large_reply_holds_the_worker_only_until_t
     ) as channel:
         ann = sy.connect("ann", server.address, credentials=OWNER, deadline=10.0)
         ptr = torch.zeros(8 << 20).send(ann)  # 32 MiB: more than gRPC buffers for a reader
-        head, _ = frames.outgoing("ann", m.encode_request(m.Get([], ptr.id_at_location)))
+        head, _ = frames.outgoing("ann", m.encode_request(m.Get(ptr.id_at_location)))
         outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         outbox.put(head)
         unread = channel.stream_stream(STREAM)(iter(outbox.get, None), metadata=((
@@ -291,5 +291,5 @@ def test_a_request_may_carry_its_own_deadline() -> None:
     with WorkerServer(core, callers=callers()) as server:
         ann = sy.connect("ann", server.address, credentials=OWNER)
         with pytest.raises(sy.WorkerUnavailable, match="within 1e-06 s"):
-            ann.request(m.Count([]), deadline=1e-6)  # no reply crosses gRPC in a microsecond
-        assert ann.request(m.Count([]), deadline=30.0) == 0  # the connection is still good
+            ann.request(m.Count(), deadline=1e-6)  # no reply crosses gRPC in a microsecond
+        assert ann.request(m.Count(), deadline=30.0) == 0  # the connection is still good

@@ -25,7 +25,7 @@ def test_a_handle_call_and_a_stream_each_reply_their_own_way() -> None:
         settings = core.framed, core.max_reply
         x = torch.randn(frames.CHUNK // 4 + 1000)  # over one chunk
         ptr = x.send(sy.connect("ann", server.address, credentials=OWNER))
-        get = m.encode_request(m.Get([], ptr.id_at_location))
+        get = m.encode_request(m.Get(ptr.id_at_location))
         reply = channel.unary_unary(METHOD)(get, metadata=(("authorization", f"Bearer {OWNER}"),), timeout=10)
         with pytest.raises(sy.ProtocolError, match="it stays on 'ann'"):
             m.reply_value(reply, worker="ann")

@@ -351,7 +351,7 @@ class Engine:
             result = model.evaluate(self.eval_data[0], self.eval_data[1],
                                     {"loss": plan.loss, "batch_size": plan.batch_size}, deadline=self.work_deadline)
             moved = new_id()
-            worker.request(m.Move(worker.take_release(), result, self.aggregator.id, moved))
+            worker.request(m.Move(result, self.aggregator.id, moved))
         finally:
             model.release()
         return worker.id, moved
@@ -367,11 +367,11 @@ class Engine:
             return {}
         agg, result = self.aggregator, new_id()
         try:
-            agg.request(m.Aggregate(agg.take_release(), [d[1] for d in done], False, result))
+            agg.request(m.Aggregate([d[1] for d in done], False, result))
         finally:
             for d in done:
                 agg.release(d[1])
-        mean = agg.request(m.Get(agg.take_release(), result))["tensor"]
+        mean = agg.request(m.Get(result))["tensor"]
         loss_sum, correct, count = (float(v) * len(done) for v in mean)  # the mean of sums, times n
         accuracy = correct / count if plan.loss in ("cross_entropy", "nll_loss") else None
         aggregate = EvaluateAggregate(loss=loss_sum / count, accuracy=accuracy, num_examples=round(count),

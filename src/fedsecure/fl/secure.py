@@ -129,7 +129,7 @@ def secure_mean(
     def phase(name: str, names: Sequence[str], payload: Callable[[str], bytes]) -> list[str]:
         def call(worker: WorkerClient) -> str:
             t = by_name[worker.id]
-            reply = worker.request(m.SecAgg(worker.take_release(), session, name, ids[worker.id], payload(worker.id),
+            reply = worker.request(m.SecAgg(session, name, ids[worker.id], payload(worker.id),
                                             t.module_id, t.reference_id, weighted, dict(privacy or {})))
             message = decode_message(reply)
             if getattr(message, "sender", None) != ids[worker.id]:  # the authenticated worker speaks for itself
@@ -215,8 +215,8 @@ def shared_mean(
     for k, holder in enumerate(holders):
         result = new_id()
         try:
-            holder.request(m.AggregateShares(holder.take_release(), [ids[w][k] for w in survivors], result))
-            value = holder.request(m.Get(holder.take_release(), result))["tensor"]
+            holder.request(m.AggregateShares([ids[w][k] for w in survivors], result))
+            value = holder.request(m.Get(result))["tensor"]
         except FedsecureError as exc:
             for j, other in enumerate(holders):  # what is left of the round is of no use
                 for w in survivors:

@@ -246,7 +246,7 @@ def aggregate(worker: WorkerClient, values: list[Any], weighted: bool) -> Any:
                 raise WorkerMismatch(f"a value lives on {v.location.id!r}; move it to {worker.id!r} first")
         result_id = new_id()
         meta = worker.request(
-            m.Aggregate(worker.take_release(), [v.id_at_location for v in values], weighted, result_id)
+            m.Aggregate([v.id_at_location for v in values], weighted, result_id)
         )
         return PointerTensor._from_meta(worker, meta)
     if all(isinstance(v, nn.Module) for v in values):

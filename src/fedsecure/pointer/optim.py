@@ -54,7 +54,7 @@ class _RemoteOptimizer:
             {"params": [p.id_at_location for p in group["params"]], **_settings(group)}
             for group in self.param_groups
         ]
-        worker.request(m.MakeOptimizer(worker.take_release(), self._fs_id, kind, groups))
+        worker.request(m.MakeOptimizer(self._fs_id, kind, groups))
 
     def _fs_check(self) -> WorkerClient:
         worker = self._fs_worker
@@ -70,7 +70,7 @@ class _RemoteOptimizer:
 
     def _fs_zero_grad(self) -> None:
         worker = self._fs_check()
-        worker.defer(m.OptimizerCall(worker.take_release(), self._fs_id, "zero_grad", []))
+        worker.defer(m.OptimizerCall(self._fs_id, "zero_grad", []))
         worker.grad_epoch += 1  # every parameter's .grad is now None
 
     def _fs_step(self, closure: Callable[[], Any] | None) -> None:
@@ -78,7 +78,7 @@ class _RemoteOptimizer:
             raise OperationNotAllowed("step(closure) is not supported on remote parameters", op="step")
         worker = self._fs_check()
         groups = [_settings(group) for group in self.param_groups]
-        worker.defer(m.OptimizerCall(worker.take_release(), self._fs_id, "step", groups))
+        worker.defer(m.OptimizerCall(self._fs_id, "step", groups))
 
     def __del__(self) -> None:
         worker = self.__dict__.get("_fs_worker")

@@ -229,7 +229,7 @@ class SharedTensor:
         out = []
         for i, holder in enumerate(items[0].holders):
             result = new_id()
-            meta = holder.request(m.AggregateShares(holder.take_release(), [v.shares[i].id_at_location for v in items],
+            meta = holder.request(m.AggregateShares([v.shares[i].id_at_location for v in items],
                                                     result))
             for v in items:
                 v.shares[i]._fs.live = False  # the holder consumed it
@@ -324,7 +324,7 @@ def share_remote(source: WorkerClient, object_id: int, workers: Sequence[Any], *
     holders = _holders(workers)
     ids = [new_id() for _ in holders]
     try:
-        reply = source.request(m.Share(source.take_release(), object_id, reference_id, weighted, dict(privacy or {}),
+        reply = source.request(m.Share(object_id, reference_id, weighted, dict(privacy or {}),
                                        [w.id for w in holders], ids, frac_bits))
     except BaseException:
         for holder, i in zip(holders, ids, strict=True):

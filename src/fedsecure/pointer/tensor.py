@@ -174,7 +174,7 @@ class PointerTensor(torch.Tensor):
         """The data owners whose private data this value derives from, as the worker
         labels it now (one message; ``repr`` shows the last answer without asking)."""
         remote = self._fs
-        self._fs_owners = remote.worker.request(m.Owners(remote.worker.take_release(), remote.id))
+        self._fs_owners = remote.worker.request(m.Owners(remote.id))
         return list(self._fs_owners)
 
     def __repr__(self, **_: Any) -> str:  # type: ignore[override]
@@ -200,7 +200,7 @@ class PointerTensor(torch.Tensor):
     def get(self) -> Any:
         """Fetch the value and delete the remote copy (if the worker's policy allows)."""
         remote = self._fs
-        value = remote.worker.request(m.Get(remote.worker.take_release(), remote.id))
+        value = remote.worker.request(m.Get(remote.id))
         remote.live = False  # the worker deleted it
         if "ref" in value:
             child = self._fs_child
@@ -224,7 +224,7 @@ class PointerTensor(torch.Tensor):
         if self._fs_child is not None:
             raise OperationNotAllowed("a pointer to a pointer cannot move; get() it first", op="move")
         obj_id = new_id()
-        remote.worker.request(m.Move(remote.worker.take_release(), remote.id, worker.id, obj_id))
+        remote.worker.request(m.Move(remote.id, worker.id, obj_id))
         remote.worker, remote.id = worker, obj_id
         self._fs_grad = None
         return self
@@ -236,7 +236,6 @@ class PointerTensor(torch.Tensor):
             shape, dtype = list(self.shape), self.dtype
         worker.request(
             m.PutRef(
-                worker.take_release(),
                 obj_id,
                 self._fs.worker.id,
                 self._fs.id,
@@ -431,7 +430,7 @@ def call(
     grad = torch.is_grad_enabled()
     msg: m.Request
     if module_id is None:
-        msg = m.Call(target.take_release(), op, wire_args, wire_kwargs, result_id, grad)
+        msg = m.Call(op, wire_args, wire_kwargs, result_id, grad)
         if op in DEFERRED:
             target.defer(msg)
             return None if op.endswith(("__set__", "__setitem__")) else args[0]
@@ -441,7 +440,7 @@ def call(
                 target.defer(msg)
                 return PointerTensor(target, result_id, *predicted) if isinstance(predicted, tuple) else predicted
     else:
-        msg = m.CallModule(target.take_release(), module_id, wire_args, wire_kwargs, result_id, grad, training)
+        msg = m.CallModule(module_id, wire_args, wire_kwargs, result_id, grad, training)
     out = _decode(target.request(msg), target, site)
     if op == "Tensor.requires_grad_" and isinstance(out, PointerTensor):
         with DisableTorchFunctionSubclass():
@@ -468,7 +467,6 @@ def send_tensor(
     obj_id = new_id()
     meta = worker.request(
         m.Put(
-            worker.take_release(),
             obj_id,
             tensor.detach(),
             tensor.requires_grad,

@@ -3,7 +3,7 @@ replies and errors (`fedsecure.wire.replies`), and the limits of their fields
 (`fedsecure.wire.fields`).
 
 Code that speaks the protocol writes ``from fedsecure.wire import messages as m`` and
-``m.encode_request(m.Get([], object_id))``. A request is ``[kind, release, *fields]``, a reply
+``m.encode_request(m.Get(object_id))``. A request is ``[kind, release, *fields]``, a reply
 ``[0, value]`` or ``[1, error_kind, message, detail]`` (msgpack, `fedsecure.wire.codec`);
 decoding checks every field before a worker sees it, so a hostile message fails with
 `ProtocolError` and never reaches an executor.

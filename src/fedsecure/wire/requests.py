@@ -8,6 +8,7 @@ sees it, so a hostile message fails here with `ProtocolError` and never reaches 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Annotated, ClassVar, TypeVar
@@ -36,12 +37,15 @@ from fedsecure.wire.fields import (
 )
 
 
+@dataclass(frozen=True, slots=True)
 class Request:
     """Base of every request; subclasses declare ``KIND`` and annotate their fields.
 
-    Requests are checked where they cross the trust boundary, in `decode_request`,
-    not on construction: the sender builds them from its own values, and checking
-    twice doubled the cost of a message.
+    ``release`` belongs to the envelope, not to the request: the client fills it in when it
+    sends (`WorkerClient.request`), so callers never pass it; it is keyword-only, and first on
+    the wire. Requests are checked where they cross the trust boundary, in `decode_request`,
+    not on construction: the sender builds them from its own values, and checking twice
+    doubled the cost of a message.
     """
 
     KIND: ClassVar[int]
@@ -49,7 +53,7 @@ class Request:
     CHECKS: ClassVar[tuple[wf.Check, ...]]  # each field's, from its annotation
     WHERE: ClassVar[tuple[str, ...]]  # each field's name in errors ("Put.tags")
     PEER_ONLY: ClassVar[bool] = False
-    release: list[int]
+    release: Ids = field(default_factory=list, kw_only=True)
 
 
 REQUESTS: dict[int, type[Request]] = {}
@@ -75,7 +79,6 @@ def _request(kind: int, peer_only: bool = False) -> Callable[[type[R]], type[R]]
 class Call(Request):
     """Run the allow-listed op ``op`` on stored objects; store a tensor result at ``result_id``."""
 
-    release: Ids
     op: Str
     args: Items
     kwargs: Map
@@ -88,7 +91,6 @@ class Call(Request):
 class CallModule(Request):
     """Run a stored module's forward pass (the whole pass is one message)."""
 
-    release: Ids
     module_id: Id
     args: Items
     kwargs: Map
@@ -103,7 +105,6 @@ class Put(Request):
     """Store a tensor sent by the model owner (``private`` simulates the owner's own data), findable
     by ``tags`` and by words of ``description`` (`Search`)."""
 
-    release: Ids
     object_id: Id
     value: Tensor
     requires_grad: Bool
@@ -117,7 +118,6 @@ class Put(Request):
 class PutModule(Request):
     """Build a module from an allow-listed architecture description and its weights."""
 
-    release: Ids
     module_id: Id
     spec: Map
     tensors: Tensors
@@ -130,7 +130,6 @@ class PutModule(Request):
 class PutRef(Request):
     """Store a pointer to an object on another worker (a pointer to a pointer)."""
 
-    release: Ids
     object_id: Id
     location: Str
     ref_id: Id
@@ -143,7 +142,6 @@ class PutRef(Request):
 class Get(Request):
     """Release an object to the caller and delete it, if the release policy allows."""
 
-    release: Ids
     object_id: Id
 
 
@@ -152,7 +150,6 @@ class Get(Request):
 class GetModule(Request):
     """Release a model's tensors (and, with ``grads``, its parameters' gradients) and delete it."""
 
-    release: Ids
     module_id: Id
     grads: Bool = False
 
@@ -160,7 +157,7 @@ class GetModule(Request):
 @_request(8)
 @dataclass(frozen=True, slots=True)
 class Count(Request):
-    release: Ids
+    """Nothing but the envelope: frees what ``release`` lists; the reply counts the caller's objects."""
 
 
 @_request(9)
@@ -169,7 +166,6 @@ class Search(Request):
     """The tensors matching ``tag`` and every item of ``also``; an item matches an object's tag
     ("#x" and "x" alike) or occurs in its description."""
 
-    release: Ids
     tag: Str
     also: Terms = field(default_factory=list)
 
@@ -179,7 +175,6 @@ class Search(Request):
 class Move(Request):
     """Send an object straight to another worker; the caller sends only this instruction."""
 
-    release: Ids
     object_id: Id
     destination: Str
     new_id: Id
@@ -188,7 +183,6 @@ class Move(Request):
 @_request(11)
 @dataclass(frozen=True, slots=True)
 class MoveModule(Request):
-    release: Ids
     module_id: Id
     destination: Str
     new_module_id: Id
@@ -198,7 +192,6 @@ class MoveModule(Request):
 @_request(12)
 @dataclass(frozen=True, slots=True)
 class CopyModule(Request):
-    release: Ids
     module_id: Id
     new_module_id: Id
     new_ids: Ids
@@ -209,7 +202,6 @@ class CopyModule(Request):
 class Aggregate(Request):
     """The aggregator's own fixed function: (weighted) mean of received tensors."""
 
-    release: Ids
     ids: Ids
     weighted: Bool
     result_id: Id
@@ -218,7 +210,6 @@ class Aggregate(Request):
 @_request(14)
 @dataclass(frozen=True, slots=True)
 class AggregateModules(Request):
-    release: Ids
     module_ids: Ids
     weighted: Bool
     new_module_id: Id
@@ -234,7 +225,6 @@ class Batch(Request):
     naming the op, as the reply to the whole batch.
     """
 
-    release: Ids
     requests: Blobs
 
 
@@ -243,7 +233,6 @@ class Batch(Request):
 class Owners(Request):
     """Which data owners' private data an object derives from (the worker's labels)."""
 
-    release: Ids
     object_id: Id
 
 
@@ -255,7 +244,6 @@ class MakeOptimizer(Request):
     ``groups``: one map per parameter group, ``{"params": [ids], hyperparameter: value}``.
     """
 
-    release: Ids
     optimizer_id: Id
     kind: Str
     groups: Items
@@ -266,7 +254,6 @@ class MakeOptimizer(Request):
 class OptimizerCall(Request):
     """``step`` (with each group's current hyperparameters) or ``zero_grad`` of a stored optimizer."""
 
-    release: Ids
     optimizer_id: Id
     method: Str
     groups: Items
@@ -277,7 +264,6 @@ class OptimizerCall(Request):
 class Deliver(Request):
     """Worker to worker: a moved tensor with its provenance labels."""
 
-    release: Ids
     object_id: Id
     value: Annotated[torch.Tensor, anything]  # checked by the receiver
     labels: Items
@@ -292,7 +278,6 @@ class Deliver(Request):
 class DeliverModule(Request):
     """Worker to worker: a moved module, its weights and each weight's labels."""
 
-    release: Ids
     module_id: Id
     spec: Map
     tensors: Tensors
@@ -312,7 +297,6 @@ class Fit(Request):
     against its allow-lists. The trained module stays here, labelled with the data's owner.
     """
 
-    release: Ids
     module_id: Id
     x_tag: Str
     y_tag: Str
@@ -326,7 +310,6 @@ class Evaluate(Request):
     """Evaluate a stored module on data found by tags; the sums ``[loss, correct, count]``
     are stored at ``result_id`` (labelled: only an aggregate of several workers leaves)."""
 
-    release: Ids
     module_id: Id
     x_tag: Str
     y_tag: Str
@@ -340,7 +323,6 @@ class AggregateUpdates(Request):
     """The aggregator's fixed rule over models' differences from ``reference_id`` (the global
     model): clipping, a robust rule or the mean, noise; the result is reference + rule."""
 
-    release: Ids
     module_ids: Ids
     reference_id: Id
     rule: Map
@@ -359,7 +341,6 @@ class SecAgg(Request):
     noise of standard deviation ``privacy["noise_std"]`` when given (distributed DP: the noises of
     all workers add up in the sum). The reply is the client's message (bytes)."""
 
-    release: Ids
     session: Str
     phase: Str
     client_id: Int
@@ -381,7 +362,6 @@ class Share(Request):
     sample count when ``weighted`` (the count appended), clipped and noised by ``privacy`` as in
     `SecAgg`. ``frac_bits``: the fixed point's fractional bits."""
 
-    release: Ids
     object_id: Id
     reference_id: Id
     weighted: Bool
@@ -396,7 +376,6 @@ class Share(Request):
 class DeliverShare(Request):
     """Worker to worker: one additive share (int64) with the labels of the value it shares."""
 
-    release: Ids
     object_id: Id
     value: Tensor
     labels: Items
@@ -412,15 +391,15 @@ class AggregateShares(Request):
     """The share holder's fixed function: the sum in Z_(2^64) of shares it holds, one per data
     owner, stored at ``result_id``; the inputs are consumed (each share joins one sum)."""
 
-    release: Ids
     ids: Ids
     result_id: Id
 
 
-def encode_request(msg: Request, *, framed: bool = False) -> bytes:
+def encode_request(msg: Request, *, framed: bool = False, release: list[int] | None = None) -> bytes:
     """``framed``: large tensors travel beside the body (`codec.Framed`), for transports
-    that carry them."""
-    return encode([msg.KIND, *[getattr(msg, name) for name in msg.FIELDS]], framed=framed)
+    that carry them. ``release``: the envelope's list of freed ids, added to the request's own."""
+    freed = msg.release if not release else [*msg.release, *release]
+    return encode([msg.KIND, freed, *[getattr(msg, name) for name in msg.FIELDS[1:]]], framed=framed)
 
 
 def decode_request(data: bytes) -> Request:
@@ -432,4 +411,5 @@ def decode_request(data: bytes) -> Request:
         raise ProtocolError(f"unknown request kind {raw[0]}")
     if len(raw) != len(cls.CHECKS) + 1:
         raise ProtocolError(f"{cls.__name__} needs {len(cls.CHECKS)} fields, got {len(raw) - 1}")
-    return wf.build(cls, cls.CHECKS, cls.WHERE, raw[1:])
+    release, *values = map(operator.call, cls.CHECKS, raw[1:], cls.WHERE)
+    return cls(*values, release=release)

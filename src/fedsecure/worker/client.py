@@ -133,17 +133,17 @@ class WorkerClient:
 
         Errors it causes are raised by that next request, naming the op.
         """
-        self._deferred.append(m.encode_request(msg))
+        self._deferred.append(m.encode_request(msg, release=self.take_release()))
         if len(self._deferred) >= _DEFER_BATCH:
             self.flush()
 
     def request(self, msg: m.Request, *, deadline: float | None = None) -> Any:
         """Send ``msg`` and wait for its reply. ``deadline``: seconds this request may take, where
         the transport has deadlines (a round of local training takes longer than an op)."""
-        data = m.encode_request(msg, framed=self.framed)
+        data = m.encode_request(msg, framed=self.framed, release=self.take_release())
         if self._deferred:
             self._deferred.append(data)
-            data = m.encode_request(m.Batch([], self._deferred), framed=self.framed)
+            data = m.encode_request(m.Batch(self._deferred), framed=self.framed)
             self._deferred = []
         self.bytes_sent += message_size(data)
         if deadline is not None and getattr(self._transport, "takes_deadline", False):
@@ -157,13 +157,13 @@ class WorkerClient:
 
     def flush(self) -> None:
         """Run every queued in-place op and free every object whose last pointer is gone."""
-        self.request(m.Count(self.take_release()))
+        self.request(m.Count())
 
     def object_count(self) -> int:
         """How many objects this model owner has on the worker (not counting the worker's
         own data), after freeing those no pointer refers to any more."""
         gc.collect()  # pointers caught in reference cycles are freed too
-        return int(self.request(m.Count(self.take_release())))
+        return int(self.request(m.Count()))
 
     def search(self, query: str | Sequence[str]) -> list[Any]:
         """Pointers to the tensors that match every item of ``query`` (a tag, or a list of tags and
@@ -172,7 +172,7 @@ class WorkerClient:
         its own objects, never another model owner's. Each pointer shows ``tags`` and
         ``description``."""
         items = search_items(query)
-        metas = self.request(m.Search(self.take_release(), items[0], items[1:]))
+        metas = self.request(m.Search(items[0], items[1:]))
         return [_pointers[0].tensor(self, meta) for meta in metas]
 
     @property

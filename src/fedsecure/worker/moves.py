@@ -29,7 +29,6 @@ def move(state: WorkerState, msg: m.Move, sender: Sender) -> Any:
     state.peer(
         msg.destination,
         m.Deliver(
-            [],
             msg.new_id,
             t.detach(),
             lb.labels_to_wire(labels),
@@ -53,7 +52,6 @@ def move_module(state: WorkerState, msg: m.MoveModule, sender: Sender) -> Any:
     state.peer(
         msg.destination,
         m.DeliverModule(
-            [],
             msg.new_module_id,
             spec,
             [t.detach() for t in own],

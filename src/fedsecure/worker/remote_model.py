@@ -48,7 +48,7 @@ class RemoteModel:
             private: bool = False) -> RemoteModel:
         """Build the model described by ``spec`` on ``worker``, holding ``tensors``."""
         module_id, ids = new_id(), [new_id() for _ in tensors]
-        worker.request(m.PutModule(worker.take_release(), module_id, spec, [t.detach() for t in tensors], ids, private))
+        worker.request(m.PutModule(module_id, spec, [t.detach() for t in tensors], ids, private))
         return cls(worker, module_id, ids)
 
     def module(self) -> int:
@@ -63,14 +63,14 @@ class RemoteModel:
             deadline: float | None = None) -> dict[str, Any]:
         """A round's local training on the worker's data (tagged ``x_tag``, ``y_tag``); the reply (examples, loss, ...)."""
         worker = self.worker
-        return worker.request(m.Fit(worker.take_release(), self.module(), x_tag, y_tag, training, seed),
+        return worker.request(m.Fit(self.module(), x_tag, y_tag, training, seed),
                               deadline=deadline)  # type: ignore[no-any-return]
 
     def evaluate(self, x_tag: str, y_tag: str, settings: dict[str, Any], *,
                  deadline: float | None = None) -> int:
         """Evaluate on the worker's data; the id there of the sums (loss, correct, count)."""
         worker, result = self.worker, new_id()
-        worker.request(m.Evaluate(worker.take_release(), self.module(), x_tag, y_tag, settings, result),
+        worker.request(m.Evaluate(self.module(), x_tag, y_tag, settings, result),
                        deadline=deadline)
         return result
 
@@ -81,7 +81,7 @@ class RemoteModel:
         handle then stands for it there."""
         source, module_id = self.worker, new_id()
         ids = [new_id() for _ in self.ids]
-        source.request(m.MoveModule(source.take_release(), self.module(), destination.id, module_id, ids))
+        source.request(m.MoveModule(self.module(), destination.id, module_id, ids))
         self._release_tensors(source)  # the module's id went with the move; its tensors' ids stay behind
         self.worker, self.module_id, self.ids = destination, module_id, ids
         return self
@@ -90,14 +90,14 @@ class RemoteModel:
         """A copy on the same worker."""
         worker, module_id = self.worker, new_id()
         ids = [new_id() for _ in self.ids]
-        worker.request(m.CopyModule(worker.take_release(), self.module(), module_id, ids))
+        worker.request(m.CopyModule(self.module(), module_id, ids))
         return RemoteModel(worker, module_id, ids, owns_tensors=self.owns_tensors)
 
     @classmethod
     def aggregate(cls, worker: WorkerClient, models: Sequence[RemoteModel], weighted: bool) -> RemoteModel:
         """``worker``'s own aggregation function over models it holds: their (sample-weighted) mean."""
         module_id, ids = new_id(), [new_id() for _ in models[0].ids]
-        worker.request(m.AggregateModules(worker.take_release(), [r.module() for r in models], weighted, module_id, ids))
+        worker.request(m.AggregateModules([r.module() for r in models], weighted, module_id, ids))
         return cls(worker, module_id, ids, owns_tensors=models[0].owns_tensors)
 
     @classmethod
@@ -106,7 +106,7 @@ class RemoteModel:
         """The aggregator's robust or clipped rule over the updates ``models`` minus ``reference``;
         the new model and what the rule itself releases."""
         module_id, ids = new_id(), [new_id() for _ in reference.ids]
-        released = worker.request(m.AggregateUpdates(worker.take_release(), [r.module() for r in models],
+        released = worker.request(m.AggregateUpdates([r.module() for r in models],
                                                      reference.module(), rule, module_id, ids))
         return cls(worker, module_id, ids), dict(released or {})
 
@@ -116,7 +116,7 @@ class RemoteModel:
         """The model's tensors (with ``grads``: ``{"values": [...], "grads": [...]}``), if the worker's
         policy lets them leave; the worker deletes the model, and this handle is spent."""
         worker = self.worker
-        reply = worker.request(m.GetModule(worker.take_release(), self.module(), grads))
+        reply = worker.request(m.GetModule(self.module(), grads))
         self.live = False
         self._release_tensors(worker)
         return reply

@@ -53,7 +53,7 @@ def share(state: WorkerState, msg: m.Share, sender: Sender) -> Any:
                                        share=msg.frac_bits, attestation=attestation,
                                        attested_version=part._version)
         else:
-            state.peer(destination, m.DeliverShare([], new, part, wire_labels, samples, msg.frac_bits,
+            state.peer(destination, m.DeliverShare(new, part, wire_labels, samples, msg.frac_bits,
                                                    CLIENT.get() or "", attest_wire(attestation)))
     return {"shape": list(value.shape), "samples": samples}
 

@@ -184,7 +184,7 @@ class VirtualWorker(WorkerClient):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"data=(...) holds tensors; item {i} is a {type(t).__name__}")
             tags, text = clean_tags(tags_of(t)), clean_description(description_of(t) or "")
-            self.request(m.Put(self.take_release(), new_id(), t.detach(), t.requires_grad, False, tags, text))
+            self.request(m.Put(new_id(), t.detach(), t.requires_grad, False, tags, text))
 
     @property
     def policy(self) -> Policy:
@@ -215,7 +215,7 @@ class VirtualWorker(WorkerClient):
         the worker. A pointer to a freed object fails if used: the worker no longer holds it."""
         self.flush()  # queued ops first: they may make objects
         mine = [i for i, e in self._visible() if e.owner == self._owner.id]
-        self.request(m.Count([*self.take_release(), *mine]))
+        self.request(m.Count(release=mine))
         return self
 
     def _summary(self) -> tuple[int, int, str]:
