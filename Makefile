@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) examples/tutorial_part4.py
-	$(VENV)/bin/fedsecure run examples/digits.toml
+	$(VENV)/bin/fedsecure run examples/digits.toml --overwrite
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks notebooks

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["experiment.output"] = args.output
     try:
         exp = config.load(args.config, overrides)
-        run_experiment(exp, resume=args.resume, progress=not args.quiet)
+        run_experiment(exp, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     except FedsecureError as exc:
         print(f"fedsecure run: {exc}", file=sys.stderr)
         return 2
@@ -85,6 +85,8 @@ def add_commands(commands: Any) -> None:
     p.add_argument("--output", help="override [experiment] output (history, checkpoints)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the output directory's checkpoint (the last complete round)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in the output directory (its checkpoints and history)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any setting, e.g. --set training.lr=0.05 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress display")

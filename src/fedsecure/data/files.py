@@ -12,6 +12,7 @@ import gzip
 import os
 import warnings
 import zipfile
+from collections.abc import Callable
 from typing import IO, Any
 
 import numpy as np
@@ -68,6 +69,8 @@ def load_npz(
             f"{source}: cannot be read without pickle or is not a numpy archive ({error}); "
             f"store only numeric arrays, with {_SAVEZ}"
         ) from error
+    for key, values in arrays.items():
+        _refuse_non_finite(f"{source}: array {key!r}", values, lambda index: f"at index {index}")
     x, y = arrays.get("x_train", arrays.get("x")), arrays.get("y_train", arrays.get("y"))
     return load_arrays(
         x,
@@ -124,6 +127,7 @@ def load_csv(
         ) from error
     if len(x) == 0:
         raise DatasetError(f"{source}: no data rows; a data set needs at least one sample")
+    _refuse_non_finite(source, x, lambda index: f"in row {index[0] + skip + 1}, column {features[index[1]] + 1}")
     y, class_names = _encode_labels(raw_labels)
     if class_names and num_classes is None:
         num_classes = len(class_names)
@@ -136,6 +140,19 @@ def load_csv(
         name=name,
         class_names=class_names,
     )
+
+
+def _refuse_non_finite(what: str, values: np.ndarray, where: Callable[[tuple[int, ...]], str]) -> None:
+    """NaN or Inf in a data set trains to NaN: refused at load, naming the first bad entry."""
+    if values.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(values)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DatasetError(
+            f"{what} holds {int(bad.sum())} value(s) that are NaN or infinite, the first ({values[index]}) "
+            f"{where(index)}; training on them gives NaN: fix or drop those samples"
+        )
 
 
 def _open_text(source: str) -> IO[str]:

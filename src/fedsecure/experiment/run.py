@@ -15,6 +15,7 @@ from fedsecure.experiment.config import Experiment
 from fedsecure.experiment.models import build_model
 from fedsecure.experiment.workers import start_workers
 from fedsecure.fl import ConfigurationError, Engine, History
+from fedsecure.fl import checkpoint as ckpt
 from fedsecure.fl.progress import Progress
 
 
@@ -22,10 +23,16 @@ def run_experiment(
     exp: Experiment,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     stream: TextIO | None = None,
 ) -> History:
-    """Run ``exp``; its history and checkpoints go to ``exp.output``."""
+    """Run ``exp``; its history and checkpoints go to ``exp.output``. An output directory that holds
+    a run is continued with ``resume``, replaced with ``overwrite``, and otherwise refused."""
+    if resume and overwrite:
+        raise ConfigurationError("--resume continues the run in the output directory and --overwrite replaces it: "
+                                 "choose one")
+    _claim_output(exp, resume=resume, overwrite=overwrite)
     out = stream or sys.stderr
     remote = exp.config.workers.mode == "remote"
     data = exp.dataset()
@@ -56,6 +63,26 @@ def run_experiment(
     if progress:
         _summary(exp, history, out)
     return history
+
+
+_RUN_FILES = ("history.json", "history.csv")
+
+
+def _claim_output(exp: Experiment, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to write over a run already in ``exp.output`` (checked before anything is written)."""
+    checkpoint = exp.output / "checkpoint"
+    found = [p for p in (checkpoint / ckpt.STATE, *(exp.output / f for f in _RUN_FILES)) if p.exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise ConfigurationError(
+            f"{exp.output} already holds a run ({', '.join(p.name for p in found)}): continue it with --resume, "
+            "replace it with --overwrite, or choose another output (--output DIR or [experiment] output)"
+        )
+    for path in found:
+        path.unlink()
+    for stale in checkpoint.glob("*.safetensors"):
+        stale.unlink()
 
 
 def _summary(exp: Experiment, history: History, out: TextIO) -> None:

@@ -394,7 +394,8 @@ class Engine:
         started = time.perf_counter()
         plan, aggregate, failures = self._fit_round(server_round)
         fit_time = time.perf_counter() - started
-        self.parameters = self.strategy.aggregate_fit(server_round, self.parameters, aggregate, failures)
+        self.parameters = self._finite(server_round, self.strategy.aggregate_fit(server_round, self.parameters,
+                                                                                 aggregate, failures))
         row: dict[str, Any] = {"round": server_round, "workers": len(aggregate.workers),
                                "examples": aggregate.num_examples, **aggregate.metrics}
         row.update(self.strategy.round_metrics())
@@ -415,6 +416,18 @@ class Engine:
         if self.on_round is not None:
             self.on_round(row)
         return row
+
+    def _finite(self, server_round: int, parameters: Parameters) -> Parameters:
+        """``parameters``, unless training diverged: then the run stops, keeping the last good model."""
+        bad = [k for k, t in parameters.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            kept = f"; round {self.round}'s checkpoint in {self.checkpoint} is kept" if self.checkpoint and self.round else ""
+            raise RoundFailed(
+                f"round {server_round}: the aggregated model is not finite (NaN or Inf in {', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}): training diverged, so the run stops{kept}. Lower the "
+                "learning rate ([training] lr), clip the updates ([aggregation] clip_norm), or check the data"
+            )
+        return parameters
 
     def run(self, rounds: int) -> tuple[nn.Module, History]:
         if rounds < 1:
