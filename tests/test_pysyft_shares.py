@@ -104,6 +104,15 @@ def test_values_with_different_crypto_providers_do_not_combine(fed, crew) -> Non
     assert (a + c).crypto_provider is james
 
 
+def test_a_sum_refuses_different_crypto_providers_wherever_they_stand(fed, crew) -> None:
+    bob, alice, james, carol = crew
+    plain = torch.ones(2).fix_precision().share(bob, alice)
+    a = torch.ones(2).fix_precision().share(bob, alice, crypto_provider=james)
+    b = torch.ones(2).fix_precision().share(bob, alice, crypto_provider=carol)
+    with pytest.raises(sy.WorkerMismatch, match="same crypto_provider"):
+        sy.SharedTensor.sum([plain, a, b])  # the first names none: the other two still disagree
+
+
 @pytest.mark.parametrize("other", ["shared", 0.5, torch.tensor([2.0, 2.0]), True])
 def test_multiplication_beyond_public_ints_is_refused_with_the_way_on(fed, crew, other) -> None:
     bob, alice, james, _ = crew

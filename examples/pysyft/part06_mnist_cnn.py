@@ -29,7 +29,7 @@ from fedsecure.data import Dataset, DatasetNotFound, load_digits, load_fashion_m
 
 losses: dict[str, list[float]] = {"federated training": []}
 
-FULL = bool(os.environ.get("FEDSECURE_TUTORIAL_FULL"))
+FULL = os.environ.get("FEDSECURE_TUTORIAL_FULL") == "1"
 
 hook = sy.TorchHook(torch)
 bob = sy.VirtualWorker(hook, id="bob")

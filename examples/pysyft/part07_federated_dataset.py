@@ -47,7 +47,7 @@ for worker in dataset.workers:
 
 train_loader = sy.FederatedDataLoader(dataset, batch_size=32, shuffle=False, drop_last=False)
 
-epochs = 50 if os.environ.get("FEDSECURE_TUTORIAL_FULL") else 10
+epochs = 50 if os.environ.get("FEDSECURE_TUTORIAL_FULL") == "1" else 10
 for epoch in range(1, epochs + 1):
     loss_accum = 0.0
     for batch_idx, (data, target) in enumerate(train_loader):

@@ -32,7 +32,9 @@ from fedsecure.pointer import (
     send,
 )
 from fedsecure.pointer import floptimizer as _floptimizer
+from fedsecure.pointer.federated_data import BaseDataset, FederatedDataLoader, FederatedDataset
 from fedsecure.pointer.inplace import get_, send_
+from fedsecure.pointer.local import local_worker
 from fedsecure.worker import Federation, Policy, VirtualWorker, WorkerClient
 
 if TYPE_CHECKING:  # for type checkers; at run time see __getattr__ below
@@ -51,10 +53,8 @@ _sys.modules.setdefault("fedsecure.federated.floptimizer", _floptimizer)
 # and the rest of PySyft 0.2's names (docs/pysyft.md).
 _LAZY = {
     **dict.fromkeys(["TLS", "AuthenticationFailed", "WorkerProcess", "connect"], "fedsecure.transport"),
-    **dict.fromkeys(["BaseDataset", "FederatedDataset", "FederatedDataLoader"], "fedsecure.pointer.federated_data"),
     **dict.fromkeys(["Plan", "func2plan"], "fedsecure.pointer.plan"),
     **dict.fromkeys(["create_sandbox", "PrivateGridNetwork"], "fedsecure.pointer.sandbox"),
-    **dict.fromkeys(["local_worker"], "fedsecure.pointer.local"),
 }
 
 
@@ -69,6 +69,9 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "TLS",
     "AuthenticationFailed",
+    "BaseDataset",
+    "FederatedDataLoader",
+    "FederatedDataset",
     "WorkerProcess",
     "connect",
     "FedsecureError",
@@ -92,6 +95,7 @@ __all__ = [
     "get",
     "get_",
     "hook",
+    "local_worker",
     "move",
     "optim",
     "send",

@@ -347,21 +347,20 @@ class Experiment:
 
     def strategy(self, evaluate_fn: Callable[..., Any] | None = None) -> Strategy:
         s = self.config.strategy
-        cls = STRATEGIES.get(s.name.lower())
+        name = s.name.lower()
+        cls = STRATEGIES.get(name)
         if cls is None:
-            raise ConfigurationError(f"{self.source}: unknown strategy {s.name.lower()!r}; "
-                                     f"choose one of {', '.join(STRATEGIES)}")
+            raise ConfigurationError(f"{self.source}: unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
         try:
             strategy: Strategy = cls(training=self.training(), rule=self.rule(), evaluate_fn=evaluate_fn, **s.options())
         except TypeError as exc:
-            raise ConfigurationError(f"{self.source}: [strategy] {s.name.lower()} does not take these settings: {exc}") from None
+            raise ConfigurationError(f"{self.source}: [strategy] {name} does not take these settings: {exc}") from None
         privacy = self.config.privacy
         return strategy if privacy is None else privacy.wrap(strategy)
 
     def settings(self) -> dict[str, Any]:
         """What a resumed run must share with the run that wrote the checkpoint (not rounds)."""
-        tables = to_table(self.config)
-        return {k: v for k, v in tables.items() if k not in ("experiment", "workers")} | {"seed": self.seed}
+        return {k: v for k, v in self.tables().items() if k not in ("experiment", "workers")} | {"seed": self.seed}
 
     def tables(self) -> dict[str, Any]:
         """The experiment as the tables of a file (what `parse` reads back)."""

@@ -42,11 +42,12 @@ from fedsecure.aggregate import SecAggServer, decode_message
 from fedsecure.aggregate.rules import mean_from_sums
 from fedsecure.aggregate.shares import AdditiveShares
 from fedsecure.errors import FedsecureError, ProtocolError, SecureAggregationError, TooFewSurvivors
+from fedsecure.fl.parties import sendable
 from fedsecure.fl.strategy import ConfigurationError, Failure, Parameters
 from fedsecure.wire import messages as m
 from fedsecure.wire.ids import new_id
 from fedsecure.worker.client import WorkerClient
-from fedsecure.worker.modules import describe, state_tensors
+from fedsecure.worker.modules import state_tensors
 from fedsecure.worker.remote_model import RemoteModel
 
 Runner = Callable[[Sequence[str], Callable[[WorkerClient], Any], str], tuple[list[Any], list[Failure]]]
@@ -236,9 +237,7 @@ def secure_average(
     from fedsecure.pointer.module import remote_of
 
     parameters = {k: t.detach().clone() for k, t in state_tensors(reference)}
-    spec, tensors = describe(reference), list(parameters.values())
-    if spec is None:
-        raise ProtocolError("secure averaging needs models built from allow-listed layers (see docs/fl.md)")
+    spec, tensors = sendable(reference), list(parameters.values())
     workers: dict[str, WorkerClient] = {}
     trained: list[Trained] = []
     references: list[RemoteModel] = []

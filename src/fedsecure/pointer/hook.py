@@ -21,15 +21,7 @@ from fedsecure.pointer.local import LocalWorker, local_worker
 from fedsecure.pointer.module import copy_module, get_module, move_module, send_module
 from fedsecure.pointer.shared import fix_precision
 from fedsecure.pointer.tensor import PointerTensor, send_tensor
-from fedsecure.worker.client import (
-    DESCRIPTION_ATTR,
-    TAGS_ATTR,
-    WorkerClient,
-    clean_description,
-    clean_tags,
-    description_of,
-    tags_of,
-)
+from fedsecure.worker.client import DESCRIPTION, TAGS, WorkerClient, describe, tag
 from fedsecure.worker.virtual import Federation, default_federation
 
 
@@ -91,42 +83,11 @@ def _module_send(self: nn.Module, worker: WorkerClient, *, private: bool = False
     return send_module(self, worker, private=private)
 
 
-def tag(tensor: torch.Tensor, *tags: str) -> torch.Tensor:
-    """``t.tag("#a", "#b")``: add tags ("#a" and "a" are the same tag, kept as "#a") that travel
-    with ``send`` and that ``worker.search`` matches; returns the tensor itself."""
-    if isinstance(tensor, PointerTensor):
-        return tensor.tag(*tags)
-    setattr(tensor, TAGS_ATTR, clean_tags([*tags_of(tensor), *tags]))
-    return tensor
-
-
-def describe(tensor: torch.Tensor, description: str) -> torch.Tensor:
-    """``t.describe("text")``: a description that travels with ``send`` and whose words
-    ``worker.search`` matches; returns the tensor itself."""
-    if isinstance(tensor, PointerTensor):
-        return tensor.describe(description)
-    setattr(tensor, DESCRIPTION_ATTR, clean_description(description))
-    return tensor
-
-
-def _set_tags(tensor: torch.Tensor, tags: Any) -> None:
-    setattr(tensor, TAGS_ATTR, clean_tags([tags] if isinstance(tags, str) else tags or ()))
-
-
-def _set_description(tensor: torch.Tensor, text: str | None) -> None:
-    setattr(tensor, DESCRIPTION_ATTR, None if text is None else clean_description(text))
-
-
-# ``t.tags`` (a set, empty when untagged) and ``t.description`` (None when undescribed)
-_TAGS = property(lambda t: set(tags_of(t)), _set_tags, doc="The tensor's tags, as a set of '#name'.")
-_DESCRIPTION = property(description_of, _set_description, doc="The tensor's description, or None.")
-
-
 _VERBS: dict[type, dict[str, Any]] = {
     torch.Tensor: {
         "send": _tensor_send, "get": get, "move": move, "copy": copy, "fix_precision": fix_precision,
-        "send_": send_, "get_": get_, "tag": tag, "describe": describe, "tags": _TAGS,
-        "description": _DESCRIPTION,
+        "send_": send_, "get_": get_, "tag": tag, "describe": describe, "tags": TAGS,
+        "description": DESCRIPTION,
     },
     nn.Module: {"send": _module_send, "get": get, "move": move, "copy": copy},
     Dataset: {"federate": federate},

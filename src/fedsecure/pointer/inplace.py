@@ -38,8 +38,7 @@ def convertible(t: torch.Tensor) -> bool:
     return type(t) in _CONVERTIBLE
 
 
-def become_pointer(t: torch.Tensor, worker: WorkerClient, obj_id: int, owners: list[str]) -> PointerTensor:
-    """Make the local tensor ``t`` a pointer to object ``obj_id`` on ``worker`` (its value is there)."""
+def _require_convertible(t: torch.Tensor) -> type:
     cls = type(t)
     if cls not in _CONVERTIBLE:
         raise OperationNotAllowed(
@@ -47,6 +46,12 @@ def become_pointer(t: torch.Tensor, worker: WorkerClient, obj_id: int, owners: l
             "can); send a plain copy: torch.Tensor(t).send(worker)",
             op="send_",
         )
+    return cls
+
+
+def become_pointer(t: torch.Tensor, worker: WorkerClient, obj_id: int, owners: list[str]) -> PointerTensor:
+    """Make the local tensor ``t`` a pointer to object ``obj_id`` on ``worker`` (its value is there)."""
+    cls = _require_convertible(t)
     with torch.no_grad():
         t.grad = None  # a local gradient would go stale: the remote value is the one that changes
         # the storage goes; shape, dtype and requires_grad stay, on a one-element placeholder
@@ -87,8 +92,7 @@ def send_(t: torch.Tensor, worker: WorkerClient) -> PointerTensor:
     """``t.send_(worker)``: send ``t`` and make ``t`` itself the pointer (PySyft's in-place send)."""
     if isinstance(t, PointerTensor):
         raise OperationNotAllowed("send_() of a pointer: it is already remote; use ptr.move(worker)", op="send_")
-    if not convertible(t):
-        become_pointer(t, worker, 0, [])  # raises, naming the class
+    _require_convertible(t)  # before anything is sent
     ptr = send_tensor(t, worker)
     remote = ptr._fs
     owners = ptr._fs_owners

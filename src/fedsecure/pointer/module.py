@@ -100,8 +100,7 @@ def send_module(module: nn.Module, worker: WorkerClient, *, private: bool = Fals
         pointers = [_in_place(t, p._fs.worker, p.id_at_location, p._fs_owners, p) for t, p in zip(tensors, sent, strict=True)]
         _install(module, RemoteModel(worker, None), pointers)
         return module
-    remote = RemoteModel.put(worker, spec, tensors, private=private)
-    remote.owns_tensors = False  # the parameters' pointers hold their ids
+    remote = RemoteModel.put(worker, spec, tensors, private=private, owns_tensors=False)  # pointers hold the ids
     owners = [worker.id] if private else []
     pointers = [_in_place(t, worker, i, owners) for t, i in zip(tensors, remote.ids, strict=True)]
     _install(module, remote, pointers)
@@ -115,6 +114,8 @@ def _in_place(
     place, so that optimizers built before the send step the remote weights); a new pointer for a
     tensor of another subclass, which cannot convert."""
     if isinstance(t, PointerTensor):  # a tensor the model holds twice: converted at its first slot
+        if sent is not None:
+            sent._fs.live = False
         if t.id_at_location != obj_id:
             worker.release(obj_id)
         return t
@@ -197,7 +198,6 @@ def move_module(module: nn.Module, worker: WorkerClient) -> nn.Module:
         remote.worker = worker
         return module
     source = remote.worker
-    remote.ids = [p.id_at_location for p in pointers]
     remote.move(worker)
     for p, i in zip(pointers, remote.ids, strict=True):
         if p._fs.live:  # the source's entry for the old id goes with the next request
@@ -232,7 +232,6 @@ def copy_module(module: nn.Module) -> nn.Module:
         return copy.deepcopy(module)
     if remote.module_id is None:  # each pointer copies itself on its worker
         return copy.deepcopy(module, {id(remote): RemoteModel(remote.worker, None)})
-    remote.ids = [p.id_at_location for p in _pointers(module)]
     return _proxy_copy(module, remote.copy())
 
 
@@ -260,7 +259,6 @@ def aggregate(worker: WorkerClient, values: list[Any], weighted: bool) -> Any:
                     "move them there first"
                 )
             models.append(r)
-        models[0].ids = [p.id_at_location for p in _pointers(values[0])]
         return _proxy_copy(values[0], RemoteModel.aggregate(worker, models, weighted))
     raise TypeError("aggregate() takes a list of pointers or a list of sent models")
 

@@ -224,8 +224,12 @@ class SharedTensor:
             raise SecAggInputError("SharedTensor.sum takes shared values: x.fix_precision().share(bob, alice)")
         dtype, provider = items[0].dtype, items[0].crypto_provider
         for other in items[1:]:
-            other_dtype, other_provider = items[0]._check(other)
-            dtype, provider = promote(dtype, other_dtype), provider or other_provider
+            other_dtype, _ = items[0]._check(other)
+            theirs = other.crypto_provider
+            if provider is not None and theirs is not None and provider.id != theirs.id:
+                raise WorkerMismatch(f"values shared with crypto providers {provider.id!r} and {theirs.id!r} cannot "
+                                     "be summed: share them all with the same crypto_provider")
+            dtype, provider = promote(dtype, other_dtype), provider or other.crypto_provider
         out = []
         for i, holder in enumerate(items[0].holders):
             result = new_id()

@@ -28,12 +28,15 @@ from fedsecure.wire.codec import Ref
 from fedsecure.wire.ids import new_id
 from fedsecure.worker.allowlist import NAME_OF
 from fedsecure.worker.client import (
+    DESCRIPTION,
     DESCRIPTION_ATTR,
+    TAGS,
     TAGS_ATTR,
     WorkerClient,
-    clean_description,
     clean_tags,
+    describe,
     description_of,
+    tag,
     tags_of,
 )
 
@@ -148,26 +151,11 @@ class PointerTensor(torch.Tensor):
         """The process holding this pointer: the local worker, ``"me"`` (`fedsecure.local_worker`)."""
         return local_worker
 
-    @property
-    def tags(self) -> set[str]:
-        """The object's tags ("#name"): those it was sent or found with, and any ``tag(...)`` added."""
-        return set(tags_of(self))
-
-    @property
-    def description(self) -> str | None:
-        """The object's description (None when it has none)."""
-        return description_of(self)
-
-    def tag(self, *tags: str) -> PointerTensor:
-        """Add tags to this pointer, here; returns it. The worker's object keeps the tags it was
-        sent with (tag a tensor before ``send`` to make it findable by ``search``); so with
-        ``describe``, which sets the pointer's description."""
-        setattr(self, TAGS_ATTR, clean_tags([*tags_of(self), *tags]))
-        return self
-
-    def describe(self, description: str) -> PointerTensor:
-        setattr(self, DESCRIPTION_ATTR, clean_description(description))
-        return self
+    # tags and description: the same verbs and properties as a local tensor's (`worker.client`)
+    tags = TAGS
+    description = DESCRIPTION
+    tag = tag
+    describe = describe
 
     @property
     def owners(self) -> list[str]:

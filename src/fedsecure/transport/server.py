@@ -4,7 +4,7 @@ The servicer is thin (as in gRPC's own examples): it carries a request's bytes t
 `WorkerCore.handle` and its reply back; the core stays sans-I/O and is the same one
 `VirtualWorker` drives in one process. The core's settings for this transport are given once,
 when a worker is added; what differs between requests (a ``Handle`` call's reply carries its
-tensors inside and is at most one chunk) travels with the request (`_answer`).
+tensors inside and is at most one chunk) travels with the request (`WorkerCore.handle`'s ``framed`` and ``max_reply``).
 
 One server may host several workers (`WorkerServer.add`), each with its own core, lock,
 callers and peers; a request names the worker it is for (in the stream message's head,
@@ -273,7 +273,7 @@ class WorkerServer:
                 grpc.StatusCode.RESOURCE_EXHAUSTED, frames.too_large("the request", len(request), self.max_message)
             )
         with hosted.gate.enter(sender):  # this method's replies carry their tensors inside, one chunk at most
-            return _answer(hosted.core, request, sender, framed=False, max_reply=min(CHUNK, self.max_message))
+            return hosted.core.handle(request, sender, framed=False, max_reply=min(CHUNK, self.max_message))
 
     def _next_request(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes | None:
         """The next request's head; None when the caller is done or the server stops."""
@@ -308,7 +308,7 @@ class WorkerServer:
                 tensors = frames.receive(announced, requests)
         with hosted.gate.enter(sender):
             with codec.incoming(tensors):
-                reply = _answer(hosted.core, body, sender, framed=True, max_reply=self.max_message)
+                reply = hosted.core.handle(body, sender, framed=True, max_reply=self.max_message)
             del tensors
             reply_head, views = frames.outgoing("", reply)
             # The reply's tensors are views of the worker's own: copied into the chunks gRPC
@@ -345,7 +345,7 @@ class WorkerServer:
             )
         tensors = [t.clone() for t in getattr(data, "frames", ())]  # the receiver's own copy
         with source.gate.waiting_for_peer(), target.gate.enter(sender), codec.incoming(tensors):
-            return _answer(target.core, bytes(data), sender, framed=True, max_reply=self.max_message)
+            return target.core.handle(bytes(data), sender, framed=True, max_reply=self.max_message)
 
     # -- life ----------------------------------------------------------------------------
 
@@ -374,17 +374,6 @@ class WorkerServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-# Whether `WorkerCore.handle` takes a request's reply settings (``framed``, ``max_reply``) with
-# the request. A core that reads them only from its attributes gets them there for the request
-# and put back after it: the gate runs one request on a core at a time (a guest runs only while
-# the holder waits for a peer, and the holder goes on once the guest is done).
-def _answer(core: WorkerCore, data: bytes, sender: Sender, *, framed: bool, max_reply: int) -> bytes:
-    """``core``'s reply to one request, with this request's settings: ``framed`` (its tensors
-    may travel beside it) and ``max_reply`` (a value that would make it larger stays on the
-    worker). Call it holding ``core``'s gate."""
-    return core.handle(data, sender, framed=framed, max_reply=max_reply)
 
 
 def _cannot_listen(host: str, port: int) -> str:

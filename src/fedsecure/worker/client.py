@@ -58,6 +58,35 @@ def description_of(obj: Any) -> str | None:
     return getattr(obj, DESCRIPTION_ATTR, None)
 
 
+def tag(obj: Any, *tags: str) -> Any:
+    """``t.tag("#a", "#b")``: add tags ("#a" and "a" are the same tag, kept as "#a") that travel
+    with ``send`` and that ``worker.search`` matches; returns ``obj``. On a pointer they label the
+    pointer here only: the worker's object keeps the tags it was sent with."""
+    setattr(obj, TAGS_ATTR, clean_tags([*tags_of(obj), *tags]))
+    return obj
+
+
+def describe(obj: Any, description: str) -> Any:
+    """``t.describe("text")``: a description that travels with ``send`` and whose words
+    ``worker.search`` matches; returns ``obj``."""
+    setattr(obj, DESCRIPTION_ATTR, clean_description(description))
+    return obj
+
+
+def _set_tags(obj: Any, tags: Any) -> None:
+    setattr(obj, TAGS_ATTR, clean_tags([tags] if isinstance(tags, str) else tags or ()))
+
+
+def _set_description(obj: Any, text: str | None) -> None:
+    setattr(obj, DESCRIPTION_ATTR, None if text is None else clean_description(text))
+
+
+# ``t.tags`` (a set, empty when untagged) and ``t.description`` (None when undescribed), for local
+# tensors (added by the hook) and pointers alike
+TAGS = property(lambda t: set(tags_of(t)), _set_tags, doc="The tensor's tags, as a set of '#name'.")
+DESCRIPTION = property(description_of, _set_description, doc="The tensor's description, or None.")
+
+
 def search_items(query: str | Sequence[str]) -> list[str]:
     """A query, a tag or a list of tags and words, as the list of its items."""
     items = [query] if isinstance(query, str) else query

@@ -18,7 +18,7 @@ from typing import Any
 from fedsecure.errors import FedsecureError, ProtocolError
 from fedsecure.wire import messages as m
 from fedsecure.worker import aggregator, moves, objects, ops, optimizers, rounds, sharing
-from fedsecure.worker.store import CLIENT, REPLY, Sender, WorkerState
+from fedsecure.worker.store import CLIENT, MAX_REPLY, Sender, WorkerState
 
 Handler = Callable[[WorkerState, Any, Sender], Any]
 
@@ -68,15 +68,13 @@ class WorkerCore(WorkerState):
 
         ``framed`` and ``max_reply``: this request's reply settings, where the transport sets them
         per request (a unary call and a stream of one server differ); None: the worker's own."""
-        token = None
-        if framed is not None or max_reply is not None:
-            framed = self.framed if framed is None else framed
-            token = REPLY.set((framed, self.max_reply if max_reply is None else max_reply))
+        framed = self.framed if framed is None else framed
+        token = None if max_reply is None else MAX_REPLY.set(max_reply)
         try:
             msg = m.decode_request(data)
             handler = self._batch if isinstance(msg, m.Batch) else self._dispatch
             value = handler(msg, sender)  # type: ignore[arg-type]
-            return m.encode_reply(m.Reply(value), framed=self.framed if framed is None else framed)
+            return m.encode_reply(m.Reply(value), framed=framed)
         except FedsecureError as exc:
             return m.encode_reply(m.error_reply(exc))
         except RecursionError:
@@ -85,7 +83,7 @@ class WorkerCore(WorkerState):
             return m.encode_reply(m.Reply(None, ("internal", f"{type(exc).__name__}: {exc}", self.id)))
         finally:
             if token is not None:
-                REPLY.reset(token)
+                MAX_REPLY.reset(token)
 
     def _dispatch(self, msg: m.Request, sender: Sender) -> Any:
         if (sender.kind == "peer") != msg.PEER_ONLY:

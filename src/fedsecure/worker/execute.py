@@ -194,7 +194,7 @@ def _before(
     spec = predict(op, fn, args, kwargs, tensors, grad_enabled, module)
     if spec is None and labels:
         refuse_unpredictable(op, labels, state.id)
-    if spec is not None and state.memory_quota is not None:
+    if spec is not None and state._memory_quota is not None:
         state.admit(spec.nbytes, what=f"the result of {op}")
     return spec
 

@@ -45,11 +45,11 @@ class RemoteModel:
 
     @classmethod
     def put(cls, worker: WorkerClient, spec: dict[str, Any], tensors: Sequence[torch.Tensor], *,
-            private: bool = False) -> RemoteModel:
+            private: bool = False, owns_tensors: bool = True) -> RemoteModel:
         """Build the model described by ``spec`` on ``worker``, holding ``tensors``."""
         module_id, ids = new_id(), [new_id() for _ in tensors]
         worker.request(m.PutModule(module_id, spec, [t.detach() for t in tensors], ids, private))
-        return cls(worker, module_id, ids)
+        return cls(worker, module_id, ids, owns_tensors=owns_tensors)
 
     def module(self) -> int:
         """The model's id on its worker (an error for a model sent as weights only)."""

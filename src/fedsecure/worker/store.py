@@ -55,12 +55,12 @@ class RemoteRecord:
 
 
 CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("fedsecure_client", default=None)
-# The reply settings of the request being answered, where its transport gives them per request
-# (framed, max_reply); None: the worker's own. Per request, so that concurrent requests never see
-# each other's.
-REPLY: contextvars.ContextVar[tuple[bool, int | None] | None] = contextvars.ContextVar("fedsecure_reply", default=None)
 """The model owner on whose behalf the current request runs; every object it creates is its own,
 and invisible to other model owners of the same worker."""
+MAX_REPLY: contextvars.ContextVar[int | None] = contextvars.ContextVar("fedsecure_max_reply", default=None)
+"""The largest reply of the request being answered, where its transport gives it per request
+(None: the worker's own ``max_reply``). Per request, so that concurrent requests never see each
+other's."""
 
 
 @dataclass(slots=True)
@@ -295,8 +295,8 @@ class WorkerState:
     # -- leaving ---------------------------------------------------------------------------
 
     def check_reply_size(self, size: int) -> None:
-        settings = REPLY.get()
-        limit = self.max_reply if settings is None else settings[1]
+        limit = MAX_REPLY.get()
+        limit = self.max_reply if limit is None else limit
         if limit is not None and size > limit:
             raise ProtocolError(
                 f"the value is {size} bytes, over this worker's maximum message of "
