@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     "pointer": 4, "transport": 4,
     "fl": 5,
     "privacy": 6,
-    "experiment": 7,
+    "experiment": 7, "dashboard": 7,
     "cli": 8,
 }
 FACADE = {"__init__", "__main__", "optim"}

@@ -14,6 +14,10 @@ How the 2 cores are used (``--mode``):
   over gRPC on loopback; the aggregator is served from this process. The hosts load the data from
   a copy of the prepared subset and partition it themselves with the same call and seed, which
   gives the same shares (checked below);
+- ``ray``: `fedsecure.experiment.ray_hosts.RaySimulation`, ``[workers] mode = "ray"``: the same
+  owners in 2 Ray actors of 1 CPU (1 torch thread) each, on a local Ray that the run starts and
+  stops, served over gRPC on loopback; the aggregator in this process (Flower's simulation engine
+  also runs its clients in Ray actors);
 - ``threads``: all owners are `VirtualWorker`s in this process and the engine trains 2 at a time
   (``parallelism=2``), torch with 1 thread per owner: the thread budget of Flower's run;
 - ``serial``: in-process owners one after the other, torch with 2 threads: what the plain loop does.
@@ -93,13 +97,13 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="cores to use")
-    parser.add_argument("--mode", choices=("processes", "threads", "serial"), default="processes")
+    parser.add_argument("--mode", choices=("processes", "ray", "threads", "serial"), default="processes")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     t0 = time.time()
     cores = args.processes
-    parallel = args.mode in ("threads", "processes") and cores > 1
+    parallel = args.mode in ("threads", "processes", "ray") and cores > 1
     train_threads = 1 if parallel else cores
     torch.set_num_threads(train_threads)
     data = wl.Data(args.data)
@@ -127,10 +131,14 @@ def main() -> None:
         min_fit_workers=data.num_clients,
         evaluate_fn=central_evaluation,
     )
-    if args.mode == "processes":
+    if args.mode in ("processes", "ray"):
+        from fedsecure.experiment.ray_hosts import RaySimulation
         from fedsecure.experiment.simulation import Simulation
 
-        with Simulation(simulation_config(data, args.data), processes=cores, threads=1, sizes=data.sizes) as sim:
+        config = simulation_config(data, args.data)
+        hosts = (Simulation(config, processes=cores, threads=1, sizes=data.sizes) if args.mode == "processes"
+                 else RaySimulation(config, actors=cores, num_cpus=1, sizes=data.sizes))
+        with hosts as sim:
             central_evaluation(fl.parameters_of(model))  # the initial model, as Flower's round 0
             _, history = fl.fit(model, sim.workers, strategy, rounds=args.rounds, aggregator=sim.aggregator,
                                 seed=data.seed, groups=sim.groups)
@@ -152,7 +160,8 @@ def main() -> None:
         "threads": cores,
         "train_threads": train_threads,
         "parallelism": 2 if parallel else 1,
-        "processes": 1 + cores if args.mode == "processes" else 1,
+        "processes": 1 + cores if args.mode == "processes" else 1,  # ray: and Ray's daemons
+        "actors": cores if args.mode == "ray" else None,
         "started": t0,
         "setup_seconds": rounds[0]["start"] - t0 if rounds else None,
         "initial": {"test_loss": evaluations[0]["loss"], "test_accuracy": evaluations[0]["accuracy"]},

@@ -49,9 +49,14 @@ def venv_python() -> Path:
     return VENV / "bin" / "python"
 
 
+def ready() -> bool:
+    """Whether Flower's virtual environment exists with the pinned versions."""
+    return STAMP.is_file() and STAMP.read_text().strip() == PINS and venv_python().is_file()
+
+
 def setup(*, quiet: bool = True) -> Path:
     """Create (or repair) Flower's virtual environment; returns its Python. A no-op when current."""
-    if STAMP.is_file() and STAMP.read_text().strip() == PINS and venv_python().is_file():
+    if ready():
         return venv_python()
     if not venv_python().is_file():
         print(f"creating {VENV}", flush=True)

@@ -14,6 +14,8 @@ on the 10,000 test images after each round.
      simulation engine with Ray, 2 client actors of 1 torch thread each;
    - fedsecure: fedsecure_run.py, fedsecure.fl.fit with ten data owners in fedsecure's simulation
      mode: 2 host processes of 1 torch thread each, the aggregator in the main process;
+   - fedsecure-ray (only when asked for, or with ``--ray``): the same owners in fedsecure's Ray mode,
+     2 Ray actors of 1 CPU (1 torch thread) each on a local Ray, the aggregator in the main process;
    - fedsecure-threads (only when asked for): the owners as VirtualWorkers in one process, 2
      training at a time with 1 torch thread each;
    - fedsecure-serial (only when asked for): in one process, one owner at a time, 2 torch threads;
@@ -36,6 +38,7 @@ Run:
     python benchmarks/vs_flower/run.py --subset 12000 --rounds 5
     python benchmarks/vs_flower/run.py --subset 60000 --systems plain,flower
     python benchmarks/vs_flower/run.py --quick --systems plain      # seconds; the CI smoke test
+    python benchmarks/vs_flower/run.py --ray --subset 2000 --rounds 2   # fedsecure on Ray (and Flower)
 
 ``--quick``: 1 round on 600 training and 1,000 test images of Fashion-MNIST, or of scikit-learn's
 8x8 digits where Fashion-MNIST is not installed (``--dataset digits`` forces them).
@@ -70,8 +73,9 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
     import fedsecure.data as fdata
 
-SYSTEMS = ("plain", "flower", "fedsecure", "fedsecure-threads", "fedsecure-serial", "plain-1thread")
+SYSTEMS = ("plain", "flower", "fedsecure", "fedsecure-ray", "fedsecure-threads", "fedsecure-serial", "plain-1thread")
 DEFAULT_SYSTEMS = ("plain", "flower", "fedsecure")
+RAY_SYSTEMS = ("fedsecure-ray", "flower")  # --ray: both sides on Ray, 2 actors of 1 CPU
 NUM_CLIENTS = 10
 ALPHA = 0.5
 SEED = 0
@@ -288,7 +292,8 @@ def command(system: str, data: Path, rounds: int, out: Path, threads: int) -> li
         return [str(python), str(HERE / "flower_run.py"), "--data", str(data), "--rounds", str(rounds),
                 "--threads", str(threads), "--out", str(out)]
     if system.startswith("fedsecure"):
-        mode = {"fedsecure": "processes", "fedsecure-threads": "threads", "fedsecure-serial": "serial"}[system]
+        mode = {"fedsecure": "processes", "fedsecure-ray": "ray", "fedsecure-threads": "threads",
+                "fedsecure-serial": "serial"}[system]
         return [sys.executable, str(HERE / "fedsecure_run.py"), "--data", str(data), "--rounds", str(rounds),
                 "--processes", str(threads), "--mode", mode, "--out", str(out)]
     raise SystemExit(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
@@ -460,6 +465,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores every system uses")
     parser.add_argument("--dataset", choices=("auto", "fashion-mnist", "digits"), default="auto")
     parser.add_argument("--quick", action="store_true", help="1 round on a tiny subset: a smoke run")
+    parser.add_argument("--ray", action="store_true",
+                        help=f"systems {','.join(RAY_SYSTEMS)} (or fedsecure-ray added to --systems); Flower "
+                             "only if its environment exists")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", type=Path, help="a folder to keep the data file, the logs and each JSON in")
     args = parser.parse_args()
@@ -469,6 +477,16 @@ def main() -> None:
     for s in systems:
         if s not in SYSTEMS:
             parser.error(f"unknown system {s!r}; choose from {', '.join(SYSTEMS)}")
+    if args.ray:  # fedsecure on Ray, against Flower (also on Ray) or the systems named
+        named = args.systems != ",".join(DEFAULT_SYSTEMS)
+        systems = list(dict.fromkeys([*systems, "fedsecure-ray"])) if named else list(RAY_SYSTEMS)
+        sys.path.insert(0, str(HERE))
+        import flower_run  # noqa: PLC0415 - this directory is on sys.path (the script's own)
+
+        if "flower" in systems and not flower_run.ready():
+            systems.remove("flower")
+            print(f"flower: skipped, its environment {flower_run.VENV} is not set up (make it with "
+                  "`python benchmarks/vs_flower/flower_run.py --setup`, which downloads Flower and torch)", flush=True)
     out = args.out or ROOT / "benchmarks" / "results" / f"vs_flower_{'quick' if args.quick else args.subset}.json"
     sys.path.insert(0, str(HERE))
 

@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
             "--party secure_worker --host localhost --host 127.0.0.1"
         ),
     )
-    parser.add_argument("directory", type=Path, help="where to write the files (created with mode 0700)")
+    parser.add_argument("directory", help="where to write the files (created with mode 0700)")
     parser.add_argument(
         "--party",
         dest="parties",
@@ -67,10 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``fedsecure certs``: write a federation's certificates and say what was written."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if not args.directory:  # Path("") is the working directory: say so rather than write there
+        parser.error("the directory is empty: name one (. for the working directory)")
+    directory = Path(args.directory)
     hosts = args.hosts or list(DEFAULT_HOSTS)
     try:
         paths = write_federation(
-            args.directory,
+            directory,
             args.parties,
             hosts=hosts,
             days=args.days,
@@ -81,10 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
+    except OverflowError:  # the expiry date is past the calendar's end
+        print(f"{parser.prog}: error: --days {args.days} ends after the year 9999, past what a certificate "
+              "can say: give fewer days", file=sys.stderr)
+        return 1
     _report(paths, hosts=hosts, days=args.days)
     if args.secagg:
         print(f"secure aggregation keys for {', '.join(args.secagg)}: NAME{SECAGG_KEY} each, and "
-              f"{args.directory / 'secagg.json'} for everyone (public)")
+              f"{directory / 'secagg.json'} for everyone (public)")
     return 0
 
 

@@ -1,13 +1,14 @@
 """The ``fedsecure`` command: ``run`` trains as an experiment file says, ``plot`` draws its
-history, ``worker serve`` runs a worker as a server (`fedsecure.cli.worker`), ``certs`` makes
-the certificates of a test federation (`fedsecure.cli.certs`)."""
+history, ``worker serve`` runs a worker as a server (`fedsecure.cli.worker`), ``federation init``
+writes a federation of them (`fedsecure.cli.federation`), ``certs`` makes the certificates of a
+test federation (`fedsecure.cli.certs`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from fedsecure.cli import experiment, worker
+from fedsecure.cli import dashboard, experiment, federation, worker
 
 
 def parser() -> argparse.ArgumentParser:
@@ -15,6 +16,9 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
     worker.add_commands(commands.add_parser("worker", help="run a worker").add_subparsers(dest="action", required=True))
     experiment.add_commands(commands)
+    dashboard.add_commands(commands)
+    federation.add_commands(commands.add_parser("federation", help="set up a federation of worker servers")
+                            .add_subparsers(dest="action", required=True))
     # listed for --help; `main` hands its arguments to fedsecure.cli.certs
     commands.add_parser("certs", help="make a CA and certificates for a test federation")
     return top

@@ -2,7 +2,9 @@
 
 Every setting comes from a flag or from a TOML file (``--config``); flags win. The file's keys
 are `WorkerFile`'s fields, each with its default there; an unknown key or a value of the wrong
-type is refused. A TOML file looks like::
+type is refused (docs/federation.md lists them). Paths in the file (data, tls_dir, secagg_key,
+secagg_pki) are relative to the file's folder, paths in flags to the working directory, so
+``fedsecure worker serve --config DIR/bob.toml`` serves from anywhere. A TOML file looks like::
 
     id = "bob"
     host = "127.0.0.1"
@@ -39,6 +41,7 @@ import signal
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,10 +52,12 @@ from fedsecure.fl import ConfigurationError
 from fedsecure.transport.certs import load_secagg_identity
 from fedsecure.transport.grpc import DEFAULT_MAX_MESSAGE, TLS, WorkerServer
 from fedsecure.worker.core import WorkerCore
+from fedsecure.worker.device import DeviceError
 from fedsecure.worker.labels import Policy
 from fedsecure.worker.secure import SecAggIdentity
 
 DEFAULT_MEMORY_QUOTA = "4G"
+PATH_KEYS = ("data", "tls_dir", "secagg_key", "secagg_pki")  # in a file: relative to the file's folder
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"(\d+)\s*(?:([KMGT])(?:iB)?)?", re.IGNORECASE)
 
@@ -94,6 +99,7 @@ class WorkerFile:
     secagg_pki: str | None = None
     trust: tuple[str, ...] = ()
     memory_quota: int | str = DEFAULT_MEMORY_QUOTA
+    device: str = "cpu"  # where this owner trains and keeps its data: auto, cpu, cuda, cuda:N, mps
     clients: Mapping[str, str] = field(default_factory=dict)
     peers: Mapping[str, PeerFile] = field(default_factory=dict)
     policy: PolicyFile = field(default_factory=PolicyFile)
@@ -105,6 +111,7 @@ _FLAGS = {
     "max_message": "max_message", "data": "data", "secagg_key": "secagg_key", "secagg_pki": "secagg_pki",
     "trust": "trust", "memory_quota": "memory_quota", "policy": "policy.mode", "aggregator": "policy.strict",
     "max_metric_numel": "policy.max_metric_numel", "min_contributors": "policy.min_contributors",
+    "device": "device",
 }
 
 
@@ -151,9 +158,19 @@ def _policy_mode(s: WorkerFile) -> str | None:
     return mode or ("training" if s.data else "full")
 
 
+def _beside(tables: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The file's paths (`PATH_KEYS`) made relative to its folder, so that it serves from anywhere."""
+    for key in PATH_KEYS:
+        value = tables.get(key)
+        if isinstance(value, str) and value:  # else reading the tables refuses it
+            tables[key] = str(folder / Path(value).expanduser())
+    return tables
+
+
 def _tables(args: argparse.Namespace) -> dict[str, Any]:
-    """The config file's tables with the flags written over them."""
-    tables = read_toml(args.config, "config file") if args.config else {}
+    """The config file's tables (its paths relative to its folder) with the flags written over them
+    (their paths relative to the working directory)."""
+    tables = _beside(read_toml(args.config, "config file"), Path(args.config).absolute().parent) if args.config else {}
     given = {key: getattr(args, flag) for flag, key in _FLAGS.items()}
     flags = {key: value for key, value in given.items()
              if value is not None and value is not False and value != [] and value != ""}
@@ -263,7 +280,10 @@ def serve(args: argparse.Namespace) -> int:
         min_contributors=s.policy.min_contributors, strict=s.policy.strict, private_sends=False,
         training_only=mode == "training",
     )
-    core = WorkerCore(str(s.id), policy=policy, secagg_identity=_identity(s), memory_quota=quota)
+    try:
+        core = WorkerCore(str(s.id), policy=policy, secagg_identity=_identity(s), memory_quota=quota, device=s.device)
+    except DeviceError as exc:
+        raise SystemExit(f"--device: {exc}") from None
     tags = _load_data(core, s.data) if s.data else []
     tls = _tls(s, core.id)
     try:
@@ -331,6 +351,8 @@ def add_commands(commands: Any) -> None:
     p.add_argument("--memory-quota", metavar="BYTES",
                    help="bytes of tensors each model owner may hold on this worker, e.g. 512M or 4G "
                    f"(binary units; none: no limit; default {DEFAULT_MEMORY_QUOTA})")
+    p.add_argument("--device", help="where this worker trains and evaluates, and keeps its data: auto, cpu, "
+                   "cuda, cuda:N or mps (default cpu; auto: a GPU where there is one)")
     p.add_argument("--max-metric-numel", type=int,
                    help="largest value that may leave as a metric (default 1: scalars; 0: none)")
     p.add_argument("--min-contributors", type=int,

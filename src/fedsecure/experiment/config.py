@@ -7,8 +7,13 @@ the library's own default, or off); `load` reads a file into an `Experiment` onc
 of the run reads typed fields. Only ``[workers]`` says where workers run: the same experiment
 runs in one process, in worker processes, or on remote servers.
 
-    [experiment]  name, rounds, seed, output (a directory: history.json, history.csv, checkpoint/),
-                  tensorboard (a log directory; needs the tensorboard package)
+Paths: a relative path written in a file starts at that file's directory, wherever the command
+runs (data sets, output, tensorboard, certificates); a path given on the command line (``--output``,
+``--set data.dataset=...``) starts at the working directory, as a shell user expects.
+
+    [experiment]  name, rounds, seed, output (a directory: history.json, history.csv, status.json,
+                  checkpoint/; default runs/NAME in the working directory), tensorboard (a log
+                  directory; needs the tensorboard package)
     [data]        dataset ("digits", "fashion_mnist", or a .npz / .csv path), path, subset,
                   workers, partition ("iid", "dirichlet", "shards", "quantity"), alpha,
                   classes_per_worker, test_fraction (held out on each worker for federated evaluation)
@@ -29,9 +34,14 @@ runs in one process, in worker processes, or on remote servers.
                   against a malicious model owner); for "shares": frac_bits (fixed point, default 24)
     [privacy]     DP-FedAvg around the strategy: noise_multiplier, clip_norm (both required), delta,
                   accountant ("rdp" or "pld"), budget_epsilon, adaptive_clipping, target_quantile
-    [workers]     mode ("local", "processes" or "remote"), aggregator, strict, parallelism,
-                  work_deadline (seconds a worker may take to train in a round; default 3600);
+    [workers]     mode ("local", "processes", "ray" or "remote"), aggregator, strict, parallelism,
+                  work_deadline (seconds a worker may take to train in a round; default 3600),
+                  device (where simulated owners train: "cpu" (default), "auto", "cuda", "cuda:N",
+                  "mps"; a served worker's own --device says it for remote owners);
                   for "processes" (simulation hosts on this machine): processes, threads (per process);
+                  for "ray" (simulation hosts in Ray actors; needs fedsecure[ray]): address ("auto" or
+                  a cluster's address joins it; default: a local Ray for the run), actors (default:
+                  as many as the free CPUs allow), num_cpus and num_gpus (per actor);
                   for "remote": token or tls_dir, and [[workers.remote]] tables (id, address),
                   plus [workers.aggregator_address]; for secure = "shares": share_holders (ids,
                   default [aggregator, aggregator + "_2"]), and in remote mode
@@ -54,9 +64,11 @@ from fedsecure.experiment.tables import from_table, read_toml, set_dotted, to_ta
 from fedsecure.fl import DPSGD, STRATEGIES, AggregationRule, ConfigurationError, LocalTraining, Strategy
 from fedsecure.fl.secure import SecureSettings
 from fedsecure.privacy import DPFedAvg
+from fedsecure.worker.device import DeviceError
+from fedsecure.worker.device import check_name as check_device_name
 
 SecureMode = Literal["trusted", "pairwise", "shares"]
-WorkersMode = Literal["local", "processes", "remote"]
+WorkersMode = Literal["local", "processes", "ray", "remote"]
 DEFAULT_AGGREGATOR = "secure_worker"
 
 
@@ -217,6 +229,17 @@ class WorkersSection:
     share_holders: tuple[str, ...] | None = None  # default: (aggregator, aggregator + "_2")
     share_holder_addresses: Mapping[str, str] = field(default_factory=dict)
     secagg_pki: str | None = None
+    device: str = "cpu"  # where owners train: "auto", "cpu", "cuda" or "cuda:N"
+    address: str | None = None  # ray: "auto" or a Ray address joins a cluster; None starts a local Ray
+    actors: int | None = None  # ray: actors hosting the owners (default: as many as the CPUs allow)
+    num_cpus: float = 1.0  # ray: CPUs per actor
+    num_gpus: float = 0.0  # ray: GPUs per actor
+
+    def __post_init__(self) -> None:
+        try:
+            check_device_name(self.device)
+        except DeviceError as exc:
+            raise ConfigurationError(f"[workers] {exc}") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -302,8 +325,10 @@ class Experiment:
 
     @property
     def output(self) -> Path:
-        out = Path(self.config.experiment.output or f"runs/{self.name}")
-        return out if out.is_absolute() else Path.cwd() / out
+        """``[experiment] output`` (relative to the file, like every path in it); without one,
+        ``runs/NAME`` in the working directory."""
+        given = self.config.experiment.output
+        return self.path(given) if given else Path.cwd() / "runs" / self.name
 
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()
@@ -372,7 +397,24 @@ def parse(tables: Mapping[str, Any], source: str = "<config>", base: Path | None
     return Experiment(from_table(Config, tables, source), source, Path.cwd() if base is None else base)
 
 
+# The keys that name files or directories. A relative path in a file starts at the file's
+# directory; one given on the command line (--output, --set) at the working directory.
+PATH_KEYS = ("experiment.output", "experiment.tensorboard", "data.dataset", "data.path", "workers.tls_dir",
+             "workers.secagg_pki")
+
+
+def _from_cwd(key: str, value: Any) -> Any:
+    """A command-line path made absolute, so that it keeps meaning the working directory's."""
+    if key not in PATH_KEYS or not isinstance(value, str) or not value:
+        return value
+    if key == "data.dataset" and not value.endswith((".npz", ".csv")):
+        return value  # a built-in data set's name
+    return str(Path(value).expanduser().absolute())
+
+
 def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Experiment:
-    """Read and check an experiment file; ``overrides`` maps "section.key" to a value."""
-    tables = set_dotted(read_toml(path), overrides or {})
+    """Read and check an experiment file; ``overrides`` maps "section.key" to a value (command-line
+    paths among them are relative to the working directory)."""
+    given = {key: _from_cwd(key, value) for key, value in (overrides or {}).items()}
+    tables = set_dotted(read_toml(path), given)
     return parse(tables, str(path), Path(path).resolve().parent)

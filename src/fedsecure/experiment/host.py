@@ -1,4 +1,5 @@
-"""A simulation host: ``python -m fedsecure.experiment.host``, started by `Simulation`.
+"""A simulation host: ``python -m fedsecure.experiment.host``, started by `Simulation` (`serve` is also
+what each Ray actor of `fedsecure.experiment.ray_hosts` runs).
 
 It reads its spec as JSON on stdin (the secret travels on a pipe, never on a command line), loads
 the data set itself, keeps the shares of the owners assigned to it as their private data, serves
@@ -38,24 +39,31 @@ def _identity(secagg: Mapping[str, Any] | None, name: str) -> SecAggIdentity | N
     return SecAggIdentity(secagg["ids"][name], SigningIdentity(signing, verify))
 
 
-def host(spec: Mapping[str, Any]) -> None:
-    """A host process: its owners' data, one worker core each, one server for all of them."""
+def serve(spec: Mapping[str, Any], host: str = "127.0.0.1") -> WorkerServer:
+    """A host's owners, from its spec: their data, one worker core each, one server for all of them,
+    listening on ``host`` and started (what a host process and a Ray actor host alike run)."""
     torch.set_num_threads(int(spec["threads"]))
     exp = parse(spec["config"], base=Path(spec["base"]))
     peers: dict[str, str] = spec["peers"]
     data = exp.dataset()
     parts = exp.partitions(data)
     policy = Policy(trusted_aggregators=frozenset(peers), private_sends=False)
-    server = WorkerServer()
+    server = WorkerServer(host=host)
     for i in spec["owners"]:
         name = owner_id(i)
-        core = WorkerCore(name, policy=policy, secagg_identity=_identity(spec.get("secagg"), name))
+        core = WorkerCore(name, policy=policy, secagg_identity=_identity(spec.get("secagg"), name),
+                          device=spec.get("device", "cpu"))
         for tag, tensor in shares_of(exp, data, parts, i).items():
             core.load(tensor, (tag,))
         server.add(core, callers={spec["owner_token"]: ("client", "owner")},
                    peers=peers, token=token_for(spec["secret"], name))
     del data, parts
-    server.start()
+    return server.start()
+
+
+def host(spec: Mapping[str, Any]) -> None:
+    """A host process: serves its owners (`serve`), prints its address, and serves until SIGTERM."""
+    server = serve(spec)
     print(f"simulation host {LISTENING}{server.address}", flush=True)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())

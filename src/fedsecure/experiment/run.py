@@ -3,9 +3,12 @@ train with the engine, and write the history next to the checkpoints."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import torch
@@ -45,24 +48,70 @@ def run_experiment(
         out.write(partition_summary(data.y_train, parts, data.num_classes) + "\n")
     strategy = exp.strategy()
     exp.output.mkdir(parents=True, exist_ok=True)
+    display = Progress(enabled=progress, stream=out, status_file=exp.output / STATUS, name=exp.name,
+                       info=_status_info(exp))
     with contextlib.ExitStack() as stack:
+        stack.enter_context(collected_warnings(display))
         fed = start_workers(exp, data, parts, stack)
         engine = Engine(
             model, fed.workers, strategy, aggregator=fed.aggregator, test_data=(data.x_test, data.y_test),
-            seed=exp.seed, parallelism=fed.parallelism, groups=fed.groups,
-            progress=Progress(enabled=progress, stream=out), checkpoint=exp.output / "checkpoint",
-            settings=exp.settings(), on_round=tensorboard(exp),
+            seed=exp.seed, parallelism=fed.parallelism, groups=fed.groups, progress=display,
+            checkpoint=exp.output / "checkpoint", settings=exp.settings(),
             secure_aggregation=exp.secure.mode, share_holders=fed.holders, secure=exp.secure.for_run(fed.secagg_ids),
             work_deadline=exp.config.workers.work_deadline,
         )
-        if resume and not engine.resume() and progress:
-            out.write(f"no checkpoint in {exp.output / 'checkpoint'}: starting at round 1\n")
+        if resume and not engine.resume():
+            display.note(f"no checkpoint in {exp.output / 'checkpoint'}: starting at round 1")
+        engine.on_round = _each_round(exp, engine, tensorboard(exp))
         _, history = engine.run(exp.rounds)
-    history.to_json(exp.output / "history.json")
-    history.to_csv(exp.output / "history.csv")
+    _save_history(exp, history)
     if progress:
         _summary(exp, history, out)
     return history
+
+
+STATUS = "status.json"  # the run's state while it goes and after (`fedsecure.fl.progress`)
+
+
+def _status_info(exp: Experiment) -> dict[str, Any]:
+    privacy = exp.config.privacy
+    budget = None if privacy is None else {"epsilon_limit": privacy.budget_epsilon, "delta": privacy.delta}
+    return {"privacy": budget, "checkpoint": str(exp.output / "checkpoint"), "secure": exp.secure.mode}
+
+
+def _save_history(exp: Experiment, history: History) -> None:
+    history.to_json(exp.output / "history.json")
+    history.to_csv(exp.output / "history.csv")
+
+
+def _each_round(exp: Experiment, engine: Engine, then: Callable[[dict[str, Any]], None] | None
+                ) -> Callable[[dict[str, Any]], None]:
+    """After every round: the history so far written next to the checkpoint (what the dashboard
+    reads), then ``then`` (tensorboard)."""
+    def saved(row: dict[str, Any]) -> None:
+        _save_history(exp, engine.history)
+        if then is not None:
+            then(row)
+    return saved
+
+
+@contextlib.contextmanager
+def collected_warnings(display: Progress) -> Iterator[None]:
+    """Library warnings during the run (the DP accountant's, torch's) counted, not printed at every
+    step; each distinct one is reported once at the end with how often it came."""
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def collect(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        counts[(category.__name__, str(message))] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = collect
+        try:
+            yield
+        finally:
+            for (category, message), n in counts.most_common():
+                display.note(f"warning ({n} time{'s' if n > 1 else ''}): {category}: {message}", logging.WARNING)
 
 
 _RUN_FILES = ("history.json", "history.csv")

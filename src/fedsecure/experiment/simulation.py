@@ -35,6 +35,7 @@ from fedsecure.fl import ConfigurationError
 from fedsecure.transport.grpc import WorkerServer, connect
 from fedsecure.worker.client import WorkerClient
 from fedsecure.worker.core import WorkerCore
+from fedsecure.worker.device import DeviceError, resolve
 from fedsecure.worker.labels import Policy
 
 LISTENING = "listening on "  # the line a host prints when it serves, before its address
@@ -51,6 +52,15 @@ def assign(sizes: list[int], processes: int) -> list[int]:
     return host
 
 
+def owner_device(exp: Experiment) -> str:
+    """Where the simulated owners train (``[workers] device``, "auto" resolved on this machine),
+    checked here, before any worker starts."""
+    try:
+        return str(resolve(exp.config.workers.device))
+    except DeviceError as exc:
+        raise ConfigurationError(f"{exp.source}: [workers] {exc}") from None
+
+
 def token_for(secret: str, name: str) -> str:
     return hmac.new(secret.encode(), name.encode(), hashlib.sha256).hexdigest()
 
@@ -59,6 +69,8 @@ class Simulation:
     """``with Simulation(config, processes=2) as sim: fl.fit(model, sim.workers, ...,
     aggregator=sim.aggregator, groups=sim.groups)``; ``config`` is an `Experiment`, or an
     experiment file's tables (its ``[data]`` section says what each owner holds)."""
+
+    bind = "127.0.0.1"  # where the aggregator listens for the hosts' moves
 
     def __init__(
         self,
@@ -77,11 +89,13 @@ class Simulation:
             raise ConfigurationError(f"processes and threads must be >= 1, got {processes} and {threads}")
         self.experiment = config if isinstance(config, Experiment) else parse(config)
         self.owners = self.experiment.config.data.workers
+        self.device = self._owner_device()
         self.processes = min(processes, self.owners)
         self.threads = threads
         if sizes is not None and len(sizes) != self.owners:
             raise ConfigurationError(f"{len(sizes)} share sizes for {self.owners} owners")
-        self.hosts = assign(sizes or [1] * self.owners, self.processes)
+        self.sizes = sizes or [1] * self.owners
+        self.hosts = assign(self.sizes, self.processes)
         self.aggregator_id = aggregator
         # the workers served from this process: the aggregator, and share holders ("shares" mode)
         self.served = list(dict.fromkeys([aggregator, *share_holders]))
@@ -101,25 +115,27 @@ class Simulation:
         self.share_holders: list[WorkerClient] = []
         self.groups: dict[str, int] = {}
 
+    def _owner_device(self) -> str:
+        """Where the owners train, resolved on this machine, which runs the hosts."""
+        return owner_device(self.experiment)
+
     def start(self) -> Simulation:
         names = [owner_id(i) for i in range(self.owners)]
         callers = {self.owner_token: ("client", "owner")}
         callers.update({token_for(self.secret, n): ("peer", n) for n in names})
-        self._server = WorkerServer()
+        self._server = WorkerServer(host=self.bind)
         for name in self.served:
             self._server.add(WorkerCore(name, policy=Policy(strict=self.strict)), callers=callers,
                              token=token_for(self.secret, name))
         self._server.start()
         try:
-            for p in range(self.processes):
-                self._hosts.append(self._spawn(p))
-            addresses = [self._address(p, proc) for p, proc in enumerate(self._hosts)]
+            addresses = self._start_hosts()
         except BaseException:
             self.stop()
             raise
         for i, name in enumerate(names):
             host = self.hosts[i]
-            self.workers.append(connect(name, addresses[host], credentials=self.owner_token, pipelined=False))
+            self.workers.append(self._owner(name, host, addresses[host]))
             self.groups[name] = host
         served = {name: connect(name, self._server.address, credentials=self.owner_token, pipelined=False)
                   for name in self.served}
@@ -127,13 +143,26 @@ class Simulation:
         self.share_holders = [served[name] for name in self.holder_ids]
         return self
 
-    def _spawn(self, p: int) -> subprocess.Popen[str]:
+    def _start_hosts(self) -> list[str]:
+        """Start the hosts; the address where each serves its owners."""
+        for p in range(self.processes):
+            self._hosts.append(self._spawn(p))
+        return [self._address(p, proc) for p, proc in enumerate(self._hosts)]
+
+    def _owner(self, name: str, host: int, address: str) -> WorkerClient:
+        """The model owner's handle on owner ``name``, served by host ``host`` at ``address``."""
+        return connect(name, address, credentials=self.owner_token, pipelined=False)
+
+    def host_spec(self, p: int) -> dict[str, Any]:
+        """What host ``p`` starts from: the experiment, its owners, the secret their tokens derive
+        from, where the aggregator listens (and, with the consistency check, its owners' keys)."""
         assert self._server is not None
-        spec = {
+        return {
             "config": self.experiment.tables(),
             "base": str(self.experiment.base),
             "owners": [i for i in range(self.owners) if self.hosts[i] == p],
             "threads": self.threads,
+            "device": self.device,
             "secret": self.secret,
             "owner_token": self.owner_token,
             "peers": {name: self._server.address for name in self.served},
@@ -145,6 +174,9 @@ class Simulation:
                            for cid in self.secagg_ids.values()},
             },
         }
+
+    def _spawn(self, p: int) -> subprocess.Popen[str]:
+        spec = self.host_spec(p)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
         proc = subprocess.Popen([sys.executable, "-m", "fedsecure.experiment.host"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=None, text=True, env=env)

@@ -2,7 +2,8 @@
 
 ``local`` builds one `VirtualWorker` per partition in this process (each holds its share as its
 private data, trusting only the aggregator and the share holders); ``processes`` hosts the owners
-in worker processes on this machine (`Simulation`); ``remote`` connects to worker servers that
+in worker processes on this machine (`Simulation`); ``ray`` hosts them in the actors of a Ray
+cluster (`fedsecure.experiment.ray_hosts.RaySimulation`); ``remote`` connects to worker servers that
 hold their data themselves. Either way the model owner keeps only the test set.
 """
 
@@ -12,6 +13,7 @@ import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +21,8 @@ from fedsecure.aggregate.identity import generate_federation
 from fedsecure.data import Dataset
 from fedsecure.experiment.config import Experiment
 from fedsecure.experiment.owners import owner_id, shares_of
-from fedsecure.experiment.simulation import Simulation
+from fedsecure.experiment.ray_hosts import RaySimulation
+from fedsecure.experiment.simulation import Simulation, owner_device
 from fedsecure.fl import ConfigurationError
 from fedsecure.transport.certs import load_secagg_ids
 from fedsecure.transport.grpc import TLS, connect
@@ -47,11 +50,16 @@ def start_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray],
         return local_workers(exp, data, parts)
     if w.mode == "remote":
         return remote_workers(exp)
-    sim = stack.enter_context(Simulation(
-        exp, processes=w.processes or os.cpu_count() or 1, threads=w.threads, aggregator=w.aggregator,
-        share_holders=exp.secure.share_holders, consistency_check=exp.secure.consistency_check,
-        strict=w.strict, sizes=[len(p) for p in parts],
-    ))
+    common: dict[str, Any] = {
+        "aggregator": w.aggregator, "share_holders": exp.secure.share_holders, "strict": w.strict,
+        "consistency_check": exp.secure.consistency_check, "sizes": [len(p) for p in parts],
+    }
+    if w.mode == "ray":  # torch uses each actor's CPUs
+        sim: Simulation = stack.enter_context(RaySimulation(
+            exp, actors=w.actors, address=w.address, num_cpus=w.num_cpus, num_gpus=w.num_gpus, **common))
+    else:
+        sim = stack.enter_context(Simulation(exp, processes=w.processes or os.cpu_count() or 1, threads=w.threads,
+                                             **common))
     return Federated(sim.workers, sim.aggregator, sim.processes, sim.groups, sim.share_holders, sim.secagg_ids)
 
 
@@ -65,10 +73,11 @@ def local_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray]) -
     # The simulated owners' signing identities, made here: this run is every simulated owner's operator.
     ids = {owner_id(i): i + 1 for i in range(len(parts))} if exp.secure.consistency_check else None
     pki = generate_federation(ids.values()) if ids else {}
+    device = owner_device(exp)
     for i in range(len(parts)):
         identity = SecAggIdentity(i + 1, pki[i + 1]) if ids else None
         workers.append(VirtualWorker(id=owner_id(i), data=shares_of(exp, data, parts, i), policy=owner_policy,
-                                     federation=federation, secagg_identity=identity))
+                                     federation=federation, secagg_identity=identity, device=device))
     servers = {n: VirtualWorker(id=n, policy=Policy(strict=w.strict), federation=federation) for n in served}
     return Federated(workers, servers[w.aggregator], w.parallelism or 1,
                      holders=[servers[h] for h in holders], secagg_ids=ids)

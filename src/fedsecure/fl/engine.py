@@ -31,6 +31,7 @@ from fedsecure.fl import checkpoint as ckpt
 from fedsecure.fl.history import History
 from fedsecure.fl.parties import check_parties, sendable
 from fedsecure.fl.progress import Progress
+from fedsecure.fl.report import RoundClock, epsilon_of, local_epsilon, who
 from fedsecure.fl.secure import SecureSettings, Trained, secure_mean, shared_mean
 from fedsecure.fl.strategy import (
     AggregationRule,
@@ -72,19 +73,6 @@ def load_parameters(model: nn.Module, parameters: Mapping[str, torch.Tensor]) ->
     with torch.no_grad():
         for name, t in state_tensors(model):
             t.copy_(parameters[name])
-
-
-def _epsilon(reply: Mapping[str, Any]) -> float | None:
-    """A worker's local DP-SGD epsilon from its Fit reply (absent without DP-SGD)."""
-    value = reply.get("epsilon")
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _local_epsilon(trained: Sequence[_Trained | Trained]) -> dict[str, float]:
-    """``local_epsilon``: the largest DP-SGD epsilon this round's workers reported (each a running
-    total over the rounds that worker trained for this model owner)."""
-    spent = [t.epsilon for t in trained if t.epsilon is not None]
-    return {"local_epsilon": max(spent)} if spent else {}
 
 
 def _seed(*parts: object) -> int:
@@ -140,6 +128,7 @@ class Engine:
         self.secure = secure or SecureSettings()
         self.work_deadline = work_deadline  # seconds a worker may take for a round's training
         self.history = History()
+        self.clock = RoundClock()
         self.parameters = strategy.initialize_parameters(parameters_of(model))
         self.round = 0
 
@@ -182,10 +171,12 @@ class Engine:
 
     def _fit_on(self, worker: WorkerClient, plan: FitPlan, server_round: int) -> tuple[RemoteModel, dict[str, Any]]:
         """Send the global model to ``worker`` and train it there; (the model there, the reply)."""
-        model = self._put(worker, self.parameters)
+        with self.clock.timed("transfer"):
+            model = self._put(worker, self.parameters)
         try:
-            reply = model.fit(self.data[0], self.data[1], plan.training.to_wire(),
-                              _seed(self.seed, server_round, worker.id), deadline=self.work_deadline)
+            with self.clock.timed("train"):
+                reply = model.fit(self.data[0], self.data[1], plan.training.to_wire(),
+                                  _seed(self.seed, server_round, worker.id), deadline=self.work_deadline)
         except BaseException:
             model.release()
             raise
@@ -195,22 +186,24 @@ class Engine:
         """Train, then move the trained model to the aggregator."""
         model, reply = self._fit_on(worker, plan, server_round)
         try:
-            model.move(self.aggregator)
+            with self.clock.timed("transfer"):
+                model.move(self.aggregator)
         except BaseException:
             model.release()
             raise
-        return _Trained(worker.id, model, int(reply["examples"]), reply.get("loss"), _epsilon(reply))
+        return _Trained(worker.id, model, int(reply["examples"]), reply.get("loss"), epsilon_of(reply))
 
     def _train_kept(self, worker: WorkerClient, plan: FitPlan, server_round: int) -> Trained:
         """Train, and keep the trained model and the global one on the worker (secure aggregation)."""
-        reference = self._put(worker, self.parameters)
+        with self.clock.timed("transfer"):
+            reference = self._put(worker, self.parameters)
         try:
             model, reply = self._fit_on(worker, plan, server_round)
         except BaseException:
             reference.release()
             raise
         self._kept[worker.id] = [model, reference]
-        return Trained(worker.id, model.module(), reference.module(), int(reply["examples"]), _epsilon(reply))
+        return Trained(worker.id, model.module(), reference.module(), int(reply["examples"]), epsilon_of(reply))
 
     def _secure_round(self, plan: FitPlan, server_round: int) -> tuple[FitAggregate, list[Failure]] | None:
         rule = plan.rule
@@ -233,13 +226,8 @@ class Engine:
                 return None
             trained.sort(key=lambda t: t.worker)
             try:
-                if self.secure_aggregation == "shares":
-                    parameters, survivors, lost = shared_mean(trained, self.workers, self.share_holders,
-                                                              self.parameters, self.secure, self._each,
-                                                              weighted=rule.weighted, privacy=privacy)
-                else:
-                    parameters, survivors, lost = secure_mean(trained, self.workers, self.parameters, self.secure,
-                                                              self._each, weighted=rule.weighted, privacy=privacy)
+                with self.clock.timed("aggregate"):
+                    parameters, survivors, lost = self._secure_sum(trained, rule.weighted, privacy)
             except SecureAggregationError as exc:  # too few survivors, a holder lost: nothing was revealed
                 lost = [f for f in exc.failures if isinstance(f, Failure)]
                 self._last_failures = [*failures, *lost,
@@ -255,7 +243,15 @@ class Engine:
             return None
         examples = sum(t.examples for t in trained if t.worker in survivors)
         return FitAggregate(parameters=parameters, num_examples=examples, workers=tuple(survivors),
-                            metrics=_local_epsilon(trained)), failures
+                            metrics=local_epsilon(trained)), failures
+
+    def _secure_sum(self, trained: list[Trained], weighted: bool, privacy: dict[str, Any]
+                    ) -> tuple[Parameters, list[str], list[Failure]]:
+        if self.secure_aggregation == "shares":
+            return shared_mean(trained, self.workers, self.share_holders, self.parameters, self.secure, self._each,
+                               weighted=weighted, privacy=privacy)
+        return secure_mean(trained, self.workers, self.parameters, self.secure, self._each,
+                           weighted=weighted, privacy=privacy)
 
     def _each(self, names: Sequence[str], task: Callable[[WorkerClient], Any], phase: str
               ) -> tuple[list[Any], list[Failure]]:
@@ -267,6 +263,7 @@ class Engine:
                 done.append(task(self.workers[name]))
             except FedsecureError as exc:
                 failures.append(Failure(worker=name, phase=phase, error=f"{type(exc).__name__}: {exc}"))
+                self.progress.worker_failed(name, phase, failures[-1].error)
             self.progress.worker_done()
 
         if self.groups:  # one thread per process of workers, its workers one after the other
@@ -326,12 +323,13 @@ class Engine:
             self._last_failures = failures
             if len(trained) >= self.strategy.min_fit_workers:
                 trained.sort(key=lambda t: t.worker)
-                parameters, released = self._aggregate(plan.rule, trained)
+                with self.clock.timed("aggregate"):
+                    parameters, released = self._aggregate(plan.rule, trained)
                 examples = sum(t.examples for t in trained)
                 losses = [(t.loss, t.examples) for t in trained if t.loss is not None]
                 metrics = {"train_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses)} if losses else {}
                 metrics.update(released)
-                metrics.update(_local_epsilon(trained))
+                metrics.update(local_epsilon(trained))
                 aggregate = FitAggregate(parameters=parameters, num_examples=examples,
                                          workers=tuple(t.worker for t in trained), metrics=metrics)
                 return plan, aggregate, failures
@@ -351,6 +349,7 @@ class Engine:
             result = model.evaluate(self.eval_data[0], self.eval_data[1],
                                     {"loss": plan.loss, "batch_size": plan.batch_size}, deadline=self.work_deadline)
             moved = new_id()
+            model.release()  # freed by the Move's request: the worker may not be asked again for rounds
             worker.request(m.Move(result, self.aggregator.id, moved))
         finally:
             model.release()
@@ -392,6 +391,7 @@ class Engine:
     def run_round(self) -> dict[str, Any]:
         server_round = self.round + 1
         started = time.perf_counter()
+        self.clock.reset()
         plan, aggregate, failures = self._fit_round(server_round)
         fit_time = time.perf_counter() - started
         self.parameters = self._finite(server_round, self.strategy.aggregate_fit(server_round, self.parameters,
@@ -399,12 +399,15 @@ class Engine:
         row: dict[str, Any] = {"round": server_round, "workers": len(aggregate.workers),
                                "examples": aggregate.num_examples, **aggregate.metrics}
         row.update(self.strategy.round_metrics())
+        self.progress.start_phase(server_round, "evaluate", 0)
         evaluated = time.perf_counter()
         row.update(self._central_evaluate(server_round))
         row.update(self._federated_evaluate(server_round))
         row["fit_seconds"] = fit_time
+        row.update(self.clock.split(fit_time))
         row["evaluate_seconds"] = time.perf_counter() - evaluated
         row["round_seconds"] = time.perf_counter() - started
+        row.update(who(plan.workers, aggregate.workers, self.secure_aggregation != "trusted"))
         if failures:
             row["failures"] = [f"{f.worker} ({f.phase}): {f.error}" for f in failures]
         self.history.add(row)
@@ -433,12 +436,22 @@ class Engine:
         if rounds < 1:
             raise ConfigurationError(f"rounds must be >= 1, got {rounds}")
         self.progress.start(rounds, self.round)
-        while self.round < rounds:
-            if self.strategy.should_stop():
-                self.progress.note(f"the strategy ended training after round {self.round} "
-                                   "(its privacy budget allows no further round)")
-                break
-            self.run_round()
+        try:
+            while self.round < rounds:
+                if self.strategy.should_stop():
+                    why = f"the strategy ended training after round {self.round} (its privacy budget allows no further round)"
+                    self.progress.note(why)
+                    self.progress.finish("stopped", why)
+                    break
+                self.run_round()
+            else:
+                self.progress.finish("finished")
+        except KeyboardInterrupt:
+            self.progress.finish("interrupted", f"interrupted in round {self.round + 1}")
+            raise
+        except BaseException as exc:
+            self.progress.finish("failed", str(exc))
+            raise
         load_parameters(self.model, self.parameters)
         return self.model, self.history
 

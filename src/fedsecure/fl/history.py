@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,13 +51,14 @@ class History:
         return list(names)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"rounds": self.rows}, indent=1, default=_plain) + "\n")
+        replace_file(Path(path), json.dumps({"rounds": self.rows}, indent=1, default=_plain) + "\n")
 
     def to_csv(self, path: str | Path) -> None:
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns(), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.columns(), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        replace_file(Path(path), text.getvalue())
 
     @classmethod
     def from_json(cls, path: str | Path) -> History:
@@ -72,6 +76,14 @@ class History:
         last = {k: v for k, v in self.last.items() if isinstance(v, int | float)}
         shown = ", ".join(f"{k}={_short(v)}" for k, v in last.items())
         return f"History({len(self.rows)} rounds; last: {shown})"
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one rename: a reader (``fedsecure dashboard``) sees the old
+    file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text, newline="" if path.suffix == ".csv" else None)
+    os.replace(tmp, path)
 
 
 def _short(value: float) -> str:

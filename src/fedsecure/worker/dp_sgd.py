@@ -175,7 +175,8 @@ def fit(
     trained = set(map(id, params))
     fixed = {k: t.detach().clone() for k, t in module.state_dict(keep_vars=True).items() if id(t) not in trained}
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    private = torch.Generator().manual_seed(secrets.randbits(63))
+    device = params[0].device if params else torch.device("cpu")  # Opacus draws its noise there
+    private = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     dp_optimizer = package.optimizers.DPOptimizer(
         optimizer,
         noise_multiplier=dp.noise_multiplier,
@@ -189,7 +190,7 @@ def fit(
     total, count = 0.0, 0
     try:
         for _ in range(schedule.steps):
-            index = (torch.rand(n, generator=private) < schedule.sampling_rate).nonzero().squeeze(1)
+            index = (torch.rand(n, generator=private, device=device) < schedule.sampling_rate).nonzero().squeeze(1)
             dp_optimizer.zero_grad(set_to_none=True)
             total += _record_gradients(per_record, named, x, y, index)
             count += len(index)

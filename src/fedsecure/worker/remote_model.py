@@ -81,8 +81,11 @@ class RemoteModel:
         handle then stands for it there."""
         source, module_id = self.worker, new_id()
         ids = [new_id() for _ in self.ids]
+        # The module's id goes with the move; its tensors' ids are freed by the same request (before
+        # it runs: the module holds its tensors itself), so nothing of the model stays behind even
+        # where the source is not asked again for a long time (one owner among thousands).
+        self._release_tensors(source)
         source.request(m.MoveModule(self.module(), destination.id, module_id, ids))
-        self._release_tensors(source)  # the module's id went with the move; its tensors' ids stay behind
         self.worker, self.module_id, self.ids = destination, module_id, ids
         return self
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from fedsecure.errors import FedsecureError, ObjectNotFound, PermissionDenied, ProtocolError, RemoteError
 from fedsecure.wire import messages as m
+from fedsecure.worker import device as dev
 from fedsecure.worker import dp_sgd, training
 from fedsecure.worker import execute as ex
 from fedsecure.worker import labels as lb
@@ -40,7 +41,7 @@ def fit(state: WorkerState, msg: m.Fit, sender: Sender) -> Any:
     reference = model_digest(module)
     ledger = _account_dp_sgd(state, settings, module, int(x.shape[0]))
     try:
-        examples, loss, steps = training.fit(module, x, y, settings, msg.seed, optimizer)
+        examples, loss, steps = _fit_where(state, module, x, y, settings, msg.seed, optimizer)
     except Exception as exc:
         # The metadata fit (checked on meta tensors above): this failure comes from the values.
         _failed_on_values(state, "training", exc, labels, own)
@@ -76,7 +77,11 @@ def evaluate(state: WorkerState, msg: m.Evaluate, sender: Sender) -> Any:
     attestation = Attestation("evaluate", model_digest(module), config_digest(config))
     state.admit(3 * torch.float64.itemsize, what="the evaluation's sums")
     try:
-        sums = training.evaluate(module, x, y, config["loss"], config["batch_size"])
+        if state.device.type == "cpu":
+            sums = training.evaluate(module, x, y, config["loss"], config["batch_size"])
+        else:
+            x, y = _on(state, x), _on(state, y)
+            sums = training.evaluate(dev.twin(module, state.device), x, y, config["loss"], config["batch_size"])
     except Exception as exc:
         _failed_on_values(state, "evaluation", exc, labels, own)
         sums = torch.full((3,), float("nan"), dtype=torch.float64)
@@ -85,6 +90,24 @@ def evaluate(state: WorkerState, msg: m.Evaluate, sender: Sender) -> Any:
     state.objects[msg.result_id] = Entry(sums, samples=int(x.shape[0]), attestation=attestation,
                                          attested_version=sums._version)
     return meta(msg.result_id, sums)
+
+
+def _fit_where(state: WorkerState, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               settings: training.Settings, seed: int, optimizer: torch.optim.Optimizer) -> tuple[int, float, int]:
+    """`training.fit` on the worker's device: in place on the CPU; elsewhere on a twin of the model
+    there (`fedsecure.worker.device`), whose result is copied back into the stored model."""
+    if state.device.type == "cpu":
+        return training.fit(module, x, y, settings, seed, optimizer)
+    work = dev.twin(module, state.device)
+    done = training.fit(work, _on(state, x), _on(state, y), settings, seed)
+    dev.copy_back(work, module)
+    return done
+
+
+def _on(state: WorkerState, t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the worker's device: its private data is there already; data the model owner sent is
+    copied for this round."""
+    return t if t.device == state.device else dev.to_device(t, state.device)
 
 
 def _tagged(state: WorkerState, name: str) -> torch.Tensor:

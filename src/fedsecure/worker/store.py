@@ -27,6 +27,7 @@ from fedsecure.errors import (
 from fedsecure.wire import codec
 from fedsecure.wire import messages as m
 from fedsecure.wire.ids import new_id
+from fedsecure.worker import device as dev
 from fedsecure.worker import dp_sgd
 from fedsecure.worker import labels as lb
 from fedsecure.worker.attest import Attestation, model_digest
@@ -160,12 +161,16 @@ class WorkerState:
         send_to_peer: PeerSend | None = None,
         secagg_identity: SecAggIdentity | None = None,
         memory_quota: int | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         """``memory_quota``: bytes of tensors each model owner may hold here (None: no limit); a
         request that would go over it is refused before anything is allocated.
         ``secagg_identity``: this worker's signing key and the federation's verification keys,
         from its operator (never from a model owner); with it the worker takes part only in secure
-        aggregation with the consistency check (`fedsecure.worker.secure`)."""
+        aggregation with the consistency check (`fedsecure.worker.secure`).
+        ``device``: where this owner trains and evaluates (`fedsecure.worker.device`: "cpu",
+        "cuda", "cuda:N", "mps" or "auto"); its private data is kept there."""
+        self.device = dev.resolve(device)
         self.id = id
         self.policy = policy or lb.Policy()
         self.objects = Store()
@@ -197,8 +202,9 @@ class WorkerState:
         return self.policy.label_for(self.id)
 
     def load(self, tensor: torch.Tensor, tags: tuple[str, ...] = ()) -> int:
-        """Hold ``tensor`` as this owner's private data, findable by ``tags``."""
-        t = tensor.detach().clone()
+        """Hold ``tensor`` as this owner's private data, findable by ``tags`` (on its device)."""
+        t = tensor.detach()
+        t = t.clone() if t.device == self.device else dev.to_device(t, self.device)
         lb.add_labels(t, frozenset({self.own_label}))
         obj_id = new_id()
         self.objects[obj_id] = Entry(t, tags=frozenset(tag(x) for x in tags))

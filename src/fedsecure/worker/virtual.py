@@ -138,6 +138,8 @@ class VirtualWorker(WorkerClient):
     the default trusts every other worker as an aggregator.
     ``secagg_identity``: the owner's signing key and the federation's verification keys, for
     secure aggregation with the consistency check (`fedsecure.worker.secure.SecAggIdentity`).
+    ``device``: where the owner trains and evaluates, and keeps its private data ("cpu", "cuda",
+    "cuda:N", "mps" or "auto"; `fedsecure.worker.device`).
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class VirtualWorker(WorkerClient):
         policy: Policy | None = None,
         federation: Federation | None = None,
         secagg_identity: SecAggIdentity | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         if isinstance(hook, str) and id is None:  # VirtualWorker("bob")
             hook, id = None, hook
@@ -160,7 +163,7 @@ class VirtualWorker(WorkerClient):
         fed = self.federation
         self.core = WorkerCore(
             id, policy=policy, send_to_peer=lambda dest, data: fed.send(id, dest, data),
-            secagg_identity=secagg_identity,
+            secagg_identity=secagg_identity, device=device,
         )
         fed.add(self.core)
         owner = self._owner = Sender("client", "model-owner")

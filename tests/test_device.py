@@ -1,0 +1,145 @@
+"""Where owners train (``[workers] device``, ``VirtualWorker(device=...)``, ``worker serve --device``):
+on the CPU exactly as before, "auto" resolving to the CPU on a machine without a GPU, and a clear
+error for a device the machine lacks or a name that is none."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fedsecure as sy
+from fedsecure import fl
+from fedsecure.data import load_digits, partition
+from fedsecure.experiment.config import parse
+from fedsecure.experiment.run import run_experiment
+from fedsecure.experiment.simulation import Simulation
+from fedsecure.worker import training
+from fedsecure.worker.device import DeviceError, copy_back, resolve, twin
+from fedsecure.worker.remote_model import RemoteModel
+
+NO_GPU = not torch.cuda.is_available()
+TOKEN = "device-test-owner-token-0123456789"
+
+
+def _digits_round(**worker_options: object) -> dict[str, torch.Tensor]:
+    """One FedAvg round on three digits owners; the global model's parameters after it."""
+    data = load_digits(seed=0)
+    parts = partition(data.y_train, 3, scheme="iid", seed=0)
+    federation = sy.Federation()
+    trust = sy.Policy(trusted_aggregators=frozenset({"agg"}), private_sends=False)
+    owners = [sy.VirtualWorker(id=f"o{i}", data={"x": data.x_train[torch.from_numpy(p)],
+                                                  "y": data.y_train[torch.from_numpy(p)]},
+                               policy=trust, federation=federation, **worker_options)  # type: ignore[arg-type]
+              for i, p in enumerate(parts)]
+    aggregator = sy.VirtualWorker(id="agg", policy=sy.Policy(strict=True), federation=federation)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    strategy = fl.FedAvg(training=fl.LocalTraining(epochs=1, batch_size=32, lr=0.1), min_fit_workers=3)
+    trained, _ = fl.fit(model, owners, strategy, rounds=1, aggregator=aggregator, seed=0)
+    return fl.parameters_of(trained)
+
+
+def test_cpu_and_auto_train_exactly_as_without_a_device() -> None:
+    before = _digits_round()
+    for device in ("cpu", "auto"):
+        after = _digits_round(device=device)
+        assert after.keys() == before.keys()
+        for name, t in before.items():
+            assert torch.equal(after[name], t), (device, name)
+
+
+@pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
+def test_auto_is_the_cpu_without_a_gpu() -> None:
+    assert resolve("auto") == torch.device("cpu")
+    assert sy.VirtualWorker(id="w", federation=sy.Federation(), device="auto").core.device.type == "cpu"
+
+
+def test_a_twin_trained_elsewhere_writes_back_what_training_in_place_gives() -> None:
+    """The accelerator path (train a copy, copy the result back), run with the CPU as its device."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    settings = training.parse(fl.LocalTraining(epochs=2, batch_size=8, lr=0.05,
+                                               optimizer_args={"momentum": 0.9}).to_wire())
+    in_place = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    in_place.load_state_dict(model.state_dict())
+    kept = list(model.parameters()) + list(model.buffers())
+    expected = training.fit(in_place, x, y, settings, seed=7)
+    work = twin(model, torch.device("cpu"))
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(work.parameters(), model.parameters(), strict=True))
+    assert training.fit(work, x, y, settings, seed=7) == expected
+    copy_back(work, model)
+    assert [*model.parameters(), *model.buffers()] == kept  # the stored tensors themselves, written in place
+    for name, t in in_place.state_dict().items():
+        assert torch.equal(model.state_dict()[name], t), name
+
+
+@pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DeviceError, match=r'device = "cpu" \(or "auto"'):
+        sy.VirtualWorker(id="w", federation=sy.Federation(), device="cuda")
+    exp = parse({"experiment": {"rounds": 1, "output": str(tmp_path / "run")},
+                 "data": {"workers": 2}, "workers": {"device": "cuda:0"}}, "gpu.toml")
+    with pytest.raises(fl.ConfigurationError, match=r'gpu.toml: \[workers\] device .cuda:0. needs a CUDA GPU.*'
+                                                    r'device = "cpu" \(or "auto"'):
+        run_experiment(exp, progress=False)
+    hosted = parse({"data": {"workers": 2}, "workers": {"mode": "processes", "device": "cuda"}}, "hosts.toml")
+    with pytest.raises(fl.ConfigurationError, match=r"hosts.toml: \[workers\] device 'cuda' needs a CUDA GPU"):
+        Simulation(hosted)  # refused before any host process starts
+
+
+def test_an_unknown_device_is_refused_naming_the_choices() -> None:
+    with pytest.raises(fl.ConfigurationError, match=r"\[workers\] device must be one of 'auto', 'cpu', 'cuda', "
+                                                    r"'cuda:N', 'mps'.*got 'gpu'"):
+        parse({"workers": {"device": "gpu"}})
+    for bad in ("tpu", "cuda:", "CPU", ""):
+        with pytest.raises(DeviceError, match="device must be one of"):
+            sy.VirtualWorker(id="w", federation=sy.Federation(), device=bad)
+
+
+def _two_fits(worker: sy.WorkerClient) -> list[dict[str, object]]:
+    """Two rounds of local training of one model on the worker's data; the replies (the mean loss
+    of the second depends on every parameter the first wrote)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    remote = RemoteModel.put(worker, fl.parties.sendable(model), list(fl.parameters_of(model).values()))
+    config = fl.LocalTraining(epochs=2, batch_size=4, lr=0.1).to_wire()
+    return [remote.fit("x", "y", config, seed) for seed in (3, 4)]
+
+
+def test_a_served_worker_trains_on_the_device_its_flag_names(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 4)).astype("float32")
+    y = rng.integers(0, 3, size=30)
+    np.savez(tmp_path / "bob.npz", x=x, y=y)
+    served = sy.WorkerProcess("bob", clients={"owner": TOKEN}, data=str(tmp_path / "bob.npz"),
+                              extra=["--device=cpu"]).start()
+    try:
+        bob = sy.connect("bob", served.address, credentials=TOKEN)
+        local = sy.VirtualWorker(id="bob", data={"x": torch.from_numpy(x), "y": torch.from_numpy(y)},
+                                 federation=sy.Federation(), device="cpu",
+                                 policy=sy.Policy(training_only=True, private_sends=False))
+        served_replies = _two_fits(bob)
+        assert served_replies == _two_fits(local)
+        assert served_replies[1]["loss"] < served_replies[0]["loss"]  # type: ignore[operator]
+    finally:
+        served.stop()
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--device=tpu", "--device: device must be one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"),
+    pytest.param("--device=cuda", '--device: device \'cuda\' needs a CUDA GPU', marks=pytest.mark.skipif(
+        not NO_GPU, reason="this machine has a GPU")),
+])
+def test_the_served_worker_refuses_a_device_it_cannot_use(flag: str, message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "fedsecure", "worker", "serve", "--id=bob",
+                           f"--client=owner={TOKEN}", flag], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,31 @@
+"""Nothing of a round stays on an owner afterwards: the trained model's tensors are freed by the
+request that moves the model to the aggregator, and the evaluated model's by the request that moves
+its sums, so an owner that is not asked again for many rounds (one among thousands) holds only its
+own data meanwhile."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fedsecure as sy
+from fedsecure import fl
+from fedsecure.data import federate, load_digits
+
+
+def test_owners_hold_only_their_data_between_rounds() -> None:
+    federation = sy.Federation()
+    trust = sy.Policy(trusted_aggregators=frozenset({"agg"}), private_sends=False)
+    shares = federate(load_digits(seed=0), 4, seed=0)
+    owners = [sy.VirtualWorker(id=f"o{i}", data={"x": x[:-20], "y": y[:-20], "x_test": x[-20:], "y_test": y[-20:]},
+                               policy=trust, federation=federation) for i, (x, y) in enumerate(shares)]
+    aggregator = sy.VirtualWorker(id="agg", policy=sy.Policy(strict=True), federation=federation)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    strategy = fl.FedAvg(training=fl.LocalTraining(epochs=1, batch_size=32, lr=0.1), fraction_fit=0.5,
+                         min_fit_workers=2, fraction_evaluate=0.5)
+    engine = fl.Engine(model, owners, strategy, aggregator=aggregator, seed=0)
+    for _ in range(3):
+        row = engine.run_round()
+        assert row["workers"] == 2 and "federated_loss" in row
+        assert [len(w.core.objects) for w in owners] == [4] * 4  # x, y, x_test, y_test: nothing else

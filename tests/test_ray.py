@@ -1,0 +1,165 @@
+"""Simulation on Ray: the digits experiment with its owners in the actors of a real two-node Ray
+cluster on this machine, a node lost in the middle of a run, and Ray missing altogether."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fedsecure import fl
+from fedsecure.experiment import load, run_experiment
+from fedsecure.experiment.models import build_model
+from fedsecure.experiment.ray_hosts import RaySimulation
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "digits.toml"
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A head node and a second node of 1 CPU each: two actors of 1 CPU land on both."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def _digits(tmp: Path, name: str, **settings: Any) -> Any:
+    return load(DIGITS, {"experiment.rounds": ROUNDS, "experiment.output": str(tmp / name), **settings})
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The same experiment with every owner in this process (torch on one thread, as in an actor),
+    one round longer than the run on Ray, for the resumed run to continue to."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        exp = _digits(tmp_path_factory.mktemp("local"), "local", **{"experiment.rounds": ROUNDS + 1})
+        return run_experiment(exp, progress=False).rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _on_ray(cluster: Cluster) -> dict[str, Any]:
+    return {"workers.mode": "ray", "workers.address": cluster.address, "workers.actors": 2, "workers.num_cpus": 1.0}
+
+
+@pytest.fixture(scope="module")
+def on_ray(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """The experiment with its owners in two actors of the cluster: its output, its history."""
+    folder = tmp_path_factory.mktemp("ray")
+    return folder / "ray", run_experiment(_digits(folder, "ray", **_on_ray(cluster)), progress=False).rows
+
+
+def _same_numbers(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    """Equal to rounding: the same shares, shuffles (seeded by owner and round) and sum order."""
+    assert [r["round"] for r in a] == [r["round"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["central_accuracy"] == pytest.approx(y["central_accuracy"], abs=1e-9)
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6)
+
+
+def test_actors_on_two_nodes_give_the_numbers_of_one_process(
+    cluster: Cluster, on_ray: tuple[Path, list[dict[str, Any]]], one_process: list[dict[str, Any]]
+) -> None:
+    _same_numbers(on_ray[1], one_process[:ROUNDS])
+    # Ray's own record of the run's actors: one on each node
+    ray.init(address=cluster.address, logging_level="WARNING")
+    try:
+        from ray.util.state import list_actors
+
+        actors = list_actors(filters=[("class_name", "=", "OwnerHost")], detail=True)
+    finally:
+        ray.shutdown()
+    assert len(actors) == 2
+    assert {a.node_id for a in actors} == {n.node_id for n in [cluster.head_node, *cluster.worker_nodes]}
+
+
+def test_a_run_on_ray_resumes_from_its_checkpoint(
+    cluster: Cluster, on_ray: tuple[Path, list[dict[str, Any]]], one_process: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    shutil.copytree(on_ray[0], tmp_path / "ray")
+    exp = _digits(tmp_path, "ray", **_on_ray(cluster), **{"experiment.rounds": ROUNDS + 1})
+    history = run_experiment(exp, resume=True, progress=False)
+    _same_numbers(history.rows, one_process)
+
+
+def _refused(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_the_owners_of_a_lost_node_fail_that_round_and_come_back(cluster: Cluster, tmp_path: Path) -> None:
+    exp = _digits(tmp_path, "lost", **_on_ray(cluster), **{"data.workers": 6, "strategy.fraction_fit": 1.0,
+                                                          "strategy.min_fit_workers": 1,
+                                                          "strategy.fraction_evaluate": 0.0})
+    data = exp.dataset()
+    model = build_model("mlp", tuple(data.x_train.shape[1:]), data.num_classes, hidden=64)
+    with RaySimulation(exp, actors=2, address=cluster.address, num_cpus=1.0) as sim:
+        assert sorted(sim.nodes) == sorted(n.node_id for n in [cluster.head_node, *cluster.worker_nodes])
+        node = next(iter(cluster.worker_nodes))
+        lost = sim.nodes.index(node.node_id)  # the actor on the node that goes
+        old = sim.addresses[lost]
+
+        def lose_the_node(row: dict[str, Any]) -> None:
+            if row["round"] == 1:
+                cluster.remove_node(node)
+                cluster.add_node(num_cpus=1)  # room for Ray to restart the actor
+                deadline = time.monotonic() + 30
+                while not _refused(old) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+        _, history = fl.fit(model, sim.workers, exp.strategy(), rounds=ROUNDS, aggregator=sim.aggregator,
+                            groups=sim.groups, seed=exp.seed, on_round=lose_the_node)
+        moved = sim.addresses[lost]
+    rows = history.rows
+    owners_there = {name for name, host in sim.groups.items() if host == lost}
+    assert rows[0]["workers"] == 6 and "failures" not in rows[0]
+    failed = {f.split(" ", 1)[0] for f in rows[1]["failures"]}
+    assert failed and failed <= owners_there, rows[1]["failures"]
+    assert all("Ray actor" in f for f in rows[1]["failures"])
+    assert rows[2]["workers"] == 6 and "failures" not in rows[2]
+    assert moved != old
+
+
+BLOCK_RAY = """
+import sys
+class NoRay:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, NoRay())
+from fedsecure.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_without_ray_the_ray_mode_says_how_to_install_it(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCK_RAY, "run", str(DIGITS), "--rounds", "1", "--output", "o", "--quiet",
+         "--set", "workers.mode='ray'"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'fedsecure[ray]'" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "o" / "history.json").exists()
