@@ -1,6 +1,6 @@
 """fedsecure against Flower and against a plain loop: one FedAvg workload, same data, seeds and cores.
 
-The workload (the issue's): Fashion-MNIST, a seeded subset of ``--subset`` training images,
+The workload: Fashion-MNIST, a seeded subset of ``--subset`` training images,
 Dirichlet(0.5) label skew over 10 workers, McMahan et al.'s CNN (workload.py), E=1, B=32, SGD with
 lr 0.01 and momentum 0.9, ``--rounds`` rounds with every worker in every round, central evaluation
 on the 10,000 test images after each round.
