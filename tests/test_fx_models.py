@@ -340,3 +340,34 @@ def test_a_built_model_keeps_each_submodules_mode() -> None:
     model.out[0].eval()  # a Sequential in training mode with its Dropout off
     built = build(describe(model))
     assert [m.training for m in built.modules()] == [m.training for m in model.modules()]
+
+
+def test_a_metadata_pass_that_succeeded_is_not_run_again_and_a_new_shape_is_checked() -> None:
+    from fedsecure.errors import ProtocolError
+    from fedsecure.worker import predict
+
+    runs = []
+    real = predict._meta_pass
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    predict._meta_pass = counted
+    try:
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        loss = lambda out, t: nn.functional.cross_entropy(out, t)  # noqa: E731
+        x, y = torch.randn(10, 3, 4), torch.zeros(10, dtype=torch.long)
+        for _ in range(3):
+            predict.step_on_meta(model, x, y, 4, loss, "cross_entropy")
+        assert len(runs) == 1
+        predict.step_on_meta(model, torch.randn(7, 3, 4), y[:7], 4, loss, "cross_entropy")  # same batch shape
+        assert len(runs) == 1
+        with pytest.raises(ProtocolError, match="cannot run on data of shape"):
+            predict.step_on_meta(model, torch.randn(10, 3, 5), y, 4, loss, "cross_entropy")
+        wider = nn.Sequential(nn.Flatten(), nn.Linear(15, 3))  # the same names, another shape
+        with pytest.raises(ProtocolError, match="cannot run on data of shape"):
+            predict.step_on_meta(wider, x, y, 4, loss, "cross_entropy")
+        assert len(runs) == 3
+    finally:
+        predict._meta_pass = real

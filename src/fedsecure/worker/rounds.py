@@ -37,7 +37,8 @@ def fit(state: WorkerState, msg: m.Fit, sender: Sender) -> Any:
     labels = lb.labels_of(x) | lb.labels_of(y) | lb.union(own)
     refuse_if_strict(state, labels, "training")
     optimizer = training.check(module, x, y, settings)
-    step_on_meta(module, x, y, settings.batch_size, lambda out, t: training.loss_of(settings.loss, out, t))
+    step_on_meta(module, x, y, settings.batch_size, lambda out, t: training.loss_of(settings.loss, out, t),
+                 settings.loss)
     reference = model_digest(module)
     ledger = _account_dp_sgd(state, settings, module, int(x.shape[0]))
     try:
@@ -73,7 +74,8 @@ def evaluate(state: WorkerState, msg: m.Evaluate, sender: Sender) -> Any:
     if not isinstance(config, dict) or set(config) != {"loss", "batch_size"}:
         raise ProtocolError("evaluation configuration must be {loss, batch_size}")
     training.check_evaluation(x, y, config["loss"], config["batch_size"])
-    step_on_meta(module, x, y, config["batch_size"], lambda out, t: training.loss_of(config["loss"], out, t))
+    step_on_meta(module, x, y, config["batch_size"], lambda out, t: training.loss_of(config["loss"], out, t),
+                 config["loss"])
     attestation = Attestation("evaluate", model_digest(module), config_digest(config))
     state.admit(3 * torch.float64.itemsize, what="the evaluation's sums")
     try:
