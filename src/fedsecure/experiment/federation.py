@@ -30,11 +30,10 @@ from typing import Any
 import numpy as np
 
 from fedsecure.experiment.config import DEFAULT_AGGREGATOR, Experiment, parse
-from fedsecure.experiment.owners import shares_of
+from fedsecure.experiment.owners import MODEL_OWNER, shares_of
 from fedsecure.fl import ConfigurationError
 from fedsecure.transport.certs import CA, DEFAULT_HOSTS, check_name, write_federation
 
-MODEL_OWNER = "owner"  # the name remote mode presents to workers (its certificate certs/owner.pem)
 CERTS = "certs"
 EXPERIMENT_FILE = "run.toml"
 OWNER_TEST = "owner_test.npz"

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedsecure.aggregate.identity import SigningIdentity
 from fedsecure.experiment.config import parse
-from fedsecure.experiment.owners import owner_id, shares_of
+from fedsecure.experiment.owners import MODEL_OWNER, owner_id, shares_of
 from fedsecure.experiment.simulation import LISTENING, token_for
 from fedsecure.transport.grpc import WorkerServer
 from fedsecure.worker.core import WorkerCore
@@ -55,7 +55,7 @@ def serve(spec: Mapping[str, Any], host: str = "127.0.0.1") -> WorkerServer:
                           device=spec.get("device", "cpu"))
         for tag, tensor in shares_of(exp, data, parts, i).items():
             core.load(tensor, (tag,))
-        server.add(core, callers={spec["owner_token"]: ("client", "owner")},
+        server.add(core, callers={spec["owner_token"]: ("client", MODEL_OWNER)},
                    peers=peers, token=token_for(spec["secret"], name))
     del data, parts
     return server.start()

@@ -14,6 +14,8 @@ import torch
 from fedsecure.data import Dataset
 from fedsecure.experiment.config import Experiment
 
+MODEL_OWNER = "owner"  # the name the model owner presents to workers (remote mode: certs/owner.pem)
+
 
 def owner_id(index: int) -> str:
     return f"worker-{index:03d}"

@@ -30,7 +30,7 @@ from typing import Any
 
 from fedsecure.aggregate.identity import generate_federation
 from fedsecure.experiment.config import DEFAULT_AGGREGATOR, Experiment, parse
-from fedsecure.experiment.owners import owner_id
+from fedsecure.experiment.owners import MODEL_OWNER, owner_id
 from fedsecure.fl import ConfigurationError
 from fedsecure.transport.grpc import WorkerServer, connect
 from fedsecure.worker.client import WorkerClient
@@ -121,7 +121,7 @@ class Simulation:
 
     def start(self) -> Simulation:
         names = [owner_id(i) for i in range(self.owners)]
-        callers = {self.owner_token: ("client", "owner")}
+        callers = {self.owner_token: ("client", MODEL_OWNER)}
         callers.update({token_for(self.secret, n): ("peer", n) for n in names})
         self._server = WorkerServer(host=self.bind)
         for name in self.served:

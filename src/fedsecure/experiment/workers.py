@@ -20,7 +20,7 @@ import numpy as np
 from fedsecure.aggregate.identity import generate_federation
 from fedsecure.data import Dataset
 from fedsecure.experiment.config import Experiment
-from fedsecure.experiment.owners import owner_id, shares_of
+from fedsecure.experiment.owners import MODEL_OWNER, owner_id, shares_of
 from fedsecure.experiment.ray_hosts import RaySimulation
 from fedsecure.experiment.simulation import Simulation, owner_device
 from fedsecure.fl import ConfigurationError
@@ -87,7 +87,7 @@ def _credentials(exp: Experiment) -> str | TLS:
     w = exp.config.workers
     if (w.token is None) == (w.tls_dir is None):
         raise ConfigurationError(f"{exp.source}: remote workers need one of [workers] token or tls_dir")
-    return TLS.from_dir(exp.path(w.tls_dir), "owner") if w.tls_dir else str(w.token)
+    return TLS.from_dir(exp.path(w.tls_dir), MODEL_OWNER) if w.tls_dir else str(w.token)
 
 
 def _secagg_ids(exp: Experiment) -> dict[str, int] | None:
