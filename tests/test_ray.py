@@ -137,6 +137,24 @@ def test_the_owners_of_a_lost_node_fail_that_round_and_come_back(cluster: Cluste
     assert moved != old
 
 
+def test_fit_takes_a_backend_that_hosts_the_owners_for_the_run(
+    cluster: Cluster, tmp_path: Path, one_process: list[dict[str, Any]]
+) -> None:
+    exp = _digits(tmp_path, "backend", **_on_ray(cluster))
+    data = exp.dataset()
+    torch.manual_seed(exp.seed)
+    model = build_model("mlp", tuple(data.x_train.shape[1:]), data.num_classes, hidden=64)
+    backend = RaySimulation(exp, actors=2, address=cluster.address, num_cpus=1.0)
+    _, history = fl.fit(model, None, exp.strategy(), rounds=1, backend=backend, seed=exp.seed,
+                        test_data=(data.x_test, data.y_test))
+    _same_numbers(history.rows, one_process[:1])
+    assert backend.addresses == []  # stopped after the run
+    with pytest.raises(fl.ConfigurationError, match="not both"):
+        fl.fit(model, backend.workers, exp.strategy(), rounds=1, backend=backend)
+    with pytest.raises(fl.ConfigurationError, match="aggregator="):
+        fl.fit(model, backend.workers, exp.strategy(), rounds=1)
+
+
 BLOCK_RAY = """
 import sys
 class NoRay:

@@ -2,7 +2,8 @@
 and history. Experiment files, where their workers run and the models they name are the
 application around it, in `fedsecure.experiment`."""
 
-from fedsecure.fl.engine import Engine, RoundFailed, fit, load_parameters, parameters_of
+from fedsecure.fl.engine import Engine, RoundFailed, load_parameters, parameters_of
+from fedsecure.fl.fitting import fit
 from fedsecure.fl.history import History
 from fedsecure.fl.strategy import (
     DPSGD,

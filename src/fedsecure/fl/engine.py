@@ -455,34 +455,3 @@ class Engine:
         load_parameters(self.model, self.parameters)
         return self.model, self.history
 
-
-def fit(
-    model: nn.Module,
-    workers: Sequence[WorkerClient],
-    strategy: Strategy,
-    *,
-    rounds: int,
-    aggregator: WorkerClient | None,
-    test_data: tuple[torch.Tensor, torch.Tensor] | None = None,
-    checkpoint: str | Path | None = None,
-    resume: bool = False,
-    **options: Any,
-) -> tuple[nn.Module, History]:
-    """Train ``model`` for ``rounds`` rounds of ``strategy`` on ``workers``; return it and its `History`.
-
-    Workers hold their training data under the tags ``data`` (default ``("x", "y")``) and,
-    for federated evaluation, ``eval_data`` (``("x_test", "y_test")``). ``test_data`` is the model
-    owner's own test set for central evaluation after every round. With ``checkpoint`` a
-    directory, every round is saved there; ``resume=True`` continues from it. More options:
-    ``secure_aggregation="pairwise"``: no party sees an update, the model owner learns only their
-    sum (`fedsecure.fl.secure`; ``secure=SecureSettings(...)``; ``aggregator`` may then be None).
-    ``secure_aggregation="shares"`` with ``share_holders=[w1, w2, ...]``: each update is split into
-    additive shares among holders that must not all collude; the model owner learns only the sum.
-    `Engine`'s (``work_deadline``: seconds a worker may take to train, default an hour; ``seed``, ``parallelism``, ``retries``, ``progress``, ``test_loss``, ``on_round``: called
-    with each round's metrics).
-    """
-    engine = Engine(model, workers, strategy, aggregator=aggregator, test_data=test_data,
-                    checkpoint=checkpoint, **options)
-    if resume:
-        engine.resume()
-    return engine.run(rounds)
