@@ -27,6 +27,7 @@ log.addHandler(logging.NullHandler())  # the display shows these records; a prog
 
 _SHOWN = ("train_loss", "central_loss", "central_accuracy", "federated_accuracy", "dp_epsilon", "local_epsilon")
 STATUS_FORMAT = 1
+STATUS_EVERY = 0.25  # seconds between status writes within a phase
 
 
 def duration(seconds: float) -> str:
@@ -52,6 +53,7 @@ class Progress:
         self.last = ""
         self.status_file, self.status = status_file, {"format": STATUS_FORMAT, "name": name, **(info or {})}
         self.status |= {"state": "running", "message": None, "pid": os.getpid(), "started": time.time()}
+        self._saved = 0.0
 
     def start(self, rounds: int, completed: int) -> None:
         self.rounds, self.completed, self.started = rounds, completed, time.perf_counter()
@@ -64,6 +66,7 @@ class Progress:
             if server_round != self.round:
                 self.round_started = time.perf_counter()
             self.round, self.phase, self.total, self.done = server_round, phase, workers, 0
+            self._saved = 0.0  # a new phase is always written
         self._draw()
 
     def worker_done(self) -> None:
@@ -99,7 +102,7 @@ class Progress:
             workers = f"{self.done}/{self.total} workers" if self.total else ""
             line = f"round {self.round}/{self.rounds} {self.phase:8s} {self._bar()} {workers}{self._eta_text()}  {self.last}"
             self._write("\r" + line[:160].ljust(100))
-        self._save()
+        self._save(every=STATUS_EVERY)
 
     def end_round(self, row: dict[str, Any]) -> None:
         self.last = "  ".join(f"{k} {row[k]:.4g}" for k in _SHOWN if isinstance(row.get(k), float))
@@ -132,9 +135,12 @@ class Progress:
             self._write(("\r" + text.ljust(100) + "\n") if self.live else text + "\n")
         self._save()
 
-    def _save(self) -> None:
-        if self.status_file is None:
+    def _save(self, every: float = 0.0) -> None:
+        """Rewrite the status file; for a worker done (``every`` > 0), at most every ``every`` seconds:
+        a round of thousands of owners would otherwise write it thousands of times."""
+        if self.status_file is None or time.monotonic() - self._saved < every:
             return
+        self._saved = time.monotonic()
         eta = self.eta()
         self.status |= {"round": self.round, "rounds": self.rounds, "completed": self.completed, "phase": self.phase,
                         "workers_total": self.total, "workers_done": self.done, "updated": time.time(),
