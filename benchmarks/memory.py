@@ -224,7 +224,7 @@ def child_cross_device(args: argparse.Namespace) -> None:
                                policy=policy, federation=federation) for i, s in enumerate(shares)]
     aggregator = sy.VirtualWorker(id="secure_worker", policy=sy.Policy(strict=True), federation=federation)
     made = time.perf_counter() - made
-    model = build_model("mlp", tuple(data.x_train.shape[1:]), data.num_classes)
+    model = build_model(args.cross_model, tuple(data.x_train.shape[1:]), data.num_classes)
     strategy = fl.FedAvg(training=fl.LocalTraining(epochs=1, batch_size=32, lr=0.01,
                                                    optimizer_args={"momentum": 0.9}),
                          fraction_fit=args.fraction, min_fit_workers=1)
@@ -298,7 +298,7 @@ def soak(args: argparse.Namespace, work: Path, data_file: str) -> dict[str, Any]
 def cross_device(args: argparse.Namespace, work: Path, dataset: str) -> dict[str, Any]:
     out = work / "cross-device.json"
     cmd = [sys.executable, __file__, "--child", "cross-device", "--owners", str(args.owners), "--fraction",
-           str(args.fraction), "--rounds", str(args.cross_rounds), "--dataset", dataset, "--out", str(out)]
+           str(args.fraction), "--rounds", str(args.cross_rounds), "--dataset", dataset, "--cross-model", args.cross_model, "--out", str(out)]
     result, sampler = measure(cmd, out, "cross-device")
     rounds = result["rounds"]
     for r in rounds:
@@ -366,6 +366,7 @@ def main() -> None:
     ap.add_argument("--owners", type=int, default=10_000)
     ap.add_argument("--fraction", type=float, default=0.01)
     ap.add_argument("--cross-rounds", type=int, default=5)
+    ap.add_argument("--cross-model", default="mlp", help="the cross-device model: mlp, cnn_mcmahan or cnn_niid")
     ap.add_argument("--dataset", choices=("auto", "fashion-mnist", "digits"), default="auto")
     ap.add_argument("--quick", action="store_true", help="digits, 2 rounds, small soak and cross-device: seconds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.json"))

@@ -371,3 +371,42 @@ def test_a_metadata_pass_that_succeeded_is_not_run_again_and_a_new_shape_is_chec
         assert len(runs) == 3
     finally:
         predict._meta_pass = real
+
+
+def _every_layer_kind() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 1), nn.AvgPool2d(1), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(16, 8), nn.LayerNorm(8), nn.BatchNorm1d(8), nn.GELU(), nn.Linear(8, 3, bias=False),
+    )
+
+
+def test_a_built_module_holds_exactly_the_weights_it_was_sent_and_draws_none_of_its_own() -> None:
+    sent = _every_layer_kind()
+    sent.train()
+    sent(torch.randn(5, 2, 6, 6))  # running statistics that differ from their initial values
+    sent.eval()
+    spec = codec.decode(codec.encode(describe(sent)))  # as a worker receives it
+    rng_before = torch.get_rng_state()
+    built = build(spec)
+    assert torch.equal(torch.get_rng_state(), rng_before), "building drew random initial weights"
+    load_state(built, [codec.decode(codec.encode(t)) for _, t in state_tensors(sent)])
+    for (name, a), (_, b) in zip(state_tensors(sent), state_tensors(built), strict=True):
+        assert torch.equal(a, b), name
+    built.eval()
+    x = torch.randn(3, 2, 6, 6)
+    assert torch.equal(sent(x), built(x))
+    emb = build(describe(nn.Embedding(10, 4, padding_idx=0)))
+    weights = [torch.randn(10, 4)]
+    load_state(emb, weights)
+    assert torch.equal(emb.weight, weights[0])  # the padding row is the sender's, not zeroed here
+
+
+def test_a_state_that_does_not_fit_installs_nothing() -> None:
+    module = build(describe(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))))
+    good = [torch.ones(3, 4), torch.ones(3), torch.ones(2, 3), torch.ones(2)]
+    load_state(module, good)
+    bad = [torch.zeros(3, 4), torch.zeros(3), torch.zeros(3, 2), torch.zeros(2)]  # the third is transposed
+    with pytest.raises(sy.ProtocolError, match=r"does not fit"):
+        load_state(module, bad)
+    assert all(torch.equal(t, torch.ones_like(t)) for _, t in state_tensors(module))

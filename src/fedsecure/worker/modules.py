@@ -110,8 +110,26 @@ def _valid_arg(value: Any) -> bool:
     )
 
 
+def _skip_initialisation() -> None:
+    return None
+
+
+def _uninitialised(cls: type[nn.Module], args: dict[str, Any]) -> nn.Module:
+    """``cls(**args)`` without drawing its random initial weights: a built module's weights are
+    all overwritten by those that came with its description, and drawing them first took most of
+    the time of building a model (4.8 ms of 4.9 for McMahan's CNN, 1.7M weights)."""
+    module = cls.__new__(cls)
+    module.__dict__["reset_parameters"] = _skip_initialisation  # found before the class's method
+    try:
+        cls.__init__(module, **args)
+    finally:
+        module.__dict__.pop("reset_parameters", None)
+    return module
+
+
 def build(spec: Any, depth: int = 0) -> nn.Module:
-    """Build a module from a description received from a peer (validated here)."""
+    """Build a module from a description received from a peer (validated here). Its weights are
+    not initialised: give them values (`load_state`) before anything reads them."""
     if isinstance(spec, dict) and spec.get("type") in graphs.KINDS:
         return graphs.build(spec, depth, build)
     if depth > 32 or not isinstance(spec, dict) or set(spec) != _SPEC_KEYS:
@@ -138,7 +156,7 @@ def build(spec: Any, depth: int = 0) -> nn.Module:
                     raise ProtocolError(f"bad child name {item[0]!r}")
                 module.add_module(item[0], build(item[1], depth + 1))
         else:
-            module = cls(**args)
+            module = _uninitialised(cls, args)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"cannot build {kind}({args}): {exc}") from exc
     module.training = bool(spec["training"])  # children keep their own modes
@@ -162,12 +180,13 @@ def load_state(module: nn.Module, tensors: list[torch.Tensor]) -> list[torch.Ten
     own = [t for _, t in state_tensors(module)]
     if len(own) != len(tensors):
         raise ProtocolError(f"the module has {len(own)} tensors, the message {len(tensors)}")
+    for mine, theirs in zip(own, tensors, strict=True):  # all checked before any is copied
+        if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+            raise ProtocolError(
+                f"weight of shape {tuple(theirs.shape)} {theirs.dtype} does not fit "
+                f"{tuple(mine.shape)} {mine.dtype}"
+            )
     with torch.no_grad():
         for mine, theirs in zip(own, tensors, strict=True):
-            if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
-                raise ProtocolError(
-                    f"weight of shape {tuple(theirs.shape)} {theirs.dtype} does not fit "
-                    f"{tuple(mine.shape)} {mine.dtype}"
-                )
             mine.copy_(theirs)
     return own
