@@ -239,7 +239,8 @@ def child_cross_device(args: argparse.Namespace) -> None:
                        "evaluate_seconds": row["evaluate_seconds"], "round_seconds": row["round_seconds"],
                        "history": {k: row[k] for k in ("train_seconds", "transfer_seconds", "aggregate_seconds") if k in row}})
     left = sum(len(w.core.objects) for w in owners) - 2 * len(owners)  # beyond each owner's x and y
-    Path(args.out).write_text(json.dumps({"rounds": rounds, "owners": len(owners), "make_owners_seconds": made,
+    Path(args.out).write_text(json.dumps({"rounds": rounds, "owners": len(owners), "model": args.cross_model,
+                                          "make_owners_seconds": made,
                                           "objects_left_on_owners": left, "pid": os.getpid()}))
 
 
@@ -338,7 +339,7 @@ def report(res: dict[str, Any]) -> str:
                              f"{_f(p['last_mb'])} | {_f(p['ratio'], '.3f')} |")
     if "cross_device" in res:
         c = res["cross_device"]
-        lines += ["", f"cross-device: {c['owners']} owners made in {c['make_owners_seconds']:.1f} s; PSS after set-up "
+        lines += ["", f"cross-device, {c['model']}: {c['owners']} owners made in {c['make_owners_seconds']:.1f} s; PSS after set-up "
                   f"{c['after_setup_mb']:.0f} MB, peak {c['peak_mb']:.0f} MB (target < 2048); objects left on owners: "
                   f"{c['objects_left_on_owners']}",
                   "| round | owners | training s | rest of fit s | evaluation s | round s | PSS MB |",

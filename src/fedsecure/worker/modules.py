@@ -175,8 +175,12 @@ def state_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*module.named_parameters(), *module.named_buffers()]
 
 
-def load_state(module: nn.Module, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Copy ``tensors`` into a freshly built module; return its own tensors in the same order."""
+def load_state(module: nn.Module, tensors: list[torch.Tensor], *, adopt: bool = False) -> list[torch.Tensor]:
+    """Copy ``tensors`` into a freshly built module; return its own tensors in the same order.
+
+    ``adopt``: the module takes ``tensors``' memory instead of a copy of it. Only for tensors that
+    nothing else refers to: those just decoded from a received message, which are the receiver's
+    own (a model's weights are then not copied a second time, 1.4 ms for McMahan's CNN)."""
     own = [t for _, t in state_tensors(module)]
     if len(own) != len(tensors):
         raise ProtocolError(f"the module has {len(own)} tensors, the message {len(tensors)}")
@@ -188,5 +192,8 @@ def load_state(module: nn.Module, tensors: list[torch.Tensor]) -> list[torch.Ten
             )
     with torch.no_grad():
         for mine, theirs in zip(own, tensors, strict=True):
-            mine.copy_(theirs)
+            if adopt and theirs.is_contiguous() and not theirs.requires_grad:
+                mine.data = theirs  # the module's tensor object (and its labels) stays; its memory is theirs
+            else:
+                mine.copy_(theirs)
     return own

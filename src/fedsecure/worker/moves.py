@@ -105,7 +105,7 @@ def deliver_module(state: WorkerState, msg: m.DeliverModule, sender: Sender) -> 
     attestation = Attestation.from_wire(msg.attestation)
     state.admit(state.predicted_size(msg.spec), what="the model moved here")
     module = build(msg.spec)
-    own = load_state(module, msg.tensors)
+    own = load_state(module, msg.tensors, adopt=True)  # decoded here: this worker's own
     if len(per_tensor) != len(own):
         raise ProtocolError("one label list per tensor is required")
     for t, labels in zip(own, per_tensor, strict=True):

@@ -43,7 +43,7 @@ def put(state: WorkerState, msg: m.Put, sender: Sender) -> Any:
 def put_module(state: WorkerState, msg: m.PutModule, sender: Sender) -> Any:
     state.admit(state.predicted_size(msg.spec), what="the model sent", private=msg.private)
     module = build(msg.spec)
-    own = load_state(module, msg.tensors)
+    own = load_state(module, msg.tensors, adopt=True)  # decoded here: this worker's own
     if msg.private:
         for t in own:
             lb.add_labels(t, frozenset({state.own_label}))
