@@ -208,3 +208,29 @@ def test_in_place_ops_do_not_wait_and_their_errors_surface_next(bob: sy.VirtualW
     with pytest.raises(sy.RemoteError, match="Tensor.add_, sent earlier without waiting"):
         ptr.sum().get()
     assert torch.equal(ptr.get(), torch.full((3,), 4.0))  # nothing after the failure ran twice
+
+
+def test_a_large_tensor_between_workers_in_one_process_is_always_the_receivers_own_copy(bob, alice, federation) -> None:
+    src = torch.arange(100_000, dtype=torch.float32)  # 400 KB: it travels beside the message, not in it
+    p = src.send(bob)
+    (entry,) = [e for e in bob.core.objects.values() if isinstance(e.obj, torch.Tensor) and e.obj.numel() == 100_000]
+    assert entry.obj.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()
+    src.zero_()
+    before = federation.link_bytes.get(("bob", "alice"), 0)
+    p.move(alice)
+    assert federation.link_bytes[("bob", "alice")] - before >= src.nbytes, "the frame's bytes are counted"
+    back = p.get()
+    assert torch.equal(back, torch.arange(100_000, dtype=torch.float32))
+    back.zero_()
+    assert alice.object_count() == 0
+
+
+def test_a_frame_that_is_not_a_plain_cpu_tensor_is_refused(bob) -> None:
+    from fedsecure.wire import codec
+    from fedsecure.wire import messages as m
+
+    data = m.encode_request(m.Put(1, torch.zeros(100_000), False, False, [], ""), framed=True)
+    assert type(data) is codec.Framed
+    forged = codec.Framed(bytes(data), [torch.zeros(100_000).to_sparse()])
+    with pytest.raises(sy.ProtocolError, match="plain dense CPU tensor"):
+        bob.federation.call("bob", forged, bob._owner)
