@@ -5,6 +5,9 @@ own data meanwhile."""
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import torch
 from torch import nn
 
@@ -29,3 +32,26 @@ def test_owners_hold_only_their_data_between_rounds() -> None:
         row = engine.run_round()
         assert row["workers"] == 2 and "federated_loss" in row
         assert [len(w.core.objects) for w in owners] == [4] * 4  # x, y, x_test, y_test: nothing else
+
+
+def test_freed_memory_goes_back_to_the_system_at_most_once_a_second(monkeypatch) -> None:
+    from fedsecure.worker import heap
+
+    calls: list[int] = []
+    monkeypatch.setattr(heap, "_trim", lambda pad: calls.append(pad) or 1)
+    monkeypatch.setattr(heap, "_last", [0.0])
+    assert heap.trim_now_and_then() is True
+    assert heap.trim_now_and_then() is False  # within the interval
+    heap._last[0] -= heap.INTERVAL_S
+    assert heap.trim_now_and_then() is True
+    assert calls == [0, 0]
+
+
+def test_a_worker_gives_freed_memory_back_after_a_request(bob) -> None:
+    from fedsecure.worker import heap
+
+    if heap._malloc_trim() is None:
+        pytest.skip("glibc's malloc_trim is not available here")
+    long_ago = heap._last[0] = time.monotonic() - 10 * heap.INTERVAL_S
+    bob.flush()
+    assert heap._last[0] > long_ago, "the request was followed by a trim"

@@ -17,7 +17,7 @@ from typing import Any
 
 from fedsecure.errors import FedsecureError, ProtocolError
 from fedsecure.wire import messages as m
-from fedsecure.worker import aggregator, moves, objects, ops, optimizers, rounds, sharing
+from fedsecure.worker import aggregator, heap, moves, objects, ops, optimizers, rounds, sharing
 from fedsecure.worker.store import CLIENT, MAX_REPLY, Sender, WorkerState
 
 Handler = Callable[[WorkerState, Any, Sender], Any]
@@ -84,6 +84,7 @@ class WorkerCore(WorkerState):
         finally:
             if token is not None:
                 MAX_REPLY.reset(token)
+            heap.trim_now_and_then()  # what the request freed goes back to the system
 
     def _dispatch(self, msg: m.Request, sender: Sender) -> Any:
         if (sender.kind == "peer") != msg.PEER_ONLY:
