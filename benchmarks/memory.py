@@ -228,7 +228,8 @@ def child_cross_device(args: argparse.Namespace) -> None:
     strategy = fl.FedAvg(training=fl.LocalTraining(epochs=1, batch_size=32, lr=0.01,
                                                    optimizer_args={"momentum": 0.9}),
                          fraction_fit=args.fraction, min_fit_workers=1)
-    engine = fl.Engine(model, owners, strategy, aggregator=aggregator, test_data=(data.x_test, data.y_test), seed=0)
+    engine = fl.Engine(model, owners, strategy, aggregator=aggregator, test_data=(data.x_test, data.y_test), seed=0,
+                       evaluate_every=args.evaluate_every)
     rounds: list[dict[str, Any]] = []
     start = time.time()
     for _ in range(args.rounds):
@@ -299,7 +300,8 @@ def soak(args: argparse.Namespace, work: Path, data_file: str) -> dict[str, Any]
 def cross_device(args: argparse.Namespace, work: Path, dataset: str) -> dict[str, Any]:
     out = work / "cross-device.json"
     cmd = [sys.executable, __file__, "--child", "cross-device", "--owners", str(args.owners), "--fraction",
-           str(args.fraction), "--rounds", str(args.cross_rounds), "--dataset", dataset, "--cross-model", args.cross_model, "--out", str(out)]
+           str(args.fraction), "--rounds", str(args.cross_rounds), "--dataset", dataset, "--cross-model",
+           args.cross_model, "--evaluate-every", str(args.evaluate_every), "--out", str(out)]
     result, sampler = measure(cmd, out, "cross-device")
     rounds = result["rounds"]
     for r in rounds:
@@ -368,6 +370,7 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.01)
     ap.add_argument("--cross-rounds", type=int, default=5)
     ap.add_argument("--cross-model", default="mlp", help="the cross-device model: mlp, cnn_mcmahan or cnn_niid")
+    ap.add_argument("--evaluate-every", type=int, default=1, help="cross-device: rounds between central evaluations")
     ap.add_argument("--dataset", choices=("auto", "fashion-mnist", "digits"), default="auto")
     ap.add_argument("--quick", action="store_true", help="digits, 2 rounds, small soak and cross-device: seconds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.json"))

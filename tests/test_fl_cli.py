@@ -77,6 +77,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
         ("strategy.name='fedsgd'", "unknown strategy 'fedsgd'"),
         ("data.dataset='mnist'", "is not 'digits'"),
         ("model.name='resnet'", "unknown model 'resnet'"),
+        ("experiment.evaluate_every=0", "evaluate_every must be >= 1"),
     ],
 )
 def test_bad_experiment_files_get_a_clear_error(tmp_path: Path, setting: str, message: str) -> None:
@@ -214,3 +215,13 @@ def test_the_consistency_check_runs_against_worker_servers(tmp_path: Path) -> No
     finally:
         for s in servers:
             s.stop()
+
+
+def test_evaluating_every_few_rounds_and_always_after_the_last(tmp_path: Path) -> None:
+    done = fedsecure("run", str(DIGITS), "--rounds", "5", "--output", "o", "--quiet",
+                     "--set", "experiment.evaluate_every=2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "o" / "history.json").read_text())["rounds"]
+    assert [r["round"] for r in rows if "central_accuracy" in r] == [2, 4, 5]
+    assert all("train_loss" in r for r in rows)  # every round trained
+    assert rows[-1]["central_accuracy"] > 0.5

@@ -194,3 +194,15 @@ def test_training_workers_in_threads_gives_the_serial_result(digits) -> None:
         results.append(model.state_dict())
     for name, value in results[0].items():
         torch.testing.assert_close(results[1][name], value, atol=1e-6, rtol=1e-6)
+
+
+def test_evaluate_every_skips_rounds_but_never_the_last_and_a_bad_value_is_refused(digits) -> None:
+    workers, agg, _ = federation(digits, 3)
+    strategy = fl.FedAvg(training=TRAINING, fraction_evaluate=1.0)
+    _, history = fl.fit(mlp(), workers, strategy, rounds=4, aggregator=agg, evaluate_every=3,
+                        test_data=(digits.x_test, digits.y_test))
+    assert [r["round"] for r in history.rows if "central_accuracy" in r] == [3, 4]
+    assert [r["round"] for r in history.rows if "federated_accuracy" in r] == [3, 4]
+    for bad in (0, 1.5, True):
+        with pytest.raises(fl.ConfigurationError, match="evaluate_every is a number of rounds"):
+            fl.Engine(mlp(), workers, strategy, aggregator=agg, evaluate_every=bad)

@@ -13,7 +13,8 @@ runs (data sets, output, tensorboard, certificates); a path given on the command
 
     [experiment]  name, rounds, seed, output (a directory: history.json, history.csv, status.json,
                   checkpoint/; default runs/NAME in the working directory), tensorboard (a log
-                  directory; needs the tensorboard package)
+                  directory; needs the tensorboard package), evaluate_every (rounds between
+                  evaluations, default 1; the last round is always evaluated)
     [data]        dataset ("digits", "fashion_mnist", or a .npz / .csv path), path, subset,
                   workers, partition ("iid", "dirichlet", "shards", "quantity"), alpha,
                   classes_per_worker, test_fraction (held out on each worker for federated evaluation)
@@ -84,10 +85,14 @@ class ExperimentSection:
     seed: int = 0
     output: str | None = None  # default: runs/NAME
     tensorboard: str | None = None
+    evaluate_every: int = 1  # rounds between evaluations; the last round is always evaluated
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ConfigurationError(f"[experiment] rounds must be >= 1, got {self.rounds}")
+        if self.evaluate_every < 1:
+            raise ConfigurationError(f"[experiment] evaluate_every must be >= 1 (rounds between evaluations), "
+                                     f"got {self.evaluate_every}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -58,7 +58,7 @@ def run_experiment(
             seed=exp.seed, parallelism=fed.parallelism, groups=fed.groups, progress=display,
             checkpoint=exp.output / "checkpoint", settings=exp.settings(),
             secure_aggregation=exp.secure.mode, share_holders=fed.holders, secure=exp.secure.for_run(fed.secagg_ids),
-            work_deadline=exp.config.workers.work_deadline,
+            work_deadline=exp.config.workers.work_deadline, evaluate_every=exp.config.experiment.evaluate_every,
         )
         if resume and not engine.resume():
             display.note(f"no checkpoint in {exp.output / 'checkpoint'}: starting at round 1")

@@ -81,7 +81,12 @@ def _seed(*parts: object) -> int:
 
 
 class Engine:
-    """One run of federated training. `fit` below is the one-call form."""
+    """One run of federated training. `fit` below is the one-call form.
+
+    ``evaluate_every``: the model is evaluated (centrally on ``test_data`` and by the strategy's
+    ``evaluate_fn``, and federated where the strategy asks for it) every that many rounds, and
+    always after the last round of `run` or one after which the strategy stops training; with
+    thousands of owners and few sampled per round, evaluation can take longer than training."""
 
     def __init__(
         self,
@@ -106,7 +111,10 @@ class Engine:
         secure: SecureSettings | None = None,
         work_deadline: float = 3600.0,
         share_holders: Sequence[WorkerClient] = (),
+        evaluate_every: int = 1,
     ) -> None:
+        if isinstance(evaluate_every, bool) or not isinstance(evaluate_every, int) or evaluate_every < 1:
+            raise ConfigurationError(f"evaluate_every is a number of rounds >= 1, got {evaluate_every!r}")
         spec = sendable(model)
         aggregator = check_parties(workers, aggregator, secure_aggregation, share_holders)
         self.model, self.spec = model, spec
@@ -131,6 +139,8 @@ class Engine:
         self.clock = RoundClock()
         self.parameters = strategy.initialize_parameters(parameters_of(model))
         self.round = 0
+        self.evaluate_every = evaluate_every
+        self._last_round: int | None = None  # the last round of `run`, which is always evaluated
 
     @property
     def aggregator(self) -> WorkerClient:
@@ -401,8 +411,10 @@ class Engine:
         row.update(self.strategy.round_metrics())
         self.progress.start_phase(server_round, "evaluate", 0)
         evaluated = time.perf_counter()
-        row.update(self._central_evaluate(server_round))
-        row.update(self._federated_evaluate(server_round))
+        if (server_round % self.evaluate_every == 0 or server_round == self._last_round
+                or self.strategy.should_stop()):
+            row.update(self._central_evaluate(server_round))
+            row.update(self._federated_evaluate(server_round))
         row["fit_seconds"] = fit_time
         row.update(self.clock.split(fit_time))
         row["evaluate_seconds"] = time.perf_counter() - evaluated
@@ -436,6 +448,7 @@ class Engine:
         if rounds < 1:
             raise ConfigurationError(f"rounds must be >= 1, got {rounds}")
         self.progress.start(rounds, self.round)
+        self._last_round = rounds
         try:
             while self.round < rounds:
                 if self.strategy.should_stop():
