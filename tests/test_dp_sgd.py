@@ -20,7 +20,7 @@ from fedsecure.wire import messages as m
 from fedsecure.wire.ids import new_id
 from fedsecure.worker import training
 from fedsecure.worker.client import WorkerClient
-from fedsecure.worker.modules import build, describe, state_tensors
+from fedsecure.worker.modules import build, describe, load_state, state_tensors
 from fedsecure.worker.store import Sender
 
 DP = fl.DPSGD(noise_multiplier=0.7, max_grad_norm=1.0)
@@ -164,7 +164,9 @@ def test_one_record_moves_a_graph_model_by_at_most_its_clipped_share(digits) -> 
     clip, n = 0.01, len(y)
     settings = training.parse(fl.LocalTraining(batch_size=1_000, lr=1.0, max_steps=1,
                                                dp_sgd=fl.DPSGD(noise_multiplier=0.0, max_grad_norm=clip)).to_wire())
-    built = build(describe(Mixing()))
+    mixing = Mixing()
+    built = build(describe(mixing))
+    load_state(built, [t.detach().clone() for _, t in state_tensors(mixing)])
     assert type(built).__name__ == "GraphModel"
     trained = []
     for data in (x, neighbour):

@@ -390,6 +390,7 @@ def test_a_built_module_holds_exactly_the_weights_it_was_sent_and_draws_none_of_
     rng_before = torch.get_rng_state()
     built = build(spec)
     assert torch.equal(torch.get_rng_state(), rng_before), "building drew random initial weights"
+    assert not any(p.any() for p in built.parameters()), "zeros until loaded, never memory as allocated"
     load_state(built, [codec.decode(codec.encode(t)) for _, t in state_tensors(sent)])
     for (name, a), (_, b) in zip(state_tensors(sent), state_tensors(built), strict=True):
         assert torch.equal(a, b), name
