@@ -33,6 +33,14 @@ def test_pointer_overhead_benchmark_runs(tmp_path: Path) -> None:
     assert result["profile"]
 
 
+def test_model_transfer_benchmark_runs(tmp_path: Path) -> None:
+    table, result = run_quick("model_transfer.py", tmp_path)
+    assert "cnn_mcmahan" in table
+    for row in result["rows"].values():
+        assert row["same_values"] is True  # the model came back as it left
+        assert row["build_ms"] > 0 and row["round_trip_beside_ms"] > 0 and row["round_trip_inside_ms"] > 0
+
+
 def test_transport_benchmark_runs(tmp_path: Path) -> None:
     table, result = run_quick("transport.py", tmp_path)
     assert "raw TCP" in table

@@ -219,9 +219,10 @@ def test_a_large_tensor_between_workers_in_one_process_is_always_the_receivers_o
     before = federation.link_bytes.get(("bob", "alice"), 0)
     p.move(alice)
     assert federation.link_bytes[("bob", "alice")] - before >= src.nbytes, "the frame's bytes are counted"
+    (held,) = [e.obj for e in alice.core.objects.values() if isinstance(e.obj, torch.Tensor) and e.obj.numel() == 100_000]
     back = p.get()
     assert torch.equal(back, torch.arange(100_000, dtype=torch.float32))
-    back.zero_()
+    assert back.untyped_storage().data_ptr() != held.untyped_storage().data_ptr(), "the reply is the caller's own copy"
     assert alice.object_count() == 0
 
 

@@ -182,9 +182,9 @@ def test_the_holders_see_only_shares_and_the_model_owner_only_the_sum(digits) ->
     for h in holders:
         core, handle = fed.cores[h.id], fed.cores[h.id].handle
 
-        def spy(data, sender, handle=handle, name=h.id):
+        def spy(data, sender, handle=handle, name=h.id, **options):
             seen.append((name, m.decode_request(data)))
-            return handle(data, sender)
+            return handle(data, sender, **options)
 
         core.handle = spy  # type: ignore[method-assign]
     received_before = sum(w.bytes_received for w in workers_)

@@ -343,9 +343,8 @@ class WorkerServer:
                 f"{target.core.id!r} accepts no values from {source.core.id!r}: list it among "
                 f"{target.core.id!r}'s callers as a peer"
             )
-        tensors = [t.clone() for t in getattr(data, "frames", ())]  # the receiver's own copy
-        with source.gate.waiting_for_peer(), target.gate.enter(sender), codec.incoming(tensors):
-            return target.core.handle(bytes(data), sender, framed=True, max_reply=self.max_message)
+        with source.gate.waiting_for_peer(), target.gate.enter(sender):
+            return target.core.handle_local(data, sender, max_reply=self.max_message)
 
     # -- life ----------------------------------------------------------------------------
 

@@ -201,6 +201,14 @@ def _frame(data: bytes) -> torch.Tensor:
     return tensor
 
 
+def own_copy(frame: torch.Tensor) -> torch.Tensor:
+    """A frame handed over within one process, as its receiver keeps it: a copy that shares no
+    memory with the sender's tensor (a plain dense CPU tensor, or `ProtocolError`)."""
+    if type(frame) is not torch.Tensor or frame.layout != torch.strided or frame.device.type != "cpu":
+        raise ProtocolError("a tensor frame must be a plain dense CPU tensor")
+    return frame.detach().clone(memory_format=torch.contiguous_format)
+
+
 @contextlib.contextmanager
 def incoming(frames: list[torch.Tensor]) -> Iterator[None]:
     """Decode the messages within this block against ``frames``, the tensors that came

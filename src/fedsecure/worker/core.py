@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedsecure.errors import FedsecureError, ProtocolError
+from fedsecure.wire import codec
 from fedsecure.wire import messages as m
 from fedsecure.worker import aggregator, heap, moves, objects, ops, optimizers, rounds, sharing
 from fedsecure.worker.store import CLIENT, MAX_REPLY, Sender, WorkerState
@@ -62,6 +63,22 @@ HANDLERS: dict[type[m.Request], Handler] = {
 
 class WorkerCore(WorkerState):
     """One worker: its objects, its policy, and the protocol that serves them."""
+
+    def handle_local(self, data: bytes, sender: Sender, *, max_reply: int | None = None) -> bytes:
+        """Answer a request from a party in this process (`VirtualWorker`s, workers hosted by one
+        server). Large tensors travel beside the messages both ways (`codec.Framed`) as views of
+        their owner's: the worker gets its own copy of the request's, and the caller its own copy
+        of the reply's, made before anything else may change them (one copy each way, where
+        packing a tensor into a message and unpacking it took four)."""
+        frames = getattr(data, "frames", None)
+        if frames is None:
+            reply = self.handle(data, sender, framed=True, max_reply=max_reply)
+        else:
+            with codec.incoming([codec.own_copy(t) for t in frames]):
+                reply = self.handle(bytes(data), sender, framed=True, max_reply=max_reply)
+        if type(reply) is codec.Framed:
+            reply = codec.Framed(reply, [codec.own_copy(t) for t in reply.frames])
+        return reply
 
     def handle(self, data: bytes, sender: Sender, *, framed: bool | None = None, max_reply: int | None = None) -> bytes:
         """Answer one request. Never raises: every failure becomes an error reply.

@@ -2,11 +2,13 @@
 
 glibc's allocator keeps memory a process has freed for later use, and raises the size from
 which it maps large blocks on their own each time one is freed. A worker that trains and moves
-models of a few MB each therefore holds the freed blocks of earlier requests in its heap: in a
-Ray simulation of McMahan's CNN (benchmarks/vs_flower) the process tree's peak PSS was 1810 MB,
-1675 MB with a ``malloc_trim`` after each request. Fixing the threshold instead (every block of 4
-MB and more mapped on its own) gave 1470 MB but cost 15-20% of the time per round: each training
-step then maps, zeroes and unmaps the first linear layer's gradient.
+models of a few MB each therefore holds the freed blocks of earlier requests in its heap. In a
+Ray simulation of McMahan's CNN (``benchmarks/vs_flower/fedsecure_run.py --mode ray``, 12,000
+images, runs one after the other) the process tree's peak PSS was 1807-1866 MB, and 1660-1697 MB
+with this trim, at the same time per round. Fixing the threshold instead
+(``MALLOC_MMAP_THRESHOLD_=4194304``: every block of 4 MB and more mapped on its own) gave
+1470-1483 MB but cost 15-20% of the time per round: each training step then maps, zeroes and
+unmaps the first linear layer's gradient.
 
 A trim takes about 1 ms, so a process trims at most once a second (a cross-device round in one
 process handles hundreds of requests a second). Elsewhere than glibc it does nothing.

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fedsecure.errors import ProtocolError, WorkerUnavailable
+from fedsecure.errors import WorkerUnavailable
 from fedsecure.wire import codec
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import dtype_name
@@ -39,20 +39,8 @@ class Federation:
         self.locks[core.id] = threading.RLock()
 
     def call(self, worker_id: str, data: bytes, sender: Sender) -> bytes:
-        """Deliver one request. A framed one (`codec.Framed`) carries its large tensors beside the
-        body, as views of the sender's: the receiver gets its own copy of each (one copy, where
-        packing them into the body and unpacking it took four), and the caller its own copy of
-        the reply's, made while the worker is still held."""
         with self.locks[worker_id]:
-            core = self.cores[worker_id]
-            frames = getattr(data, "frames", None)
-            if frames is None:
-                return core.handle(data, sender)
-            with codec.incoming([_own_copy(t) for t in frames]):
-                reply = core.handle(bytes(data), sender, framed=True)
-            if type(reply) is codec.Framed:
-                reply = codec.Framed(reply, [_own_copy(t) for t in reply.frames])
-            return reply
+            return self.cores[worker_id].handle_local(data, sender)
 
     def send(self, source: str, destination: str, data: bytes) -> bytes:
         core = self.cores.get(destination)
@@ -62,13 +50,6 @@ class Federation:
         key = (source, destination)
         self.link_bytes[key] = self.link_bytes.get(key, 0) + codec.message_size(data)
         return self.call(destination, data, Sender("peer", source))
-
-
-def _own_copy(t: torch.Tensor) -> torch.Tensor:
-    """A frame as its receiver keeps it: a plain dense CPU tensor that shares no memory with the sender."""
-    if type(t) is not torch.Tensor or t.layout != torch.strided or t.device.type != "cpu":
-        raise ProtocolError("a tensor frame must be a plain dense CPU tensor")
-    return t.detach().clone(memory_format=torch.contiguous_format)
 
 
 default_federation = Federation()
@@ -188,7 +169,7 @@ class VirtualWorker(WorkerClient):
         fed.add(self.core)
         owner = self._owner = Sender("client", "model-owner")
         super().__init__(id, lambda data: fed.call(id, data, owner))
-        # large tensors travel beside messages, both ways and between workers (`Federation.call`)
+        # large tensors travel beside messages, both ways and between workers (`WorkerCore.handle_local`)
         self.framed = self.core.framed = True
         if isinstance(data, list | tuple):
             self._hand_over(data)

@@ -1,0 +1,107 @@
+"""What moving a model between workers in one process costs, side by side.
+
+1. Building a received model from its description: as a worker does it (`modules.build`, weights
+   zero-filled) against the layer classes' own constructors (random initial weights).
+2. The tutorial's round trip ``model.send(bob); model.move(secure_worker); model.get()``: large
+   tensors beside the message (what `VirtualWorker`s do) against inside it (``framed = False``
+   on every party, as before), alternating, medians.
+Models: the MLP and McMahan et al.'s CNN (1.7M weights) of `fedsecure.experiment.models`.
+Prints a table and writes JSON (default benchmarks/results/model_transfer.json).
+
+Run:  python benchmarks/model_transfer.py [--repeats N] [--quick] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    import fedsecure as sy
+except ModuleNotFoundError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    import fedsecure as sy
+from fedsecure.experiment.models import build_model
+from fedsecure.worker import modules
+
+MODELS = {"mlp": (1, 28, 28), "cnn_mcmahan": (1, 28, 28)}
+
+
+def _ms(f: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def _randomly_initialised(spec: dict[str, Any]) -> torch.nn.Module:
+    """The module of ``spec`` built by the layers' own constructors (what `build` did before)."""
+    children = [_randomly_initialised(child) for _, child in spec["children"]]
+    cls = modules.LAYERS[spec["type"]][0]
+    return cls(*children) if spec["type"] == "Sequential" else cls(**spec["args"])
+
+
+def round_trip(name: str, repeats: int) -> dict[str, Any]:
+    model = build_model(name, MODELS[name], 10)
+    before = [t.detach().clone() for t in model.state_dict().values()]
+    fed = sy.Federation()
+    bob, sw = sy.VirtualWorker(id="bob", federation=fed), sy.VirtualWorker(id="sw", federation=fed)
+
+    def once() -> None:
+        model.send(bob)
+        model.move(sw)
+        model.get()
+
+    times: dict[str, list[float]] = {"beside": [], "inside": []}
+    for _ in range(repeats):
+        for way in times:
+            for w in (bob, sw):
+                w.framed = w.core.framed = way == "beside"
+            times[way].append(_ms(once, 1))
+    same = all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values(), strict=True))
+    return {**{way: statistics.median(v[len(v) // 5:]) for way, v in times.items()}, "same_values": same}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--quick", action="store_true", help="5 repeats: seconds")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "model_transfer.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats = 5
+    torch.set_num_threads(1)
+    sy.TorchHook(torch)
+    rows = {}
+    for name in MODELS:
+        spec = modules.describe(build_model(name, MODELS[name], 10))
+        assert spec is not None
+        rows[name] = {
+            "build_random_ms": _ms(lambda spec=spec: _randomly_initialised(spec), args.repeats),
+            "build_ms": _ms(lambda spec=spec: modules.build(spec), args.repeats),
+            **{(k if k == "same_values" else f"round_trip_{k}_ms"): v
+               for k, v in round_trip(name, args.repeats).items()},
+        }
+    print("| model | build, random weights ms | build, zeros ms | send+move+get, tensors inside ms | beside ms | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in rows.items():
+        print(f"| {name} | {r['build_random_ms']:.2f} | {r['build_ms']:.2f} | {r['round_trip_inside_ms']:.2f} | "
+              f"{r['round_trip_beside_ms']:.2f} | {r['round_trip_beside_ms'] / r['round_trip_inside_ms']:.2f}x |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "torch": torch.__version__, "repeats": args.repeats}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
