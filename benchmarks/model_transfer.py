@@ -1,8 +1,13 @@
 """What moving a model between workers in one process costs, side by side.
 
-1. Building a received model from its description: as a worker does it (`modules.build`, weights
-   zero-filled) against the layer classes' own constructors (random initial weights).
-2. The tutorial's round trip ``model.send(bob); model.move(secure_worker); model.get()``: large
+1. Building a received model from its description and its decoded weights: as a worker does it
+   (`modules.receive`: built on the meta device, each weight the decoded tensor itself), against
+   building with zero-filled weights and copying the decoded ones in (`modules.build` and
+   `load_state`, as before), and against the layer classes' own constructors (random initial
+   weights, then the copy). The weights are decoded anew for every build, as on a worker.
+2. The digest an owner computes of every model it trains (`attest.model_digest`, BLAKE3) against
+   the same digest with SHA-256 (what it was before).
+3. The tutorial's round trip ``model.send(bob); model.move(secure_worker); model.get()``: large
    tensors beside the message (what `VirtualWorker`s do) against inside it (``framed = False``
    on every party, as before), alternating, medians.
 Models: the MLP and McMahan et al.'s CNN (1.7M weights) of `fedsecure.experiment.models`.
@@ -14,6 +19,7 @@ Run:  python benchmarks/model_transfer.py [--repeats N] [--quick] [--out PATH]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -30,7 +36,8 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import fedsecure as sy
 from fedsecure.experiment.models import build_model
-from fedsecure.worker import modules
+from fedsecure.wire import codec
+from fedsecure.worker import attest, modules
 
 MODELS = {"mlp": (1, 28, 28), "cnn_mcmahan": (1, 28, 28)}
 
@@ -49,6 +56,45 @@ def _randomly_initialised(spec: dict[str, Any]) -> torch.nn.Module:
     children = [_randomly_initialised(child) for _, child in spec["children"]]
     cls = modules.LAYERS[spec["type"]][0]
     return cls(*children) if spec["type"] == "Sequential" else cls(**spec["args"])
+
+
+def _sha256_digest(module: torch.nn.Module) -> bytes:
+    """`attest.model_digest` with SHA-256 in place of BLAKE3: the same bytes hashed."""
+    h = hashlib.sha256(b"fedsecure-model\0")
+    h.update(json.dumps(modules.describe(module), sort_keys=True, separators=(",", ":")).encode())
+    for name, t in modules.state_tensors(module):
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
+    return h.digest()
+
+
+def builds(name: str, repeats: int) -> dict[str, float]:
+    """Milliseconds to turn a received description and encoded weights into a model, three ways
+    (each decodes the weights anew, as a worker does), alternating, medians."""
+    model = build_model(name, MODELS[name], 10)
+    spec = modules.describe(model)
+    encoded = [codec.encode(t.detach()) for _, t in modules.state_tensors(model)]
+
+    def decoded() -> list[torch.Tensor]:
+        return [codec.decode(e) for e in encoded]
+
+    ways: dict[str, Callable[[], Any]] = {
+        "build_random_ms": lambda: modules.load_state(_randomly_initialised(spec), decoded()),
+        "build_ms": lambda: modules.load_state(modules.build(spec), decoded()),
+        "receive_ms": lambda: modules.receive(spec, decoded()),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(repeats):
+        for k, f in ways.items():
+            times[k].append(_ms(f, 1))
+    received, _ = modules.receive(spec, decoded())
+    digests = {"digest_sha256_ms": lambda: _sha256_digest(received), "digest_blake3_ms": lambda: attest.model_digest(received)}
+    for k in digests:
+        times[k] = []
+    for _ in range(repeats):
+        for k, f in digests.items():
+            times[k].append(_ms(f, 1))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def round_trip(name: str, repeats: int) -> dict[str, Any]:
@@ -86,16 +132,15 @@ def main() -> None:
     for name in MODELS:
         spec = modules.describe(build_model(name, MODELS[name], 10))
         assert spec is not None
-        rows[name] = {
-            "build_random_ms": _ms(lambda spec=spec: _randomly_initialised(spec), args.repeats),
-            "build_ms": _ms(lambda spec=spec: modules.build(spec), args.repeats),
-            **{(k if k == "same_values" else f"round_trip_{k}_ms"): v
-               for k, v in round_trip(name, args.repeats).items()},
-        }
-    print("| model | build, random weights ms | build, zeros ms | send+move+get, tensors inside ms | beside ms | ratio |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        rows[name] = {**builds(name, args.repeats),
+                      **{(k if k == "same_values" else f"round_trip_{k}_ms"): v
+                         for k, v in round_trip(name, args.repeats).items()}}
+    print("| model | build: random weights, copy ms | zeros, copy ms | on meta, adopt ms | digest SHA-256 ms "
+          "| BLAKE3 ms | send+move+get, tensors inside ms | beside ms | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
-        print(f"| {name} | {r['build_random_ms']:.2f} | {r['build_ms']:.2f} | {r['round_trip_inside_ms']:.2f} | "
+        print(f"| {name} | {r['build_random_ms']:.2f} | {r['build_ms']:.2f} | {r['receive_ms']:.2f} | "
+              f"{r['digest_sha256_ms']:.2f} | {r['digest_blake3_ms']:.2f} | {r['round_trip_inside_ms']:.2f} | "
               f"{r['round_trip_beside_ms']:.2f} | {r['round_trip_beside_ms'] / r['round_trip_inside_ms']:.2f}x |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

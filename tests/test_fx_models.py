@@ -17,7 +17,7 @@ from fedsecure import optim as remote_optim
 from fedsecure.data import federate, load_digits
 from fedsecure.wire import codec
 from fedsecure.worker.graphs import GraphModel
-from fedsecure.worker.modules import build, describe, load_state, state_tensors
+from fedsecure.worker.modules import LAYERS, build, describe, load_state, receive, state_tensors
 
 
 class ResidualMLP(nn.Module):
@@ -133,6 +133,9 @@ def test_a_built_graph_has_the_same_description_tensors_and_outputs(name: str) -
     assert [n for n, _ in state_tensors(built)] == [n for n, _ in state_tensors(model)]
     load_state(built, [t.detach().clone() for _, t in state_tensors(model)])
     torch.testing.assert_close(built(x), model(x), atol=1e-6, rtol=1e-6)
+    received_model, own = receive(received, [t.detach().clone() for _, t in state_tensors(model)])
+    assert describe(received_model) == spec and not any(t.is_meta for t in own)
+    torch.testing.assert_close(received_model(x), model(x), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -411,3 +414,44 @@ def test_a_state_that_does_not_fit_installs_nothing() -> None:
     with pytest.raises(sy.ProtocolError, match=r"does not fit"):
         load_state(module, bad)
     assert all(torch.equal(t, torch.ones_like(t)) for _, t in state_tensors(module))
+
+
+def test_a_received_module_holds_the_received_tensors_themselves() -> None:
+    sent = _every_layer_kind()
+    sent.train()
+    sent(torch.randn(5, 2, 6, 6))
+    sent.eval()
+    sent[0].bias.requires_grad_(False)  # a frozen parameter stays frozen
+    spec = codec.decode(codec.encode(describe(sent)))
+    tensors = [codec.decode(codec.encode(t.detach())) for _, t in state_tensors(sent)]
+    rng_before = torch.get_rng_state()
+    built, own = receive(spec, tensors)
+    assert torch.equal(torch.get_rng_state(), rng_before), "building drew random initial weights"
+    assert own == [t for _, t in state_tensors(built)]
+    for mine, theirs, (name, original) in zip(own, tensors, state_tensors(sent), strict=True):
+        assert mine.data_ptr() == theirs.data_ptr(), f"{name} was copied"
+        assert not mine.is_meta and mine.requires_grad == original.requires_grad, name
+        assert torch.equal(mine, original), name
+    assert describe(built) == describe(sent)
+    x = torch.randn(3, 2, 6, 6)
+    assert torch.equal(sent(x), built(x))
+    built.train()
+    built(x).sum().backward()  # it trains: its parameters are leaves with gradients
+    assert built[0].weight.grad is not None and built[0].bias.grad is None
+    for layer in (sent, nn.Embedding(10, 4, padding_idx=0), nn.Conv1d(2, 3, 3)):  # every kind with tensors
+        received, _ = receive(describe(layer), [t.detach().clone() for _, t in state_tensors(layer)])
+        left = [f"{type(m).__name__}.{k}" for m in received.modules() for k, v in vars(m).items()
+                if isinstance(v, torch.Tensor) and v.is_meta]
+        assert not left, f"tensors without memory: {left}"
+    kinds = {type(m).__name__ for m in sent.modules()} | {"Embedding", "Conv1d"}
+    allocating = {k for k, (cls, _) in LAYERS.items() if "device" in cls.__init__.__code__.co_varnames}
+    assert allocating and allocating <= kinds, f"layers that make tensors, not checked above: {allocating - kinds}"
+
+
+def test_a_received_state_that_does_not_fit_is_refused_before_anything_is_built_from_it() -> None:
+    spec = describe(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)))
+    transposed = [torch.zeros(3, 4), torch.zeros(3), torch.zeros(3, 2), torch.zeros(2)]
+    for bad, match in ((transposed, "does not fit"), (transposed[:3], "4 tensors, the message 3"),
+                       ([torch.zeros(3, 4, dtype=torch.float64), *transposed[1:]], "does not fit")):
+        with pytest.raises(sy.ProtocolError, match=match):
+            receive(spec, bad)

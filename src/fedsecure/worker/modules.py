@@ -179,25 +179,47 @@ def state_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*module.named_parameters(), *module.named_buffers()]
 
 
-def load_state(module: nn.Module, tensors: list[torch.Tensor], *, adopt: bool = False) -> list[torch.Tensor]:
-    """Copy ``tensors`` into a freshly built module; return its own tensors in the same order.
-
-    ``adopt``: the module takes ``tensors``' memory instead of a copy of it. Only for tensors that
-    nothing else refers to: those just decoded from a received message, which are the receiver's
-    own (a model's weights are then not copied a second time)."""
+def load_state(module: nn.Module, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copy ``tensors`` into a freshly built module; return its own tensors in the same order."""
     own = [t for _, t in state_tensors(module)]
-    if len(own) != len(tensors):
-        raise ProtocolError(f"the module has {len(own)} tensors, the message {len(tensors)}")
-    for mine, theirs in zip(own, tensors, strict=True):  # all checked before any is copied
-        if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
-            raise ProtocolError(
-                f"weight of shape {tuple(theirs.shape)} {theirs.dtype} does not fit "
-                f"{tuple(mine.shape)} {mine.dtype}"
-            )
+    _check_fit(own, tensors)
     with torch.no_grad():
         for mine, theirs in zip(own, tensors, strict=True):
-            if adopt and theirs.is_contiguous() and not theirs.requires_grad:
-                mine.data = theirs  # the module's tensor object (and its labels) stays; its memory is theirs
-            else:
-                mine.copy_(theirs)
+            mine.copy_(theirs)
     return own
+
+
+def receive(spec: Any, tensors: list[torch.Tensor]) -> tuple[nn.Module, list[torch.Tensor]]:
+    """The module of a received description around the received ``tensors`` themselves, and its
+    tensors in `state_tensors` order. Built on the meta device (no memory to allocate or fill:
+    zero-filling then replacing a model's fresh pages cost a worker as much as hashing them), then
+    each parameter and buffer becomes its tensor. Only for tensors that nothing else refers to:
+    those just decoded from a message, which are the receiver's own copies."""
+    with torch.device("meta"):
+        module = build(spec)
+    # state_tensors' order: each submodule's parameters, then each submodule's buffers. No layer
+    # on the allow-list keeps another reference to its tensors (tests/test_fx_models.py checks).
+    subs = list(module.modules())
+    slots: list[tuple[dict[str, Any], str, torch.Tensor]] = [
+        *((sub._parameters, k, p) for sub in subs for k, p in sub._parameters.items() if p is not None),
+        *((sub._buffers, k, b) for sub in subs for k, b in sub._buffers.items() if b is not None),
+    ]
+    _check_fit([t for _, _, t in slots], tensors)
+    own: list[torch.Tensor] = []
+    for (where, k, mine), theirs in zip(slots, tensors, strict=True):
+        theirs = theirs.detach().contiguous()
+        where[k] = nn.Parameter(theirs, requires_grad=mine.requires_grad) if isinstance(mine, nn.Parameter) else theirs
+        own.append(where[k])
+    return module, own
+
+
+def _check_fit(own: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
+    """Every received tensor fits its slot (all checked before any is used)."""
+    if len(own) != len(tensors):
+        raise ProtocolError(f"the module has {len(own)} tensors, the message {len(tensors)}")
+    for mine, theirs in zip(own, tensors, strict=True):
+        if not isinstance(theirs, torch.Tensor) or mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+            raise ProtocolError(
+                f"weight of shape {tuple(getattr(theirs, 'shape', ()))} {getattr(theirs, 'dtype', type(theirs))} "
+                f"does not fit {tuple(mine.shape)} {mine.dtype}"
+            )

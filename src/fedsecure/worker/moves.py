@@ -17,7 +17,7 @@ from fedsecure.worker import labels as lb
 from fedsecure.worker.attest import Attestation
 from fedsecure.worker.attest import wire as attest_wire
 from fedsecure.worker.guards import check_received, refuse_op, valid_attestation
-from fedsecure.worker.modules import build, describe, load_state, state_tensors
+from fedsecure.worker.modules import build, describe, load_state, receive, state_tensors
 from fedsecure.worker.store import CLIENT, Entry, Sender, WorkerState, cost, version
 
 
@@ -104,8 +104,7 @@ def deliver_module(state: WorkerState, msg: m.DeliverModule, sender: Sender) -> 
     check_received(state, frozenset().union(*per_tensor), sender)
     attestation = Attestation.from_wire(msg.attestation)
     state.admit(state.predicted_size(msg.spec), what="the model moved here")
-    module = build(msg.spec)
-    own = load_state(module, msg.tensors, adopt=True)  # decoded here: this worker's own
+    module, own = receive(msg.spec, msg.tensors)  # decoded here: this worker's own
     if len(per_tensor) != len(own):
         raise ProtocolError("one label list per tensor is required")
     for t, labels in zip(own, per_tensor, strict=True):

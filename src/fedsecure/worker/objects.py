@@ -17,7 +17,7 @@ from fedsecure.wire.ids import new_id
 from fedsecure.worker import execute as ex
 from fedsecure.worker import labels as lb
 from fedsecure.worker.guards import refuse_undefined
-from fedsecure.worker.modules import build, load_state, state_tensors
+from fedsecure.worker.modules import receive, state_tensors
 from fedsecure.worker.store import CLIENT, Entry, RemoteRecord, Sender, WorkerState, cost, meta, tag
 
 
@@ -42,8 +42,7 @@ def put(state: WorkerState, msg: m.Put, sender: Sender) -> Any:
 
 def put_module(state: WorkerState, msg: m.PutModule, sender: Sender) -> Any:
     state.admit(state.predicted_size(msg.spec), what="the model sent", private=msg.private)
-    module = build(msg.spec)
-    own = load_state(module, msg.tensors, adopt=True)  # decoded here: this worker's own
+    module, own = receive(msg.spec, msg.tensors)  # decoded here: this worker's own
     if msg.private:
         for t in own:
             lb.add_labels(t, frozenset({state.own_label}))
