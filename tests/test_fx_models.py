@@ -455,3 +455,7 @@ def test_a_received_state_that_does_not_fit_is_refused_before_anything_is_built_
                        ([torch.zeros(3, 4, dtype=torch.float64), *transposed[1:]], "does not fit")):
         with pytest.raises(sy.ProtocolError, match=match):
             receive(spec, bad)
+    placed = describe(nn.Linear(4, 3))
+    placed["args"]["device"] = "meta"  # tensors without memory, were it obeyed
+    with pytest.raises(sy.ProtocolError, match="does not choose a device"):
+        receive(placed, [torch.zeros(3, 4), torch.zeros(3)])

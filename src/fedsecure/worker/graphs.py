@@ -168,8 +168,9 @@ class GraphModel(nn.Module):
         return fx.Interpreter(self, garbage_collect_values=True, graph=self.graph).run(*args)
 
 
-def build(spec: Spec, depth: int, build_module: Build) -> nn.Module:
-    """Rebuild a graph (or a container a graph reaches into) from a peer's description."""
+def build(spec: Spec, depth: int, build_module: Build, device: torch.device | None = None) -> nn.Module:
+    """Rebuild a graph (or a container a graph reaches into) from a peer's description; its own
+    tensors zeros on ``device`` (``build_module`` builds the layers in it)."""
     kind = spec.get("type")
     keys = _KEYS | {"nodes"} if kind == GRAPH else _KEYS
     if depth > MAX_DEPTH:
@@ -178,7 +179,7 @@ def build(spec: Spec, depth: int, build_module: Build) -> nn.Module:
         raise ProtocolError(f"a {kind} description has exactly the keys {sorted(keys)}, got {sorted(spec)}")
     root = CONTAINERS.get(str(kind), nn.Module)()
     _add_children(root, str(kind), spec["children"], depth, build_module)
-    _add_tensors(root, spec["tensors"], spec["frozen"])
+    _add_tensors(root, spec["tensors"], spec["frozen"], device)
     if kind != GRAPH:
         root.training = bool(spec["training"])
         return root
@@ -212,7 +213,7 @@ def _add_children(root: nn.Module, kind: str, children: Any, depth: int, build_m
         root.add_module(name, build_module(item[1], depth + 1))
 
 
-def _add_tensors(root: nn.Module, tensors: Any, frozen: Any) -> None:
+def _add_tensors(root: nn.Module, tensors: Any, frozen: Any, device: torch.device | None) -> None:
     if not isinstance(tensors, list) or len(tensors) > MAX_ITEMS:
         raise ProtocolError(f"tensors must be a list of at most {MAX_ITEMS} [name, kind, shape, dtype]")
     if not isinstance(frozen, list) or not all(isinstance(n, str) for n in frozen):
@@ -232,7 +233,7 @@ def _add_tensors(root: nn.Module, tensors: Any, frozen: Any) -> None:
             numel *= d
         if numel > MAX_ELEMENTS:
             raise ProtocolError(f"tensor {name!r} has {numel} elements, over the limit of {MAX_ELEMENTS}")
-        value = torch.zeros(tuple(shape), dtype=parse_dtype(dtype_name))
+        value = torch.zeros(tuple(shape), dtype=parse_dtype(dtype_name), device=device)
         if kind == "buffer":
             root.register_buffer(name, value)
             continue

@@ -72,6 +72,7 @@ LAYERS: dict[str, tuple[type[nn.Module], Callable[[nn.Module], dict[str, Any]]]]
     "Sequential": (nn.Sequential, lambda m: {}),
 }
 _TYPE_NAMES = {cls: name for name, (cls, _) in LAYERS.items()}
+_ALLOCATING = frozenset(cls for cls, _ in LAYERS.values() if "device" in cls.__init__.__code__.co_varnames)
 _SCALAR = (bool, int, float, str, type(None))
 _SPEC_KEYS = {"type", "args", "children", "training", "frozen"}
 
@@ -116,12 +117,14 @@ def _zeros(module: nn.Module) -> None:
             p.zero_()
 
 
-def _zero_initialised(cls: type[nn.Module], args: dict[str, Any]) -> nn.Module:
+def _zero_initialised(cls: type[nn.Module], args: dict[str, Any], device: torch.device | None) -> nn.Module:
     """``cls(**args)`` with zeros for weights instead of random ones: a built module's weights are
     all overwritten by those that came with its description, and drawing them first took most of
-    the time of building a model (`benchmarks/model_transfer.py`: McMahan's CNN 5.9 ms, 0.9 ms with
-    zeros). Zeros, not the memory as allocated: that could hold what this process freed before,
-    another owner's data."""
+    the time of building a model (`benchmarks/model_transfer.py`). Zeros, not the memory as
+    allocated: that could hold what this process freed before, another owner's data. ``device``
+    goes to the layers that make tensors (a layer without them takes no ``device``)."""
+    if device is not None and cls in _ALLOCATING:
+        args = {**args, "device": device}
     module = cls.__new__(cls)
     module.__dict__["reset_parameters"] = lambda: _zeros(module)  # found before the class's method
     try:
@@ -131,11 +134,12 @@ def _zero_initialised(cls: type[nn.Module], args: dict[str, Any]) -> nn.Module:
     return module
 
 
-def build(spec: Any, depth: int = 0) -> nn.Module:
+def build(spec: Any, depth: int = 0, *, device: torch.device | None = None) -> nn.Module:
     """Build a module from a description received from a peer (validated here). Its weights are
-    zeros, not drawn at random: `load_state` gives them the values that came with it."""
+    zeros, not drawn at random: `load_state` gives them the values that came with it. On the meta
+    ``device`` they take no memory (`receive`)."""
     if isinstance(spec, dict) and spec.get("type") in graphs.KINDS:
-        return graphs.build(spec, depth, build)
+        return graphs.build(spec, depth, lambda child, d: build(child, d, device=device), device)
     if depth > 32 or not isinstance(spec, dict) or set(spec) != _SPEC_KEYS:
         raise ProtocolError("malformed module description")
     kind, args, children = spec["type"], spec["args"], spec["children"]
@@ -145,6 +149,8 @@ def build(spec: Any, depth: int = 0) -> nn.Module:
         isinstance(k, str) and _valid_arg(v) for k, v in args.items()
     ):
         raise ProtocolError(f"malformed arguments for {kind}")
+    if "device" in args:  # the receiver decides where its tensors live
+        raise ProtocolError(f"{kind}: a model's description does not choose a device, got device={args['device']!r}")
     if not isinstance(children, list) or len(children) > 10_000:
         raise ProtocolError("malformed children")
     if kind != "Sequential" and children:
@@ -158,9 +164,9 @@ def build(spec: Any, depth: int = 0) -> nn.Module:
                     raise ProtocolError("malformed child")
                 if not item[0].isidentifier() and not item[0].isdigit():
                     raise ProtocolError(f"bad child name {item[0]!r}")
-                module.add_module(item[0], build(item[1], depth + 1))
+                module.add_module(item[0], build(item[1], depth + 1, device=device))
         else:
-            module = _zero_initialised(cls, args)
+            module = _zero_initialised(cls, args, device)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"cannot build {kind}({args}): {exc}") from exc
     module.training = bool(spec["training"])  # children keep their own modes
@@ -195,8 +201,7 @@ def receive(spec: Any, tensors: list[torch.Tensor]) -> tuple[nn.Module, list[tor
     zero-filling then replacing a model's fresh pages cost a worker as much as hashing them), then
     each parameter and buffer becomes its tensor. Only for tensors that nothing else refers to:
     those just decoded from a message, which are the receiver's own copies."""
-    with torch.device("meta"):
-        module = build(spec)
+    module = build(spec, device=torch.device("meta"))
     # state_tensors' order: each submodule's parameters, then each submodule's buffers. No layer
     # on the allow-list keeps another reference to its tensors (tests/test_fx_models.py checks).
     subs = list(module.modules())
