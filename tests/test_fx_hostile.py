@@ -220,3 +220,15 @@ def test_graph_calls_on_plain_values_cannot_grow_them(op: str, target: str, args
 )
 def test_graph_operators_on_small_plain_values_work(target: str, args: list[Any], value: Any, expected: Any) -> None:
     assert build(_graph("call_function", target, args))(value) == expected
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_a_model_described_far_larger_than_its_weights_allocates_nothing(bob: sy.VirtualWorker, graph: bool) -> None:
+    """A description of 10^12 weights that come with a handful: the worker builds the description
+    without memory and refuses the weights that do not fit, instead of first allocating 4 TB."""
+    spec = copy.deepcopy(BASE) if graph else describe(nn.Sequential(nn.Linear(3, 2)))
+    spec["children"][0][1]["args"].update(in_features=10**6, out_features=10**6)
+    tensors = [torch.zeros(2, 3), torch.zeros(2), torch.zeros(2)][: 3 if graph else 2]
+    with pytest.raises(sy.ProtocolError, match="does not fit"):
+        bob.request(m.PutModule(new_id(), spec, tensors, [new_id() for _ in tensors], False))
+    assert bob.object_count() == 0

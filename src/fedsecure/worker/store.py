@@ -280,8 +280,7 @@ class WorkerState:
         quota needs it."""
         if self._memory_quota is None:
             return 0
-        with torch.device("meta"):
-            module = build(spec)
+        module = build(spec, device=torch.device("meta"))
         return sum(cost(t) for _, t in state_tensors(module))
 
     def install_module(self, module: nn.Module, module_id: int, ids: list[int], entry: Entry) -> list[torch.Tensor]:
