@@ -9,14 +9,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from fedsecure import fl
+from fedsecure.data import load_digits
 from fedsecure.experiment import load, run_experiment
 from fedsecure.experiment.models import build_model
 from fedsecure.experiment.ray_hosts import RaySimulation
@@ -104,13 +106,13 @@ def _refused(address: str) -> bool:
     return False
 
 
-def test_the_owners_of_a_lost_node_fail_that_round_and_come_back(cluster: Cluster, tmp_path: Path) -> None:
-    exp = _digits(tmp_path, "lost", **_on_ray(cluster), **{"data.workers": 6, "strategy.fraction_fit": 1.0,
-                                                          "strategy.min_fit_workers": 1,
-                                                          "strategy.fraction_evaluate": 0.0})
+def _lose_a_node_after_round_1(cluster: Cluster, exp: Any, then: Callable[[], None] = lambda: None) -> Any:
+    """Three rounds on two actors; after round 1, ``then()`` and the worker node goes (a new one
+    joins, with room for Ray to restart the actor). The history, and the owners that were there."""
     data = exp.dataset()
     model = build_model("mlp", tuple(data.x_train.shape[1:]), data.num_classes, hidden=64)
-    with RaySimulation(exp, actors=2, address=cluster.address, num_cpus=1.0) as sim:
+    with RaySimulation(exp, actors=2, address=cluster.address, num_cpus=1.0,
+                       ship_data=exp.config.workers.ship_data) as sim:
         assert sorted(sim.nodes) == sorted(n.node_id for n in [cluster.head_node, *cluster.worker_nodes])
         node = next(iter(cluster.worker_nodes))
         lost = sim.nodes.index(node.node_id)  # the actor on the node that goes
@@ -118,6 +120,7 @@ def test_the_owners_of_a_lost_node_fail_that_round_and_come_back(cluster: Cluste
 
         def lose_the_node(row: dict[str, Any]) -> None:
             if row["round"] == 1:
+                then()
                 cluster.remove_node(node)
                 cluster.add_node(num_cpus=1)  # room for Ray to restart the actor
                 deadline = time.monotonic() + 30
@@ -126,15 +129,45 @@ def test_the_owners_of_a_lost_node_fail_that_round_and_come_back(cluster: Cluste
 
         _, history = fl.fit(model, sim.workers, exp.strategy(), rounds=ROUNDS, aggregator=sim.aggregator,
                             groups=sim.groups, seed=exp.seed, on_round=lose_the_node)
-        moved = sim.addresses[lost]
-    rows = history.rows
-    owners_there = {name for name, host in sim.groups.items() if host == lost}
+        assert sim.addresses[lost] != old
+    return history.rows, {name for name, host in sim.groups.items() if host == lost}
+
+
+ALL_TRAIN = {"data.workers": 6, "strategy.fraction_fit": 1.0, "strategy.min_fit_workers": 1,
+             "strategy.fraction_evaluate": 0.0}
+
+
+def _failed_then_back(rows: list[dict[str, Any]], owners_there: set[str]) -> None:
     assert rows[0]["workers"] == 6 and "failures" not in rows[0]
     failed = {f.split(" ", 1)[0] for f in rows[1]["failures"]}
     assert failed and failed <= owners_there, rows[1]["failures"]
     assert all("Ray actor" in f for f in rows[1]["failures"])
-    assert rows[2]["workers"] == 6 and "failures" not in rows[2]
-    assert moved != old
+    assert rows[2]["workers"] == 6 and "failures" not in rows[2], rows[2].get("failures")
+
+
+def test_the_owners_of_a_lost_node_fail_that_round_and_come_back(cluster: Cluster, tmp_path: Path) -> None:
+    _failed_then_back(*_lose_a_node_after_round_1(cluster, _digits(tmp_path, "lost", **_on_ray(cluster), **ALL_TRAIN)))
+
+
+def test_shipped_shares_outlive_the_data_file_and_the_node_that_held_them(cluster: Cluster, tmp_path: Path) -> None:
+    """With ship_data the actors never read the data set: after round 1 its file is gone and so
+    is one actor's node; Ray restarts that actor on the new node from the shares it was sent."""
+    digits = load_digits(seed=0)
+    npz = tmp_path / "digits.npz"
+    np.savez(npz, x_train=digits.x_train.numpy(), y_train=digits.y_train.numpy(), x_test=digits.x_test.numpy(),
+             y_test=digits.y_test.numpy())
+    exp = _digits(tmp_path, "shipped", **_on_ray(cluster), **ALL_TRAIN,
+                  **{"data.dataset": str(npz), "workers.ship_data": True})
+    _failed_then_back(*_lose_a_node_after_round_1(cluster, exp, then=npz.unlink))
+    assert not npz.exists()
+
+
+def test_an_actor_that_cannot_read_the_data_set_says_how_to_send_it(cluster: Cluster, tmp_path: Path) -> None:
+    exp = _digits(tmp_path, "unread", **_on_ray(cluster), **{"data.dataset": str(tmp_path / "only-here.npz")})
+    with pytest.raises(fl.ConfigurationError, match=r"only-here\.npz.*on Ray node .*ship_data = true"):
+        RaySimulation(exp, actors=2, address=cluster.address, num_cpus=1.0).start()
+    with pytest.raises(fl.ConfigurationError, match='ship_data .* needs mode = "ray"'):
+        _digits(tmp_path, "local", **{"workers.ship_data": True})
 
 
 def test_fit_takes_a_backend_that_hosts_the_owners_for_the_run(

@@ -42,7 +42,9 @@ runs (data sets, output, tensorboard, certificates); a path given on the command
                   for "processes" (simulation hosts on this machine): processes, threads (per process);
                   for "ray" (simulation hosts in Ray actors; needs fedsecure[ray]): address ("auto" or
                   a cluster's address joins it; default: a local Ray for the run), actors (default:
-                  as many as the free CPUs allow), num_cpus and num_gpus (per actor);
+                  as many as the free CPUs allow), num_cpus and num_gpus (per actor), ship_data
+                  (true: the shares reach the actors through Ray's object store, for a data set
+                  that only this machine can read);
                   for "remote": token or tls_dir, and [[workers.remote]] tables (id, address),
                   plus [workers.aggregator_address]; for secure = "shares": share_holders (ids,
                   default [aggregator, aggregator + "_2"]), and in remote mode
@@ -239,12 +241,16 @@ class WorkersSection:
     actors: int | None = None  # ray: actors hosting the owners (default: as many as the CPUs allow)
     num_cpus: float = 1.0  # ray: CPUs per actor
     num_gpus: float = 0.0  # ray: GPUs per actor
+    ship_data: bool = False  # ray: each actor gets its owners' shares through Ray's object store
 
     def __post_init__(self) -> None:
         try:
             check_device_name(self.device)
         except DeviceError as exc:
             raise ConfigurationError(f"[workers] {exc}") from None
+        if self.ship_data and self.mode != "ray":
+            raise ConfigurationError(f'[workers] ship_data sends the shares to Ray actors: it needs mode = "ray", '
+                                     f"not {self.mode!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -17,13 +17,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedsecure.aggregate.identity import SigningIdentity
-from fedsecure.experiment.config import parse
+from fedsecure.experiment.config import Experiment, parse
 from fedsecure.experiment.owners import MODEL_OWNER, owner_id, shares_of
 from fedsecure.experiment.simulation import LISTENING, token_for
+from fedsecure.fl import ConfigurationError
 from fedsecure.transport.grpc import WorkerServer
 from fedsecure.worker.core import WorkerCore
 from fedsecure.worker.labels import Policy
@@ -39,26 +41,44 @@ def _identity(secagg: Mapping[str, Any] | None, name: str) -> SecAggIdentity | N
     return SecAggIdentity(secagg["ids"][name], SigningIdentity(signing, verify))
 
 
-def serve(spec: Mapping[str, Any], host: str = "127.0.0.1") -> WorkerServer:
+def serve(spec: Mapping[str, Any], host: str = "127.0.0.1",
+          shares: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> WorkerServer:
     """A host's owners, from its spec: their data, one worker core each, one server for all of them,
-    listening on ``host`` and started (what a host process and a Ray actor host alike run)."""
+    listening on ``host`` and started (what a host process and a Ray actor host alike run).
+
+    ``shares``: each owner's data by owner index (as text) and tag, as `shares_of` gives it, when
+    the model owner's process sent them (a Ray actor with ``ship_data``); else the host loads the
+    data set and partitions it itself."""
     torch.set_num_threads(int(spec["threads"]))
     exp = parse(spec["config"], base=Path(spec["base"]))
     peers: dict[str, str] = spec["peers"]
-    data = exp.dataset()
-    parts = exp.partitions(data)
+    owned = _shipped(spec["owners"], shares) if shares is not None else _loaded(exp, spec["owners"])
     policy = Policy(trusted_aggregators=frozenset(peers), private_sends=False)
     server = WorkerServer(host=host)
     for i in spec["owners"]:
         name = owner_id(i)
         core = WorkerCore(name, policy=policy, secagg_identity=_identity(spec.get("secagg"), name),
                           device=spec.get("device", "cpu"))
-        for tag, tensor in shares_of(exp, data, parts, i).items():
+        for tag, tensor in owned.pop(i).items():
             core.load(tensor, (tag,))
         server.add(core, callers={spec["owner_token"]: ("client", MODEL_OWNER)},
                    peers=peers, token=token_for(spec["secret"], name))
-    del data, parts
     return server.start()
+
+
+def _loaded(exp: Experiment, owners: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """The owners' shares, from the data set as this host reads it."""
+    data = exp.dataset()
+    parts = exp.partitions(data)
+    return {i: shares_of(exp, data, parts, i) for i in owners}
+
+
+def _shipped(owners: list[int], shares: Mapping[str, Mapping[str, np.ndarray]]) -> dict[int, dict[str, torch.Tensor]]:
+    """The owners' shares as sent, each a tensor of its own (the arrays as received may be read-only
+    views of Ray's object store)."""
+    if sorted(shares) != sorted(str(i) for i in owners):
+        raise ConfigurationError(f"the shares sent are those of owners {sorted(shares)}, this host serves {owners}")
+    return {i: {tag: torch.from_numpy(np.array(a)) for tag, a in shares[str(i)].items()} for i in owners}
 
 
 def host(spec: Mapping[str, Any]) -> None:

@@ -1,8 +1,10 @@
 """Simulation on a Ray cluster: the data owners hosted in Ray actors, several owners per actor.
 
 `RaySimulation` is `Simulation` with Ray actors where `Simulation` starts host processes. Each
-actor loads the data set itself (once, when it starts), keeps the shares of the owners assigned to
-it as their private data, serves them from one gRPC server (`fedsecure.experiment.host.serve`, the
+actor loads the data set itself (once, when it starts), or with ``ship_data`` receives just its
+owners' shares, read and partitioned in this process and put once into Ray's object store (for
+a data set that only this machine can read); it keeps the shares of the owners assigned to it
+as their private data, serves them from one gRPC server (`fedsecure.experiment.host.serve`, the
 code a host process runs) and tells the model owner its address. The aggregator stays in this
 process; trained models move from an actor straight to it, and this process receives only the
 aggregate. As with processes, every owner has its own token, derived from a secret of the run that
@@ -35,9 +37,10 @@ import time
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from fedsecure.errors import WorkerUnavailable
+from fedsecure.errors import DatasetNotFound, WorkerUnavailable
 from fedsecure.experiment.config import Experiment
 from fedsecure.experiment.host import serve
+from fedsecure.experiment.owners import shares_of
 from fedsecure.experiment.simulation import Simulation, assign
 from fedsecure.fl import ConfigurationError
 from fedsecure.transport.grpc import GrpcTransport
@@ -63,10 +66,15 @@ class OwnerHost:
     """The body of one Ray actor (``ray.remote(OwnerHost)`` at run time): its owners served from one
     server on ``bind`` (None: its node's address), as a host process serves them."""
 
-    def __init__(self, spec: Mapping[str, Any], bind: str | None) -> None:
+    def __init__(self, spec: Mapping[str, Any], bind: str | None, shares: Mapping[str, Any] | None = None) -> None:
         import ray
 
-        self._server = serve(spec, bind or ray.util.get_node_ip_address())
+        try:
+            self._server = serve(spec, bind or ray.util.get_node_ip_address(), shares)
+        except DatasetNotFound as exc:  # the path is the model owner's, read on this actor's node
+            raise DatasetNotFound(f"{exc} (on Ray node {ray.get_runtime_context().get_node_id()}); a data set that "
+                                  "only the model owner's machine can read reaches the actors with [workers] "
+                                  "ship_data = true") from None
 
     def address(self) -> str:
         return self._server.address
@@ -156,7 +164,7 @@ class _Host:
 def _reason(exc: BaseException) -> str:
     """The last line of Ray's account of an actor's death (its traceback is in the log above)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1][:300] if lines else type(exc).__name__
+    return lines[-1][:600] if lines else type(exc).__name__
 
 
 class _OwnerTransport:
@@ -183,7 +191,9 @@ class RaySimulation(Simulation):
     ``address``: None starts a local Ray (stopped at the end); "auto" or a cluster's address joins
     that cluster (left running). A process already connected to Ray uses that connection.
     ``actors``: default, as many as the cluster's free CPUs (and GPUs) allow, at most one per owner.
-    ``threads``: torch threads per actor (default: its CPUs). The other options are `Simulation`'s.
+    ``threads``: torch threads per actor (default: its CPUs). ``ship_data``: each actor receives
+    its owners' shares through Ray's object store instead of reading the data set on its node.
+    The other options are `Simulation`'s.
     """
 
     def __init__(
@@ -195,6 +205,7 @@ class RaySimulation(Simulation):
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         threads: int | None = None,
+        ship_data: bool = False,
         **options: Any,
     ) -> None:
         if actors is not None and actors < 1:
@@ -207,6 +218,8 @@ class RaySimulation(Simulation):
                                      'not use: set [workers] device = "cuda" (or "auto")')
         self.requested, self.ray_address = actors, address
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.ship_data = ship_data
+        self._shipped: list[Any] = []  # each actor's shares in Ray's object store, kept for its restarts
         self.actors = self.processes
         self.nodes: list[str] = []  # the Ray node each actor started on
         self._actors: list[Any] = []
@@ -270,7 +283,8 @@ class RaySimulation(Simulation):
         actor = ray.remote(OwnerHost).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=-1,
                                               scheduling_strategy="SPREAD")
         bind = LOOPBACK if self.bind == LOOPBACK else None
-        self._actors = [actor.remote(self.host_spec(p), bind) for p in range(self.actors)]
+        self._shipped = self._ship(ray) if self.ship_data else [None] * self.actors
+        self._actors = [actor.remote(self.host_spec(p), bind, self._shipped[p]) for p in range(self.actors)]
         try:
             addresses = [str(a) for a in ray.get([a.address.remote() for a in self._actors], timeout=self.timeout)]
             self.nodes = [str(n) for n in ray.get([a.node.remote() for a in self._actors], timeout=self.timeout)]
@@ -283,6 +297,16 @@ class RaySimulation(Simulation):
             raise ConfigurationError(f"a Ray actor hosting owners failed to start: {_reason(exc)}") from None
         self._homes = [_Host(p, a, addresses[p], self.owner_token, self.timeout) for p, a in enumerate(self._actors)]
         return addresses
+
+    def _ship(self, ray: Any) -> list[Any]:
+        """Each actor's shares, put once into Ray's object store: read and partitioned here, so that
+        an actor (and one Ray restarts on another node) never needs the data set's path."""
+        exp = self.experiment
+        data = exp.dataset()
+        parts = exp.partitions(data)
+        return [ray.put({str(i): {tag: t.numpy() for tag, t in shares_of(exp, data, parts, i).items()}
+                         for i in range(self.owners) if self.hosts[i] == p})
+                for p in range(self.actors)]
 
     def _owner(self, name: str, host: int, address: str) -> WorkerClient:
         client = WorkerClient(name, _OwnerTransport(name, self._homes[host]))
@@ -298,7 +322,7 @@ class RaySimulation(Simulation):
         ray = self._ray
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
-        self._actors, self._homes = [], []
+        self._actors, self._homes, self._shipped = [], [], []
         super().stop()
         if self._disconnect:
             ray.shutdown()  # stops a local Ray; only disconnects from a cluster that was joined
