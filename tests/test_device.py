@@ -54,6 +54,60 @@ def test_cpu_and_auto_train_exactly_as_without_a_device() -> None:
             assert torch.equal(after[name], t), (device, name)
 
 
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that copy a tensor's value to the host (each one waits for an accelerator)."""
+
+    READS = {torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__, torch.Tensor.item,
+             torch.Tensor.tolist, torch.Tensor.numpy}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.reads += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("what", ["fit", "evaluate"])
+def test_training_and_evaluation_read_values_on_the_host_once_not_every_step(what: str) -> None:
+    """No per-step host round trip: the host reads a loss or a count as often for 40 batches as for 2."""
+    settings = training.parse(fl.LocalTraining(epochs=1, batch_size=4, lr=0.05).to_wire())
+    reads = []
+    for n in (8, 160):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+        x, y = torch.randn(n, 5), torch.randint(0, 3, (n,))
+        with _HostReads() as mode:
+            if what == "fit":
+                training.fit(model, x, y, settings, seed=3)
+            else:
+                training.evaluate(model, x, y, "cross_entropy", 4)
+        reads.append(mode.reads)
+    assert reads[0] == reads[1], reads
+
+
+def test_the_mean_training_loss_is_the_same_sum_as_of_python_floats() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    reference = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(50, 5), torch.randint(0, 3, (50,))
+    settings = training.parse(fl.LocalTraining(epochs=2, batch_size=7, lr=0.05).to_wire())
+    _, mean, steps = training.fit(model, x, y, settings, seed=3)
+    generator, opt, total = torch.Generator().manual_seed(3), torch.optim.SGD(reference.parameters(), lr=0.05), 0.0
+    for _ in range(2):
+        order = torch.randperm(50, generator=generator)
+        for start in range(0, 50, 7):
+            index = order[start : start + 7]
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(reference(x[index]), y[index])
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(index)
+    assert steps == 16 and mean == total / 100
+
+
 @pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
 def test_auto_is_the_cpu_without_a_gpu() -> None:
     assert resolve("auto") == torch.device("cpu")

@@ -162,11 +162,13 @@ def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings,
     anchor = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
     generator = torch.Generator().manual_seed(seed & (2**63 - 1))
     n, b = x.shape[0], settings.batch_size
-    total, count, steps = 0.0, 0, 0
+    # The summed loss stays where the data is: reading it on the host every step would stop an
+    # accelerator's queue each time (float64, the same sums as Python floats).
+    total, count, steps = torch.zeros((), dtype=torch.float64, device=x.device), 0, 0
     module.train()
     with torch.enable_grad():
         for _ in range(settings.epochs):
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=generator).to(x.device)  # the same order on any device
             for start in range(0, n, b):
                 index = order[start : start + b]
                 xb, yb = x[index], y[index]
@@ -178,12 +180,12 @@ def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings,
                 else:
                     loss.backward()
                 optimizer.step()
-                total += float(loss.detach()) * len(index)
+                total += loss.detach().double() * len(index)
                 count += len(index)
                 steps += 1
                 if settings.max_steps is not None and steps >= settings.max_steps:
-                    return n, total / count, steps
-    return n, total / max(count, 1), steps
+                    return n, float(total) / count, steps
+    return n, float(total) / max(count, 1), steps
 
 
 def check(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings) -> torch.optim.Optimizer:
@@ -216,12 +218,14 @@ def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, bat
     """``[summed loss, correct predictions, examples]`` of ``module`` on (x, y), as float64."""
     check_evaluation(x, y, loss, batch_size)
     module.eval()
-    loss_sum, correct = 0.0, 0
+    # Summed where the data is, read once at the end (as in `fit`).
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
             out = module(xb)
-            loss_sum += float(loss_of(loss, out, yb)) * len(xb)
+            loss_sum += loss_of(loss, out, yb).double() * len(xb)
             if loss in _CLASSIFICATION and out.dim() == 2:
-                correct += int((out.argmax(1) == yb).sum())
-    return torch.tensor([loss_sum, float(correct), float(x.shape[0])], dtype=torch.float64)
+                correct += (out.argmax(1) == yb).sum()
+    return torch.tensor([float(loss_sum), float(correct), float(x.shape[0])], dtype=torch.float64)
