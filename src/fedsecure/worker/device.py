@@ -6,6 +6,8 @@ each `Fit` or `Evaluate` trains a twin of the stored model on the device, then c
 back into the stored model, which stays on the CPU with everything else the worker holds: the
 model owner's tensors, the aggregator's inputs and what travels on the wire. With CUDA, transfers
 go through pinned host memory. On the CPU nothing is copied: the stored model trains in place.
+Training and evaluation keep their running sums on the device and read them once at the end
+(`fedsecure.worker.training`), so no batch waits for the host.
 """
 
 from __future__ import annotations
