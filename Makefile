@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/pointer_overhead.py
 	$(PY) benchmarks/model_transfer.py
+	$(PY) benchmarks/process_floor.py
 	$(PY) benchmarks/transport.py
 	$(PY) benchmarks/secure_aggregation.py
 	$(PY) benchmarks/fl_scale.py

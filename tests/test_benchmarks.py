@@ -39,6 +39,15 @@ def test_model_transfer_benchmark_runs(tmp_path: Path) -> None:
     for row in result["rows"].values():
         assert row["same_values"] is True  # the model came back as it left
         assert row["build_ms"] > 0 and row["round_trip_beside_ms"] > 0 and row["round_trip_inside_ms"] > 0
+        assert all(row[k] > 0 for k in ("build_random_ms", "receive_ms", "digest_sha256_ms", "digest_blake3_ms"))
+
+
+def test_process_floor_benchmark_runs(tmp_path: Path) -> None:
+    table, result = run_quick("process_floor.py", tmp_path)
+    assert "| first fit |" in table
+    rows = result["rows"]
+    assert rows["torch"]["pss"] > rows["numpy"]["pss"] > 0
+    assert rows["second fit"]["seconds"] < rows["first fit"]["seconds"]  # the first one imports what it needs
 
 
 def test_transport_benchmark_runs(tmp_path: Path) -> None:
