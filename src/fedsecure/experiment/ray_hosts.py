@@ -37,6 +37,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
+from fedsecure.data import Dataset
 from fedsecure.errors import DatasetNotFound, WorkerUnavailable
 from fedsecure.experiment.config import Experiment
 from fedsecure.experiment.host import serve
@@ -192,8 +193,9 @@ class RaySimulation(Simulation):
     that cluster (left running). A process already connected to Ray uses that connection.
     ``actors``: default, as many as the cluster's free CPUs (and GPUs) allow, at most one per owner.
     ``threads``: torch threads per actor (default: its CPUs). ``ship_data``: each actor receives
-    its owners' shares through Ray's object store instead of reading the data set on its node.
-    The other options are `Simulation`'s.
+    its owners' shares through Ray's object store instead of reading the data set on its node;
+    ``dataset``: the experiment's data set as the caller has read it (read here otherwise). The
+    other options are `Simulation`'s.
     """
 
     def __init__(
@@ -206,6 +208,7 @@ class RaySimulation(Simulation):
         num_gpus: float = 0.0,
         threads: int | None = None,
         ship_data: bool = False,
+        dataset: Dataset | None = None,
         **options: Any,
     ) -> None:
         if actors is not None and actors < 1:
@@ -219,6 +222,7 @@ class RaySimulation(Simulation):
         self.requested, self.ray_address = actors, address
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.ship_data = ship_data
+        self._dataset = dataset  # what ship_data sends from, when the caller has read it already
         self._shipped: list[Any] = []  # each actor's shares in Ray's object store, kept for its restarts
         self.actors = self.processes
         self.nodes: list[str] = []  # the Ray node each actor started on
@@ -302,10 +306,11 @@ class RaySimulation(Simulation):
         """Each actor's shares, put once into Ray's object store: read and partitioned here, so that
         an actor (and one Ray restarts on another node) never needs the data set's path."""
         exp = self.experiment
-        data = exp.dataset()
+        data = self._dataset if self._dataset is not None else exp.dataset()
         parts = exp.partitions(data)
+        self._dataset = None  # not kept for the run
         return [ray.put({str(i): {tag: t.numpy() for tag, t in shares_of(exp, data, parts, i).items()}
-                         for i in range(self.owners) if self.hosts[i] == p})
+                         for i in self.owners_on(p)})
                 for p in range(self.actors)]
 
     def _owner(self, name: str, host: int, address: str) -> WorkerClient:

@@ -153,6 +153,10 @@ class Simulation:
         """The model owner's handle on owner ``name``, served by host ``host`` at ``address``."""
         return connect(name, address, credentials=self.owner_token, pipelined=False)
 
+    def owners_on(self, p: int) -> list[int]:
+        """The indices of the owners host ``p`` serves."""
+        return [i for i in range(self.owners) if self.hosts[i] == p]
+
     def host_spec(self, p: int) -> dict[str, Any]:
         """What host ``p`` starts from: the experiment, its owners, the secret their tokens derive
         from, where the aggregator listens (and, with the consistency check, its owners' keys)."""
@@ -160,7 +164,7 @@ class Simulation:
         return {
             "config": self.experiment.tables(),
             "base": str(self.experiment.base),
-            "owners": [i for i in range(self.owners) if self.hosts[i] == p],
+            "owners": self.owners_on(p),
             "threads": self.threads,
             "device": self.device,
             "secret": self.secret,

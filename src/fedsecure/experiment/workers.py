@@ -57,7 +57,7 @@ def start_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray],
     if w.mode == "ray":  # torch uses each actor's CPUs
         sim: Simulation = stack.enter_context(RaySimulation(
             exp, actors=w.actors, address=w.address, num_cpus=w.num_cpus, num_gpus=w.num_gpus, ship_data=w.ship_data,
-            **common))
+            dataset=data, **common))
     else:
         sim = stack.enter_context(Simulation(exp, processes=w.processes or os.cpu_count() or 1, threads=w.threads,
                                              **common))

@@ -10,7 +10,7 @@ work (the cohort check), so the model owner cannot choose all inputs but one and
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from fedsecure.errors import OperationNotAllowed, PermissionDenied, ProtocolErro
 from fedsecure.wire import messages as m
 from fedsecure.worker import labels as lb
 from fedsecure.worker.guards import unattested, valid_attestation
-from fedsecure.worker.modules import build, describe, state_tensors
+from fedsecure.worker.modules import describe, receive, state_tensors
 from fedsecure.worker.store import Entry, Sender, WorkerState, meta, version
 
 
@@ -53,17 +53,23 @@ def aggregate_modules(state: WorkerState, msg: m.AggregateModules, sender: Sende
     weights = _weights(state, entries, bool(labels), msg.weighted)
     _consume(state, msg.module_ids, labels)
     assert spec is not None
-    clone = build(spec)
-    own = [t for _, t in state_tensors(clone)]
     with torch.no_grad():
-        for i, target in enumerate(own):
-            if target.is_floating_point():
-                target.copy_(rules.weighted_sum([s[i] for s in states], weights))
-            else:  # counters such as num_batches_tracked: take the largest
-                target.copy_(torch.stack([s[i] for s in states]).max(0).values)
-            lb.add_labels(target, labels)
-    state.install_module(clone, msg.new_module_id, msg.new_ids, Entry(clone, aggregate=True))
+        _install(state, msg.new_module_id, msg.new_ids, spec, states, labels,
+                 lambda i: rules.weighted_sum([s[i] for s in states], weights))
     return None
+
+
+def _install(state: WorkerState, module_id: int, ids: list[int], spec: dict[str, Any],
+             states: list[list[torch.Tensor]], labels: frozenset[Any], floating: Callable[[int], torch.Tensor]) -> None:
+    """Install the aggregate model: its ``i``-th floating tensor ``floating(i)`` (in the inputs'
+    dtype), each counter (num_batches_tracked) the largest of the inputs', built around them."""
+    values = [floating(i).to(like.dtype, copy=True).reshape(like.shape) if like.is_floating_point()
+              else torch.stack([s[i] for s in states]).max(0).values
+              for i, like in enumerate(states[0])]
+    clone, own = receive(spec, values)
+    for t in own:
+        lb.add_labels(t, labels)
+    state.install_module(clone, module_id, ids, Entry(clone, aggregate=True))
 
 
 def aggregate_updates(state: WorkerState, msg: m.AggregateUpdates, sender: Sender) -> Any:
@@ -84,18 +90,8 @@ def aggregate_updates(state: WorkerState, msg: m.AggregateUpdates, sender: Sende
         released = rules.release(msg.rule, updates, weights)
         _consume(state, msg.module_ids, labels)
         combined = flat_base + released.aggregate
-        clone = build(spec)
-        own = [t for _, t in state_tensors(clone)]
-        at = 0
-        for i, target in enumerate(own):
-            if i in floating:
-                size = target.numel()
-                target.copy_(combined[at : at + size].view(target.shape))
-                at += size
-            else:  # counters such as num_batches_tracked: take the largest
-                target.copy_(torch.stack([s[i] for s in states]).max(0).values)
-            lb.add_labels(target, labels)
-    state.install_module(clone, msg.new_module_id, msg.new_ids, Entry(clone, aggregate=True))
+        pieces = dict(zip(floating, torch.split(combined, [base[i].numel() for i in floating]), strict=True))
+        _install(state, msg.new_module_id, msg.new_ids, spec, states, labels, pieces.__getitem__)
     return released.metrics  # what the rule itself releases (a noisy count for adaptive clipping)
 
 

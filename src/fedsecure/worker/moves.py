@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from fedsecure.errors import PermissionDenied, ProtocolError
 from fedsecure.wire import messages as m
 from fedsecure.worker import labels as lb
 from fedsecure.worker.attest import Attestation
 from fedsecure.worker.attest import wire as attest_wire
 from fedsecure.worker.guards import check_received, refuse_op, valid_attestation
-from fedsecure.worker.modules import build, describe, load_state, receive, state_tensors
+from fedsecure.worker.modules import describe, receive, state_tensors
 from fedsecure.worker.store import CLIENT, Entry, Sender, WorkerState, cost, version
 
 
@@ -72,8 +74,8 @@ def copy_module(state: WorkerState, msg: m.CopyModule, sender: Sender) -> Any:
     refuse_op(state, lb.union(own), "copy")
     spec = describe(module)
     assert spec is not None
-    clone = build(spec)
-    for mine, t in zip(load_state(clone, [t.detach() for t in own]), own, strict=True):
+    clone, copies = receive(spec, [t.detach().clone(memory_format=torch.contiguous_format) for t in own])
+    for mine, t in zip(copies, own, strict=True):
         lb.add_labels(mine, lb.labels_of(t))
     state.install_module(clone, msg.new_module_id, msg.new_ids, Entry(clone))
     return None
