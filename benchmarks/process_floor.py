@@ -4,9 +4,12 @@ every worker process, host process or Ray actor, and under the model owner's pro
 A fresh child process measures its own PSS and private memory (``/proc/self/smaps_rollup``) after
 each stage, cumulatively: the bare interpreter; numpy; torch; fedsecure (with its transport and
 experiment modules); Ray (when installed: what an actor imports); then one round of `fl.fit` with a
-tiny model on two `VirtualWorker` owners and an aggregator, twice: the first imports torch's compiler stack
-(torch._dynamo, and sympy with it), through the optimizer's set-up and the metadata check's pass
-on meta tensors. Each child runs ``--repeats`` times; the table gives medians.
+tiny model on two `VirtualWorker` owners and an aggregator, twice; last, what a worker avoids: a
+torch.optim optimizer built and stepped and a forward pass on meta tensors, which import torch's
+compiler stack (torch._dynamo, and sympy with it). A worker steps torch.optim's update rules in
+its own code (`fedsecure.worker.update_rules`) and checks a model against the data on zeros
+(`fedsecure.worker.dry_run`) for that reason. Each child runs ``--repeats`` times; the table gives
+medians.
 
 Prints a table and writes JSON (default benchmarks/results/process_floor.json).
 
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-STAGES = ("python", "numpy", "torch", "fedsecure", "ray", "first fit", "second fit")
+STAGES = ("python", "numpy", "torch", "fedsecure", "ray", "first fit", "second fit", "torch.optim and meta")
 
 
 def _memory() -> dict[str, float]:
@@ -79,6 +82,13 @@ def child() -> None:
         t = time.perf_counter()
         model, _ = fl.fit(model, owners, strategy, rounds=1, aggregator=aggregator, seed=0)
         report(stage, t, dynamo="torch._dynamo" in sys.modules, sympy="sympy" in sys.modules)
+    t = time.perf_counter()
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    torch.optim.SGD(params, lr=0.1, momentum=0.9).step()
+    model.to("meta")(torch.empty(4, 8, device="meta"))
+    report("torch.optim and meta", t, dynamo="torch._dynamo" in sys.modules, sympy="sympy" in sys.modules)
 
 
 def run(repeats: int) -> dict[str, dict[str, Any]]:

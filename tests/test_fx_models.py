@@ -347,33 +347,54 @@ def test_a_built_model_keeps_each_submodules_mode() -> None:
 
 def test_a_metadata_pass_that_succeeded_is_not_run_again_and_a_new_shape_is_checked() -> None:
     from fedsecure.errors import ProtocolError
-    from fedsecure.worker import predict
+    from fedsecure.worker import dry_run
 
     runs = []
-    real = predict._meta_pass
+    real = dry_run._pass
 
     def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
         runs.append(1)
         return real(*args, **kwargs)
 
-    predict._meta_pass = counted
+    dry_run._pass = counted
     try:
         model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
         loss = lambda out, t: nn.functional.cross_entropy(out, t)  # noqa: E731
         x, y = torch.randn(10, 3, 4), torch.zeros(10, dtype=torch.long)
         for _ in range(3):
-            predict.step_on_meta(model, x, y, 4, loss, "cross_entropy")
+            dry_run.dry_run(model, x, y, 4, loss, "cross_entropy")
         assert len(runs) == 1
-        predict.step_on_meta(model, torch.randn(7, 3, 4), y[:7], 4, loss, "cross_entropy")  # same batch shape
+        dry_run.dry_run(model, torch.randn(7, 3, 4), y[:7], 4, loss, "cross_entropy")  # same batch shape
         assert len(runs) == 1
         with pytest.raises(ProtocolError, match="cannot run on data of shape"):
-            predict.step_on_meta(model, torch.randn(10, 3, 5), y, 4, loss, "cross_entropy")
+            dry_run.dry_run(model, torch.randn(10, 3, 5), y, 4, loss, "cross_entropy")
         wider = nn.Sequential(nn.Flatten(), nn.Linear(15, 3))  # the same names, another shape
         with pytest.raises(ProtocolError, match="cannot run on data of shape"):
-            predict.step_on_meta(wider, x, y, 4, loss, "cross_entropy")
+            dry_run.dry_run(wider, x, y, 4, loss, "cross_entropy")
         assert len(runs) == 3
     finally:
-        predict._meta_pass = real
+        dry_run._pass = real
+
+
+def test_the_dry_run_leaves_the_model_and_the_random_generator_as_they_were() -> None:
+    """It runs a training-mode pass (batch norm updates running statistics, dropout draws) on
+    copies: the model's buffers and the process's generator are untouched, and a weight's value
+    (here NaN, which would poison any pass through it) plays no part."""
+    from fedsecure.worker.dry_run import dry_run
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Dropout(0.5), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight.fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(6, 1, 4, 4), torch.zeros(6, dtype=torch.long)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    dry_run(model, x, y, 4, lambda out, t: nn.functional.cross_entropy(out, t), "cross_entropy-unique-key")
+    assert torch.equal(torch.rand(3), expected)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) or before[k].isnan().all() for k in before)
+    assert int(after["1.num_batches_tracked"]) == 0
 
 
 def _every_layer_kind() -> nn.Module:

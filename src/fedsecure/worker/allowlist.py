@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fedsecure.errors import OperationNotAllowed, ProtocolError
+from fedsecure.worker import update_rules
 
 _ARITHMETIC = """
 __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ __mul__ __rmul__ __imul__
@@ -80,14 +81,12 @@ def _build() -> dict[str, Callable[..., Any]]:
 ALLOWED: dict[str, Callable[..., Any]] = _build()
 """op name -> the callable a worker runs for it."""
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "SGD": torch.optim.SGD,
-    "Adam": torch.optim.Adam,
-    "AdamW": torch.optim.AdamW,
-    "Adagrad": torch.optim.Adagrad,
-    "RMSprop": torch.optim.RMSprop,
+OPTIMIZERS: dict[str, type[update_rules.Optimizer]] = {
+    cls.name: cls for cls in (update_rules.SGD, update_rules.Adam, update_rules.AdamW, update_rules.Adagrad,
+                              update_rules.RMSprop)
 }
-"""optimizers a worker builds next to the parameters they update (fedsecure.optim)."""
+"""optimizers a worker builds next to the parameters they update (fedsecure.optim, a round's
+training): torch.optim's update rules (`fedsecure.worker.update_rules`)."""
 
 OPTIMIZER_HYPERPARAMETERS = frozenset(
     ["lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "betas", "eps", "amsgrad", "alpha", "centered", "lr_decay", "initial_accumulator_value"]

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from fedsecure.errors import OperationNotAllowed, ProtocolError
+from fedsecure.worker import update_rules
 
 INSTALL = "pip install 'fedsecure[dp-sgd]'"
 
@@ -162,7 +163,7 @@ def fit(
     module: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
+    optimizer: update_rules.Stepper,
     dp: DPSGDSettings,
     schedule: Plan,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

@@ -1,6 +1,7 @@
 """Optimizers next to their parameters (`fedsecure.optim`): `MakeOptimizer` builds an allow-listed
-torch optimizer over stored tensors, `OptimizerCall` runs its ``zero_grad`` or ``step``, and a step
-labels every parameter it wrote with what it read (the gradients, the optimizer's state)."""
+optimizer (torch.optim's update rules, `fedsecure.worker.update_rules`) over stored tensors,
+`OptimizerCall` runs its ``zero_grad`` or ``step``, and a step labels every parameter it wrote
+with what it read (the gradients, the optimizer's state)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fedsecure.errors import OperationNotAllowed, ProtocolError
 from fedsecure.wire import messages as m
 from fedsecure.worker import execute as ex
 from fedsecure.worker import labels as lb
+from fedsecure.worker import update_rules
 from fedsecure.worker.allowlist import OPTIMIZERS, optimizer_settings
 from fedsecure.worker.guards import refuse_op
 from fedsecure.worker.store import Entry, Sender, WorkerState
@@ -21,8 +23,8 @@ _NOT_A_MAP = "a parameter group must be a map"
 
 
 def make_optimizer(state: WorkerState, msg: m.MakeOptimizer, sender: Sender) -> Any:
-    cls = OPTIMIZERS.get(msg.kind)
-    if cls is None:
+    known = OPTIMIZERS.get(msg.kind)
+    if known is None:
         raise OperationNotAllowed(f"optimizer {msg.kind!r} is not on the allow-list", op=msg.kind)
     groups = []
     for group in msg.groups:
@@ -36,7 +38,7 @@ def make_optimizer(state: WorkerState, msg: m.MakeOptimizer, sender: Sender) -> 
     nbytes = 2 * sum(p.numel() * p.element_size() for g in groups for p in g["params"])  # at most two moments
     state.admit(nbytes, what=f"the state of {msg.kind}")
     try:
-        optimizer = cls(groups)  # type: ignore[call-arg]  # every allowed class has defaults
+        optimizer = update_rules.optimizer_class(known, [p for g in groups for p in g["params"]])(groups)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"cannot build {msg.kind}: {exc}") from exc
     state.objects[msg.optimizer_id] = Entry(optimizer, nbytes=nbytes)
@@ -45,7 +47,7 @@ def make_optimizer(state: WorkerState, msg: m.MakeOptimizer, sender: Sender) -> 
 
 def optimizer_call(state: WorkerState, msg: m.OptimizerCall, sender: Sender) -> Any:
     optimizer = state.entry(msg.optimizer_id).obj
-    if not isinstance(optimizer, torch.optim.Optimizer):
+    if not isinstance(optimizer, update_rules.Optimizer | torch.optim.Optimizer):
         raise OperationNotAllowed(f"object {msg.optimizer_id:#x} is not an optimizer", op=msg.method)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if msg.method == "zero_grad":

@@ -9,16 +9,14 @@ cached by the inputs' metadata.
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
 
-from fedsecure.errors import FedsecureError, OperationNotAllowed, ProtocolError
+from fedsecure.errors import OperationNotAllowed
 from fedsecure.worker import labels as lb
 
 _MAX_CACHE = 4096
@@ -187,52 +185,3 @@ def placeholder(spec: Spec, tensors: list[torch.Tensor]) -> Any:
     if spec.requires_grad and (spec.dtype.is_floating_point or spec.dtype.is_complex):
         out.requires_grad_(True)
     return out
-
-def _structure(module: nn.Module) -> tuple[Any, ...]:
-    """Everything of ``module`` that its metadata pass depends on: each submodule's class and
-    settings (a traced module's code), each parameter's and buffer's shape, dtype and grad flag."""
-    parts: list[Any] = [(name, type(m).__qualname__, m.extra_repr(), m.code if isinstance(m, GraphModule) else None)
-                        for name, m in module.named_modules()]
-    parts += [(name, tuple(t.shape), t.dtype, t.requires_grad)
-              for name, t in [*module.named_parameters(), *module.named_buffers()]]
-    return tuple(parts)
-
-
-_PASSED: dict[tuple[Any, ...], None] = {}  # metadata passes that ran without error, most recent last
-_PASSED_MAX = 512
-_passed_lock = threading.Lock()
-
-
-def step_on_meta(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                 loss: Callable[[torch.Tensor, torch.Tensor], Any], loss_name: str) -> None:
-    """One forward pass and the loss (``loss``, named ``loss_name``) on meta tensors of a batch's
-    shapes. It raises what a mismatch of metadata raises (a model that does not fit the data), so a
-    failure of the real pass afterwards can only come from the values. A pass depends on metadata
-    alone, so one that succeeded is remembered by its metadata and not run again (a round of many
-    owners trains one model description on data of one shape: without this, the pass costs more
-    than a small model's training)."""
-    b = max(1, min(batch_size, x.shape[0]))
-    key = (loss_name, b, tuple(x.shape[1:]), x.dtype, tuple(y.shape[1:]), y.dtype, _structure(module))
-    with _passed_lock:
-        if key in _PASSED:
-            return
-    _meta_pass(module, x, y, b, loss)
-    with _passed_lock:
-        _PASSED[key] = None
-        if len(_PASSED) > _PASSED_MAX:
-            del _PASSED[next(iter(_PASSED))]
-
-
-def _meta_pass(module: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int,
-               loss: Callable[[torch.Tensor, torch.Tensor], Any]) -> None:
-    inputs: dict[int, torch.Tensor] = {}
-    state = {name: _to_meta(t, inputs) for name, t in [*module.named_parameters(), *module.named_buffers()]}
-    xb = torch.empty((b, *x.shape[1:]), dtype=x.dtype, device="meta")
-    yb = torch.empty((b, *y.shape[1:]), dtype=y.dtype, device="meta")
-    try:
-        loss(torch.func.functional_call(module, state, (xb,)), yb)
-    except FedsecureError:
-        raise
-    except Exception as exc:  # meta tensors hold no values: the message quotes none
-        raise ProtocolError(f"the model cannot run on data of shape {tuple(x.shape)} {x.dtype} with targets "
-                            f"{tuple(y.shape)} {y.dtype}: {type(exc).__name__}: {exc}") from None

@@ -1,7 +1,7 @@
 """A round's local work in one message (`fedsecure.fl`): `Fit` trains a stored model on the data
 found by its tags, `Evaluate` sums its loss and accuracy there.
 
-Both check everything on metadata first (`fedsecure.worker.predict.step_on_meta`), so that a
+Both check everything on metadata first (`fedsecure.worker.dry_run`), so that a
 failure of the real pass can only come from the values; each attests its result as this worker's
 own work (`fedsecure.worker.attest`), which is what lets a training-only owner's data count in an
 aggregate. DP-SGD rounds are charged to the model owner's ledger before they run, and refused
@@ -18,13 +18,13 @@ from torch import nn
 from fedsecure.errors import FedsecureError, ObjectNotFound, PermissionDenied, ProtocolError, RemoteError
 from fedsecure.wire import messages as m
 from fedsecure.worker import device as dev
-from fedsecure.worker import dp_sgd, training
+from fedsecure.worker import dp_sgd, training, update_rules
 from fedsecure.worker import execute as ex
 from fedsecure.worker import labels as lb
 from fedsecure.worker.attest import Attestation, config_digest, model_digest
+from fedsecure.worker.dry_run import dry_run
 from fedsecure.worker.guards import refuse_if_strict
 from fedsecure.worker.modules import state_tensors
-from fedsecure.worker.predict import step_on_meta
 from fedsecure.worker.store import CLIENT, Entry, Sender, WorkerState, meta, tag, version
 
 
@@ -37,14 +37,14 @@ def fit(state: WorkerState, msg: m.Fit, sender: Sender) -> Any:
     labels = lb.labels_of(x) | lb.labels_of(y) | lb.union(own)
     refuse_if_strict(state, labels, "training")
     optimizer = training.check(module, x, y, settings)
-    step_on_meta(module, x, y, settings.batch_size, lambda out, t: training.loss_of(settings.loss, out, t),
+    dry_run(module, x, y, settings.batch_size, lambda out, t: training.loss_of(settings.loss, out, t),
                  settings.loss)
     reference = model_digest(module)
     ledger = _account_dp_sgd(state, settings, module, int(x.shape[0]))
     try:
         examples, loss, steps = _fit_where(state, module, x, y, settings, msg.seed, optimizer)
     except Exception as exc:
-        # The metadata fit (checked on meta tensors above): this failure comes from the values.
+        # The metadata fit (the dry run above): this failure comes from the values.
         _failed_on_values(state, "training", exc, labels, own)
         examples, loss, steps = int(x.shape[0]), float("nan"), training.planned_steps(int(x.shape[0]), settings)
     finally:
@@ -74,7 +74,7 @@ def evaluate(state: WorkerState, msg: m.Evaluate, sender: Sender) -> Any:
     if not isinstance(config, dict) or set(config) != {"loss", "batch_size"}:
         raise ProtocolError("evaluation configuration must be {loss, batch_size}")
     training.check_evaluation(x, y, config["loss"], config["batch_size"])
-    step_on_meta(module, x, y, config["batch_size"], lambda out, t: training.loss_of(config["loss"], out, t),
+    dry_run(module, x, y, config["batch_size"], lambda out, t: training.loss_of(config["loss"], out, t),
                  config["loss"])
     attestation = Attestation("evaluate", model_digest(module), config_digest(config))
     state.admit(3 * torch.float64.itemsize, what="the evaluation's sums")
@@ -95,7 +95,7 @@ def evaluate(state: WorkerState, msg: m.Evaluate, sender: Sender) -> Any:
 
 
 def _fit_where(state: WorkerState, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               settings: training.Settings, seed: int, optimizer: torch.optim.Optimizer) -> tuple[int, float, int]:
+               settings: training.Settings, seed: int, optimizer: update_rules.Stepper) -> tuple[int, float, int]:
     """`training.fit` on the worker's device: in place on the CPU; elsewhere on a twin of the model
     there (`fedsecure.worker.device`), whose result is copied back into the stored model."""
     if state.device.type == "cpu":

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsecure.errors import OperationNotAllowed, ProtocolError
-from fedsecure.worker import dp_sgd
+from fedsecure.worker import dp_sgd, update_rules
 from fedsecure.worker.allowlist import OPTIMIZERS, optimizer_settings
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -143,7 +143,7 @@ def loss_of(settings_loss: str, out: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 
 def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings, seed: int,
-        optimizer: torch.optim.Optimizer | None = None) -> tuple[int, float, int]:
+        optimizer: update_rules.Stepper | None = None) -> tuple[int, float, int]:
     """Train ``module`` in place; return (examples, mean training loss, optimizer steps).
 
     With ``settings.dp_sgd``, the steps are DP-SGD's (`fedsecure.worker.dp_sgd`): Poisson samples
@@ -188,14 +188,15 @@ def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings,
     return n, float(total) / max(count, 1), steps
 
 
-def check(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings) -> torch.optim.Optimizer:
+def check(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings) -> update_rules.Stepper:
     """Everything `fit` checks before it reads a value (metadata only); the optimizer it would use."""
     _check_data(x, y)
     if settings.dp_sgd is not None:
         dp_sgd.check_module(module)
     params = [p for p in module.parameters() if p.requires_grad]
     try:
-        return OPTIMIZERS[settings.optimizer](params, lr=settings.lr, **settings.optimizer_args)  # type: ignore[call-arg, no-any-return]
+        cls = update_rules.optimizer_class(OPTIMIZERS[settings.optimizer], params)
+        return cls(params, lr=settings.lr, **settings.optimizer_args)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"cannot build {settings.optimizer}: {exc}") from exc
 
