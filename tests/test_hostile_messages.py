@@ -528,6 +528,22 @@ def test_optimizer_calls_only_step_and_zero_grad() -> None:
     assert_healthy(core, private_id)
 
 
+def test_a_step_with_settings_the_optimizer_would_ignore_or_refuse_changes_nothing() -> None:
+    core, private_id = worker()
+    send(core, m.Put(2, torch.ones(2, requires_grad=True), True, False, []))
+    send(core, m.Put(3, torch.ones(2, requires_grad=True), True, False, []))
+    groups = [{"params": [2], "lr": 0.1}, {"params": [3], "lr": 0.1}]
+    assert send(core, m.MakeOptimizer(5, "SGD", groups)).error is None
+    for step_settings in ([{"lr": 0.5}, {"betas": [0.9, 0.99]}],  # SGD has no betas: it would be ignored
+                     [{"lr": 0.5}, {"lr": -1.0}],
+                     [{"lr": 0.5}, {"momentum": 0.0, "nesterov": True}]):
+        reply = send(core, m.OptimizerCall(5, "step", step_settings))
+        assert kind(reply) == "protocol", reply
+        assert [g["lr"] for g in core.objects[5].obj.param_groups] == [0.1, 0.1]  # the first group too
+    assert "has no setting(s) ['betas']" in send(core, m.OptimizerCall(5, "step", [{}, {"betas": [0.9, 0.9]}])).error[1]
+    assert_healthy(core, private_id)
+
+
 def test_model_owners_of_one_worker_cannot_see_each_others_objects() -> None:
     core, private_id = worker()
     alice_owner, mallory = Sender("client", "owner-a"), Sender("client", "eve")

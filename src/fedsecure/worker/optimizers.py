@@ -57,10 +57,10 @@ def optimizer_call(state: WorkerState, msg: m.OptimizerCall, sender: Sender) -> 
         raise OperationNotAllowed(f"optimizer method {msg.method!r} is not allowed", op=msg.method)
     if len(msg.groups) != len(optimizer.param_groups):
         raise ProtocolError("one settings map per parameter group is required")
-    for group, settings in zip(optimizer.param_groups, msg.groups, strict=True):
-        if not isinstance(settings, dict):
-            raise ProtocolError(_NOT_A_MAP)
-        group.update(optimizer_settings(settings, skip=_IDS))  # schedulers change lr between steps
+    updates = [_group_update(optimizer, group, settings)
+               for group, settings in zip(optimizer.param_groups, msg.groups, strict=True)]
+    for group, update in zip(optimizer.param_groups, updates, strict=True):  # all checked, then all applied
+        group.update(update)  # schedulers change lr between steps
     grads = [p.grad for p in params if p.grad is not None]
     labels = lb.union(params) | lb.union(grads)
     refuse_op(state, labels, "optimizer step")
@@ -72,3 +72,19 @@ def optimizer_call(state: WorkerState, msg: m.OptimizerCall, sender: Sender) -> 
     if failure:
         ex.mark_failed(params, failure)
     return None
+
+
+def _group_update(optimizer: update_rules.Stepper, group: dict[str, Any], settings: Any) -> dict[str, Any]:
+    """A group's settings for a step, checked: allowed names and values, each one this optimizer has
+    (any other would be ignored), values it accepts."""
+    if not isinstance(settings, dict):
+        raise ProtocolError(_NOT_A_MAP)
+    checked = optimizer_settings(settings, skip=_IDS)
+    if unknown := sorted(set(checked) - set(group)):
+        raise ProtocolError(f"{type(optimizer).__name__} has no setting(s) {unknown}")
+    if isinstance(optimizer, update_rules.Optimizer):
+        try:
+            optimizer.check_group({**group, **checked})
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"{type(optimizer).__name__}: {exc}") from None
+    return checked

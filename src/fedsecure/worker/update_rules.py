@@ -60,7 +60,7 @@ class Optimizer:
     def __init__(self, params: Iterable[Any], **settings: Any) -> None:
         self._known(settings)
         self.defaults: Settings = {**self.DEFAULTS, **settings}
-        self._check(self.defaults)
+        self.check_group(self.defaults)
         self.state: dict[torch.Tensor, dict[str, Any]] = {}
         self.param_groups: list[Settings] = []
         if isinstance(params, torch.Tensor):
@@ -76,7 +76,8 @@ class Optimizer:
             raise TypeError(f"{self.name} got unexpected keyword argument(s) {unknown}; "
                             f"its settings are {', '.join(self.DEFAULTS)}")
 
-    def _check(self, group: Settings) -> None:
+    def check_group(self, group: Settings) -> None:
+        """Raise ValueError (or TypeError) if a group's settings are not ones this optimizer accepts."""
         for check in self.CHECKS:
             check(group)
 
@@ -88,7 +89,7 @@ class Optimizer:
         settings = {k: v for k, v in group.items() if k != "params"}
         self._known(settings)
         full = {**self.defaults, **settings}
-        self._check(full)
+        self.check_group(full)
         for p in params:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"an optimizer can only optimize tensors, got {type(p).__name__}")
@@ -115,7 +116,7 @@ class Optimizer:
             raise TypeError(f"{self.name}.step takes no closure on a worker")
         with torch.no_grad():
             for group in self.param_groups:
-                self._check(group)
+                self.check_group(group)
                 for p in group["params"]:
                     if p.grad is None:
                         continue
