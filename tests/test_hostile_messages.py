@@ -535,8 +535,8 @@ def test_a_step_with_settings_the_optimizer_would_ignore_or_refuse_changes_nothi
     groups = [{"params": [2], "lr": 0.1}, {"params": [3], "lr": 0.1}]
     assert send(core, m.MakeOptimizer(5, "SGD", groups)).error is None
     for step_settings in ([{"lr": 0.5}, {"betas": [0.9, 0.99]}],  # SGD has no betas: it would be ignored
-                     [{"lr": 0.5}, {"lr": -1.0}],
-                     [{"lr": 0.5}, {"momentum": 0.0, "nesterov": True}]):
+                          [{"lr": 0.5}, {"lr": -1.0}],
+                          [{"lr": 0.5}, {"momentum": 0.0, "nesterov": True}]):
         reply = send(core, m.OptimizerCall(5, "step", step_settings))
         assert kind(reply) == "protocol", reply
         assert [g["lr"] for g in core.objects[5].obj.param_groups] == [0.1, 0.1]  # the first group too
