@@ -111,6 +111,13 @@ def _valid_arg(value: Any) -> bool:
     )
 
 
+_META = torch.device("meta")
+
+
+def _no_values() -> None:
+    pass
+
+
 def _zeros(module: nn.Module) -> None:
     with torch.no_grad():
         for p in module.parameters(recurse=False):
@@ -122,11 +129,14 @@ def _zero_initialised(cls: type[nn.Module], args: dict[str, Any], device: torch.
     all overwritten by those that came with its description, and drawing them first took most of
     the time of building a model (`benchmarks/model_transfer.py`). Zeros, not the memory as
     allocated: that could hold what this process freed before, another owner's data. ``device``
-    goes to the layers that make tensors (a layer without them takes no ``device``)."""
+    goes to the layers that make tensors (a layer without them takes no ``device``). On the meta
+    device nothing is filled: there are no values (building the MLP 0.15 -> 0.12 ms, McMahan's CNN
+    0.39 -> 0.33 ms, medians of 400 alternating builds)."""
     if device is not None and cls in _ALLOCATING:
         args = {**args, "device": device}
     module = cls.__new__(cls)
-    module.__dict__["reset_parameters"] = lambda: _zeros(module)  # found before the class's method
+    # found before the class's method; on the meta device there is nothing to fill
+    module.__dict__["reset_parameters"] = _no_values if device == _META else lambda: _zeros(module)
     try:
         cls.__init__(module, **args)
     finally:
@@ -201,7 +211,7 @@ def receive(spec: Any, tensors: list[torch.Tensor]) -> tuple[nn.Module, list[tor
     `benchmarks/model_transfer.py`: McMahan's CNN from its message 4.3 ms, 8.2 ms zero-filled and
     copied into), then each parameter and buffer becomes its tensor. Only for tensors that nothing
     else refers to: those just decoded from a message, or computed or copied for the module."""
-    module = build(spec, device=torch.device("meta"))
+    module = build(spec, device=_META)
     # state_tensors' order: each submodule's parameters, then each submodule's buffers. No layer
     # on the allow-list keeps another reference to its tensors (tests/test_fx_models.py checks).
     subs = list(module.modules())
