@@ -1,8 +1,8 @@
 """A round's local work in one message (`fedsecure.fl`): `Fit` trains a stored model on the data
 found by its tags, `Evaluate` sums its loss and accuracy there.
 
-Both check everything on metadata first (`fedsecure.worker.dry_run`), so that a
-failure of the real pass can only come from the values; each attests its result as this worker's
+Both check everything on metadata first (`fedsecure.worker.dry_run`), so that a failure of the
+real pass can only come from the values; each attests its result as this worker's
 own work (`fedsecure.worker.attest`), which is what lets a training-only owner's data count in an
 aggregate. DP-SGD rounds are charged to the model owner's ledger before they run, and refused
 past the data owner's budget.
@@ -38,7 +38,7 @@ def fit(state: WorkerState, msg: m.Fit, sender: Sender) -> Any:
     refuse_if_strict(state, labels, "training")
     optimizer = training.check(module, x, y, settings)
     dry_run(module, x, y, settings.batch_size, lambda out, t: training.loss_of(settings.loss, out, t),
-                 settings.loss)
+            settings.loss)
     reference = model_digest(module)
     ledger = _account_dp_sgd(state, settings, module, int(x.shape[0]))
     try:
@@ -75,7 +75,7 @@ def evaluate(state: WorkerState, msg: m.Evaluate, sender: Sender) -> Any:
         raise ProtocolError("evaluation configuration must be {loss, batch_size}")
     training.check_evaluation(x, y, config["loss"], config["batch_size"])
     dry_run(module, x, y, config["batch_size"], lambda out, t: training.loss_of(config["loss"], out, t),
-                 config["loss"])
+            config["loss"])
     attestation = Attestation("evaluate", model_digest(module), config_digest(config))
     state.admit(3 * torch.float64.itemsize, what="the evaluation's sums")
     try:
