@@ -75,6 +75,35 @@ def test_digits_split_is_reproducible_and_seeded(digits: Dataset) -> None:
     assert load_digits(test_fraction=0.5).x_test.shape[0] == 899  # 1797 / 2, rounded half up
 
 
+def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file scikit-learn ships is read directly (its import takes most of a second); where it is
+    not found, scikit-learn's own loader gives the same arrays; without scikit-learn, the error says
+    what to install."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from fedsecure.data import packaged
+
+    images, targets = packaged._sklearn_digits()
+    bunch = sklearn_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(targets, bunch.target)
+    code = "import sys; from fedsecure.data import load_digits; load_digits(); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+    elsewhere = importlib.util.spec_from_loader("sklearn", loader=None, is_package=True)
+    assert elsewhere is not None and elsewhere.submodule_search_locations is not None
+    elsewhere.submodule_search_locations.append("/nonexistent")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: elsewhere)
+    images, targets = packaged._sklearn_digits()  # the fallback: scikit-learn's loader
+    assert np.array_equal(images, bunch.images) and np.array_equal(targets, bunch.target)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DatasetNotFound, match=r"pip install 'scikit-learn"):
+        load_digits()
+
+
 def test_stratified_split_covers_every_index_once() -> None:
     labels = np.repeat(np.arange(3), [10, 7, 3])
     train, test = stratified_split(labels, test_fraction=0.3, seed=4)

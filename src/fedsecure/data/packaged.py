@@ -1,8 +1,8 @@
 """Data sets that ship with packages, so that examples and tests need no download.
 
 - Digits: the UCI optical recognition of handwritten digits test set (Alpaydin and Kaynak, 1998),
-  1797 images of 8x8 pixels with values 0-16, shipped inside scikit-learn
-  (``sklearn.datasets.load_digits``). The embedded default: always there.
+  1797 images of 8x8 pixels with values 0-16, shipped inside scikit-learn (the file that
+  ``sklearn.datasets.load_digits`` reads). The embedded default: always there.
 - Fashion-MNIST: Xiao, Rasul and Vollgraf, 2017, "Fashion-MNIST: a Novel Image Dataset for
   Benchmarking Machine Learning Algorithms" (arXiv:1708.07747): 60000 + 10000 grey images of
   28x28 pixels in the IDX format of MNIST, shipped by Debian's ``dataset-fashion-mnist`` package
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -38,15 +39,9 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
     ``seed`` picks the split; the same seed always gives the same split.
     """
-    try:
-        from sklearn.datasets import load_digits as sklearn_digits  # slow import: only when asked for
-    except ImportError as error:
-        raise DatasetNotFound(
-            "the digits data set ships with scikit-learn, which is not installed: pip install 'scikit-learn>=1.3'"
-        ) from error
-    bunch = sklearn_digits()
-    images = (np.asarray(bunch.images, dtype=np.float32) / np.float32(16.0))[:, None]
-    labels = np.asarray(bunch.target, dtype=np.int64)
+    pixels, digits = _sklearn_digits()
+    images = (np.asarray(pixels, dtype=np.float32) / np.float32(16.0))[:, None]
+    labels = np.asarray(digits, dtype=np.int64)
     train, test = stratified_split(labels, test_fraction=test_fraction, seed=seed)
     return Dataset(
         name="digits",
@@ -57,6 +52,27 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
         num_classes=10,
         class_names=tuple(str(digit) for digit in range(10)),
     )
+
+
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The digits' images ``(1797, 8, 8)`` and classes as scikit-learn ships them: read from its file
+    ``sklearn/datasets/data/digits.csv.gz`` (a row of 64 pixels, then the digit), found without
+    importing scikit-learn, whose import takes most of a second (12 ms instead of 0.88 s here);
+    through ``sklearn.datasets.load_digits`` where that file is not (another layout)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise DatasetNotFound(
+            "the digits data set ships with scikit-learn, which is not installed: pip install 'scikit-learn>=1.3'"
+        )
+    for root in spec.submodule_search_locations or ():
+        shipped = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if shipped.is_file():
+            table = np.loadtxt(shipped, delimiter=",")
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits as sklearn_digits  # noqa: PLC0415 - the slow way, as a fallback
+
+    bunch = sklearn_digits()
+    return bunch.images, bunch.target
 
 
 def load_fashion_mnist(path: PathLike | None = None) -> Dataset:
