@@ -46,7 +46,7 @@ from fedsecure.fl.strategy import (
 )
 from fedsecure.wire import messages as m
 from fedsecure.wire.ids import new_id
-from fedsecure.worker import training
+from fedsecure.worker import heap, training
 from fedsecure.worker.client import WorkerClient
 from fedsecure.worker.modules import state_tensors
 from fedsecure.worker.remote_model import RemoteModel
@@ -404,6 +404,7 @@ class Engine:
         self.clock.reset()
         plan, aggregate, failures = self._fit_round(server_round)
         fit_time = time.perf_counter() - started
+        heap.trim()  # the round's models are released: their memory goes back before the evaluation's
         self.parameters = self._finite(server_round, self.strategy.aggregate_fit(server_round, self.parameters,
                                                                                  aggregate, failures))
         row: dict[str, Any] = {"round": server_round, "workers": len(aggregate.workers),
@@ -415,6 +416,7 @@ class Engine:
                 or self.strategy.should_stop()):
             row.update(self._central_evaluate(server_round))
             row.update(self._federated_evaluate(server_round))
+            heap.trim()  # and the evaluation's, before the next round's models arrive
         row["fit_seconds"] = fit_time
         row.update(self.clock.split(fit_time))
         row["evaluate_seconds"] = time.perf_counter() - evaluated

@@ -42,8 +42,17 @@ _last = [0.0]
 def trim_now_and_then() -> bool:
     """Give the heap's free memory back to the system unless this process did so within the last
     `INTERVAL_S` (or another thread is doing it now); whether it did."""
+    return trim(within=INTERVAL_S)
+
+
+def trim(within: float = 0.0) -> bool:
+    """Give the heap's free memory back to the system now (with ``within``: unless this process
+    did so within the last ``within`` seconds), unless another thread is doing it; whether it did.
+    The engine trims after a round's models are released and before the central evaluation
+    allocates its own, and after the evaluation (`fedsecure.fl.engine`): the requests that freed
+    them came less than a second after the trim of the one before."""
     now = time.monotonic()
-    if _trim is None or now - _last[0] < INTERVAL_S or not _lock.acquire(blocking=False):
+    if _trim is None or now - _last[0] < within or not _lock.acquire(blocking=False):
         return False
     try:
         _last[0] = now
