@@ -80,3 +80,30 @@ def test_the_engine_gives_a_rounds_memory_back_after_the_fit_and_after_the_evalu
     monkeypatch.setattr(heap, "_last", [time.monotonic()])
     engine.run_round()
     assert phases == ["fit", "evaluate"], phases  # after the fit phase, after the evaluation
+
+
+def test_a_run_keeps_its_long_lived_objects_out_of_the_collectors_sight_until_it_ends(tmp_path, monkeypatch) -> None:
+    import gc
+
+    from fedsecure.experiment.config import parse
+    from fedsecure.experiment.run import run_experiment
+    from fedsecure.fl.engine import Engine
+
+    seen: list[int] = []
+    inner = Engine.run_round
+    monkeypatch.setattr(Engine, "run_round", lambda self: seen.append(gc.get_freeze_count()) or inner(self))
+    exp = parse({"experiment": {"rounds": 2, "output": str(tmp_path / "run")}, "data": {"workers": 2}}, "t.toml")
+    assert gc.get_freeze_count() == 0
+    run_experiment(exp, progress=False)
+    assert len(seen) == 2 and min(seen) > 1000  # the workers, their data, the model, the modules
+    assert gc.get_freeze_count() == 0  # all given back
+    gc.freeze()  # a process that froze objects of its own: left as it is
+    try:
+        frozen = gc.get_freeze_count()
+        seen.clear()
+        run_experiment(parse({"experiment": {"rounds": 1, "output": str(tmp_path / "again")},
+                              "data": {"workers": 2}}, "t.toml"), progress=False)
+        # nothing of this run joined them (a frozen object that dies leaves the count)
+        assert len(seen) == 1 and seen[0] <= frozen and gc.get_freeze_count() <= frozen
+    finally:
+        gc.unfreeze()
