@@ -469,6 +469,40 @@ def test_a_received_module_holds_the_received_tensors_themselves() -> None:
     assert allocating and allocating <= kinds, f"layers that make tensors, not checked above: {allocating - kinds}"
 
 
+def test_a_description_received_again_gives_a_module_that_shares_nothing_with_the_first() -> None:
+    """The second time a description arrives its module is copied from the first build's skeleton
+    (`modules._skeleton`): nothing done to one module may reach another."""
+    sent = _every_layer_kind()
+    sent[0].bias.requires_grad_(False)
+    spec = describe(sent)
+    x = torch.randn(3, 2, 6, 6)
+
+    def received() -> nn.Module:
+        return receive(spec, [t.detach().clone() for _, t in state_tensors(sent)])[0]
+
+    first, second = received(), received()
+    assert describe(first) == describe(second) == describe(sent)
+    sent.eval()
+    first.eval()
+    second.eval()
+    assert torch.equal(first(x), sent(x)) and torch.equal(second(x), sent(x))
+    ids = {id(v) for m in first.modules() for v in vars(m).values() if isinstance(v, dict | set | list | torch.Tensor)}
+    shared = [f"{type(m).__name__}.{k}" for m in second.modules() for k, v in vars(m).items()
+              if isinstance(v, dict | set | list | torch.Tensor) and id(v) in ids]
+    assert not shared, f"shared between two received modules: {shared}"
+    assert not {id(t) for _, t in state_tensors(first)} & {id(t) for _, t in state_tensors(second)}
+    calls: list[int] = []
+    first[0].register_forward_hook(lambda *_: calls.append(1))
+    first.train()
+    with torch.no_grad():
+        first[0].weight.add_(1.0)
+    third = received()
+    assert describe(third) == spec  # modes, frozen parameters: as described, not as `first` is now
+    assert third[0].bias.requires_grad is False and third[0].weight.requires_grad is True
+    third.eval()
+    assert torch.equal(second(x), sent(x)) and torch.equal(third(x), sent(x)) and not calls
+
+
 def test_a_received_state_that_does_not_fit_is_refused_before_anything_is_built_from_it() -> None:
     spec = describe(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)))
     transposed = [torch.zeros(3, 4), torch.zeros(3), torch.zeros(3, 2), torch.zeros(2)]
