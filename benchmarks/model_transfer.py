@@ -4,7 +4,9 @@
    (`modules.receive`: built on the meta device, each weight the decoded tensor itself), against
    building with zero-filled weights and copying the decoded ones in (`modules.build` and
    `load_state`, as before), and against the layer classes' own constructors (random initial
-   weights, then the copy). The weights are decoded anew for every build, as on a worker.
+   weights, then the copy). The weights are decoded anew for every build, as on a worker. And
+   receive's first step alone: the module on the meta device built from a description seen for
+   the first time, against copied from the skeleton of a description seen before (`on_meta`).
 2. The digest an owner computes of every model it trains (`attest.model_digest`, BLAKE3) against
    the same digest with SHA-256 (what it was before).
 3. The tutorial's round trip ``model.send(bob); model.move(secure_worker); model.get()``: large
@@ -82,6 +84,9 @@ def builds(name: str, repeats: int) -> dict[str, float]:
         "build_random_ms": lambda: modules.load_state(_randomly_initialised(spec), decoded()),
         "build_ms": lambda: modules.load_state(modules.build(spec), decoded()),
         "receive_ms": lambda: modules.receive(spec, decoded()),
+        # receive's first step alone: a description seen for the first time, and one seen before
+        "meta_build_ms": lambda: modules.build(spec, device=torch.device("meta")),
+        "meta_copy_ms": lambda: modules._copied(modules.on_meta(spec)[0]),
     }
     times: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(repeats):
@@ -135,11 +140,12 @@ def main() -> None:
         rows[name] = {**builds(name, args.repeats),
                       **{(k if k == "same_values" else f"round_trip_{k}_ms"): v
                          for k, v in round_trip(name, args.repeats).items()}}
-    print("| model | build: random weights, copy ms | zeros, copy ms | on meta, adopt ms | digest SHA-256 ms "
-          "| BLAKE3 ms | send+move+get, tensors inside ms | beside ms | ratio |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| model | build: random weights, copy ms | zeros, copy ms | on meta, adopt ms | meta: built ms "
+          "| copied ms | digest SHA-256 ms | BLAKE3 ms | send+move+get, tensors inside ms | beside ms | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
         print(f"| {name} | {r['build_random_ms']:.2f} | {r['build_ms']:.2f} | {r['receive_ms']:.2f} | "
+              f"{r['meta_build_ms']:.3f} | {r['meta_copy_ms']:.3f} | "
               f"{r['digest_sha256_ms']:.2f} | {r['digest_blake3_ms']:.2f} | {r['round_trip_inside_ms']:.2f} | "
               f"{r['round_trip_beside_ms']:.2f} | {r['round_trip_beside_ms'] / r['round_trip_inside_ms']:.2f}x |")
     out = Path(args.out)

@@ -40,6 +40,7 @@ def test_model_transfer_benchmark_runs(tmp_path: Path) -> None:
         assert row["same_values"] is True  # the model came back as it left
         assert row["build_ms"] > 0 and row["round_trip_beside_ms"] > 0 and row["round_trip_inside_ms"] > 0
         assert all(row[k] > 0 for k in ("build_random_ms", "receive_ms", "digest_sha256_ms", "digest_blake3_ms"))
+        assert row["meta_build_ms"] > 0 and row["meta_copy_ms"] > 0
 
 
 def test_process_floor_benchmark_runs(tmp_path: Path) -> None:

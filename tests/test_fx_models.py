@@ -471,7 +471,7 @@ def test_a_received_module_holds_the_received_tensors_themselves() -> None:
 
 def test_a_description_received_again_gives_a_module_that_shares_nothing_with_the_first() -> None:
     """The second time a description arrives its module is copied from the first build's skeleton
-    (`modules._skeleton`): nothing done to one module may reach another."""
+    (`modules.on_meta`): nothing done to one module may reach another."""
     sent = _every_layer_kind()
     sent[0].bias.requires_grad_(False)
     spec = describe(sent)

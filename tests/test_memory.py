@@ -61,8 +61,7 @@ def test_a_worker_gives_freed_memory_back_after_a_request(bob, monkeypatch) -> N
 def test_the_engine_gives_a_rounds_memory_back_after_the_fit_and_after_the_evaluation(monkeypatch) -> None:
     """Within a second of a worker's own trim (the aggregation's request), so the rate-limited trim
     would skip it: the released models and the evaluation's activations stayed in the heap and the
-    next phase came on top (`benchmarks/vs_flower`: the driver's evaluation peaked 503-512 MB before,
-    431-445 MB after)."""
+    next phase came on top."""
     from fedsecure.worker import heap
 
     federation = sy.Federation()

@@ -28,7 +28,8 @@ on the 10,000 test images after each round.
    libraries, Ray's object store in /dev/shm) once per process and so overstates, and the sum of
    PSS (/proc/PID/smaps_rollup; a shared page split among its sharers, sampled every 10th time),
    which adds up to what the tree really occupies. Peaks are maxima over samples, so a spike
-   shorter than the interval can be missed.
+   shorter than the interval can be missed. The JSON names each process's PSS in the sample of the
+   tree's peak (``pss_at_peak``).
 
 Prints a table (median and total seconds per round, accuracy per round, peak tree memory, the ratios
 fedsecure/Flower, fedsecure/plain and Flower/plain) and writes JSON, by default to
@@ -198,6 +199,7 @@ class TreeMonitor(threading.Thread):
         self.samples: list[tuple[float, float, float | None, int, float, float]] = []
         self.seen: set[int] = set()
         self.top: dict[int, float] = {}  # pid -> its own peak RSS MB
+        self.at_peak: dict[int, float] = {}  # pid -> its PSS MB in the sample of the tree's peak PSS
         self.names: dict[int, str] = {}
         self.cpu_ticks: dict[int, int] = {}  # pid -> CPU ticks it had used when last seen
         self.machine_start = _machine_busy_ticks()
@@ -226,7 +228,12 @@ class TreeMonitor(threading.Thread):
                         self.names[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:100]
                     except OSError:
                         self.names[pid] = "?"
-            pss = sum(_pss_kb(pid) for pid in pids) / 1024 if i % PSS_EVERY == 0 else None
+            pss = None
+            if i % PSS_EVERY == 0:
+                each = {pid: _pss_kb(pid) / 1024 for pid in pids}
+                pss = sum(each.values())
+                if pss > sum(self.at_peak.values()):
+                    self.at_peak = each
             hz = os.sysconf("SC_CLK_TCK")
             self.samples.append((time.time(), rss, pss, len(pids), sum(self.cpu_ticks.values()) / hz,
                                  self.machine_end / hz))
@@ -270,6 +277,11 @@ class TreeMonitor(threading.Thread):
             "processes_seen": len(self.seen),
             "largest_processes": [
                 {"pid": pid, "peak_rss_mb": round(mb, 1), "cmd": self.names.get(pid, "?")} for pid, mb in biggest
+            ],
+            # where the tree's peak PSS was, process by process (driver, actors, Ray's own processes)
+            "pss_at_peak": [
+                {"pid": pid, "pss_mb": round(mb, 1), "cmd": self.names.get(pid, "?")}
+                for pid, mb in sorted(self.at_peak.items(), key=lambda kv: -kv[1])
             ],
         }
 

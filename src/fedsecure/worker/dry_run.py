@@ -5,8 +5,8 @@ model that does not fit the data is refused with a full explanation before anyth
 value, and a failure of the real pass afterwards can only come from the values.
 
 Zeros, not meta tensors: torch runs many operations on meta tensors through its Python
-decompositions, and those import its compiler stack (torch._dynamo, and sympy with it), 85 MB and
-over a second in every process that trains (`benchmarks/process_floor.py`). Zeros of the model's
+decompositions, and those import its compiler stack (torch._dynamo, and sympy with it), 70-85 MB and
+about a second in every process that trains (`benchmarks/process_floor.py`). Zeros of the model's
 shapes rather than its weights: a weight may derive from an owner's data, and an operation such as
 ``binary_cross_entropy`` raises on some values. The pass allocates one copy of the model and one
 batch's activations, once per model structure and data shape in a process (a pass that succeeded

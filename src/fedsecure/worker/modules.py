@@ -212,7 +212,9 @@ def receive(spec: Any, tensors: list[torch.Tensor]) -> tuple[nn.Module, list[tor
     `benchmarks/model_transfer.py`: McMahan's CNN from its message 4.3 ms, 8.2 ms zero-filled and
     copied into), then each parameter and buffer becomes its tensor. Only for tensors that nothing
     else refers to: those just decoded from a message, or computed or copied for the module."""
-    module = _skeleton(spec)
+    module, shared = on_meta(spec)
+    if shared:
+        module = _copied(module)
     # state_tensors' order: each submodule's parameters, then each submodule's buffers. No layer
     # on the allow-list keeps another reference to its tensors (tests/test_fx_models.py checks).
     subs = list(module.modules())
@@ -234,23 +236,25 @@ _SKELETONS_MAX = 64
 _skeletons_lock = threading.Lock()
 
 
-def _skeleton(spec: Any) -> nn.Module:
-    """A module of ``spec`` on the meta device, for `receive` to fill. Built (and so checked) the
-    first time a description is seen; after that a structural copy of that first build, as every
-    owner of a round receives the same description twice (the model, then the trained model at the
-    aggregator) and `build` spent most of its time in the layers' constructors (McMahan's CNN 0.33
-    -> 0.10 ms, the MLP 0.12 -> 0.04 ms: medians of 400 alternating calls). Only trees of the
-    allow-listed layers are kept, not traced graphs, and only descriptions of up to 64 KB."""
+def on_meta(spec: Any) -> tuple[nn.Module, bool]:
+    """The module of a received description on the meta device (built, and so checked, with
+    `build`), and whether it is shared: to be read only, or copied (`receive`) before anything in
+    it changes. A description seen before is not built again: every owner of a round receives the
+    same one twice (the model, then the trained model at the aggregator), and `build` spends most
+    of its time in the layers' constructors (`benchmarks/model_transfer.py` measures both). Only
+    trees of the allow-listed layers are kept, not traced graphs, and descriptions of up to 64 KB."""
     key = repr(spec)
     template = _SKELETONS.get(key)
-    if template is None:
-        template = build(spec, device=_META)
-        if len(key) <= 65536 and all(type(m) in _TYPE_NAMES for m in template.modules()):
-            with _skeletons_lock:
-                _SKELETONS[key] = template
-                if len(_SKELETONS) > _SKELETONS_MAX:
-                    del _SKELETONS[next(iter(_SKELETONS))]
-    return _copied(template)
+    if template is not None:
+        return template, True
+    module = build(spec, device=_META)
+    if len(key) > 65536 or not all(type(m) in _TYPE_NAMES for m in module.modules()):
+        return module, False
+    with _skeletons_lock:
+        _SKELETONS[key] = module
+        if len(_SKELETONS) > _SKELETONS_MAX:
+            del _SKELETONS[next(iter(_SKELETONS))]
+    return module, True
 
 
 def _copied(module: nn.Module) -> nn.Module:

@@ -31,7 +31,7 @@ from fedsecure.worker import device as dev
 from fedsecure.worker import dp_sgd
 from fedsecure.worker import labels as lb
 from fedsecure.worker.attest import Attestation, model_digest
-from fedsecure.worker.modules import build, state_tensors
+from fedsecure.worker.modules import on_meta, state_tensors
 from fedsecure.worker.secure import SecAggIdentity, SecureSessions
 
 PeerSend = Callable[[str, bytes], bytes]
@@ -276,11 +276,11 @@ class WorkerState:
                 )
 
     def predicted_size(self, spec: Any) -> int:
-        """Bytes a model of ``spec`` holds, from building it on the meta device (no memory), when a
-        quota needs it."""
+        """Bytes a model of ``spec`` holds, from its module on the meta device (no memory, and built
+        once per description: `fedsecure.worker.modules.on_meta`), when a quota needs it."""
         if self._memory_quota is None:
             return 0
-        module = build(spec, device=torch.device("meta"))
+        module, _ = on_meta(spec)  # read only
         return sum(cost(t) for _, t in state_tensors(module))
 
     def install_module(self, module: nn.Module, module_id: int, ids: list[int], entry: Entry) -> list[torch.Tensor]:

@@ -6,7 +6,7 @@ implementation (the one it runs on the CPU), so that a step gives the same value
 
 Why not torch.optim itself on the CPU: its classes import torch's compiler stack (torch._dynamo,
 and sympy with it) the first time one is built or stepped, through the wrappers that keep the
-compiler out of them. That is 85 MB and over a second in every process that trains
+compiler out of them. That is 70-85 MB and about a second in every process that trains
 (`benchmarks/process_floor.py`), for training that never compiles anything. On an accelerator a
 worker uses torch.optim's class (`optimizer_class`): its multi-tensor kernels launch fewer kernels
 per step, and such a process pays far more for its device than for the import.
@@ -107,9 +107,12 @@ class Optimizer:
                     continue
                 if set_to_none:
                     p.grad = None
+                    continue
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
                 else:
-                    p.grad.detach_() if p.grad.grad_fn is not None else p.grad.requires_grad_(False)
-                    p.grad.zero_()
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
 
     def step(self, closure: None = None) -> None:
         if closure is not None:
