@@ -106,13 +106,16 @@ def test_tensorboard_logs_every_round(tmp_path: Path) -> None:
     assert [s.step for s in events.Scalars("central_accuracy")] == [1, 2]
 
 
-@pytest.mark.parametrize("secure", ["trusted", "shares"])
-def test_worker_processes_give_the_numbers_of_one_process(tmp_path: Path, secure: str) -> None:
+@pytest.mark.parametrize(("secure", "processes", "concurrency"),
+                         [("trusted", 2, 1), ("shares", 2, 1), ("trusted", 1, 2)])
+def test_worker_processes_give_the_numbers_of_one_process(tmp_path: Path, secure: str, processes: int,
+                                                          concurrency: int) -> None:
+    """Also with one host that trains two owners at a time, each in a thread of its own."""
     args = ["run", str(DIGITS), "--rounds", "3", "--quiet", "--set", f"aggregation.secure='{secure}'"]
     local = fedsecure(*args, "--output", "local", cwd=tmp_path)
-    processes = fedsecure(*args, "--output", "proc", "--set", "workers.mode='processes'", "--set",
-                          "workers.processes=2", cwd=tmp_path)
-    assert local.returncode == 0 and processes.returncode == 0, processes.stderr
+    hosted = fedsecure(*args, "--output", "proc", "--set", "workers.mode='processes'", "--set",
+                       f"workers.processes={processes}", "--set", f"workers.concurrency={concurrency}", cwd=tmp_path)
+    assert local.returncode == 0 and hosted.returncode == 0, hosted.stderr
     a = json.loads((tmp_path / "local" / "history.json").read_text())["rounds"]
     b = json.loads((tmp_path / "proc" / "history.json").read_text())["rounds"]
     for x, y in zip(a, b, strict=True):

@@ -6,6 +6,9 @@ own data meanwhile."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,8 +37,23 @@ def test_owners_hold_only_their_data_between_rounds() -> None:
         assert [len(w.core.objects) for w in owners] == [4] * 4  # x, y, x_test, y_test: nothing else
 
 
-def test_freed_memory_goes_back_to_the_system_at_most_once_a_second(monkeypatch) -> None:
+@pytest.fixture()
+def heap() -> Iterator[Any]:
+    """`fedsecure.worker.heap` with no trim left pending by an earlier test's requests."""
     from fedsecure.worker import heap
+
+    def cancel() -> None:
+        with heap._pending:
+            for timer in heap._later:
+                timer.cancel()
+            heap._later.clear()
+
+    cancel()
+    yield heap
+    cancel()
+
+
+def test_freed_memory_goes_back_to_the_system_at_most_once_a_second(heap, monkeypatch) -> None:
 
     calls: list[int] = []
     monkeypatch.setattr(heap, "_trim", lambda pad: calls.append(pad) or 1)
@@ -45,6 +63,39 @@ def test_freed_memory_goes_back_to_the_system_at_most_once_a_second(monkeypatch)
     heap._last[0] -= heap.INTERVAL_S
     assert heap.trim_now_and_then() is True
     assert calls == [0, 0]
+
+
+def test_a_trim_skipped_within_the_interval_is_made_when_it_is_over(heap, monkeypatch) -> None:
+    """The last requests of a round come within a second of each other: what they freed goes
+    back when the second is over, not at the next round's first request."""
+
+    calls: list[float] = []
+    monkeypatch.setattr(heap, "_trim", lambda pad: calls.append(time.monotonic()) or 1)
+    monkeypatch.setattr(heap, "_last", [0.0])
+    monkeypatch.setattr(heap, "INTERVAL_S", 0.2)
+    assert heap.trim_now_and_then() is True
+    assert heap.trim_now_and_then() is False and heap.trim_now_and_then() is False
+    deadline = time.monotonic() + 10
+    while len(calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # the two skipped trims left one, not two
+    assert len(calls) == 2 and calls[1] - calls[0] >= 0.2
+
+
+def test_a_host_starts_with_a_heap_per_training_thread_and_one_more(monkeypatch) -> None:
+    """Unless the environment says otherwise; a simulation host whose threads train two owners at a
+    time starts with it (`mode = "processes"` here, a Ray actor in test_ray.py)."""
+    from fedsecure.experiment.simulation import Simulation
+    from fedsecure.worker import heap
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert heap.arena_limit(1) == {"MALLOC_ARENA_MAX": "2"} and heap.arena_limit(4) == {"MALLOC_ARENA_MAX": "5"}
+    config = {"data": {"dataset": "digits", "workers": 4}}
+    with Simulation(config, processes=1, concurrency=2) as sim:
+        environ = Path(f"/proc/{sim._hosts[0].pid}/environ").read_bytes().split(b"\0")
+    assert b"MALLOC_ARENA_MAX=3" in environ
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert heap.arena_limit(2) == {}  # the host inherits the 8
 
 
 def test_a_worker_gives_freed_memory_back_after_a_request(bob, monkeypatch) -> None:

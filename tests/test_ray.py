@@ -3,6 +3,7 @@ cluster on this machine, a node lost in the middle of a run, and Ray missing alt
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import socket
@@ -19,7 +20,7 @@ import torch
 
 from fedsecure import fl
 from fedsecure.data import load_digits
-from fedsecure.experiment import load, run_experiment
+from fedsecure.experiment import load, ray_hosts, run_experiment
 from fedsecure.experiment.models import build_model
 from fedsecure.experiment.ray_hosts import RaySimulation
 
@@ -130,7 +131,7 @@ def _lose_a_node_after_round_1(cluster: Cluster, exp: Any, then: Callable[[], No
         _, history = fl.fit(model, sim.workers, exp.strategy(), rounds=ROUNDS, aggregator=sim.aggregator,
                             groups=sim.groups, seed=exp.seed, on_round=lose_the_node)
         assert sim.addresses[lost] != old
-    return history.rows, {name for name, host in sim.groups.items() if host == lost}
+    return history.rows, {w.id for w, host in zip(sim.workers, sim.hosts, strict=True) if host == lost}
 
 
 ALL_TRAIN = {"data.workers": 6, "strategy.fraction_fit": 1.0, "strategy.min_fit_workers": 1,
@@ -186,6 +187,42 @@ def test_fit_takes_a_backend_that_hosts_the_owners_for_the_run(
         fl.fit(model, backend.workers, exp.strategy(), rounds=1, backend=backend)
     with pytest.raises(fl.ConfigurationError, match="aggregator="):
         fl.fit(model, backend.workers, exp.strategy(), rounds=1)
+
+
+def test_an_actor_trains_several_owners_at_a_time_with_the_numbers_of_one_process(
+    cluster: Cluster, tmp_path: Path, one_process: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """concurrency = 2: one actor's owners in two lanes of five, whose requests run at the same time."""
+    calls: list[tuple[str, float, float]] = []
+    send = ray_hosts._OwnerTransport.__call__
+
+    def timed(self: Any, data: bytes, **kwargs: Any) -> bytes:
+        start = time.monotonic()
+        try:
+            return send(self, data, **kwargs)
+        finally:
+            calls.append((self.name, start, time.monotonic()))
+
+    monkeypatch.setattr(ray_hosts._OwnerTransport, "__call__", timed)
+    exp = _digits(tmp_path, "lanes", **{**_on_ray(cluster), "workers.actors": 1, "workers.concurrency": 2})
+    data = exp.dataset()
+    torch.manual_seed(exp.seed)
+    model = build_model("mlp", tuple(data.x_train.shape[1:]), data.num_classes, hidden=64)
+    backend = RaySimulation(exp, actors=1, address=cluster.address, num_cpus=1.0, concurrency=2)
+    with backend:
+        lanes = backend.groups
+        assert sorted(collections.Counter(lanes.values()).values()) == [5, 5]
+        if "MALLOC_ARENA_MAX" not in os.environ:  # a heap per training thread and one more
+            arenas = backend._actors[0].__ray_call__.remote(lambda actor: os.environ.get("MALLOC_ARENA_MAX"))
+            assert ray.get(arenas, timeout=30) == "3"
+        _, history = fl.fit(model, backend.workers, exp.strategy(), rounds=1, aggregator=backend.aggregator,
+                            groups=lanes, seed=exp.seed, test_data=(data.x_test, data.y_test))
+    _same_numbers(history.rows, one_process[:1])
+    assert any(lanes[a] != lanes[b] and s < f and t < e for a, s, e in calls for b, t, f in calls)
+    with pytest.raises(fl.ConfigurationError, match="concurrency .* needs mode = .processes. or .ray."):
+        _digits(tmp_path, "local", **{"workers.concurrency": 2})
+    with pytest.raises(fl.ConfigurationError, match="concurrency must be >= 1"):
+        RaySimulation(exp, actors=1, address=cluster.address, concurrency=0)
 
 
 BLOCK_RAY = """

@@ -18,6 +18,9 @@ How the 2 cores are used (``--mode``):
   owners in 2 Ray actors of 1 CPU (1 torch thread) each, on a local Ray that the run starts and
   stops, served over gRPC on loopback; the aggregator in this process (Flower's simulation engine
   also runs its clients in Ray actors);
+- ``ray-1x2``: Ray mode on the same 2 CPUs as one actor of 2 CPUs that trains 2 owners at a time
+  (``concurrency=2``), each in a thread of its own with 1 torch thread: one torch process instead
+  of two;
 - ``threads``: all owners are `VirtualWorker`s in this process and the engine trains 2 at a time
   (``parallelism=2``), torch with 1 thread per owner: the thread budget of Flower's run;
 - ``serial``: in-process owners one after the other, torch with 2 threads: what the plain loop does.
@@ -97,13 +100,13 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="cores to use")
-    parser.add_argument("--mode", choices=("processes", "ray", "threads", "serial"), default="processes")
+    parser.add_argument("--mode", choices=("processes", "ray", "ray-1x2", "threads", "serial"), default="processes")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     t0 = time.time()
     cores = args.processes
-    parallel = args.mode in ("threads", "processes", "ray") and cores > 1
+    parallel = args.mode in ("threads", "processes", "ray", "ray-1x2") and cores > 1
     train_threads = 1 if parallel else cores
     torch.set_num_threads(train_threads)
     data = wl.Data(args.data)
@@ -131,13 +134,17 @@ def main() -> None:
         min_fit_workers=data.num_clients,
         evaluate_fn=central_evaluation,
     )
-    if args.mode in ("processes", "ray"):
+    if args.mode in ("processes", "ray", "ray-1x2"):
         from fedsecure.experiment.ray_hosts import RaySimulation
         from fedsecure.experiment.simulation import Simulation
 
         config = simulation_config(data, args.data)
-        hosts = (Simulation(config, processes=cores, threads=1, sizes=data.sizes) if args.mode == "processes"
-                 else RaySimulation(config, actors=cores, num_cpus=1, sizes=data.sizes))
+        if args.mode == "processes":
+            hosts: Simulation = Simulation(config, processes=cores, threads=1, sizes=data.sizes)
+        elif args.mode == "ray":
+            hosts = RaySimulation(config, actors=cores, num_cpus=1, sizes=data.sizes)
+        else:  # one actor with every core, one owner per core at a time
+            hosts = RaySimulation(config, actors=1, num_cpus=cores, concurrency=cores, sizes=data.sizes)
         with hosts as sim:
             central_evaluation(fl.parameters_of(model))  # the initial model, as Flower's round 0
             _, history = fl.fit(model, sim.workers, strategy, rounds=args.rounds, aggregator=sim.aggregator,
@@ -161,7 +168,7 @@ def main() -> None:
         "train_threads": train_threads,
         "parallelism": 2 if parallel else 1,
         "processes": 1 + cores if args.mode == "processes" else 1,  # ray: and Ray's daemons
-        "actors": cores if args.mode == "ray" else None,
+        "actors": {"ray": cores, "ray-1x2": 1}.get(args.mode),
         "started": t0,
         "setup_seconds": rounds[0]["start"] - t0 if rounds else None,
         "initial": {"test_loss": evaluations[0]["loss"], "test_accuracy": evaluations[0]["accuracy"]},

@@ -11,7 +11,9 @@ Set-up of the run:
 - Ray with ``num_cpus`` = the number of cores (2) and ``client_resources = {"num_cpus": 1}``, so
   Ray keeps a pool of 2 ClientApp actors and trains 2 clients at a time; each actor's torch uses
   1 thread. That is the same thread budget fedsecure's simulation uses (2 worker processes x 1
-  torch thread): the cores are covered without oversubscribing them;
+  torch thread): the cores are covered without oversubscribing them. ``--client-cpus 2
+  --client-threads 2`` (run.py's ``flower-1x2``) makes it one actor of 2 CPUs, training one
+  client at a time with 2 torch threads;
 - Flower's message-based ``FedAvg`` with every node training every round (fraction_train=1,
   min_train_nodes=10), no federated evaluation (fraction_evaluate=0) and central evaluation with
   ``evaluate_fn`` on the test set before the first round and after each round, in the server
@@ -171,7 +173,7 @@ def run(args: argparse.Namespace) -> None:
         client_app=client_app,
         num_supernodes=n,
         backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": args.client_cpus, "num_gpus": 0.0},
             "init_args": {"num_cpus": args.threads, "num_gpus": 0, "include_dashboard": False},
         },
     )
@@ -189,6 +191,7 @@ def run(args: argparse.Namespace) -> None:
         "versions": versions(),
         "threads": args.threads,
         "client_threads": args.client_threads,
+        "client_cpus": args.client_cpus,
         "processes": "1 driver + Ray (gcs, raylet, ...) + one actor per CPU",
         "started": t0,
         "setup_seconds": rounds[0]["start"] - t0 if rounds else None,
@@ -205,6 +208,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Ray's CPUs; server torch threads")
     parser.add_argument("--client-threads", type=int, default=1, help="torch threads per client actor")
+    parser.add_argument("--client-cpus", type=int, default=1, help="Ray CPUs per client actor")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.setup:

@@ -12,10 +12,14 @@ on the 10,000 test images after each round.
    - plain: plain_loop.py, one process, torch with one thread per core;
    - flower: flower_run.py in its own virtual environment (made on first use), Flower's
      simulation engine with Ray, 2 client actors of 1 torch thread each;
+   - flower-1x2 (only when asked for): the same with one client actor of 2 CPUs, which trains
+     one client at a time with 2 torch threads (Flower's actors train one client each);
    - fedsecure: fedsecure_run.py, fedsecure.fl.fit with ten data owners in fedsecure's simulation
      mode: 2 host processes of 1 torch thread each, the aggregator in the main process;
    - fedsecure-ray (only when asked for, or with ``--ray``): the same owners in fedsecure's Ray mode,
      2 Ray actors of 1 CPU (1 torch thread) each on a local Ray, the aggregator in the main process;
+   - fedsecure-ray-1x2 (only when asked for): fedsecure's Ray mode on the same 2 CPUs as one
+     actor of 2 CPUs that trains 2 owners at a time (``concurrency = 2``), 1 torch thread each;
    - fedsecure-threads (only when asked for): the owners as VirtualWorkers in one process, 2
      training at a time with 1 torch thread each;
    - fedsecure-serial (only when asked for): in one process, one owner at a time, 2 torch threads;
@@ -29,7 +33,8 @@ on the 10,000 test images after each round.
    PSS (/proc/PID/smaps_rollup; a shared page split among its sharers, sampled every 10th time),
    which adds up to what the tree really occupies. Peaks are maxima over samples, so a spike
    shorter than the interval can be missed. The JSON names each process's PSS in the sample of the
-   tree's peak (``pss_at_peak``).
+   tree's peak (``pss_at_peak``) and when it was (``pss_peak_when``: start-up, or which round and,
+   for fedsecure, whether in the fit phase or after it).
 
 Prints a table (median and total seconds per round, accuracy per round, peak tree memory, the ratios
 fedsecure/Flower, fedsecure/plain and Flower/plain) and writes JSON, by default to
@@ -74,9 +79,10 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
     import fedsecure.data as fdata
 
-SYSTEMS = ("plain", "flower", "fedsecure", "fedsecure-ray", "fedsecure-threads", "fedsecure-serial", "plain-1thread")
+SYSTEMS = ("plain", "flower", "flower-1x2", "fedsecure", "fedsecure-ray", "fedsecure-ray-1x2", "fedsecure-threads", "fedsecure-serial", "plain-1thread")
 DEFAULT_SYSTEMS = ("plain", "flower", "fedsecure")
-RAY_SYSTEMS = ("fedsecure-ray", "flower")  # --ray: both sides on Ray, 2 actors of 1 CPU
+# --ray: both sides on Ray, on 2 CPUs as 2 actors of 1 CPU, and as 1 actor of 2 CPUs
+RAY_SYSTEMS = ("fedsecure-ray", "flower", "fedsecure-ray-1x2", "flower-1x2")
 NUM_CLIENTS = 10
 ALPHA = 0.5
 SEED = 0
@@ -200,6 +206,7 @@ class TreeMonitor(threading.Thread):
         self.seen: set[int] = set()
         self.top: dict[int, float] = {}  # pid -> its own peak RSS MB
         self.at_peak: dict[int, float] = {}  # pid -> its PSS MB in the sample of the tree's peak PSS
+        self.peak_time: float | None = None  # when that sample was taken
         self.names: dict[int, str] = {}
         self.cpu_ticks: dict[int, int] = {}  # pid -> CPU ticks it had used when last seen
         self.machine_start = _machine_busy_ticks()
@@ -233,7 +240,7 @@ class TreeMonitor(threading.Thread):
                 each = {pid: _pss_kb(pid) / 1024 for pid in pids}
                 pss = sum(each.values())
                 if pss > sum(self.at_peak.values()):
-                    self.at_peak = each
+                    self.at_peak, self.peak_time = each, time.time()
             hz = os.sysconf("SC_CLK_TCK")
             self.samples.append((time.time(), rss, pss, len(pids), sum(self.cpu_ticks.values()) / hz,
                                  self.machine_end / hz))
@@ -297,15 +304,16 @@ def command(system: str, data: Path, rounds: int, out: Path, threads: int) -> li
     if system.startswith("plain"):
         return [sys.executable, str(HERE / "plain_loop.py"), "--data", str(data), "--rounds", str(rounds),
                 "--threads", "1" if system == "plain-1thread" else str(threads), "--out", str(out)]
-    if system == "flower":
+    if system.startswith("flower"):
         import flower_run  # noqa: PLC0415 - this directory is on sys.path (the script's own)
 
         python = flower_run.setup()
+        one_actor = ["--client-cpus", str(threads), "--client-threads", str(threads)] if system == "flower-1x2" else []
         return [str(python), str(HERE / "flower_run.py"), "--data", str(data), "--rounds", str(rounds),
-                "--threads", str(threads), "--out", str(out)]
+                "--threads", str(threads), "--out", str(out), *one_actor]
     if system.startswith("fedsecure"):
-        mode = {"fedsecure": "processes", "fedsecure-ray": "ray", "fedsecure-threads": "threads",
-                "fedsecure-serial": "serial"}[system]
+        mode = {"fedsecure": "processes", "fedsecure-ray": "ray", "fedsecure-ray-1x2": "ray-1x2",
+                "fedsecure-threads": "threads", "fedsecure-serial": "serial"}[system]
         return [sys.executable, str(HERE / "fedsecure_run.py"), "--data", str(data), "--rounds", str(rounds),
                 "--processes", str(threads), "--mode", mode, "--out", str(out)]
     raise SystemExit(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
@@ -317,7 +325,7 @@ def run_system(system: str, data: Path, rounds: int, workdir: Path, threads: int
     cmd = command(system, data, rounds, out, threads)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
-    if system == "flower":
+    if system.startswith("flower"):
         env.pop("PYTHONPATH")  # its own environment; workload.py is imported by path
     print(f"[{system}] {' '.join(cmd[1:2])} ... (log: {log})", flush=True)
     with open(log, "w") as logf:
@@ -347,6 +355,7 @@ def run_system(system: str, data: Path, rounds: int, workdir: Path, threads: int
     secs = [r["seconds"] for r in result["rounds"]]
     result["median_round_s"] = statistics.median(secs)
     result["total_rounds_s"] = sum(secs)
+    result["memory"]["pss_peak_when"] = peak_when(monitor.peak_time, result)
     result["memory"]["rss_mb_after_round"] = [(s[1] if (s := monitor.at(r["end"])) else None) for r in result["rounds"]]
     cpu = monitor.cpu_between(result["rounds"][0]["start"], result["rounds"][-1]["end"])
     if cpu is not None:  # CPU time depends far less than wall time on what else the machine runs
@@ -355,6 +364,22 @@ def run_system(system: str, data: Path, rounds: int, workdir: Path, threads: int
     print(f"[{system}] median round {result['median_round_s']:.2f} s, peak tree RSS "
           f"{result['memory']['peak_rss_mb']:.0f} MB, PSS {result['memory']['peak_pss_mb']:.0f} MB", flush=True)
     return result
+
+
+def peak_when(at: float | None, result: dict[str, Any]) -> str | None:
+    """Where in the run the tree's peak PSS was: before the rounds, or in round N, in its fit phase or
+    in what follows it (aggregation and central evaluation) where the system reports its fit phase."""
+    if at is None:
+        return None
+    if at < result["rounds"][0]["start"]:
+        return f"start-up, {at - result['started']:.1f} s in" if "started" in result else "start-up"
+    for r in result["rounds"]:
+        if at <= r["end"]:
+            into = at - r["start"]
+            fit = r.get("engine_fit_s")
+            part = "" if fit is None else (" (fit)" if into <= fit else " (after the fit: aggregation, evaluation)")
+            return f"round {r['round']}, {into:.1f} of {r['seconds']:.1f} s{part}"
+    return "after the last round"
 
 
 # ---- report -------------------------------------------------------------------------------------------
@@ -443,7 +468,7 @@ def report(results: dict[str, list[dict[str, Any]]], rounds: int) -> tuple[str, 
     row("tree RSS after last round", lambda m: f"{m['memory']['rss_mb_after_round'][-1]:.0f}")
     lines.append("")
     ratios = {}
-    pairs = [(f, other) for f in merged if f.startswith("fedsecure") for other in ("flower", "plain", "plain-1thread")]
+    pairs = [(f, other) for f in merged if f.startswith("fedsecure") for other in ("flower", "flower-1x2", "plain", "plain-1thread")]
     for a, b in [*pairs, ("flower", "plain")]:
         for key, what in (("median_round_s", "time per round"), ("cpu_s_per_round", "CPU s per round"),
                           ("peak_pss_mb", "peak PSS"), ("peak_rss_mb", "peak RSS")):
@@ -495,8 +520,8 @@ def main() -> None:
         sys.path.insert(0, str(HERE))
         import flower_run  # noqa: PLC0415 - this directory is on sys.path (the script's own)
 
-        if "flower" in systems and not flower_run.ready():
-            systems.remove("flower")
+        if any(s.startswith("flower") for s in systems) and not flower_run.ready():
+            systems = [s for s in systems if not s.startswith("flower")]
             print(f"flower: skipped, its environment {flower_run.VENV} is not set up (make it with "
                   "`python benchmarks/vs_flower/flower_run.py --setup`, which downloads Flower and torch)", flush=True)
     out = args.out or ROOT / "benchmarks" / "results" / f"vs_flower_{'quick' if args.quick else args.subset}.json"

@@ -40,9 +40,12 @@ runs (data sets, output, tensorboard, certificates); a path given on the command
                   device (where simulated owners train: "cpu" (default), "auto", "cuda", "cuda:N",
                   "mps"; a served worker's own --device says it for remote owners);
                   for "processes" (simulation hosts on this machine): processes, threads (per process);
+                  for "processes" and "ray": concurrency (owners each host trains at a time, each
+                  in a thread of one process; default 1);
                   for "ray" (simulation hosts in Ray actors; needs fedsecure[ray]): address ("auto" or
                   a cluster's address joins it; default: a local Ray for the run), actors (default:
-                  as many as the free CPUs allow), num_cpus and num_gpus (per actor), ship_data
+                  as many as the free CPUs allow), num_cpus and num_gpus (per actor; torch threads
+                  per actor: num_cpus // concurrency, at least 1), ship_data
                   (true: the shares reach the actors through Ray's object store, for a data set
                   that only this machine can read);
                   for "remote": token or tls_dir, and [[workers.remote]] tables (id, address),
@@ -228,6 +231,7 @@ class WorkersSection:
     parallelism: int | None = None  # default: 1 in local mode, every worker in remote mode
     processes: int | None = None  # default: this machine's cores
     threads: int = 1
+    concurrency: int = 1  # processes, ray: owners each host trains at a time, in threads of one process
     work_deadline: float = 3600.0
     token: str | None = None
     tls_dir: str | None = None
@@ -248,6 +252,10 @@ class WorkersSection:
             check_device_name(self.device)
         except DeviceError as exc:
             raise ConfigurationError(f"[workers] {exc}") from None
+        if self.concurrency != 1 and self.mode not in ("processes", "ray"):
+            raise ConfigurationError(f"[workers] concurrency sets how many owners a simulation host trains at a time: it "
+                                     f'needs mode = "processes" or "ray", not {self.mode!r} (in local mode, '
+                                     "parallelism says how many train at a time)")
         if self.ship_data and self.mode != "ray":
             raise ConfigurationError(f'[workers] ship_data sends the shares to Ray actors: it needs mode = "ray", '
                                      f"not {self.mode!r}")

@@ -45,6 +45,7 @@ from fedsecure.experiment.owners import shares_of
 from fedsecure.experiment.simulation import Simulation, assign
 from fedsecure.fl import ConfigurationError
 from fedsecure.transport.grpc import GrpcTransport
+from fedsecure.worker import heap
 from fedsecure.worker.client import WorkerClient
 
 INSTALL = "pip install 'fedsecure[ray]'"
@@ -192,7 +193,10 @@ class RaySimulation(Simulation):
     ``address``: None starts a local Ray (stopped at the end); "auto" or a cluster's address joins
     that cluster (left running). A process already connected to Ray uses that connection.
     ``actors``: default, as many as the cluster's free CPUs (and GPUs) allow, at most one per owner.
-    ``threads``: torch threads per actor (default: its CPUs). ``ship_data``: each actor receives
+    ``concurrency``: owners each actor trains at a time (default 1), each in a thread of its own;
+    ``threads``: torch threads per actor (default: its CPUs shared among them, at least 1). An
+    actor of 2 CPUs that trains 2 owners at a time uses the CPUs of 2 actors of 1 CPU and the
+    memory of one process (one torch, the data set loaded once). ``ship_data``: each actor receives
     its owners' shares through Ray's object store instead of reading the data set on its node;
     ``dataset``: the experiment's data set as the caller has read it (read here otherwise). The
     other options are `Simulation`'s.
@@ -207,6 +211,7 @@ class RaySimulation(Simulation):
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         threads: int | None = None,
+        concurrency: int = 1,
         ship_data: bool = False,
         dataset: Dataset | None = None,
         **options: Any,
@@ -215,7 +220,10 @@ class RaySimulation(Simulation):
             raise ConfigurationError(f"[workers] actors must be >= 1, got {actors}")
         if num_cpus <= 0 or num_gpus < 0:
             raise ConfigurationError(f"[workers] num_cpus must be > 0 and num_gpus >= 0, got {num_cpus} and {num_gpus}")
-        super().__init__(config, processes=actors or 1, threads=threads or max(1, int(num_cpus)), **options)
+        if concurrency < 1:
+            raise ConfigurationError(f"[workers] concurrency must be >= 1, got {concurrency}")
+        super().__init__(config, processes=actors or 1, threads=threads or max(1, int(num_cpus) // concurrency),
+                         concurrency=concurrency, **options)
         if num_gpus and self.device == "cpu":
             raise ConfigurationError(f"[workers] num_gpus = {num_gpus:g} gives each actor GPUs that its owners would "
                                      'not use: set [workers] device = "cuda" (or "auto")')
@@ -284,8 +292,10 @@ class RaySimulation(Simulation):
 
     def _start_hosts(self) -> list[str]:
         ray = self._ray
+        env = heap.arena_limit(self.concurrency)  # read when the actor's process starts
         actor = ray.remote(OwnerHost).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=-1,
-                                              scheduling_strategy="SPREAD")
+                                              scheduling_strategy="SPREAD",
+                                              runtime_env={"env_vars": env} if env else None)
         bind = LOOPBACK if self.bind == LOOPBACK else None
         self._shipped = self._ship(ray) if self.ship_data else [None] * self.actors
         self._actors = [actor.remote(self.host_spec(p), bind, self._shipped[p]) for p in range(self.actors)]

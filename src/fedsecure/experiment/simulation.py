@@ -7,8 +7,10 @@ sizes, `assign`) as those owners' private data, and serves them all from one gRP
 oversubscribe the cores. The aggregator is served from this process. The engine then drives
 the hosted owners exactly as it drives remote workers (`fedsecure.connect`): the global model
 goes to each owner, the owner trains in its host, the trained model moves from the host to the
-aggregator, and this process receives only the aggregate. Each host trains its owners one after
-the other, so that ``processes`` owners train at a time.
+aggregator, and this process receives only the aggregate. Each host trains ``concurrency`` of its
+owners at a time (default 1), each in a thread of its own, the others waiting their turn: so
+``processes * concurrency`` owners train at a time, and a host that trains several at once costs
+one process's memory (one torch, the data set loaded once) instead of one each.
 
 Every owner has its own token (derived from a random secret of the run), so the aggregator knows
 which owner each moved update comes from; everything listens on loopback only.
@@ -33,6 +35,7 @@ from fedsecure.experiment.config import DEFAULT_AGGREGATOR, Experiment, parse
 from fedsecure.experiment.owners import MODEL_OWNER, owner_id
 from fedsecure.fl import ConfigurationError
 from fedsecure.transport.grpc import WorkerServer, connect
+from fedsecure.worker import heap
 from fedsecure.worker.client import WorkerClient
 from fedsecure.worker.core import WorkerCore
 from fedsecure.worker.device import DeviceError, resolve
@@ -78,6 +81,7 @@ class Simulation:
         *,
         processes: int = 2,
         threads: int = 1,
+        concurrency: int = 1,
         aggregator: str = DEFAULT_AGGREGATOR,
         share_holders: Sequence[str] = (),
         consistency_check: bool = False,
@@ -85,13 +89,15 @@ class Simulation:
         sizes: list[int] | None = None,
         startup_timeout: float = 120.0,
     ) -> None:
-        if processes < 1 or threads < 1:
-            raise ConfigurationError(f"processes and threads must be >= 1, got {processes} and {threads}")
+        if processes < 1 or threads < 1 or concurrency < 1:
+            raise ConfigurationError(f"processes, threads and concurrency must be >= 1, got {processes}, {threads} "
+                                     f"and {concurrency}")
         self.experiment = config if isinstance(config, Experiment) else parse(config)
         self.owners = self.experiment.config.data.workers
         self.device = self._owner_device()
         self.processes = min(processes, self.owners)
         self.threads = threads
+        self.concurrency = concurrency
         if sizes is not None and len(sizes) != self.owners:
             raise ConfigurationError(f"{len(sizes)} share sizes for {self.owners} owners")
         self.sizes = sizes or [1] * self.owners
@@ -136,12 +142,22 @@ class Simulation:
         for i, name in enumerate(names):
             host = self.hosts[i]
             self.workers.append(self._owner(name, host, addresses[host]))
-            self.groups[name] = host
+        self.groups = {names[i]: g for i, g in enumerate(self._lanes())}
         served = {name: connect(name, self._server.address, credentials=self.owner_token, pipelined=False)
                   for name in self.served}
         self.aggregator = served[self.aggregator_id]
         self.share_holders = [served[name] for name in self.holder_ids]
         return self
+
+    def _lanes(self) -> list[int]:
+        """Each owner's lane: the owners that train one after the other (``fl.fit``'s groups). A
+        host's owners share ``concurrency`` lanes, balanced by size as the hosts are (`assign`)."""
+        lanes = [0] * self.owners
+        for p in range(self.processes):
+            owners = self.owners_on(p)
+            for i, lane in zip(owners, assign([self.sizes[i] for i in owners], self.concurrency), strict=True):
+                lanes[i] = p * self.concurrency + lane
+        return lanes
 
     def _start_hosts(self) -> list[str]:
         """Start the hosts; the address where each serves its owners."""
@@ -181,7 +197,8 @@ class Simulation:
 
     def _spawn(self, p: int) -> subprocess.Popen[str]:
         spec = self.host_spec(p)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads),
+               **heap.arena_limit(self.concurrency)}
         proc = subprocess.Popen([sys.executable, "-m", "fedsecure.experiment.host"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=None, text=True, env=env)
         assert proc.stdin is not None

@@ -57,10 +57,10 @@ def start_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray],
     if w.mode == "ray":  # torch uses each actor's CPUs
         sim: Simulation = stack.enter_context(RaySimulation(
             exp, actors=w.actors, address=w.address, num_cpus=w.num_cpus, num_gpus=w.num_gpus, ship_data=w.ship_data,
-            dataset=data, **common))
+            concurrency=w.concurrency, dataset=data, **common))
     else:
         sim = stack.enter_context(Simulation(exp, processes=w.processes or os.cpu_count() or 1, threads=w.threads,
-                                             **common))
+                                             concurrency=w.concurrency, **common))
     return Federated(sim.workers, sim.aggregator, sim.processes, sim.groups, sim.share_holders, sim.secagg_ids)
 
 

@@ -276,7 +276,7 @@ class Engine:
                 self.progress.worker_failed(name, phase, failures[-1].error)
             self.progress.worker_done()
 
-        if self.groups:  # one thread per process of workers, its workers one after the other
+        if self.groups:  # one thread per group (a host, or one of its lanes), its workers one after the other
             buckets: dict[int, list[str]] = {}
             for name in names:
                 buckets.setdefault(self.groups.get(name, -1), []).append(name)

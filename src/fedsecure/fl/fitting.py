@@ -69,7 +69,7 @@ def fit(
             raise ConfigurationError("fit takes workers and an aggregator, or a backend that hosts them "
                                      "(workers=None), not both")
         with backend as hosted:
-            hosting: dict[str, Any] = {"groups": hosted.groups}  # owners of one host train in turn
+            hosting: dict[str, Any] = {"groups": hosted.groups}  # owners of one lane of a host train in turn
             if hosted.share_holders:
                 hosting["share_holders"] = hosted.share_holders
             return fit(model, hosted.workers, strategy, rounds=rounds, aggregator=hosted.aggregator,
