@@ -192,7 +192,14 @@ def test_fit_takes_a_backend_that_hosts_the_owners_for_the_run(
 def test_an_actor_trains_several_owners_at_a_time_with_the_numbers_of_one_process(
     cluster: Cluster, tmp_path: Path, one_process: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """concurrency = 2: one actor's owners in two lanes of five, whose requests run at the same time."""
+    """concurrency = 2: one actor's owners in two lanes of five, whose requests run at the same time,
+    from an experiment file's [workers] as `fedsecure run` reads it."""
+    exp = _digits(tmp_path, "lanes", **{**_on_ray(cluster), "workers.actors": 1, "workers.concurrency": 2})
+    with RaySimulation(exp, actors=1, address=cluster.address, num_cpus=1.0, concurrency=2) as backend:
+        assert sorted(collections.Counter(backend.groups.values()).values()) == [5, 5]
+        if "MALLOC_ARENA_MAX" not in os.environ:  # a heap per training thread and one more
+            arenas = backend._actors[0].__ray_call__.remote(lambda actor: os.environ.get("MALLOC_ARENA_MAX"))
+            assert ray.get(arenas, timeout=30) == "3"
     calls: list[tuple[str, float, float]] = []
     send = ray_hosts._OwnerTransport.__call__
 
@@ -204,21 +211,9 @@ def test_an_actor_trains_several_owners_at_a_time_with_the_numbers_of_one_proces
             calls.append((self.name, start, time.monotonic()))
 
     monkeypatch.setattr(ray_hosts._OwnerTransport, "__call__", timed)
-    exp = _digits(tmp_path, "lanes", **{**_on_ray(cluster), "workers.actors": 1, "workers.concurrency": 2})
-    data = exp.dataset()
-    torch.manual_seed(exp.seed)
-    model = build_model("mlp", tuple(data.x_train.shape[1:]), data.num_classes, hidden=64)
-    backend = RaySimulation(exp, actors=1, address=cluster.address, num_cpus=1.0, concurrency=2)
-    with backend:
-        lanes = backend.groups
-        assert sorted(collections.Counter(lanes.values()).values()) == [5, 5]
-        if "MALLOC_ARENA_MAX" not in os.environ:  # a heap per training thread and one more
-            arenas = backend._actors[0].__ray_call__.remote(lambda actor: os.environ.get("MALLOC_ARENA_MAX"))
-            assert ray.get(arenas, timeout=30) == "3"
-        _, history = fl.fit(model, backend.workers, exp.strategy(), rounds=1, aggregator=backend.aggregator,
-                            groups=lanes, seed=exp.seed, test_data=(data.x_test, data.y_test))
-    _same_numbers(history.rows, one_process[:1])
-    assert any(lanes[a] != lanes[b] and s < f and t < e for a, s, e in calls for b, t, f in calls)
+    _same_numbers(run_experiment(exp, progress=False).rows, one_process[:ROUNDS])
+    # one actor serves all ten owners: two of them in requests at the same time means two lanes
+    assert any(a != b and s < f and t < e for a, s, e in calls for b, t, f in calls)
     with pytest.raises(fl.ConfigurationError, match="concurrency .* needs mode = .processes. or .ray."):
         _digits(tmp_path, "local", **{"workers.concurrency": 2})
     with pytest.raises(fl.ConfigurationError, match="concurrency must be >= 1"):
