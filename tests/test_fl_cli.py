@@ -116,6 +116,7 @@ def test_worker_processes_give_the_numbers_of_one_process(tmp_path: Path, secure
     hosted = fedsecure(*args, "--output", "proc", "--set", "workers.mode='processes'", "--set",
                        f"workers.processes={processes}", "--set", f"workers.concurrency={concurrency}", cwd=tmp_path)
     assert local.returncode == 0 and hosted.returncode == 0, hosted.stderr
+    assert "Warning" not in hosted.stderr, hosted.stderr  # the hosts start quietly
     a = json.loads((tmp_path / "local" / "history.json").read_text())["rounds"]
     b = json.loads((tmp_path / "proc" / "history.json").read_text())["rounds"]
     for x, y in zip(a, b, strict=True):

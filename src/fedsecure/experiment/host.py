@@ -1,5 +1,8 @@
-"""A simulation host: ``python -m fedsecure.experiment.host``, started by `Simulation` (`serve` is also
-what each Ray actor of `fedsecure.experiment.ray_hosts` runs).
+"""A simulation host: a process that runs `main`, started by `Simulation` (`serve` is also what each
+Ray actor of `fedsecure.experiment.ray_hosts` runs). `Simulation` starts it with ``python -c``
+(`fedsecure.experiment.simulation.HOST_MAIN`) rather than ``python -m fedsecure.experiment.host``:
+the package imports this module (through `ray_hosts`), and running an imported module as
+``__main__`` makes Python warn on every start.
 
 It reads its spec as JSON on stdin (the secret travels on a pipe, never on a command line), loads
 the data set itself, keeps the shares of the owners assigned to it as their private data, serves
@@ -92,5 +95,6 @@ def host(spec: Mapping[str, Any]) -> None:
     server.stop(2.0)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """A host process's body: its spec from stdin (as JSON), then `host`."""
     host(json.loads(sys.stdin.read()))

@@ -1,6 +1,6 @@
 """Simulation in worker processes: many data owners on one machine, every core busy.
 
-`Simulation` starts ``processes`` host processes (``python -m fedsecure.experiment.host``); each
+`Simulation` starts ``processes`` host processes (`fedsecure.experiment.host.main`); each
 loads the data set itself, keeps the shares of the owners assigned to it (balanced by the shares'
 sizes, `assign`) as those owners' private data, and serves them all from one gRPC server, one
 `WorkerCore` per owner, with torch limited to ``threads`` threads so that the hosts do not
@@ -42,6 +42,7 @@ from fedsecure.worker.device import DeviceError, resolve
 from fedsecure.worker.labels import Policy
 
 LISTENING = "listening on "  # the line a host prints when it serves, before its address
+HOST_MAIN = "from fedsecure.experiment.host import main; main()"  # a host process's code (python -c)
 
 def assign(sizes: list[int], processes: int) -> list[int]:
     """The host of each owner: largest shares first, each to the host with the least data so far
@@ -199,7 +200,7 @@ class Simulation:
         spec = self.host_spec(p)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads),
                **heap.arena_limit(self.concurrency)}
-        proc = subprocess.Popen([sys.executable, "-m", "fedsecure.experiment.host"], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", HOST_MAIN], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=None, text=True, env=env)
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(spec))
