@@ -514,3 +514,20 @@ def test_a_received_state_that_does_not_fit_is_refused_before_anything_is_built_
     placed["args"]["device"] = "meta"  # tensors without memory, were it obeyed
     with pytest.raises(sy.ProtocolError, match="does not choose a device"):
         receive(placed, [torch.zeros(3, 4), torch.zeros(3)])
+
+
+def test_state_tensors_lists_what_torch_lists_in_its_order() -> None:
+    """Parameters then buffers, named and ordered as named_parameters() and named_buffers() give
+    them: a tensor that two modules share, a submodule used twice, a missing bias, buffers that are
+    not saved (running statistics, counters)."""
+    shared = nn.Linear(4, 4)
+    tied = nn.Linear(4, 4, bias=False)
+    tied.weight = shared.weight
+    norm = nn.BatchNorm1d(4)
+    norm.register_buffer("scratch", torch.zeros(2), persistent=False)
+    model = nn.Sequential(shared, nn.ReLU(), tied, nn.Sequential(norm, shared), nn.LayerNorm(4))
+    expected = [*model.named_parameters(), *model.named_buffers()]
+    got = state_tensors(model)
+    assert [n for n, _ in got] == [n for n, _ in expected]
+    assert all(a is b for (_, a), (_, b) in zip(got, expected, strict=True))
+    assert [n for n, _ in state_tensors(nn.Linear(2, 2))] == ["weight", "bias"]  # a layer on its own: no prefix

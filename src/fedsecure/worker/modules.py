@@ -192,8 +192,25 @@ def build(spec: Any, depth: int = 0, *, device: torch.device | None = None) -> n
 
 
 def state_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Parameters then buffers, in a fixed order both ends agree on."""
-    return [*module.named_parameters(), *module.named_buffers()]
+    """Parameters then buffers, in a fixed order both ends agree on: ``named_parameters()`` then
+    ``named_buffers()`` (names, order and a tensor shared by two modules listed once, as torch
+    lists them), from one walk of the module tree instead of two: a round reads it about ten
+    times per owner."""
+    params: list[tuple[str, torch.Tensor]] = []
+    buffers: list[tuple[str, torch.Tensor]] = []
+    seen_params: set[int] = set()
+    seen_buffers: set[int] = set()
+    for prefix, sub in module.named_modules():
+        dot = prefix + "." if prefix else ""
+        for name, p in sub._parameters.items():
+            if p is not None and id(p) not in seen_params:
+                seen_params.add(id(p))
+                params.append((dot + name, p))
+        for name, b in sub._buffers.items():
+            if b is not None and id(b) not in seen_buffers:
+                seen_buffers.add(id(b))
+                buffers.append((dot + name, b))
+    return params + buffers
 
 
 def load_state(module: nn.Module, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -257,12 +274,15 @@ def on_meta(spec: Any) -> tuple[nn.Module, bool]:
     return module, True
 
 
+_CONTAINERS = (dict, set, list)  # a tuple: ``dict | set | list`` would be built anew for every item
+
+
 def _copied(module: nn.Module) -> nn.Module:
     """A copy of ``module``'s tree that shares none of its containers (parameters, buffers, hooks,
     children, a layer's lists): only the tensors and the immutable settings, which `receive`
     replaces or never changes."""
     copy = object.__new__(type(module))
-    state = {k: v.copy() if isinstance(v, dict | set | list) else v for k, v in module.__dict__.items()}
+    state = {k: v.copy() if isinstance(v, _CONTAINERS) else v for k, v in module.__dict__.items()}
     state["_modules"] = {k: None if c is None else _copied(c) for k, c in module._modules.items()}
     copy.__dict__.update(state)
     return copy
