@@ -65,21 +65,45 @@ def test_freed_memory_goes_back_to_the_system_at_most_once_a_second(heap, monkey
     assert calls == [0, 0]
 
 
-def test_a_trim_skipped_within_the_interval_is_made_when_it_is_over(heap, monkeypatch) -> None:
-    """The last requests of a round come within a second of each other: what they freed goes
-    back when the second is over, not at the next round's first request."""
-
+def _recorded(heap: Any, monkeypatch: pytest.MonkeyPatch, interval: float, quiet: float) -> list[float]:
     calls: list[float] = []
     monkeypatch.setattr(heap, "_trim", lambda pad: calls.append(time.monotonic()) or 1)
     monkeypatch.setattr(heap, "_last", [0.0])
-    monkeypatch.setattr(heap, "INTERVAL_S", 0.2)
+    monkeypatch.setattr(heap, "INTERVAL_S", interval)
+    monkeypatch.setattr(heap, "QUIET_S", quiet)
+    return calls
+
+
+def _until(calls: list[float], n: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(calls) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_trim_skipped_within_the_interval_is_made_once_requests_stop(heap, monkeypatch) -> None:
+    """The last requests of a round come within a second of each other: what they freed goes
+    back once they stop, not at the end of the second, nor at the next round's first request."""
+    calls = _recorded(heap, monkeypatch, interval=30.0, quiet=0.05)
     assert heap.trim_now_and_then() is True
     assert heap.trim_now_and_then() is False and heap.trim_now_and_then() is False
-    deadline = time.monotonic() + 10
-    while len(calls) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)  # the two skipped trims left one, not two
-    assert len(calls) == 2 and calls[1] - calls[0] >= 0.2
+    stopped = time.monotonic()
+    _until(calls, 2)
+    time.sleep(0.2)  # the two skipped trims left one, not two
+    assert len(calls) == 2 and 0.05 <= calls[1] - stopped < 25
+
+
+def test_requests_that_do_not_stop_trim_once_an_interval(heap, monkeypatch) -> None:
+    calls = _recorded(heap, monkeypatch, interval=0.2, quiet=0.5)
+    start = time.monotonic()
+    while time.monotonic() - start < 1.2:  # a request every few ms: never quiet for 0.5 s
+        trimmed = heap.trim_now_and_then()
+        last = time.monotonic()
+        time.sleep(0.005)
+    time.sleep(1.0)
+    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    assert 4 <= len(calls) <= 9 and min(gaps) >= 0.19, calls
+    # what the last request freed goes back: by its own trim, or by one trim after it
+    assert len([t for t in calls if t > last]) == (0 if trimmed else 1), calls
 
 
 def test_a_host_starts_with_a_heap_per_training_thread_and_one_more(monkeypatch) -> None:

@@ -10,13 +10,15 @@ with this trim, at the same time per round. Fixing the threshold instead
 1470-1483 MB but cost 15-20% of the time per round: each training step then maps, zeroes and
 unmaps the first linear layer's gradient.
 
-A trim takes about 1 ms, so a process trims at most once a second (a cross-device round in one
-process handles hundreds of requests a second). A request whose trim falls within that second
-leaves one to be made when the second is over, so that what the last requests of a round freed
-goes back too, instead of waiting in the heap for the next round's first request: a Ray actor
-training two owners at a time (the same benchmark) then held 337-358 MB between rounds instead of
-405-417 MB, and the tree's peak, at the end of a round's fit, before that trim, was 1168-1194 MB in
-four runs against 1208-1248 MB in three before. Elsewhere than glibc it does nothing.
+A trim takes about 1 ms, so a process trims after a request at most once a second (a
+cross-device round in one process handles hundreds of requests a second). A request whose trim
+falls within that second leaves one to be made once requests have stopped for a tenth of a second,
+or when the second is over, so that what the last requests of a round freed goes back too,
+instead of waiting in the heap for the next round's first request. Made at the end of the second
+only, it took a Ray actor training two owners at a time (the same benchmark) from 405-417 MB
+between rounds to 337-358 MB, and the tree's peak from 1208-1248 MB in three runs to 1168-1194 MB in
+four; that peak came at the end of a round's fit, before the trim. Elsewhere than glibc it does
+nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from collections.abc import Callable
 
 INTERVAL_S = 1.0
+QUIET_S = 0.1  # a host that had no request for this long gives back what its last ones freed
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -43,36 +46,42 @@ def _malloc_trim() -> Callable[[int], int] | None:
 _trim = _malloc_trim()
 _lock = threading.Lock()
 _pending = threading.Lock()
-_last = [0.0]
-_later: list[threading.Timer] = []  # the trim left for the end of the interval, while one waits
+_last = [0.0]  # when this process last trimmed
+_skipped = [0.0]  # when a request last skipped its trim
+_later: list[threading.Timer] = []  # the trim a skipped one left, while it waits
 
 
 def trim_now_and_then() -> bool:
     """Give the heap's free memory back to the system unless this process did so within the last
     `INTERVAL_S` (or another thread is doing it now); whether it did. When it did not, a trim
-    follows once the interval is over."""
+    follows once no request has skipped one for `QUIET_S`, or once the interval is over."""
     if trim(within=INTERVAL_S):
         return True
     if _trim is not None:
-        _trim_later()
+        with _pending:
+            _skipped[0] = time.monotonic()
+            if not _later:
+                _wait(QUIET_S)
     return False
 
 
-def _trim_later() -> None:
-    with _pending:
-        if _later:
-            return
-        wait = max(_last[0] + INTERVAL_S - time.monotonic(), 0.0) + 0.01
-        timer = threading.Timer(wait, _deferred)
-        timer.daemon = True
-        _later.append(timer)
+def _wait(seconds: float) -> None:
+    """Make the deferred trim in ``seconds`` (the caller holds `_pending`)."""
+    timer = threading.Timer(seconds, _deferred)
+    timer.daemon = True
+    _later.append(timer)
     timer.start()
 
 
 def _deferred() -> None:
     with _pending:
         _later.clear()
-    trim(within=INTERVAL_S)  # a no-op where a request's own trim came in between: it freed as much
+        now = time.monotonic()
+        quiet, due = now - _skipped[0], _last[0] + INTERVAL_S - now
+        if quiet < QUIET_S and due > 0:  # requests still come, and the interval is not over
+            _wait(min(QUIET_S - quiet, due))
+            return
+    trim()
 
 
 def trim(within: float = 0.0) -> bool:
