@@ -27,6 +27,8 @@ def test_the_digits_example_runs_and_writes_its_history(tmp_path: Path) -> None:
     done = fedsecure("run", str(DIGITS), "--rounds", "3", "--output", "out", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "round 3/3" in done.stderr and "label skew" in done.stderr
+    assert "workers: 10 owners in this process, 1 training at a time" in done.stderr
+    assert "digits: 3 rounds, accuracy" in done.stderr
     rows = json.loads((tmp_path / "out" / "history.json").read_text())["rounds"]
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert (tmp_path / "out" / "history.csv").read_text().startswith("round,")
@@ -113,10 +115,14 @@ def test_worker_processes_give_the_numbers_of_one_process(tmp_path: Path, secure
     """Also with one host that trains two owners at a time, each in a thread of its own."""
     args = ["run", str(DIGITS), "--rounds", "3", "--quiet", "--set", f"aggregation.secure='{secure}'"]
     local = fedsecure(*args, "--output", "local", cwd=tmp_path)
-    hosted = fedsecure(*args, "--output", "proc", "--set", "workers.mode='processes'", "--set",
-                       f"workers.processes={processes}", "--set", f"workers.concurrency={concurrency}", cwd=tmp_path)
+    hosted = fedsecure(*[a for a in args if a != "--quiet"], "--output", "proc", "--set", "workers.mode='processes'",
+                       "--set", f"workers.processes={processes}", "--set", f"workers.concurrency={concurrency}",
+                       cwd=tmp_path)
     assert local.returncode == 0 and hosted.returncode == 0, hosted.stderr
     assert "Warning" not in hosted.stderr, hosted.stderr  # the hosts start quietly
+    hosts = "1 host process" if processes == 1 else f"{processes} host processes"
+    assert (f"workers: 10 owners in {hosts}, {concurrency} training at a time in {'it' if processes == 1 else 'each'} "
+            "with 1 torch thread") in hosted.stderr, hosted.stderr
     a = json.loads((tmp_path / "local" / "history.json").read_text())["rounds"]
     b = json.loads((tmp_path / "proc" / "history.json").read_text())["rounds"]
     for x, y in zip(a, b, strict=True):

@@ -4,6 +4,7 @@ cluster on this machine, a node lost in the middle of a run, and Ray missing alt
 from __future__ import annotations
 
 import collections
+import io
 import os
 import shutil
 import socket
@@ -211,7 +212,9 @@ def test_an_actor_trains_several_owners_at_a_time_with_the_numbers_of_one_proces
             calls.append((self.name, start, time.monotonic()))
 
     monkeypatch.setattr(ray_hosts._OwnerTransport, "__call__", timed)
-    _same_numbers(run_experiment(exp, progress=False).rows, one_process[:ROUNDS])
+    shown = io.StringIO()
+    _same_numbers(run_experiment(exp, stream=shown).rows, one_process[:ROUNDS])
+    assert "workers: 10 owners in 1 Ray actor of 1 CPU on 1 node, 2 training at a time in it" in shown.getvalue()
     # one actor serves all ten owners: two of them in requests at the same time means two lanes
     assert any(a != b and s < f and t < e for a, s, e in calls for b, t, f in calls)
     with pytest.raises(fl.ConfigurationError, match="concurrency .* needs mode = .processes. or .ray."):

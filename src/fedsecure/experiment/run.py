@@ -54,6 +54,8 @@ def run_experiment(
     with contextlib.ExitStack() as stack:
         stack.enter_context(collected_warnings(display))
         fed = start_workers(exp, data, parts, stack)
+        if fed.where:
+            display.note(f"workers: {fed.where}")
         engine = Engine(
             model, fed.workers, strategy, aggregator=fed.aggregator, test_data=(data.x_test, data.y_test),
             seed=exp.seed, parallelism=fed.parallelism, groups=fed.groups, progress=display,
@@ -160,7 +162,7 @@ def _summary(exp: Experiment, history: History, out: TextIO) -> None:
     accuracy = last.get("central_accuracy")
     shown = f"accuracy {accuracy:.4f}" if accuracy is not None else f"loss {last.get('central_loss')}"
     total = sum(r["round_seconds"] for r in history)
-    out.write(f"{exp.name}: {len(history)} rounds, {shown}, {total:.1f} s; history in {exp.output}\n")
+    out.write(f"{exp.name}: {len(history)} round{'' if len(history) == 1 else 's'}, {shown}, {total:.1f} s; history in {exp.output}\n")
 
 
 def tensorboard(exp: Experiment) -> Callable[[dict[str, Any]], None] | None:

@@ -40,6 +40,7 @@ class Federated:
     groups: dict[str, int] | None = None  # workers sharing a process train one after the other
     holders: list[WorkerClient] = field(default_factory=list)  # share holders ("shares" mode)
     secagg_ids: dict[str, int] | None = None  # each owner's id in the secure aggregation PKI
+    where: str = ""  # where the owners train, in words, for the run's first lines
 
 
 def start_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray],
@@ -55,13 +56,26 @@ def start_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray],
         "consistency_check": exp.secure.consistency_check, "sizes": [len(p) for p in parts],
     }
     if w.mode == "ray":  # torch uses each actor's CPUs
-        sim: Simulation = stack.enter_context(RaySimulation(
+        ray_sim = stack.enter_context(RaySimulation(
             exp, actors=w.actors, address=w.address, num_cpus=w.num_cpus, num_gpus=w.num_gpus, ship_data=w.ship_data,
             concurrency=w.concurrency, dataset=data, **common))
+        gpus = f" and {w.num_gpus:g} GPU{'' if w.num_gpus == 1 else 's'}" if w.num_gpus else ""
+        nodes = len(set(ray_sim.nodes))
+        sim: Simulation = ray_sim
+        hosts = (f"{_count(sim.processes, 'Ray actor')} of {w.num_cpus:g} CPU{'' if w.num_cpus == 1 else 's'}{gpus} "
+                 f"on {_count(nodes, 'node')}")
     else:
         sim = stack.enter_context(Simulation(exp, processes=w.processes or os.cpu_count() or 1, threads=w.threads,
                                              concurrency=w.concurrency, **common))
-    return Federated(sim.workers, sim.aggregator, sim.processes, sim.groups, sim.share_holders, sim.secagg_ids)
+        hosts = f"{_count(sim.processes, 'host process', 'host processes')}"
+    where = (f"{_count(sim.owners, 'owner')} in {hosts}, {sim.concurrency} training at a time in "
+             f"{'it' if sim.processes == 1 else 'each'} with {_count(sim.threads, 'torch thread')}")
+    return Federated(sim.workers, sim.aggregator, sim.processes, sim.groups, sim.share_holders, sim.secagg_ids,
+                     where=where)
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 def local_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray]) -> Federated:
@@ -81,7 +95,8 @@ def local_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray]) -
                                      federation=federation, secagg_identity=identity, device=device))
     servers = {n: VirtualWorker(id=n, policy=Policy(strict=w.strict), federation=federation) for n in served}
     return Federated(workers, servers[w.aggregator], w.parallelism or 1,
-                     holders=[servers[h] for h in holders], secagg_ids=ids)
+                     holders=[servers[h] for h in holders], secagg_ids=ids,
+                     where=f"{_count(len(workers), 'owner')} in this process, {w.parallelism or 1} training at a time")
 
 
 def _credentials(exp: Experiment) -> str | TLS:
