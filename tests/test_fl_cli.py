@@ -80,6 +80,8 @@ def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
         ("data.dataset='mnist'", "is not 'digits'"),
         ("model.name='resnet'", "unknown model 'resnet'"),
         ("experiment.evaluate_every=0", "evaluate_every must be >= 1"),
+        ("workers.threads=2", "threads sets a simulation host's torch threads: it needs mode = \"processes\""),
+        ("workers.concurrency=2", "concurrency sets how many owners a simulation host trains at a time"),
     ],
 )
 def test_bad_experiment_files_get_a_clear_error(tmp_path: Path, setting: str, message: str) -> None:

@@ -4,6 +4,7 @@ cluster on this machine, a node lost in the middle of a run, and Ray missing alt
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import os
 import shutil
@@ -198,6 +199,7 @@ def test_an_actor_trains_several_owners_at_a_time_with_the_numbers_of_one_proces
     exp = _digits(tmp_path, "lanes", **{**_on_ray(cluster), "workers.actors": 1, "workers.concurrency": 2})
     with RaySimulation(exp, actors=1, address=cluster.address, num_cpus=1.0, concurrency=2) as backend:
         assert sorted(collections.Counter(backend.groups.values()).values()) == [5, 5]
+        assert backend.threads == 1  # num_cpus // concurrency, at least 1
         if "MALLOC_ARENA_MAX" not in os.environ:  # a heap per training thread and one more
             arenas = backend._actors[0].__ray_call__.remote(lambda actor: os.environ.get("MALLOC_ARENA_MAX"))
             assert ray.get(arenas, timeout=30) == "3"
@@ -214,13 +216,27 @@ def test_an_actor_trains_several_owners_at_a_time_with_the_numbers_of_one_proces
     monkeypatch.setattr(ray_hosts._OwnerTransport, "__call__", timed)
     shown = io.StringIO()
     _same_numbers(run_experiment(exp, stream=shown).rows, one_process[:ROUNDS])
-    assert "workers: 10 owners in 1 Ray actor of 1 CPU on 1 node, 2 training at a time in it" in shown.getvalue()
+    assert "workers: 10 owners in 1 Ray actor of 1 CPU on 1 node, 2 training at a time in it with 1 torch thread" \
+        in shown.getvalue()
+    with load_ray_workers(_digits(tmp_path, "threads", **{**_on_ray(cluster), "workers.actors": 1,
+                                                          "workers.threads": 2})) as fed:
+        assert "with 2 torch threads" in fed.where  # [workers] threads, per actor
     # one actor serves all ten owners: two of them in requests at the same time means two lanes
     assert any(a != b and s < f and t < e for a, s, e in calls for b, t, f in calls)
     with pytest.raises(fl.ConfigurationError, match="concurrency .* needs mode = .processes. or .ray."):
         _digits(tmp_path, "local", **{"workers.concurrency": 2})
     with pytest.raises(fl.ConfigurationError, match="concurrency must be >= 1"):
         RaySimulation(exp, actors=1, address=cluster.address, concurrency=0)
+
+
+@contextlib.contextmanager
+def load_ray_workers(exp: Any) -> Iterator[Any]:
+    """The experiment's workers as `fedsecure run` starts them, stopped on leaving."""
+    from fedsecure.experiment.workers import start_workers
+
+    data = exp.dataset()
+    with contextlib.ExitStack() as stack:
+        yield start_workers(exp, data, exp.partitions(data), stack)
 
 
 BLOCK_RAY = """

@@ -39,7 +39,8 @@ runs (data sets, output, tensorboard, certificates); a path given on the command
                   work_deadline (seconds a worker may take to train in a round; default 3600),
                   device (where simulated owners train: "cpu" (default), "auto", "cuda", "cuda:N",
                   "mps"; a served worker's own --device says it for remote owners);
-                  for "processes" (simulation hosts on this machine): processes, threads (per process);
+                  for "processes" (simulation hosts on this machine): processes, threads (torch threads
+                  per process, default 1; in "ray" mode per actor, default num_cpus // concurrency);
                   for "processes" and "ray": concurrency (owners each host trains at a time, each
                   in a thread of one process; default 1);
                   for "ray" (simulation hosts in Ray actors; needs fedsecure[ray]): address ("auto" or
@@ -230,7 +231,7 @@ class WorkersSection:
     strict: bool = True
     parallelism: int | None = None  # default: 1 in local mode, every worker in remote mode
     processes: int | None = None  # default: this machine's cores
-    threads: int = 1
+    threads: int | None = None  # torch threads per host: processes 1, ray num_cpus // concurrency (at least 1)
     concurrency: int = 1  # processes, ray: owners each host trains at a time, in threads of one process
     work_deadline: float = 3600.0
     token: str | None = None
@@ -256,6 +257,9 @@ class WorkersSection:
             raise ConfigurationError(f"[workers] concurrency sets how many owners a simulation host trains at a time: it "
                                      f'needs mode = "processes" or "ray", not {self.mode!r} (in local mode, '
                                      "parallelism says how many train at a time)")
+        if self.threads is not None and self.mode not in ("processes", "ray"):
+            raise ConfigurationError(f"[workers] threads sets a simulation host's torch threads: it needs mode = "
+                                     f'"processes" or "ray", not {self.mode!r}')
         if self.ship_data and self.mode != "ray":
             raise ConfigurationError(f'[workers] ship_data sends the shares to Ray actors: it needs mode = "ray", '
                                      f"not {self.mode!r}")

@@ -58,14 +58,14 @@ def start_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray],
     if w.mode == "ray":  # torch uses each actor's CPUs
         ray_sim = stack.enter_context(RaySimulation(
             exp, actors=w.actors, address=w.address, num_cpus=w.num_cpus, num_gpus=w.num_gpus, ship_data=w.ship_data,
-            concurrency=w.concurrency, dataset=data, **common))
+            threads=w.threads, concurrency=w.concurrency, dataset=data, **common))
         gpus = f" and {w.num_gpus:g} GPU{'' if w.num_gpus == 1 else 's'}" if w.num_gpus else ""
         nodes = len(set(ray_sim.nodes))
         sim: Simulation = ray_sim
         hosts = (f"{_count(sim.processes, 'Ray actor')} of {w.num_cpus:g} CPU{'' if w.num_cpus == 1 else 's'}{gpus} "
                  f"on {_count(nodes, 'node')}")
     else:
-        sim = stack.enter_context(Simulation(exp, processes=w.processes or os.cpu_count() or 1, threads=w.threads,
+        sim = stack.enter_context(Simulation(exp, processes=w.processes or os.cpu_count() or 1, threads=w.threads or 1,
                                              concurrency=w.concurrency, **common))
         hosts = f"{_count(sim.processes, 'host process', 'host processes')}"
     where = (f"{_count(sim.owners, 'owner')} in {hosts}, {sim.concurrency} training at a time in "
