@@ -57,7 +57,7 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     """The digits' images ``(1797, 8, 8)`` and classes as scikit-learn ships them: read from its file
     ``sklearn/datasets/data/digits.csv.gz`` (a row of 64 pixels, then the digit), found without
-    importing scikit-learn, whose import takes most of a second (12 ms instead of 0.88 s here);
+    importing scikit-learn, whose import takes most of a second;
     through ``sklearn.datasets.load_digits`` where that file is not (another layout)."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None:

@@ -220,9 +220,7 @@ class RaySimulation(Simulation):
             raise ConfigurationError(f"[workers] actors must be >= 1, got {actors}")
         if num_cpus <= 0 or num_gpus < 0:
             raise ConfigurationError(f"[workers] num_cpus must be > 0 and num_gpus >= 0, got {num_cpus} and {num_gpus}")
-        if concurrency < 1:
-            raise ConfigurationError(f"[workers] concurrency must be >= 1, got {concurrency}")
-        super().__init__(config, processes=actors or 1, threads=threads or max(1, int(num_cpus) // concurrency),
+        super().__init__(config, processes=actors or 1, threads=threads or max(1, int(num_cpus) // max(concurrency, 1)),
                          concurrency=concurrency, **options)
         if num_gpus and self.device == "cpu":
             raise ConfigurationError(f"[workers] num_gpus = {num_gpus:g} gives each actor GPUs that its owners would "

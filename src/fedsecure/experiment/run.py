@@ -17,7 +17,7 @@ import torch
 from fedsecure.data import partition_summary
 from fedsecure.experiment.config import Experiment
 from fedsecure.experiment.models import build_model
-from fedsecure.experiment.workers import start_workers
+from fedsecure.experiment.workers import counted, start_workers
 from fedsecure.fl import ConfigurationError, Engine, History
 from fedsecure.fl import checkpoint as ckpt
 from fedsecure.fl.progress import Progress
@@ -77,11 +77,9 @@ def run_experiment(
 @contextlib.contextmanager
 def _frozen() -> Iterator[None]:
     """What is alive when the rounds start (the workers, their data, the model) lives as long as
-    the run: out of the garbage collector's sight until it ends (`gc.freeze`). With thousands of
-    workers in this process each full collection scanned every one of their objects (0.15-0.2 s
-    every few rounds of 100 sampled owners); frozen, a 30-round run of 5000 owners took 3-5% less
-    on average and its slowest round 0.32-0.35 s instead of 0.47-0.48 s. Left alone where the
-    process froze objects of its own."""
+    the run: out of the garbage collector's sight until it ends (`gc.freeze`), so that with
+    thousands of workers in this process a full collection does not scan every one of their
+    objects again. Left alone where the process froze objects of its own."""
     if gc.get_freeze_count():
         yield
         return
@@ -162,7 +160,7 @@ def _summary(exp: Experiment, history: History, out: TextIO) -> None:
     accuracy = last.get("central_accuracy")
     shown = f"accuracy {accuracy:.4f}" if accuracy is not None else f"loss {last.get('central_loss')}"
     total = sum(r["round_seconds"] for r in history)
-    out.write(f"{exp.name}: {len(history)} round{'' if len(history) == 1 else 's'}, {shown}, {total:.1f} s; history in {exp.output}\n")
+    out.write(f"{exp.name}: {counted(len(history), 'round')}, {shown}, {total:.1f} s; history in {exp.output}\n")
 
 
 def tensorboard(exp: Experiment) -> Callable[[dict[str, Any]], None] | None:

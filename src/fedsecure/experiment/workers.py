@@ -62,19 +62,20 @@ def start_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray],
         gpus = f" and {w.num_gpus:g} GPU{'' if w.num_gpus == 1 else 's'}" if w.num_gpus else ""
         nodes = len(set(ray_sim.nodes))
         sim: Simulation = ray_sim
-        hosts = (f"{_count(sim.processes, 'Ray actor')} of {w.num_cpus:g} CPU{'' if w.num_cpus == 1 else 's'}{gpus} "
-                 f"on {_count(nodes, 'node')}")
+        hosts = (f"{counted(sim.processes, 'Ray actor')} of {w.num_cpus:g} CPU{'' if w.num_cpus == 1 else 's'}{gpus} "
+                 f"on {counted(nodes, 'node')}")
     else:
         sim = stack.enter_context(Simulation(exp, processes=w.processes or os.cpu_count() or 1, threads=w.threads or 1,
                                              concurrency=w.concurrency, **common))
-        hosts = f"{_count(sim.processes, 'host process', 'host processes')}"
-    where = (f"{_count(sim.owners, 'owner')} in {hosts}, {sim.concurrency} training at a time in "
-             f"{'it' if sim.processes == 1 else 'each'} with {_count(sim.threads, 'torch thread')}")
+        hosts = f"{counted(sim.processes, 'host process', 'host processes')}"
+    where = (f"{counted(sim.owners, 'owner')} in {hosts}, {sim.concurrency} training at a time in "
+             f"{'it' if sim.processes == 1 else 'each'} with {counted(sim.threads, 'torch thread')}")
     return Federated(sim.workers, sim.aggregator, sim.processes, sim.groups, sim.share_holders, sim.secagg_ids,
                      where=where)
 
 
-def _count(n: int, one: str, many: str | None = None) -> str:
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """``n`` and the word for one or for many ("1 node", "2 host processes")."""
     return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
@@ -96,7 +97,7 @@ def local_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray]) -
     servers = {n: VirtualWorker(id=n, policy=Policy(strict=w.strict), federation=federation) for n in served}
     return Federated(workers, servers[w.aggregator], w.parallelism or 1,
                      holders=[servers[h] for h in holders], secagg_ids=ids,
-                     where=f"{_count(len(workers), 'owner')} in this process, {w.parallelism or 1} training at a time")
+                     where=f"{counted(len(workers), 'owner')} in this process, {w.parallelism or 1} training at a time")
 
 
 def _credentials(exp: Experiment) -> str | TLS:

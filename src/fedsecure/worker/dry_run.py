@@ -24,19 +24,19 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fedsecure.errors import FedsecureError, ProtocolError
+from fedsecure.worker.modules import state_tensors
 
 _PASSED: dict[tuple[Any, ...], None] = {}  # passes that ran without error, most recent last
 _PASSED_MAX = 512
 _passed_lock = threading.Lock()
 
 
-def _structure(module: nn.Module) -> tuple[Any, ...]:
+def _structure(module: nn.Module, tensors: list[tuple[str, torch.Tensor]]) -> tuple[Any, ...]:
     """Everything of ``module`` that its pass depends on: each submodule's class and settings (a
-    traced module's code), each parameter's and buffer's shape, dtype and grad flag."""
+    traced module's code), each of its ``tensors``' shape, dtype and grad flag."""
     parts: list[Any] = [(name, type(m).__qualname__, m.extra_repr(), m.code if isinstance(m, GraphModule) else None)
                         for name, m in module.named_modules()]
-    parts += [(name, tuple(t.shape), t.dtype, t.requires_grad)
-              for name, t in [*module.named_parameters(), *module.named_buffers()]]
+    parts += [(name, tuple(t.shape), t.dtype, t.requires_grad) for name, t in tensors]
     return tuple(parts)
 
 
@@ -45,21 +45,21 @@ def dry_run(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """Raise `ProtocolError` if ``module`` cannot take a batch of ``x`` and score it against ``y``
     with ``loss`` (named ``loss_name``), judged on zeros of their shapes and dtypes."""
     b = max(1, min(batch_size, x.shape[0]))
-    key = (loss_name, b, tuple(x.shape[1:]), x.dtype, tuple(y.shape[1:]), y.dtype, _structure(module))
+    tensors = state_tensors(module)
+    key = (loss_name, b, tuple(x.shape[1:]), x.dtype, tuple(y.shape[1:]), y.dtype, _structure(module, tensors))
     with _passed_lock:
         if key in _PASSED:
             return
-    _pass(module, x, y, b, loss)
+    _pass(module, tensors, x, y, b, loss)
     with _passed_lock:
         _PASSED[key] = None
         if len(_PASSED) > _PASSED_MAX:
             del _PASSED[next(iter(_PASSED))]
 
 
-def _pass(module: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int,
+def _pass(module: nn.Module, tensors: list[tuple[str, torch.Tensor]], x: torch.Tensor, y: torch.Tensor, b: int,
           loss: Callable[[torch.Tensor, torch.Tensor], Any]) -> None:
-    state = {name: torch.zeros(t.shape, dtype=t.dtype, requires_grad=t.requires_grad)
-             for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    state = {name: torch.zeros(t.shape, dtype=t.dtype, requires_grad=t.requires_grad) for name, t in tensors}
     xb = torch.zeros((b, *x.shape[1:]), dtype=x.dtype)
     yb = torch.zeros((b, *y.shape[1:]), dtype=y.dtype)
     try:

@@ -15,9 +15,9 @@ cross-device round in one process handles hundreds of requests a second). A requ
 falls within that second leaves one to be made once requests have stopped for a tenth of a second,
 or when the second is over, so that what the last requests of a round freed goes back too,
 instead of waiting in the heap for the next round's first request. Made at the end of the second
-only, it took a Ray actor training two owners at a time (the same benchmark) from 405-417 MB
-between rounds to 337-358 MB, and the tree's peak from 1208-1248 MB in three runs to 1168-1194 MB in
-four; that peak came at the end of a round's fit, before the trim. Made once requests stop, with
+only, it took the tree's peak of the same benchmark's Ray run with one actor training two owners
+at a time from 1208-1248 MB in three runs to 1168-1194 MB in four; that peak came at the end of a
+round's fit, before the trim. Made once requests stop, with
 the heap limit below in place: 1098-1149 MB in four runs against 1128-1152 MB in two before. Elsewhere
 than glibc it does nothing.
 """
@@ -114,8 +114,7 @@ def arena_limit(threads: int) -> dict[str, str]:
     In the Ray runs of `benchmarks/vs_flower` (two runs each, after the trim below): one actor
     training two owners at a time peaked at 1128-1152 MB instead of 1168-1194 MB, two actors of one
     owner at a time at 1282-1302 MB instead of 1366-1403 MB, at the same time per round within the
-    noise; sampled alone between rounds, the one actor held 323-325 MB instead of 339-346 MB.
-    ``threads`` heaps instead of ``threads + 1`` saved little more and ran slower in one run."""
+    noise. ``threads`` heaps instead of ``threads + 1`` saved little more and ran slower in one run."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return {}
     return {"MALLOC_ARENA_MAX": str(max(1, threads) + 1)}

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from fedsecure.errors import OperationNotAllowed, ProtocolError
 from fedsecure.wire import messages as m
 from fedsecure.worker import execute as ex
@@ -47,7 +45,7 @@ def make_optimizer(state: WorkerState, msg: m.MakeOptimizer, sender: Sender) -> 
 
 def optimizer_call(state: WorkerState, msg: m.OptimizerCall, sender: Sender) -> Any:
     optimizer = state.entry(msg.optimizer_id).obj
-    if not isinstance(optimizer, update_rules.Optimizer | torch.optim.Optimizer):
+    if not isinstance(optimizer, update_rules.Stepper):
         raise OperationNotAllowed(f"object {msg.optimizer_id:#x} is not an optimizer", op=msg.method)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if msg.method == "zero_grad":
