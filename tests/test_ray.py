@@ -36,10 +36,20 @@ ROUNDS = 3
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """A head node and a second node of 1 CPU each: two actors of 1 CPU land on both."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
+    """A head node and a second node of 1 CPU each: two actors of 1 CPU land on both. Started once
+    more if Ray's own start-up times out (its raylet waits 30 s for the GCS, which a busy machine
+    can exceed: it did once in a full run of the suite)."""
+    for attempt in (1, 2):
+        cluster = Cluster(initialize_head=False)
+        try:
+            cluster.add_node(num_cpus=1)
+            cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            break
+        except Exception as exc:
+            cluster.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
     yield cluster
     cluster.shutdown()
 
