@@ -53,6 +53,23 @@ def test_process_floor_benchmark_runs(tmp_path: Path) -> None:
     assert rows["torch.optim and meta"]["dynamo"] and rows["torch.optim and meta"]["sympy"]
 
 
+def test_device_benchmark_runs_and_skips_a_missing_gpu(tmp_path: Path) -> None:
+    table, result = run_quick("device.py", tmp_path)
+    assert "| cpu |" in table and result["results"]["cpu"]["accuracy"]
+    if not result["machine"]["gpu"]:
+        assert result["results"]["cuda"] == {"skipped": "no CUDA GPU"}
+
+
+def test_device_benchmark_compares_the_layouts(tmp_path: Path) -> None:
+    table, result = run_quick("device.py", tmp_path, "--layouts")
+    assert "channels-last / contiguous, fit phase" in table
+    assert sorted(r["layout"] for r in result["results"].values()) == ["channels-last", "contiguous"]
+    table, result = run_quick("device.py", tmp_path, "--break-even")
+    rows = result["results"]
+    assert [r["rows"] for r in rows.values()] == [6, 16, 32, 64, 128, 256]
+    assert all(r["ms"]["contiguous"] > 0 and r["ms"]["channels-last"] > 0 for r in rows.values())
+
+
 def test_transport_benchmark_runs(tmp_path: Path) -> None:
     table, result = run_quick("transport.py", tmp_path)
     assert "raw TCP" in table

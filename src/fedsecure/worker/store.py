@@ -202,9 +202,15 @@ class WorkerState:
         return self.policy.label_for(self.id)
 
     def load(self, tensor: torch.Tensor, tags: tuple[str, ...] = ()) -> int:
-        """Hold ``tensor`` as this owner's private data, findable by ``tags`` (on its device)."""
+        """Hold ``tensor`` as this owner's private data, findable by ``tags`` (on its device), with the
+        strides of a tensor made fresh. Those of a size-1 dimension are free: 1-channel images taken
+        with an index can have a channel stride of 1, torch's convolutions then answer channels-last,
+        and a model's ``view`` that the dry run (on fresh zeros) accepted would fail on the values."""
         t = tensor.detach()
-        t = t.clone() if t.device == self.device else dev.to_device(t, self.device)
+        if t.device == self.device or t.stride() != dev.dense_strides(t.shape):
+            t = t.clone(memory_format=torch.contiguous_format)  # a copy of the owner's own, in any case
+        if t.device != self.device:
+            t = dev.to_device(t, self.device)
         lb.add_labels(t, frozenset({self.own_label}))
         obj_id = new_id()
         self.objects[obj_id] = Entry(t, tags=frozenset(tag(x) for x in tags))

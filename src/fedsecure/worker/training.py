@@ -206,6 +206,13 @@ def planned_steps(examples: int, settings: Settings) -> int:
     return dp_plan(examples, settings).steps
 
 
+def rows(examples: int, settings: Settings) -> int:
+    """How many rows `fit` runs through the model on ``examples`` rows: every epoch's, up to
+    ``max_steps`` batches."""
+    total = examples * settings.epochs
+    return total if settings.max_steps is None else min(total, settings.max_steps * settings.batch_size)
+
+
 def check_evaluation(x: torch.Tensor, y: torch.Tensor, loss: str, batch_size: int) -> None:
     """Everything `evaluate` checks before it reads a value."""
     _check_data(x, y)
