@@ -13,18 +13,18 @@ same run with `fast_format` replaced by one that keeps the contiguous layout, as
 before), ``--repeats`` runs of each in alternating order, ``--parallelism`` owners at a time (each
 with cores / parallelism torch threads).
 
-``--break-even``: one owner's fit on the CPU as a worker runs it, in its own process: in place
-(contiguous), and in a channels-last twin with the copies there and back, for 6 to 256 rows of
-Fashion-MNIST (McMahan's CNN) and of the 8x8 digits (its 8x8 variant), one torch thread, medians
-of 8 after a warm-up; where the two meet sets `fedsecure.worker.device.MIN_ROWS`.
+``--by-rows``: one owner's fit on the CPU (`fedsecure.worker.training.fit`) with channels-last
+batches and with contiguous ones, for 6 to 256 rows of Fashion-MNIST (McMahan's CNN) and of the 8x8
+digits (its 8x8 variant), one torch thread, in this process, medians of 8 after a warm-up: whether
+small passes (a cross-device owner's few images) lose anything by the layout.
 
 Prints a table (seconds per round, of which local training; test accuracy) and writes JSON
-(default benchmarks/results/device.json, layouts.json or break_even.json). Without a GPU the cuda run is skipped,
+(default benchmarks/results/device.json, layouts.json or by_rows.json). Without a GPU the cuda run is skipped,
 saying so.
 
 Run:  python benchmarks/device.py [--subset 60000] [--rounds 3] [--devices cpu,cuda]
       python benchmarks/device.py --layouts --subset 12000 --rounds 3 --repeats 3 --parallelism 2
-      python benchmarks/device.py --break-even
+      python benchmarks/device.py --by-rows
       python benchmarks/device.py --quick        # seconds: digits, 1 round
 """
 
@@ -64,7 +64,7 @@ def child(data_path: str, device: str, rounds: int, out: str, layout: str = "cha
     from fedsecure.worker.device import resolve
 
     if layout == "contiguous":  # the worker's code before it chose a layout
-        dev.fast_format = lambda module, device, rows: torch.contiguous_format
+        dev.fast_format = lambda module, device: torch.contiguous_format
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallelism))
     where = resolve(device)
     data = wl.Data(data_path)
@@ -100,9 +100,9 @@ def child(data_path: str, device: str, rounds: int, out: str, layout: str = "cha
     }))
 
 
-def break_even(quick: bool) -> dict[str, Any]:
-    """Per rows and data set: milliseconds of one fit in place and in a channels-last twin (with
-    ``quick``, the digits only, medians of 2)."""
+def by_rows(quick: bool) -> dict[str, Any]:
+    """Per rows and data set: milliseconds of one fit with channels-last and with contiguous batches
+    (with ``quick``, the digits only, medians of 2)."""
     import torch
 
     from fedsecure.data import load_digits, load_fashion_mnist
@@ -113,36 +113,37 @@ def break_even(quick: bool) -> dict[str, Any]:
     settings = training.parse({"epochs": wl.EPOCHS, "batch_size": wl.BATCH_SIZE, "optimizer": "SGD", "lr": wl.LR,
                                "optimizer_args": {"momentum": wl.MOMENTUM}, "loss": "cross_entropy",
                                "proximal_mu": 0.0, "max_steps": None, "dp_sgd": None})
+    chosen = dev.fast_format
+    formats = {"channels-last": chosen, "contiguous": lambda module, device: torch.contiguous_format}
     out: dict[str, Any] = {}
     sets = {"fashion-mnist": load_fashion_mnist} if vf.fdata.FASHION_MNIST_DIR.is_dir() and not quick else {}
-    for name, load in {**sets, "digits": load_digits}.items():
-        ds = load()
-        x_all, y_all = ds.x_train.reshape(len(ds.y_train), 1, *ds.x_train.shape[-2:]).float(), ds.y_train
-        model = wl.initial_model(x_all.shape[-1], vf.SEED)
-        for rows in (6, 16, 32, 64, 128, 256):
-            x, y = x_all[:rows], y_all[:rows]
-            times: dict[str, list[float]] = {"contiguous": [], "channels-last": []}
-            for rep in range(3 if quick else 9):
-                for layout in times:
-                    start = time.perf_counter()
-                    if layout == "contiguous":
+    try:
+        for name, load in {**sets, "digits": load_digits}.items():
+            ds = load()
+            x_all, y_all = ds.x_train.reshape(len(ds.y_train), 1, *ds.x_train.shape[-2:]).float(), ds.y_train
+            model = wl.initial_model(x_all.shape[-1], vf.SEED)
+            for rows in (6, 16, 32, 64, 128, 256):
+                x, y = x_all[:rows].clone(memory_format=torch.contiguous_format), y_all[:rows]
+                times: dict[str, list[float]] = {layout: [] for layout in formats}
+                for rep in range(3 if quick else 9):
+                    for layout, choose in formats.items():
+                        dev.fast_format = choose  # type: ignore[assignment]
+                        start = time.perf_counter()
                         training.fit(model, x, y, settings, rep)
-                    else:
-                        work = dev.twin(model, dev.CPU, torch.channels_last)
-                        training.fit(work, x, y, settings, rep)
-                        dev.copy_back(work, model)
-                    if rep:  # the first is the warm-up
-                        times[layout].append(time.perf_counter() - start)
-            med = {k: statistics.median(v) * 1000 for k, v in times.items()}
-            out[f"{name} {rows}"] = {"data": name, "rows": rows, "ms": med,
-                                     "ratio": med["channels-last"] / med["contiguous"]}
-            print(f"{name:13} {rows:4d} rows: contiguous {med['contiguous']:7.2f} ms, channels-last "
-                  f"{med['channels-last']:7.2f} ms ({out[f'{name} {rows}']['ratio']:.2f}x)", flush=True)
+                        if rep:  # the first is the warm-up
+                            times[layout].append(time.perf_counter() - start)
+                med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+                row = out[f"{name} {rows}"] = {"data": name, "rows": rows, "ms": med,
+                                               "ratio": med["channels-last"] / med["contiguous"]}
+                print(f"{name:13} {rows:4d} rows: contiguous {med['contiguous']:7.2f} ms, channels-last "
+                      f"{med['channels-last']:7.2f} ms ({row['ratio']:.2f}x)", flush=True)
+    finally:
+        dev.fast_format = chosen
     return out
 
 
-def _break_even_table(results: dict[str, Any]) -> str:
-    lines = ["| data | rows | contiguous, in place (ms) | channels-last twin (ms) | ratio |",
+def _by_rows_table(results: dict[str, Any]) -> str:
+    lines = ["| data | rows | contiguous batches (ms) | channels-last batches (ms) | ratio |",
              "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['data']} | {r['rows']} | {r['ms']['contiguous']:.2f} | {r['ms']['channels-last']:.2f} | "
               f"{r['ratio']:.2f}x |" for r in results.values()]
@@ -203,7 +204,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="digits, 1 round: a smoke run")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--layouts", action="store_true", help="the CPU in both memory layouts, side by side")
-    ap.add_argument("--break-even", action="store_true", help="one fit in each layout, by rows")
+    ap.add_argument("--by-rows", action="store_true", help="one fit in each layout, by rows")
     ap.add_argument("--repeats", type=int, default=1, help="--layouts: runs of each layout, alternating")
     ap.add_argument("--parallelism", type=int, default=1, help="owners training at a time")
     ap.add_argument("--child", nargs=4, metavar=("DATA", "DEVICE", "LAYOUT", "OUT"), help=argparse.SUPPRESS)
@@ -215,11 +216,11 @@ def main() -> None:
     dataset = "digits" if args.quick or not vf.fdata.FASHION_MNIST_DIR.is_dir() else "fashion-mnist"
     rounds = 1 if args.quick else args.rounds
     results: dict[str, Any] = {}
-    if args.break_even:
-        results = break_even(args.quick)
+    if args.by_rows:
+        results = by_rows(args.quick)
         info: dict[str, Any] = {"epochs": wl.EPOCHS, "batch_size": wl.BATCH_SIZE, "threads": 1}
-        return _write(args, args.out if args.out != DEFAULT_OUT else RESULTS / "break_even.json",
-                      info, results, _break_even_table(results))
+        return _write(args, args.out if args.out != DEFAULT_OUT else RESULTS / "by_rows.json",
+                      info, results, _by_rows_table(results))
     if args.layouts:
         order = [LAYOUTS if r % 2 == 0 else LAYOUTS[::-1] for r in range(args.repeats)]
         runs = [("cpu", layout, r) for r, pair in enumerate(order) for layout in pair]

@@ -64,7 +64,7 @@ def test_device_benchmark_compares_the_layouts(tmp_path: Path) -> None:
     table, result = run_quick("device.py", tmp_path, "--layouts")
     assert "channels-last / contiguous, fit phase" in table
     assert sorted(r["layout"] for r in result["results"].values()) == ["channels-last", "contiguous"]
-    table, result = run_quick("device.py", tmp_path, "--break-even")
+    table, result = run_quick("device.py", tmp_path, "--by-rows")
     rows = result["results"]
     assert [r["rows"] for r in rows.values()] == [6, 16, 32, 64, 128, 256]
     assert all(r["ms"]["contiguous"] > 0 and r["ms"]["channels-last"] > 0 for r in rows.values())

@@ -127,18 +127,21 @@ class _ViewNet(nn.Module):
         return self.out(torch.relu(self.conv(x)).view(x.shape[0], -1))
 
 
-def test_a_conv_model_of_built_in_layers_runs_channels_last_on_the_cpu_from_enough_rows() -> None:
-    cpu, rows = torch.device("cpu"), dev.MIN_ROWS
-    assert dev.fast_format(_conv(), cpu, rows) == torch.channels_last
-    assert dev.fast_format(_conv(), cpu, rows - 1) == torch.contiguous_format  # the copies would not pay
-    assert dev.fast_format(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), cpu, rows) == torch.contiguous_format
-    assert dev.fast_format(_ViewNet(), cpu, rows) == torch.contiguous_format  # its own forward: layout unknown
-    assert dev.fast_format(_conv(), torch.device("cuda", 0), rows) == torch.contiguous_format
-    model = _conv()
-    assert dev.working_copy(model, cpu, rows - 1) is model  # trains in place, as before
-    work = dev.working_copy(model, cpu, rows)
-    assert work is not model and work[0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert all(t.is_contiguous() for t in model.state_dict().values())
+def test_a_conv_model_of_built_in_layers_is_fed_channels_last_batches_on_the_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert dev.fast_format(_conv(), cpu) == torch.channels_last
+    assert dev.fast_format(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), cpu) == torch.contiguous_format
+    assert dev.fast_format(_ViewNet(), cpu) == torch.contiguous_format  # its own forward: layout unknown
+    assert dev.fast_format(_conv(), torch.device("cuda", 0)) == torch.contiguous_format
+    model, seen = _conv(), []
+    model[0].register_forward_hook(lambda mod, args, out: seen.append((args[0].stride(1), out.is_contiguous())))
+    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
+    settings = training.parse(fl.LocalTraining(epochs=1, batch_size=16, lr=0.1).to_wire())
+    training.fit(model, x, y, settings, seed=0)
+    training.evaluate(model, x, y, "cross_entropy", 16)
+    # a channel stride of 1, and the convolution answers channels-last: not contiguous
+    assert seen == [(1, False)] * 6
+    assert all(t.is_contiguous() and t.stride() == dev.dense_strides(t.shape) for t in model.state_dict().values())
 
 
 def test_owners_train_a_conv_model_channels_last_within_rounding_of_the_contiguous_layout(
@@ -149,7 +152,7 @@ def test_owners_train_a_conv_model_channels_last_within_rounding_of_the_contiguo
     fast = _digits_round(_conv())
     assert all(torch.equal(t, fast[k]) for k, t in _digits_round(_conv()).items())
     assert all(t.is_contiguous() for t in fast.values())
-    monkeypatch.setattr(dev, "fast_format", lambda module, device, rows: torch.contiguous_format)
+    monkeypatch.setattr(dev, "fast_format", lambda module, device: torch.contiguous_format)
     plain = _digits_round(_conv())
     assert any(not torch.equal(t, fast[k]) for k, t in plain.items())  # the other layout did run
     for k, t in plain.items():

@@ -46,7 +46,7 @@ from fedsecure.fl.strategy import (
 )
 from fedsecure.wire import messages as m
 from fedsecure.wire.ids import new_id
-from fedsecure.worker import device, heap, training
+from fedsecure.worker import heap, training
 from fedsecure.worker.client import WorkerClient
 from fedsecure.worker.modules import state_tensors
 from fedsecure.worker.remote_model import RemoteModel
@@ -392,8 +392,7 @@ class Engine:
         if self.test_data is not None:
             load_parameters(self.model, self.parameters)
             x, y = self.test_data
-            work = device.working_copy(self.model, x.device, int(x.shape[0]))  # a conv model: channels-last
-            loss, correct, count = training.evaluate(work, x, y, self.test_loss, 1024).tolist()
+            loss, correct, count = training.evaluate(self.model, x, y, self.test_loss, 1024).tolist()
             metrics["central_loss"] = loss / count
             if self.test_loss in ("cross_entropy", "nll_loss"):
                 metrics["central_accuracy"] = correct / count

@@ -5,10 +5,10 @@ A worker on an accelerator keeps its private data there (moved once, when it is 
 each `Fit` or `Evaluate` trains a twin of the stored model on the device, then copies the result
 back into the stored model, which stays on the CPU with everything else the worker holds: the
 model owner's tensors, the aggregator's inputs and what travels on the wire. With CUDA, transfers
-go through pinned host memory. On the CPU the stored model trains in place, except a model of
-built-in layers with a 2-d convolution: it trains and evaluates in a twin whose 4-d weights are
-channels-last (`fast_format`), the layout oneDNN's CPU convolutions run in without reordering
-each activation (`benchmarks/device.py --layouts` measures both).
+go through pinned host memory. On the CPU nothing is copied: the stored model trains in place.
+There, a model of built-in layers with a 2-d convolution is fed channels-last batches
+(`fast_format`, `laid_out`): oneDNN's convolutions then run in that layout and carry it through the
+convolution stack, without reordering each activation (`benchmarks/device.py --layouts`).
 Training and evaluation keep their running sums on the device and read them once at the end
 (`fedsecure.worker.training`), so no batch waits for the host.
 """
@@ -72,6 +72,29 @@ def resolve(name: str | torch.device) -> torch.device:
     return device
 
 
+_BUILT_IN = frozenset(cls for cls, _ in LAYERS.values())
+
+
+def fast_format(module: nn.Module, device: torch.device) -> torch.memory_format:
+    """The layout of the batches ``module`` runs fastest on ``device``: channels-last on the CPU for
+    a model with a 2-d convolution made only of built-in layers (whose results do not depend on the
+    layout; a graph model's own ``view`` would), else the contiguous format."""
+    if device.type == "cpu":
+        kinds = {type(m) for m in module.modules()}
+        if nn.Conv2d in kinds and kinds <= _BUILT_IN:
+            return torch.channels_last
+    return torch.contiguous_format
+
+
+def laid_out(batch: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """``batch`` in ``layout`` (a 4-d one; others as they are). Made explicitly: a 1-channel batch
+    is channels-last and contiguous at once, and only fresh channels-last strides (a channel stride
+    of 1) make torch's convolution choose that layout."""
+    if layout == torch.contiguous_format or batch.dim() != 4:
+        return batch
+    return torch.empty(batch.shape, dtype=batch.dtype, device=batch.device, memory_format=layout).copy_(batch)
+
+
 def dense_strides(shape: torch.Size) -> tuple[int, ...]:
     """The strides torch gives a fresh contiguous tensor of ``shape``."""
     strides, step = [], 1
@@ -88,51 +111,18 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, copy=True)
 
 
-_BUILT_IN = frozenset(cls for cls, _ in LAYERS.values())
-
-
-MIN_ROWS = 128
-"""The fewest rows a pass must run through a model before a channels-last twin pays for its copies
-(`benchmarks/device.py --break-even`, one fit, twin and copy back included: McMahan's CNN on 6 rows
-of Fashion-MNIST took 1.20x as long channels-last, on 128 rows 0.87x; its 8x8 variant on the digits
-1.45x and 0.97x)."""
-
-
-def fast_format(module: nn.Module, device: torch.device, rows: int) -> torch.memory_format:
-    """The memory format ``module`` runs ``rows`` rows fastest in on ``device``: channels-last on the
-    CPU for a model with a 2-d convolution made only of built-in layers (whose results do not
-    depend on the layout; a graph model's ``view`` would), from `MIN_ROWS` rows; else the
-    contiguous format."""
-    if device.type == "cpu" and rows >= MIN_ROWS:
-        kinds = {type(m) for m in module.modules()}
-        if nn.Conv2d in kinds and kinds <= _BUILT_IN:
-            return torch.channels_last
-    return torch.contiguous_format
-
-
-def working_copy(module: nn.Module, device: torch.device, rows: int) -> nn.Module:
-    """What runs ``rows`` rows through ``module`` on ``device``: the module itself where it is there
-    already in the layout that runs fastest, else a `twin` (on the device, in its `fast_format`);
-    `copy_back` returns a trained twin's values."""
-    layout = fast_format(module, device, rows)
-    if layout == torch.contiguous_format and all(t.device == device for _, t in state_tensors(module)):
-        return module
-    return twin(module, device, layout)
-
-
-def twin(module: nn.Module, device: torch.device, layout: torch.memory_format = torch.contiguous_format) -> nn.Module:
+def twin(module: nn.Module, device: torch.device) -> nn.Module:
     """A copy of ``module`` on ``device`` (its tensors copied straight there, none kept on the CPU,
-    and none of the stored tensors' own attributes copied), its 4-d tensors in ``layout``. Made
-    without meta tensors: a meta tensor in a layout other than the contiguous one runs torch's
-    Python reference code, which imports sympy."""
+    and none of the stored tensors' own attributes copied)."""
     memo: dict[int, Any] = {}
-    cuda = device.type == "cuda"
+    for _, t in state_tensors(module):
+        blank = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(blank, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else blank
+    work = copy.deepcopy(module, memo).to_empty(device=device)
     with torch.no_grad():
-        for _, t in state_tensors(module):
-            copied = torch.empty_like(t, device=device, memory_format=layout if t.dim() == 4 else torch.contiguous_format)
-            copied.copy_(t.pin_memory() if cuda else t, non_blocking=cuda)
-            memo[id(t)] = nn.Parameter(copied, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else copied
-    return copy.deepcopy(module, memo)
+        for (_, dst), (_, src) in zip(state_tensors(work), state_tensors(module), strict=True):
+            dst.copy_(src.pin_memory() if device.type == "cuda" else src, non_blocking=device.type == "cuda")
+    return work
 
 
 def copy_back(work: nn.Module, module: nn.Module) -> None:

@@ -79,8 +79,11 @@ def evaluate(state: WorkerState, msg: m.Evaluate, sender: Sender) -> Any:
     attestation = Attestation("evaluate", model_digest(module), config_digest(config))
     state.admit(3 * torch.float64.itemsize, what="the evaluation's sums")
     try:
-        work = dev.working_copy(module, state.device, int(x.shape[0]))
-        sums = training.evaluate(work, _on(state, x), _on(state, y), config["loss"], config["batch_size"])
+        if state.device.type == "cpu":
+            sums = training.evaluate(module, x, y, config["loss"], config["batch_size"])
+        else:
+            x, y = _on(state, x), _on(state, y)
+            sums = training.evaluate(dev.twin(module, state.device), x, y, config["loss"], config["batch_size"])
     except Exception as exc:
         _failed_on_values(state, "evaluation", exc, labels, own)
         sums = torch.full((3,), float("nan"), dtype=torch.float64)
@@ -93,12 +96,11 @@ def evaluate(state: WorkerState, msg: m.Evaluate, sender: Sender) -> Any:
 
 def _fit_where(state: WorkerState, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
                settings: training.Settings, seed: int, optimizer: update_rules.Stepper) -> tuple[int, float, int]:
-    """`training.fit` on the worker's device: in place on the CPU, or on a twin of the model (on an
-    accelerator, or in the CPU's faster layout: `fedsecure.worker.device`), whose result is copied
-    back into the stored model."""
-    work = dev.working_copy(module, state.device, training.rows(int(x.shape[0]), settings))
-    if work is module:
+    """`training.fit` on the worker's device: in place on the CPU; elsewhere on a twin of the model
+    there (`fedsecure.worker.device`), whose result is copied back into the stored model."""
+    if state.device.type == "cpu":
         return training.fit(module, x, y, settings, seed, optimizer)
+    work = dev.twin(module, state.device)
     done = training.fit(work, _on(state, x), _on(state, y), settings, seed)
     dev.copy_back(work, module)
     return done

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsecure.errors import OperationNotAllowed, ProtocolError
-from fedsecure.worker import dp_sgd, update_rules
+from fedsecure.worker import device, dp_sgd, update_rules
 from fedsecure.worker.allowlist import OPTIMIZERS, optimizer_settings
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -165,13 +165,14 @@ def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings,
     # The summed loss stays where the data is: reading it on the host every step would stop an
     # accelerator's queue each time (float64, the same sums as Python floats).
     total, count, steps = torch.zeros((), dtype=torch.float64, device=x.device), 0, 0
+    layout = device.fast_format(module, x.device)
     module.train()
     with torch.enable_grad():
         for _ in range(settings.epochs):
             order = torch.randperm(n, generator=generator).to(x.device)  # the same order on any device
             for start in range(0, n, b):
                 index = order[start : start + b]
-                xb, yb = x[index], y[index]
+                xb, yb = device.laid_out(x[index], layout), y[index]
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_of(settings.loss, module(xb), yb)
                 if anchor:  # FedProx: mu/2 * ||w - w_global||^2
@@ -206,13 +207,6 @@ def planned_steps(examples: int, settings: Settings) -> int:
     return dp_plan(examples, settings).steps
 
 
-def rows(examples: int, settings: Settings) -> int:
-    """How many rows `fit` runs through the model on ``examples`` rows: every epoch's, up to
-    ``max_steps`` batches."""
-    total = examples * settings.epochs
-    return total if settings.max_steps is None else min(total, settings.max_steps * settings.batch_size)
-
-
 def check_evaluation(x: torch.Tensor, y: torch.Tensor, loss: str, batch_size: int) -> None:
     """Everything `evaluate` checks before it reads a value."""
     _check_data(x, y)
@@ -225,6 +219,7 @@ def check_evaluation(x: torch.Tensor, y: torch.Tensor, loss: str, batch_size: in
 def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, batch_size: int) -> torch.Tensor:
     """``[summed loss, correct predictions, examples]`` of ``module`` on (x, y), as float64."""
     check_evaluation(x, y, loss, batch_size)
+    layout = device.fast_format(module, x.device)
     module.eval()
     # Summed where the data is, read once at the end (as in `fit`).
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -232,7 +227,7 @@ def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, bat
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            out = module(xb)
+            out = module(device.laid_out(xb, layout))
             loss_sum += loss_of(loss, out, yb).double() * len(xb)
             if loss in _CLASSIFICATION and out.dim() == 2:
                 correct += (out.argmax(1) == yb).sum()
