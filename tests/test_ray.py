@@ -249,6 +249,54 @@ def load_ray_workers(exp: Any) -> Iterator[Any]:
         yield start_workers(exp, data, exp.partitions(data), stack)
 
 
+LOCAL_RAY = """
+import os, sys, threading
+from fedsecure.experiment import load, run_experiment
+def descendants():
+    parent = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent[int(pid)] = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    mine, grew = {os.getpid()}, True
+    while grew:
+        more = {p for p, q in parent.items() if q in mine} - mine
+        mine, grew = mine | more, bool(more)
+    return mine - {os.getpid()}
+seen, done = set(), threading.Event()
+def sample():
+    while not done.wait(0.2):
+        for pid in descendants():
+            try:
+                seen.add(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode())
+            except OSError:
+                pass
+threading.Thread(target=sample, daemon=True).start()
+exp = load(sys.argv[1], {"experiment.rounds": 1, "experiment.output": sys.argv[2], "workers.mode": "ray",
+                         "workers.actors": 1, "workers.num_cpus": 1.0})
+rows = run_experiment(exp, progress=False).rows
+done.set()
+print(rows[-1]["central_accuracy"])
+print("monitor" if any("monitor.py" in c for c in seen) else "lean", "raylet" if any("raylet" in c for c in seen) else "")
+"""
+
+
+def test_a_local_ray_starts_without_the_monitors_a_one_machine_run_does_not_use(
+    cluster: Cluster, tmp_path: Path, one_process: list[dict[str, Any]]
+) -> None:
+    """No address: the run starts its own Ray (in a process of its own here, as `fedsecure run`
+    does), without the autoscaler's monitor and the log monitor, about 100 MB, and stops it; also
+    where RAY_ADDRESS names another cluster (it said "num_cpus must not be provided" before)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": cluster.address}
+    done = subprocess.run([sys.executable, "-c", LOCAL_RAY, str(DIGITS), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    accuracy, processes = done.stdout.split("\n")[-3:-1]
+    assert float(accuracy) == pytest.approx(one_process[0]["central_accuracy"], abs=1e-9)
+    assert processes == "lean raylet"
+
+
 BLOCK_RAY = """
 import sys
 class NoRay:

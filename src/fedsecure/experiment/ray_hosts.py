@@ -54,6 +54,46 @@ ASK_S = 10.0  # seconds to ask a live actor where it serves (it answers in milli
 RETRY_S = 1.0  # seconds a request waits for an actor that already failed to come back once
 
 
+LEAN = {"no_monitor": True, "include_log_monitor": False}
+"""What a local Ray starts without: the autoscaler's monitor (a one-machine Ray has nothing to
+scale) and the log monitor, which copies every actor's output to this terminal. Each is a Python
+process of about 50 MB (benchmarks/vs_flower's JSON lists them); the actors' output stays in Ray's
+session logs (``/tmp/ray/session_latest/logs/worker-*``), and their failures reach the model owner
+as errors."""
+
+
+def start_local_ray(ray: Any, cpus: int) -> None:
+    """``ray.init`` of a local Ray of ``cpus`` CPUs, without the processes of `LEAN`. ``ray.init``
+    takes no such option, so its parameter class is given those two settings while it starts the
+    node; a Ray whose parameters lack them starts as ``ray.init`` alone would."""
+    # "local": a Ray of this run's own even where RAY_ADDRESS names a cluster (joined with `address`)
+    options = {"address": "local", "num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
+               "logging_level": logging.WARNING}
+    try:
+        from ray._private import parameter
+    except ImportError:
+        ray.init(**options)
+        return
+    plain = parameter.RayParams
+
+    class Lean(plain):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**LEAN, **kwargs})
+
+    with _starting:
+        setattr(parameter, "RayParams", Lean)  # noqa: B010  (a class attribute of Ray's, for this call)
+        try:
+            ray.init(**options)
+        except TypeError:  # a Ray without those parameters
+            setattr(parameter, "RayParams", plain)  # noqa: B010
+            ray.init(**options)
+        finally:
+            setattr(parameter, "RayParams", plain)  # noqa: B010
+
+
+_starting = threading.Lock()
+
+
 def import_ray() -> Any:
     """The ``ray`` module, or a `ConfigurationError` saying how to install it."""
     try:
@@ -260,7 +300,7 @@ class RaySimulation(Simulation):
         try:
             if self.ray_address is None:
                 cpus = self.requested * self.num_cpus if self.requested else os.cpu_count() or 1
-                ray.init(num_cpus=max(1, round(cpus)), include_dashboard=False, logging_level=logging.WARNING)
+                start_local_ray(ray, max(1, round(cpus)))
             else:
                 ray.init(address=self.ray_address, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as exc:
