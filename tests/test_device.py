@@ -133,6 +133,7 @@ def test_a_conv_model_of_built_in_layers_is_fed_channels_last_batches_on_the_cpu
     assert dev.fast_format(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), cpu) == torch.contiguous_format
     assert dev.fast_format(_ViewNet(), cpu) == torch.contiguous_format  # its own forward: layout unknown
     assert dev.fast_format(_conv(), torch.device("cuda", 0)) == torch.contiguous_format
+    assert dev.fast_format(_conv().double(), cpu) == torch.contiguous_format  # oneDNN runs no float64
     model, seen = _conv(), []
     model[0].register_forward_hook(lambda mod, args, out: seen.append((args[0].stride(1), out.is_contiguous())))
     x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))

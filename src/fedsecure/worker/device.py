@@ -77,11 +77,12 @@ _BUILT_IN = frozenset(cls for cls, _ in LAYERS.values())
 
 def fast_format(module: nn.Module, device: torch.device) -> torch.memory_format:
     """The layout of the batches ``module`` runs fastest on ``device``: channels-last on the CPU for
-    a model with a 2-d convolution made only of built-in layers (whose results do not depend on the
-    layout; a graph model's own ``view`` would), else the contiguous format."""
+    a float32 model with a 2-d convolution made only of built-in layers (whose results do not
+    depend on the layout; a graph model's own ``view`` would), else the contiguous format. Not for
+    float64, which oneDNN does not run: torch's own channels-last kernels were the slower there."""
     if device.type == "cpu":
         kinds = {type(m) for m in module.modules()}
-        if nn.Conv2d in kinds and kinds <= _BUILT_IN:
+        if nn.Conv2d in kinds and kinds <= _BUILT_IN and all(p.dtype == torch.float32 for p in module.parameters()):
             return torch.channels_last
     return torch.contiguous_format
 
