@@ -2,8 +2,9 @@
 
 Each round, for every worker the strategy picks: the global model goes to the worker, the worker
 trains it on its own data in one message (`fedsecure.wire.messages.Fit`), and the trained model
-moves from the worker straight to the aggregator. The aggregator applies its fixed rule and
-releases only the aggregate, which is all the model owner receives; the strategy turns it into the
+moves from the worker straight to the aggregator, which folds it into the round's sealed sum
+there and then (a plain mean; `FoldModule`), or keeps it for its robust or clipped rule. The
+aggregator releases only the aggregate, which is all the model owner receives; the strategy turns it into the
 next global model. A worker that fails arrives as a `Failure` value; the round goes on when at
 least ``strategy.min_fit_workers`` answered. With ``secure_aggregation="pairwise"`` or ``"shares"``
 no party sees a trained model: the workers mask it, or split it among share holders, and the model
@@ -132,6 +133,7 @@ class Engine:
         self.groups = dict(groups or {})
         self.secure_aggregation = secure_aggregation
         self._kept: dict[str, list[RemoteModel]] = {}
+        self._sum: int | None = None  # the aggregator's sum this round's models fold into (a plain mean)
         self._last_failures: list[Failure] = []
         self.secure = secure or SecureSettings()
         self.work_deadline = work_deadline  # seconds a worker may take for a round's training
@@ -193,11 +195,15 @@ class Engine:
         return model, reply
 
     def _train_one(self, worker: WorkerClient, plan: FitPlan, server_round: int) -> _Trained:
-        """Train, then move the trained model to the aggregator."""
+        """Train, then move the trained model to the aggregator (and there, for a plain mean, fold it
+        into the round's sum at once: the aggregator then holds one sum, not every model)."""
         model, reply = self._fit_on(worker, plan, server_round)
         try:
             with self.clock.timed("transfer"):
                 model.move(self.aggregator)
+            if self._sum is not None:
+                with self.clock.timed("aggregate"):
+                    model.fold(self._sum, plan.rule.weighted)
         except BaseException:
             model.release()
             raise
@@ -296,13 +302,12 @@ class Engine:
 
     def _aggregate(self, rule: AggregationRule, trained: list[_Trained]) -> tuple[Parameters, dict[str, float]]:
         agg = self.aggregator
-        plain = rule.name == "mean" and rule.clip_norm is None and rule.noise_multiplier == 0
         reference: RemoteModel | None = None
         released: dict[str, Any] = {}
         models = [t.model for t in trained]
         try:
-            if plain:
-                combined = RemoteModel.aggregate(agg, models, rule.weighted)
+            if self._sum is not None:  # the models were folded in as they came
+                combined = RemoteModel.close_sum(agg, self._sum, len(self.parameters))
             else:
                 reference = self._put(agg, self.parameters)
                 combined, released = RemoteModel.aggregate_updates(agg, models, reference, rule.to_wire())
@@ -329,6 +334,8 @@ class Engine:
                     return plan, *secured
                 continue
             task: Callable[[WorkerClient], _Trained] = partial(self._train_one, plan=plan, server_round=server_round)
+            rule = plan.rule
+            self._sum = new_id() if rule.name == "mean" and rule.clip_norm is None and not rule.noise_multiplier else None
             trained, failures = self._each(plan.workers, task, "fit")
             self._last_failures = failures
             if len(trained) >= self.strategy.min_fit_workers:
@@ -345,6 +352,8 @@ class Engine:
                 return plan, aggregate, failures
             for t in trained:
                 t.model.release()
+            if self._sum is not None:
+                self.aggregator.release(self._sum)  # a sum too small to close goes unread
         raise RoundFailed(
             f"round {server_round}: too few of the {len(plan.workers)} workers finished, "
             f"{self.strategy.min_fit_workers} are needed (tried {self.retries + 1} times)"

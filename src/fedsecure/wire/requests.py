@@ -395,6 +395,30 @@ class AggregateShares(Request):
     result_id: Id
 
 
+@_request(29)
+@dataclass(frozen=True, slots=True)
+class FoldModule(Request):
+    """The aggregator's mean, folded as models arrive: add the model ``module_id`` (weighted by its
+    sample count when ``weighted``) into the sealed sum ``sum_id``, which the first fold makes. The
+    model is consumed. No request reads a sum; `CloseSum` turns it into its mean."""
+
+    sum_id: Id
+    module_id: Id
+    weighted: Bool
+
+
+@_request(30)
+@dataclass(frozen=True, slots=True)
+class CloseSum(Request):
+    """Close the sum ``sum_id``: with the checks of `AggregateModules` over every model folded into
+    it, its mean becomes the model ``new_module_id`` (its tensors at ``new_ids``); the sum is gone
+    whether the checks pass or not."""
+
+    sum_id: Id
+    new_module_id: Id
+    new_ids: Ids
+
+
 def encode_request(msg: Request, *, framed: bool = False, release: list[int] | None = None) -> bytes:
     """``framed``: large tensors travel beside the body (`codec.Framed`), for transports
     that carry them. ``release``: the envelope's list of freed ids, added to the request's own."""

@@ -1,6 +1,7 @@
 """The aggregator's fixed functions: the mean of tensors (`Aggregate`), of models
-(`AggregateModules`), a rule over models' updates (`AggregateUpdates`, `fedsecure.aggregate.rules`)
-and the sum of additive shares (`AggregateShares`).
+(`AggregateModules`, or folded as they arrive: `FoldModule` and `CloseSum`), a rule over models'
+updates (`AggregateUpdates`, `fedsecure.aggregate.rules`) and the sum of additive shares
+(`AggregateShares`).
 
 Their results may leave where single inputs may not, so each checks its inputs first: enough
 distinct data owners (`min_contributors`); on a strict aggregator, one unmodified input per owner,
@@ -10,7 +11,8 @@ work (the cohort check), so the model owner cannot choose all inputs but one and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ from fedsecure.aggregate import rules
 from fedsecure.errors import OperationNotAllowed, PermissionDenied, ProtocolError
 from fedsecure.wire import messages as m
 from fedsecure.worker import labels as lb
+from fedsecure.worker.attest import Attestation
 from fedsecure.worker.guards import unattested, valid_attestation
 from fedsecure.worker.modules import describe, receive, state_tensors
 from fedsecure.worker.store import Entry, Sender, WorkerState, meta, version
@@ -54,18 +57,22 @@ def aggregate_modules(state: WorkerState, msg: m.AggregateModules, sender: Sende
     _consume(state, msg.module_ids, labels)
     assert spec is not None
     with torch.no_grad():
-        _install(state, msg.new_module_id, msg.new_ids, spec, states, labels,
-                 lambda i: rules.weighted_sum([s[i] for s in states], weights))
+        _install(state, msg.new_module_id, msg.new_ids, spec, labels,
+                 _combined(states, lambda i: rules.weighted_sum([s[i] for s in states], weights)))
     return None
 
 
-def _install(state: WorkerState, module_id: int, ids: list[int], spec: dict[str, Any],
-             states: list[list[torch.Tensor]], labels: frozenset[Any], floating: Callable[[int], torch.Tensor]) -> None:
-    """Install the aggregate model: its ``i``-th floating tensor ``floating(i)`` (in the inputs'
-    dtype), each counter (num_batches_tracked) the largest of the inputs', built around them."""
-    values = [floating(i).to(like.dtype, copy=True).reshape(like.shape) if like.is_floating_point()
-              else torch.stack([s[i] for s in states]).max(0).values
-              for i, like in enumerate(states[0])]
+def _combined(states: list[list[torch.Tensor]], floating: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
+    """The aggregate model's tensors: its ``i``-th floating tensor ``floating(i)`` (in the inputs'
+    dtype), each counter (num_batches_tracked) the largest of the inputs'."""
+    return [floating(i).to(like.dtype, copy=True).reshape(like.shape) if like.is_floating_point()
+            else torch.stack([s[i] for s in states]).max(0).values
+            for i, like in enumerate(states[0])]
+
+
+def _install(state: WorkerState, module_id: int, ids: list[int], spec: dict[str, Any], labels: frozenset[Any],
+             values: list[torch.Tensor]) -> None:
+    """Install the aggregate model, built around ``values``."""
     clone, own = receive(spec, values)
     for t in own:
         lb.add_labels(t, labels)
@@ -91,8 +98,111 @@ def aggregate_updates(state: WorkerState, msg: m.AggregateUpdates, sender: Sende
         _consume(state, msg.module_ids, labels)
         combined = flat_base + released.aggregate
         pieces = dict(zip(floating, torch.split(combined, [base[i].numel() for i in floating]), strict=True))
-        _install(state, msg.new_module_id, msg.new_ids, spec, states, labels, pieces.__getitem__)
+        _install(state, msg.new_module_id, msg.new_ids, spec, labels, _combined(states, pieces.__getitem__))
     return released.metrics  # what the rule itself releases (a noisy count for adaptive clipping)
+
+
+@dataclass(slots=True)
+class SealedSum:
+    """A mean of models folded in as they arrive (`FoldModule`): no request reads it; `CloseSum`
+    checks what went in, as `AggregateModules` checks its inputs, and only then makes the mean.
+    Sums are float64 with a second term for each sum's rounding error (Knuth's TwoSum), so that
+    the mean does not depend on the order in which the models arrived."""
+
+    spec: dict[str, Any]
+    weighted: bool
+    high: list[torch.Tensor | None]  # per tensor: the float64 sum (None for a counter)
+    low: list[torch.Tensor | None]  # and its rounding errors
+    counters: list[torch.Tensor | None]  # per counter (num_batches_tracked): the largest so far
+    likes: list[tuple[torch.dtype, torch.Size]]  # the first model's tensors' dtypes and shapes
+    total: int = 0  # the summed weights
+    sources: list[str | None] = field(default_factory=list)
+    labels: lb.Labels = frozenset()
+    attestations: list[Attestation | None] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, spec: dict[str, Any], weighted: bool, tensors: Sequence[torch.Tensor]) -> SealedSum:
+        floating = [t.is_floating_point() for t in tensors]
+        return cls(spec, weighted,
+                   [torch.zeros(t.shape, dtype=torch.float64) if f else None for t, f in zip(tensors, floating, strict=True)],
+                   [torch.zeros(t.shape, dtype=torch.float64) if f else None for t, f in zip(tensors, floating, strict=True)],
+                   [None if f else t.detach().clone() for t, f in zip(tensors, floating, strict=True)],
+                   [(t.dtype, t.shape) for t in tensors])
+
+    def add(self, tensors: Sequence[torch.Tensor], weight: int) -> None:
+        for i, t in enumerate(tensors):
+            high, low, counter = self.high[i], self.low[i], self.counters[i]
+            if high is None or low is None:
+                assert counter is not None
+                torch.maximum(counter, t, out=counter)
+                continue
+            term = t.detach().to(torch.float64).mul_(weight)  # exact for float32 and weights below 2**29
+            total = high + term
+            back = total - high
+            low.add_(high.sub_(total - back).add_(term.sub_(back)))  # what the addition rounded away
+            high.copy_(total)
+        self.total += weight
+
+    def mean(self) -> list[torch.Tensor]:
+        out = []
+        for high, low, counter, (dtype, _) in zip(self.high, self.low, self.counters, self.likes, strict=True):
+            if high is None or low is None:
+                assert counter is not None
+                out.append(counter)
+            else:
+                out.append(high.add_(low).div_(self.total).to(dtype))
+        return out
+
+
+def fold_module(state: WorkerState, msg: m.FoldModule, sender: Sender) -> Any:
+    entry, module = state.module(msg.module_id)
+    spec = describe(module)
+    own = [t for _, t in state_tensors(module)]
+    if state.policy.strict:
+        _check_unmodified([entry] if entry.source is not None else [])
+    weight = (entry.samples if entry.source is not None else state.samples) if msg.weighted else 1  # as `_weights`
+    if weight <= 0:
+        raise ProtocolError("a weighted mean needs every contributor's sample count; this model's worker reported none")
+    sealed = _sum(state, msg, spec, own)
+    if sealed.spec != spec:
+        raise ProtocolError("only models of the same architecture can be aggregated")
+    if sealed.weighted != msg.weighted:
+        raise ProtocolError("every model of a sum is folded weighted, or every one unweighted")
+    attestation = valid_attestation(entry, module)
+    with torch.no_grad():
+        sealed.add(own, weight)
+    sealed.sources.append(entry.source)
+    sealed.labels = sealed.labels | lb.union(own)
+    sealed.attestations.append(attestation)
+    del state.objects[msg.module_id]  # each model joins one sum only
+    return None
+
+
+def _sum(state: WorkerState, msg: m.FoldModule, spec: Any, own: list[torch.Tensor]) -> SealedSum:
+    """The sum ``msg.sum_id``: made by the first fold (and charged to the model owner's quota)."""
+    if msg.sum_id not in state.objects:
+        state.admit(sum(2 * 8 * t.numel() for t in own), what="the sum")
+        sealed = SealedSum.start(spec, msg.weighted, own)
+        state.objects[msg.sum_id] = Entry(sealed)
+        return sealed
+    found = state.entry(msg.sum_id).obj
+    if not isinstance(found, SealedSum):
+        raise OperationNotAllowed(f"object {msg.sum_id:#x} on {state.id!r} is not a sum of models", op="FoldModule")
+    return found
+
+
+def close_sum(state: WorkerState, msg: m.CloseSum, sender: Sender) -> Any:
+    sealed = state.entry(msg.sum_id).obj
+    if not isinstance(sealed, SealedSum):
+        raise OperationNotAllowed(f"object {msg.sum_id:#x} on {state.id!r} is not a sum of models", op="CloseSum")
+    del state.objects[msg.sum_id]  # one use, whatever the checks say
+    _check_sources(state, sealed.sources, bool(sealed.labels))
+    _check_contributors(state, sealed.labels)
+    _check_attested(state, sealed.attestations, sealed.labels, "fit")
+    with torch.no_grad():
+        values = [v.reshape(shape) for v, (_, shape) in zip(sealed.mean(), sealed.likes, strict=True)]
+        _install(state, msg.new_module_id, msg.new_ids, sealed.spec, sealed.labels, values)
+    return None
 
 
 def aggregate_shares(state: WorkerState, msg: m.AggregateShares, sender: Sender) -> Any:
@@ -157,9 +267,9 @@ def _check_unmodified(entries: Iterable[Entry]) -> None:
         raise PermissionDenied("an input was modified after it arrived", rule="strict-aggregator")
 
 
-def _weights(state: WorkerState, entries: list[Entry], labelled: bool, weighted: bool) -> list[float]:
+def _check_sources(state: WorkerState, sources: list[str | None], labelled: bool) -> None:
+    """A strict aggregator combines private values only as their owners moved them here, one each."""
     if state.policy.strict and labelled:
-        sources = [e.source for e in entries]
         if None in sources:
             raise PermissionDenied(
                 "a strict aggregator aggregates only values moved to it by their owners",
@@ -170,6 +280,10 @@ def _weights(state: WorkerState, entries: list[Entry], labelled: bool, weighted:
                 f"a strict aggregator takes one value per owner, got sources {sources}",
                 rule="strict-aggregator",
             )
+
+
+def _weights(state: WorkerState, entries: list[Entry], labelled: bool, weighted: bool) -> list[float]:
+    _check_sources(state, [e.source for e in entries], labelled)
     if not weighted:
         return [1.0 / len(entries)] * len(entries)
     counts = [e.samples if e.source is not None else state.samples for e in entries]
@@ -199,9 +313,14 @@ def _check_cohort(state: WorkerState, entries: list[Entry], labels: lb.Labels, k
     input must be a worker's own ``kind`` (Fit or Evaluate) of one and the same model under one
     and the same configuration. Otherwise the model owner could choose what all but one
     contributor submit, and subtract it."""
+    if lb.training_only(labels):
+        _check_attested(state, [valid_attestation(e, e.obj) for e in entries], labels, kind)
+
+
+def _check_attested(state: WorkerState, found: list[Attestation | None], labels: lb.Labels, kind: str) -> None:
+    """`_check_cohort` on the inputs' attestations, as they were when the inputs came in."""
     if not lb.training_only(labels):
         return
-    found = [valid_attestation(e, e.obj) for e in entries]
     if any(a is None or a.kind != kind for a in found):
         raise unattested(state.id, "aggregated")
     if len(set(found)) != 1:

@@ -48,6 +48,8 @@ HANDLERS: dict[type[m.Request], Handler] = {
     # the aggregator's fixed functions
     m.Aggregate: aggregator.aggregate,
     m.AggregateModules: aggregator.aggregate_modules,
+    m.FoldModule: aggregator.fold_module,
+    m.CloseSum: aggregator.close_sum,
     m.AggregateUpdates: aggregator.aggregate_updates,
     m.AggregateShares: aggregator.aggregate_shares,
     # a round's local work

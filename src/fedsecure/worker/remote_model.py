@@ -103,6 +103,21 @@ class RemoteModel:
         worker.request(m.AggregateModules([r.module() for r in models], weighted, module_id, ids))
         return cls(worker, module_id, ids, owns_tensors=models[0].owns_tensors)
 
+    def fold(self, sum_id: int, weighted: bool) -> None:
+        """Add this model, on an aggregator, into the sum ``sum_id`` there (made by the first fold),
+        which only `close_sum` turns into a mean; the model is consumed, and this handle spent."""
+        worker = self.worker
+        self._release_tensors(worker)  # freed by the same request, before it runs (as in `move`)
+        worker.request(m.FoldModule(sum_id, self.module(), weighted))
+        self.live = False
+
+    @classmethod
+    def close_sum(cls, worker: WorkerClient, sum_id: int, tensors: int) -> RemoteModel:
+        """The mean of the models folded into ``sum_id`` on ``worker``, as a model of ``tensors`` tensors."""
+        module_id, ids = new_id(), [new_id() for _ in range(tensors)]
+        worker.request(m.CloseSum(sum_id, module_id, ids))
+        return cls(worker, module_id, ids)
+
     @classmethod
     def aggregate_updates(cls, worker: WorkerClient, models: Sequence[RemoteModel], reference: RemoteModel,
                           rule: dict[str, Any]) -> tuple[RemoteModel, dict[str, Any]]:

@@ -1,0 +1,152 @@
+"""The aggregator's mean folded as models arrive (`FoldModule`, `CloseSum`), tried as a model owner
+would try to read more than the mean: the sum is sealed until it is closed, closes once, under the
+checks of `AggregateModules`, and each model joins one sum only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import fedsecure as sy
+from fedsecure import fl
+from fedsecure.fl.parties import sendable
+from fedsecure.wire import messages as m
+from fedsecure.wire.codec import Ref
+from fedsecure.wire.ids import new_id
+from fedsecure.worker.remote_model import RemoteModel
+
+Make = Callable[..., sy.VirtualWorker]
+TRAINING = fl.LocalTraining(epochs=1, batch_size=4, lr=0.1, optimizer_args={"momentum": 0.9}).to_wire()
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+
+
+@pytest.fixture
+def federation_of_three(make_worker: Make) -> tuple[list[sy.VirtualWorker], sy.VirtualWorker]:
+    """Three owners that trust only ``agg``, a strict aggregator."""
+    trust = sy.Policy(trusted_aggregators=frozenset({"agg"}), private_sends=False)
+    torch.manual_seed(1)
+    owners = [make_worker(name, policy=trust, data={"x": torch.randn(rows, 3), "y": torch.randint(0, 2, (rows,))})
+              for name, rows in (("bob", 8), ("alice", 6), ("carol", 10))]
+    return owners, make_worker("agg", policy=sy.Policy(strict=True))
+
+
+def _trained(owner: sy.VirtualWorker, agg: sy.VirtualWorker, seed: int = 3) -> RemoteModel:
+    """The common model, trained by ``owner`` (Fit: attested, labelled) and moved to ``agg``."""
+    model = _model()
+    remote = RemoteModel.put(owner, sendable(model), list(fl.parameters_of(model).values()))
+    remote.fit("x", "y", TRAINING, seed)
+    return remote.move(agg)
+
+
+def _closed(agg: sy.VirtualWorker, sum_id: int) -> list[torch.Tensor]:
+    return RemoteModel.close_sum(agg, sum_id, len(fl.parameters_of(_model()))).get()  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_the_folded_mean_is_the_aggregated_one_in_any_order(federation_of_three, weighted: bool) -> None:  # type: ignore[no-untyped-def]
+    owners, agg = federation_of_three
+    inputs = [_trained(o, agg) for o in owners]
+    aggregated = RemoteModel.aggregate(agg, inputs, weighted).get()
+    for model in inputs:
+        model.release()
+    means = []
+    for order in ((0, 1, 2), (2, 0, 1)):
+        sum_id, models = new_id(), [_trained(o, agg) for o in owners]
+        for i in order:
+            models[i].fold(sum_id, weighted)
+        means.append(_closed(agg, sum_id))
+    for a, b, c in zip(*means, aggregated, strict=True):
+        assert torch.equal(a, b)  # the order the models arrived in does not show
+        assert torch.allclose(a, c, rtol=1e-6, atol=1e-7)  # the same mean, to rounding
+    assert agg.object_count() == 0  # nothing of the models or the sums stays behind
+
+
+def test_a_sum_cannot_be_read_or_used_before_it_is_closed(federation_of_three) -> None:  # type: ignore[no-untyped-def]
+    owners, agg = federation_of_three
+    sum_id = new_id()
+    for o in owners:
+        _trained(o, agg).fold(sum_id, True)
+    for request, error in [
+        (m.Get(sum_id), sy.OperationNotAllowed),
+        (m.GetModule(sum_id, False), sy.OperationNotAllowed),
+        (m.Move(sum_id, "bob", new_id()), sy.OperationNotAllowed),
+        (m.Call("torch.add", [Ref(sum_id), Ref(sum_id)], {}, new_id(), False), sy.OperationNotAllowed),
+        (m.AggregateModules([sum_id, sum_id], True, new_id(), [new_id()]), sy.FedsecureError),
+    ]:
+        with pytest.raises(error):
+            agg.request(request)
+    _closed(agg, sum_id)
+    with pytest.raises(sy.ObjectNotFound):  # closed once
+        _closed(agg, sum_id)
+
+
+def test_a_sum_of_too_few_owners_is_refused_and_its_models_are_gone(make_worker: Make, federation_of_three) -> None:  # type: ignore[no-untyped-def]
+    owners, agg = federation_of_three
+    sum_id = new_id()
+    folded = [_trained(o, agg) for o in owners[:1]]
+    folded[0].fold(sum_id, True)
+    with pytest.raises(sy.PermissionDenied) as info:
+        _closed(agg, sum_id)
+    assert info.value.rule == "min-contributors"
+    with pytest.raises(sy.ObjectNotFound):  # the refused sum is not kept for another try
+        _closed(agg, sum_id)
+    with pytest.raises(sy.ObjectNotFound):  # nor is the model, which joined it
+        folded[0].fold(new_id(), True)
+    assert agg.object_count() == 0
+
+
+def test_one_model_per_owner_unmodified_of_one_architecture(federation_of_three) -> None:  # type: ignore[no-untyped-def]
+    owners, agg = federation_of_three
+    bob, alice, _ = owners
+    twice = new_id()
+    _trained(bob, agg).fold(twice, True)
+    _trained(bob, agg).fold(twice, True)
+    _trained(alice, agg).fold(twice, True)
+    with pytest.raises(sy.PermissionDenied, match="one value per owner"):
+        _closed(agg, twice)
+    changed = _trained(alice, agg)
+    with pytest.raises(sy.PermissionDenied, match="strict aggregator"):  # a moved model is not changed here
+        agg.request(m.Call("Tensor.mul_", [Ref(changed.ids[0]), 0.0], {}, new_id(), False))
+    other = new_id()
+    _trained(bob, agg).fold(other, True)
+    with pytest.raises(sy.ProtocolError, match="weighted"):
+        _trained(alice, agg).fold(other, False)
+    small = nn.Linear(3, 2)
+    lone = RemoteModel.put(alice, sendable(small), list(fl.parameters_of(small).values()))
+    lone.fit("x", "y", TRAINING, 3)
+    with pytest.raises(sy.ProtocolError, match="same architecture"):
+        lone.move(agg).fold(other, True)
+
+
+def test_for_training_only_owners_a_sum_closes_only_over_one_round(make_worker: Make) -> None:
+    """A training-only owner's model counts only as attested work of the cohort: folded beside a
+    model trained under another configuration, or an untrained copy, the sum does not close."""
+    trust = sy.Policy(trusted_aggregators=frozenset({"agg"}), private_sends=False, training_only=True)
+    torch.manual_seed(1)
+    owners = [make_worker(name, policy=trust, data={"x": torch.randn(6, 3), "y": torch.randint(0, 2, (6,))})
+              for name in ("bob", "alice", "carol")]
+    agg = make_worker("agg", policy=sy.Policy(strict=True))
+    one_round = new_id()
+    for owner in owners:
+        _trained(owner, agg).fold(one_round, True)
+    assert len(_closed(agg, one_round)) == len(fl.parameters_of(_model()))
+    other = fl.LocalTraining(epochs=1, batch_size=4, lr=1e-30).to_wire()  # changes nothing
+    for odd in ("configuration", "untrained"):
+        mixed = new_id()
+        _trained(owners[0], agg).fold(mixed, True)
+        _trained(owners[1], agg).fold(mixed, True)
+        model = _model()
+        remote = RemoteModel.put(owners[2], sendable(model), list(fl.parameters_of(model).values()))
+        if odd == "configuration":
+            remote.fit("x", "y", other, 3)
+        remote.move(agg).fold(mixed, True)
+        with pytest.raises(sy.PermissionDenied) as info:
+            _closed(agg, mixed)
+        assert info.value.rule == "cohort", odd
