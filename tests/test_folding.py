@@ -45,8 +45,8 @@ def _trained(owner: sy.VirtualWorker, agg: sy.VirtualWorker, seed: int = 3) -> R
     return remote.move(agg)
 
 
-def _closed(agg: sy.VirtualWorker, sum_id: int) -> list[torch.Tensor]:
-    return RemoteModel.close_sum(agg, sum_id, len(fl.parameters_of(_model()))).get()  # type: ignore[no-any-return]
+def _closed(agg: sy.VirtualWorker, *sum_ids: int) -> list[torch.Tensor]:
+    return RemoteModel.close_sum(agg, sum_ids, len(fl.parameters_of(_model()))).get()  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("weighted", [True, False])
@@ -57,14 +57,16 @@ def test_the_folded_mean_is_the_aggregated_one_in_any_order(federation_of_three,
     for model in inputs:
         model.release()
     means = []
-    for order in ((0, 1, 2), (2, 0, 1)):
-        sum_id, models = new_id(), [_trained(o, agg) for o in owners]
-        for i in order:
-            models[i].fold(sum_id, weighted)
-        means.append(_closed(agg, sum_id))
-    for a, b, c in zip(*means, aggregated, strict=True):
-        assert torch.equal(a, b)  # the order the models arrived in does not show
-        assert torch.allclose(a, c, rtol=1e-6, atol=1e-7)  # the same mean, to rounding
+    for lanes in ([(0, 1, 2)], [(0, 1, 2)], [(0, 2), (1,)]):
+        sums, models = [new_id() for _ in lanes], [_trained(o, agg) for o in owners]
+        for sum_id, lane in zip(sums, lanes, strict=True):
+            for i in lane:
+                models[i].fold(sum_id, weighted)
+        means.append(_closed(agg, *sums))
+    for one, again, two_lanes, c in zip(*means, aggregated, strict=True):
+        assert torch.equal(one, again)  # the same folds in the same order: the same mean
+        assert torch.allclose(one, two_lanes, rtol=1e-6, atol=1e-7)  # sums of lanes closed together
+        assert torch.allclose(one, c, rtol=1e-6, atol=1e-7)  # the aggregated mean, to rounding
     assert agg.object_count() == 0  # nothing of the models or the sums stays behind
 
 
@@ -82,6 +84,8 @@ def test_a_sum_cannot_be_read_or_used_before_it_is_closed(federation_of_three) -
     ]:
         with pytest.raises(error):
             agg.request(request)
+    with pytest.raises(sy.ProtocolError, match="distinct"):  # one sum twice in one close
+        _closed(agg, sum_id, sum_id)
     _closed(agg, sum_id)
     with pytest.raises(sy.ObjectNotFound):  # closed once
         _closed(agg, sum_id)

@@ -133,7 +133,7 @@ class Engine:
         self.groups = dict(groups or {})
         self.secure_aggregation = secure_aggregation
         self._kept: dict[str, list[RemoteModel]] = {}
-        self._sum: int | None = None  # the aggregator's sum this round's models fold into (a plain mean)
+        self._sums: dict[int, int] = {}  # lane -> the aggregator's sum its models fold into (a plain mean)
         self._last_failures: list[Failure] = []
         self.secure = secure or SecureSettings()
         self.work_deadline = work_deadline  # seconds a worker may take for a round's training
@@ -201,9 +201,9 @@ class Engine:
         try:
             with self.clock.timed("transfer"):
                 model.move(self.aggregator)
-            if self._sum is not None:
+            if self._sums:
                 with self.clock.timed("aggregate"):
-                    model.fold(self._sum, plan.rule.weighted)
+                    model.fold(self._sums[self.groups.get(worker.id, -1)], plan.rule.weighted)
         except BaseException:
             model.release()
             raise
@@ -300,14 +300,28 @@ class Engine:
                 list(pool.map(run, names))
         return done, failures
 
+    def _lane_sums(self, plan: FitPlan) -> dict[int, int]:
+        """For a plain mean, a sum on the aggregator for each lane (a group of workers that train
+        one after the other): the models of a lane arrive in its order, so each sum, and the mean
+        of the sums added in lane order, is the same in every run. Workers that train in a pool of
+        threads (``parallelism``) arrive in any order: their models are kept and averaged at the end."""
+        rule = plan.rule
+        if rule.name != "mean" or rule.clip_norm is not None or rule.noise_multiplier or (
+                self.parallelism > 1 and not self.groups):
+            return {}
+        return {lane: new_id() for lane in sorted({self.groups.get(w, -1) for w in plan.workers})}
+
     def _aggregate(self, rule: AggregationRule, trained: list[_Trained]) -> tuple[Parameters, dict[str, float]]:
         agg = self.aggregator
         reference: RemoteModel | None = None
         released: dict[str, Any] = {}
         models = [t.model for t in trained]
         try:
-            if self._sum is not None:  # the models were folded in as they came
-                combined = RemoteModel.close_sum(agg, self._sum, len(self.parameters))
+            if self._sums:  # the models were folded in as they came, into their lane's sum
+                lanes = sorted({self.groups.get(t.worker, -1) for t in trained})
+                combined = RemoteModel.close_sum(agg, [self._sums[g] for g in lanes], len(self.parameters))
+            elif rule.name == "mean" and rule.clip_norm is None and rule.noise_multiplier == 0:
+                combined = RemoteModel.aggregate(agg, models, rule.weighted)
             else:
                 reference = self._put(agg, self.parameters)
                 combined, released = RemoteModel.aggregate_updates(agg, models, reference, rule.to_wire())
@@ -334,8 +348,7 @@ class Engine:
                     return plan, *secured
                 continue
             task: Callable[[WorkerClient], _Trained] = partial(self._train_one, plan=plan, server_round=server_round)
-            rule = plan.rule
-            self._sum = new_id() if rule.name == "mean" and rule.clip_norm is None and not rule.noise_multiplier else None
+            self._sums = self._lane_sums(plan)
             trained, failures = self._each(plan.workers, task, "fit")
             self._last_failures = failures
             if len(trained) >= self.strategy.min_fit_workers:
@@ -352,8 +365,8 @@ class Engine:
                 return plan, aggregate, failures
             for t in trained:
                 t.model.release()
-            if self._sum is not None:
-                self.aggregator.release(self._sum)  # a sum too small to close goes unread
+            for sum_id in self._sums.values():  # sums too small to close go unread
+                self.aggregator.release(sum_id)
         raise RoundFailed(
             f"round {server_round}: too few of the {len(plan.workers)} workers finished, "
             f"{self.strategy.min_fit_workers} are needed (tried {self.retries + 1} times)"

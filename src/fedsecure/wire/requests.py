@@ -400,7 +400,7 @@ class AggregateShares(Request):
 class FoldModule(Request):
     """The aggregator's mean, folded as models arrive: add the model ``module_id`` (weighted by its
     sample count when ``weighted``) into the sealed sum ``sum_id``, which the first fold makes. The
-    model is consumed. No request reads a sum; `CloseSum` turns it into its mean."""
+    model is consumed. No request reads a sum; `CloseSum` turns sums into their mean."""
 
     sum_id: Id
     module_id: Id
@@ -410,11 +410,11 @@ class FoldModule(Request):
 @_request(30)
 @dataclass(frozen=True, slots=True)
 class CloseSum(Request):
-    """Close the sum ``sum_id``: with the checks of `AggregateModules` over every model folded into
-    it, its mean becomes the model ``new_module_id`` (its tensors at ``new_ids``); the sum is gone
-    whether the checks pass or not."""
+    """Close the sums ``sum_ids`` together (added in that order): with the checks of
+    `AggregateModules` over every model folded into them, their mean becomes the model
+    ``new_module_id`` (its tensors at ``new_ids``); the sums are gone whether the checks pass or not."""
 
-    sum_id: Id
+    sum_ids: Ids
     new_module_id: Id
     new_ids: Ids
 

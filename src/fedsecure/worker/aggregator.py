@@ -106,14 +106,13 @@ def aggregate_updates(state: WorkerState, msg: m.AggregateUpdates, sender: Sende
 class SealedSum:
     """A mean of models folded in as they arrive (`FoldModule`): no request reads it; `CloseSum`
     checks what went in, as `AggregateModules` checks its inputs, and only then makes the mean.
-    Sums are float64 with a second term for each sum's rounding error (Knuth's TwoSum), so that
-    the mean does not depend on the order in which the models arrived."""
+    float64 sums of each model times its weight (exact products for float32 weights and sample
+    counts below 2**29); models folded into one sum in the same order give the same sum, so the
+    engine keeps one sum per lane, whose owners train one after the other."""
 
     spec: dict[str, Any]
     weighted: bool
-    high: list[torch.Tensor | None]  # per tensor: the float64 sum (None for a counter)
-    low: list[torch.Tensor | None]  # and its rounding errors
-    counters: list[torch.Tensor | None]  # per counter (num_batches_tracked): the largest so far
+    sums: list[torch.Tensor]  # per tensor: the float64 sum, or for a counter (num_batches_tracked) the largest
     likes: list[tuple[torch.dtype, torch.Size]]  # the first model's tensors' dtypes and shapes
     total: int = 0  # the summed weights
     sources: list[str | None] = field(default_factory=list)
@@ -122,36 +121,35 @@ class SealedSum:
 
     @classmethod
     def start(cls, spec: dict[str, Any], weighted: bool, tensors: Sequence[torch.Tensor]) -> SealedSum:
-        floating = [t.is_floating_point() for t in tensors]
         return cls(spec, weighted,
-                   [torch.zeros(t.shape, dtype=torch.float64) if f else None for t, f in zip(tensors, floating, strict=True)],
-                   [torch.zeros(t.shape, dtype=torch.float64) if f else None for t, f in zip(tensors, floating, strict=True)],
-                   [None if f else t.detach().clone() for t, f in zip(tensors, floating, strict=True)],
+                   [torch.zeros(t.shape, dtype=torch.float64) if t.is_floating_point() else t.detach().clone()
+                    for t in tensors],
                    [(t.dtype, t.shape) for t in tensors])
 
     def add(self, tensors: Sequence[torch.Tensor], weight: int) -> None:
-        for i, t in enumerate(tensors):
-            high, low, counter = self.high[i], self.low[i], self.counters[i]
-            if high is None or low is None:
-                assert counter is not None
-                torch.maximum(counter, t, out=counter)
-                continue
-            term = t.detach().to(torch.float64).mul_(weight)  # exact for float32 and weights below 2**29
-            total = high + term
-            back = total - high
-            low.add_(high.sub_(total - back).add_(term.sub_(back)))  # what the addition rounded away
-            high.copy_(total)
+        for acc, t in zip(self.sums, tensors, strict=True):
+            if acc.is_floating_point():
+                acc.add_(t.detach().to(torch.float64), alpha=weight)
+            else:
+                torch.maximum(acc, t, out=acc)
         self.total += weight
 
-    def mean(self) -> list[torch.Tensor]:
-        out = []
-        for high, low, counter, (dtype, _) in zip(self.high, self.low, self.counters, self.likes, strict=True):
-            if high is None or low is None:
-                assert counter is not None
-                out.append(counter)
+    def merge(self, other: SealedSum) -> None:
+        if other.spec != self.spec or other.weighted != self.weighted:
+            raise ProtocolError("sums closed together must be of one architecture, all weighted or all unweighted")
+        for acc, more in zip(self.sums, other.sums, strict=True):
+            if acc.is_floating_point():
+                acc.add_(more)
             else:
-                out.append(high.add_(low).div_(self.total).to(dtype))
-        return out
+                torch.maximum(acc, more, out=acc)
+        self.total += other.total
+        self.sources += other.sources
+        self.labels = self.labels | other.labels
+        self.attestations += other.attestations
+
+    def mean(self) -> list[torch.Tensor]:
+        return [acc.div_(self.total).to(dtype).reshape(shape) if acc.is_floating_point() else acc
+                for acc, (dtype, shape) in zip(self.sums, self.likes, strict=True)]
 
 
 def fold_module(state: WorkerState, msg: m.FoldModule, sender: Sender) -> Any:
@@ -181,27 +179,35 @@ def fold_module(state: WorkerState, msg: m.FoldModule, sender: Sender) -> Any:
 def _sum(state: WorkerState, msg: m.FoldModule, spec: Any, own: list[torch.Tensor]) -> SealedSum:
     """The sum ``msg.sum_id``: made by the first fold (and charged to the model owner's quota)."""
     if msg.sum_id not in state.objects:
-        state.admit(sum(2 * 8 * t.numel() for t in own), what="the sum")
+        state.admit(sum(8 * t.numel() for t in own), what="the sum")
         sealed = SealedSum.start(spec, msg.weighted, own)
         state.objects[msg.sum_id] = Entry(sealed)
         return sealed
-    found = state.entry(msg.sum_id).obj
+    return _sealed(state, msg.sum_id, "FoldModule")
+
+
+def _sealed(state: WorkerState, sum_id: int, op: str) -> SealedSum:
+    found = state.entry(sum_id).obj
     if not isinstance(found, SealedSum):
-        raise OperationNotAllowed(f"object {msg.sum_id:#x} on {state.id!r} is not a sum of models", op="FoldModule")
+        raise OperationNotAllowed(f"object {sum_id:#x} on {state.id!r} is not a sum of models", op=op)
     return found
 
 
 def close_sum(state: WorkerState, msg: m.CloseSum, sender: Sender) -> Any:
-    sealed = state.entry(msg.sum_id).obj
-    if not isinstance(sealed, SealedSum):
-        raise OperationNotAllowed(f"object {msg.sum_id:#x} on {state.id!r} is not a sum of models", op="CloseSum")
-    del state.objects[msg.sum_id]  # one use, whatever the checks say
+    if not msg.sum_ids or len(set(msg.sum_ids)) != len(msg.sum_ids):
+        raise ProtocolError("CloseSum needs one or more distinct sums")
+    sums = [_sealed(state, i, "CloseSum") for i in msg.sum_ids]
+    for i in msg.sum_ids:
+        del state.objects[i]  # one use, whatever the checks say
+    sealed = sums[0]
+    with torch.no_grad():
+        for more in sums[1:]:
+            sealed.merge(more)
     _check_sources(state, sealed.sources, bool(sealed.labels))
     _check_contributors(state, sealed.labels)
     _check_attested(state, sealed.attestations, sealed.labels, "fit")
     with torch.no_grad():
-        values = [v.reshape(shape) for v, (_, shape) in zip(sealed.mean(), sealed.likes, strict=True)]
-        _install(state, msg.new_module_id, msg.new_ids, sealed.spec, sealed.labels, values)
+        _install(state, msg.new_module_id, msg.new_ids, sealed.spec, sealed.labels, sealed.mean())
     return None
 
 

@@ -105,17 +105,18 @@ class RemoteModel:
 
     def fold(self, sum_id: int, weighted: bool) -> None:
         """Add this model, on an aggregator, into the sum ``sum_id`` there (made by the first fold),
-        which only `close_sum` turns into a mean; the model is consumed, and this handle spent."""
+        which only `close_sum` reads; the model is consumed, and this handle spent."""
         worker = self.worker
         self._release_tensors(worker)  # freed by the same request, before it runs (as in `move`)
         worker.request(m.FoldModule(sum_id, self.module(), weighted))
         self.live = False
 
     @classmethod
-    def close_sum(cls, worker: WorkerClient, sum_id: int, tensors: int) -> RemoteModel:
-        """The mean of the models folded into ``sum_id`` on ``worker``, as a model of ``tensors`` tensors."""
+    def close_sum(cls, worker: WorkerClient, sum_ids: Sequence[int], tensors: int) -> RemoteModel:
+        """The mean of the models folded into the sums ``sum_ids`` on ``worker`` (added in that
+        order), as a model of ``tensors`` tensors."""
         module_id, ids = new_id(), [new_id() for _ in range(tensors)]
-        worker.request(m.CloseSum(sum_id, module_id, ids))
+        worker.request(m.CloseSum(list(sum_ids), module_id, ids))
         return cls(worker, module_id, ids)
 
     @classmethod
