@@ -153,6 +153,11 @@ class SealedSum:
 
 
 def fold_module(state: WorkerState, msg: m.FoldModule, sender: Sender) -> Any:
+    with state.sums_lock:
+        return _fold(state, msg)
+
+
+def _fold(state: WorkerState, msg: m.FoldModule) -> None:
     entry, module = state.module(msg.module_id)
     spec = describe(module)
     own = [t for _, t in state_tensors(module)]
@@ -194,6 +199,11 @@ def _sealed(state: WorkerState, sum_id: int, op: str) -> SealedSum:
 
 
 def close_sum(state: WorkerState, msg: m.CloseSum, sender: Sender) -> Any:
+    with state.sums_lock:
+        return _close(state, msg)
+
+
+def _close(state: WorkerState, msg: m.CloseSum) -> None:
     if not msg.sum_ids or len(set(msg.sum_ids)) != len(msg.sum_ids):
         raise ProtocolError("CloseSum needs one or more distinct sums")
     sums = [_sealed(state, i, "CloseSum") for i in msg.sum_ids]

@@ -183,6 +183,9 @@ class WorkerState:
         # DP-SGD steps run on this worker's data, per model owner (None: the worker's own client).
         self.dp_ledgers: dict[str | None, dp_sgd.Ledger] = {}
         self.dp_lock = threading.Lock()  # a budget check and its charge are one step
+        # Folds into sealed sums and their close are one at a time (a served aggregator answers
+        # several requests at once): a close checks exactly the models whose values are in its sums.
+        self.sums_lock = threading.Lock()
 
     @property
     def memory_quota(self) -> int | None:
