@@ -129,7 +129,7 @@ class SealedSum:
     def add(self, tensors: Sequence[torch.Tensor], weight: int) -> None:
         for acc, t in zip(self.sums, tensors, strict=True):
             if acc.is_floating_point():
-                acc.add_(t.detach().to(torch.float64), alpha=weight)
+                acc.add_(t.detach(), alpha=weight)  # computed in float64, without a float64 copy of t
             else:
                 torch.maximum(acc, t, out=acc)
         self.total += weight
