@@ -79,6 +79,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
         ("strategy.name='fedsgd'", "unknown strategy 'fedsgd'"),
         ("data.dataset='mnist'", "is not 'digits'"),
         ("model.name='resnet'", "unknown model 'resnet'"),
+        ("model.dropout=1.5", "[model] dropout is the probability of dropping a unit, in [0, 1); got 1.5"),
         ("experiment.evaluate_every=0", "evaluate_every must be >= 1"),
         ("workers.threads=2", "threads sets a simulation host's torch threads: it needs mode = \"processes\""),
         ("workers.concurrency=2", "concurrency sets how many owners a simulation host trains at a time"),
@@ -110,12 +111,14 @@ def test_tensorboard_logs_every_round(tmp_path: Path) -> None:
     assert [s.step for s in events.Scalars("central_accuracy")] == [1, 2]
 
 
-@pytest.mark.parametrize(("secure", "processes", "concurrency"),
-                         [("trusted", 2, 1), ("shares", 2, 1), ("trusted", 1, 2)])
+@pytest.mark.parametrize(("secure", "processes", "concurrency", "dropout"),
+                         [("trusted", 2, 1, 0.0), ("shares", 2, 1, 0.0), ("trusted", 1, 2, 0.0), ("trusted", 1, 2, 0.5)])
 def test_worker_processes_give_the_numbers_of_one_process(tmp_path: Path, secure: str, processes: int,
-                                                          concurrency: int) -> None:
-    """Also with one host that trains two owners at a time, each in a thread of its own."""
-    args = ["run", str(DIGITS), "--rounds", "3", "--quiet", "--set", f"aggregation.secure='{secure}'"]
+                                                          concurrency: int, dropout: float) -> None:
+    """Also with one host that trains two owners at a time, each in a thread of its own, and with a
+    dropout layer, whose masks two owners training at once in one process draw at the same time."""
+    args = ["run", str(DIGITS), "--rounds", "3", "--quiet", "--set", f"aggregation.secure='{secure}'",
+            "--set", f"model.dropout={dropout}"]
     local = fedsecure(*args, "--output", "local", cwd=tmp_path)
     hosted = fedsecure(*[a for a in args if a != "--quiet"], "--output", "proc", "--set", "workers.mode='processes'",
                        "--set", f"workers.processes={processes}", "--set", f"workers.concurrency={concurrency}",

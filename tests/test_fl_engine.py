@@ -196,6 +196,40 @@ def test_training_workers_in_threads_gives_the_serial_result(digits) -> None:
         torch.testing.assert_close(results[1][name], value, atol=1e-6, rtol=1e-6)
 
 
+def dropout_mlp(seed=0, p=0.5):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(p), nn.Linear(32, 10))
+
+
+def test_dropout_masks_come_from_the_training_seed_not_from_torchs_global_generator(digits) -> None:
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    settings = training.parse(TRAINING.to_wire())
+
+    def trained(seed, p=0.5, global_seed=0):
+        model = dropout_mlp(p=p)
+        torch.manual_seed(global_seed)
+        training.fit(model, x, y, settings, seed)
+        assert "forward" not in model[3].__dict__  # the layer is torch's own again after the fit
+        return torch.cat([t.flatten() for t in model.state_dict().values()])
+
+    first = trained(5, global_seed=1)
+    assert torch.equal(first, trained(5, global_seed=2))
+    assert not torch.equal(first, trained(6))
+    assert not torch.equal(first, trained(5, p=0.0))  # the layer drops units
+
+
+def test_owners_training_in_threads_draw_the_dropout_masks_of_the_serial_run(digits) -> None:
+    results = []
+    for parallelism, global_seed in ((1, 1), (3, 2)):
+        workers, agg, _ = federation(digits, 5)
+        torch.manual_seed(global_seed)
+        model, _ = fl.fit(dropout_mlp(), workers, fl.FedAvg(training=TRAINING), rounds=2, aggregator=agg,
+                          parallelism=parallelism, seed=3)
+        results.append(model.state_dict())
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, atol=1e-6, rtol=1e-6)
+
+
 def test_evaluate_every_skips_rounds_but_never_the_last_and_a_bad_value_is_refused(digits) -> None:
     workers, agg, _ = federation(digits, 3)
     strategy = fl.FedAvg(training=TRAINING, fraction_evaluate=1.0)

@@ -18,7 +18,7 @@ runs (data sets, output, tensorboard, certificates); a path given on the command
     [data]        dataset ("digits", "fashion_mnist", or a .npz / .csv path), path, subset,
                   workers, partition ("iid", "dirichlet", "shards", "quantity"), alpha,
                   classes_per_worker, test_fraction (held out on each worker for federated evaluation)
-    [model]       name ("mlp", "cnn_niid", "cnn_mcmahan"), hidden (mlp)
+    [model]       name ("mlp", "cnn_niid", "cnn_mcmahan"), hidden (mlp), dropout (before the output layer)
     [strategy]    name (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad), fraction_fit,
                   min_fit_workers, fraction_evaluate, and the strategy's own settings
                   (proximal_mu, server_learning_rate, server_momentum, beta_1, beta_2, tau)
@@ -125,9 +125,10 @@ class DataSection:
 class ModelSection:
     name: str = "mlp"
     hidden: int | None = None
+    dropout: float | None = None
 
     def options(self) -> dict[str, Any]:
-        return _given(self, ("hidden",))
+        return _given(self, ("hidden", "dropout"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,6 +6,9 @@
 - ``cnn_mcmahan``: the CNN of McMahan et al. 2017 for 28x28 images: two 5x5 convolutions of 32 and
   64 channels (padding 2), each followed by 2x2 max pooling, 512 ReLU units, the classes
   (1,663,370 parameters for 10 classes, as the paper reports).
+
+Each takes ``dropout``, a probability: with one above 0, a `nn.Dropout` layer before the output
+layer (workers draw its masks from the training seed: a seeded run is the same in every mode).
 """
 
 from __future__ import annotations
@@ -18,11 +21,18 @@ from torch import nn
 from fedsecure.fl import ConfigurationError
 
 
-def mlp(shape: tuple[int, ...], classes: int, *, hidden: int = 64) -> nn.Module:
+def _output(features: int, classes: int, dropout: float) -> list[nn.Module]:
+    """The output layer, after a dropout layer where ``dropout`` > 0."""
+    if not (isinstance(dropout, int | float) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+        raise ConfigurationError(f"[model] dropout is the probability of dropping a unit, in [0, 1); got {dropout!r}")
+    return [*([nn.Dropout(float(dropout))] if dropout else []), nn.Linear(features, classes)]
+
+
+def mlp(shape: tuple[int, ...], classes: int, *, hidden: int = 64, dropout: float = 0.0) -> nn.Module:
     inputs = 1
     for d in shape:
         inputs *= d
-    return nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+    return nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), *_output(hidden, classes, dropout))
 
 
 def _image(shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
@@ -31,7 +41,7 @@ def _image(shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
     return shape[0], shape[1], shape[2]
 
 
-def cnn_niid(shape: tuple[int, ...], classes: int) -> nn.Module:
+def cnn_niid(shape: tuple[int, ...], classes: int, *, dropout: float = 0.0) -> nn.Module:
     channels, h, w = _image(shape, "cnn_niid")
     side_h, side_w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
     if side_h < 1 or side_w < 1:
@@ -42,11 +52,11 @@ def cnn_niid(shape: tuple[int, ...], classes: int) -> nn.Module:
         nn.Flatten(),
         nn.Linear(16 * side_h * side_w, 120), nn.ReLU(),
         nn.Linear(120, 84), nn.ReLU(),
-        nn.Linear(84, classes),
+        *_output(84, classes, dropout),
     )  # fmt: skip
 
 
-def cnn_mcmahan(shape: tuple[int, ...], classes: int) -> nn.Module:
+def cnn_mcmahan(shape: tuple[int, ...], classes: int, *, dropout: float = 0.0) -> nn.Module:
     channels, h, w = _image(shape, "cnn_mcmahan")
     if h % 4 or w % 4:
         raise ConfigurationError(f"cnn_mcmahan needs image sides divisible by 4, got {h}x{w}")
@@ -55,7 +65,7 @@ def cnn_mcmahan(shape: tuple[int, ...], classes: int) -> nn.Module:
         nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Linear(64 * (h // 4) * (w // 4), 512), nn.ReLU(),
-        nn.Linear(512, classes),
+        *_output(512, classes, dropout),
     )  # fmt: skip
 
 

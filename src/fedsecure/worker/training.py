@@ -8,9 +8,11 @@ checked here, at the trust boundary, with errors that say what to change.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -161,6 +163,12 @@ def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings,
         return x.shape[0], mean_loss, dp_steps
     anchor = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
     generator = torch.Generator().manual_seed(seed & (2**63 - 1))
+    with seeded_dropout(module, seed, x.device):
+        return _loop(module, x, y, settings, optimizer, params, anchor, generator)
+
+
+def _loop(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings, optimizer: update_rules.Stepper,
+          params: list[nn.Parameter], anchor: list[torch.Tensor], generator: torch.Generator) -> tuple[int, float, int]:
     n, b = x.shape[0], settings.batch_size
     # The summed loss stays where the data is: reading it on the host every step would stop an
     # accelerator's queue each time (float64, the same sums as Python floats).
@@ -187,6 +195,48 @@ def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings,
                 if settings.max_steps is not None and steps >= settings.max_steps:
                     return n, float(total) / count, steps
     return n, float(total) / max(count, 1), steps
+
+
+_DROPOUTS = (nn.Dropout, nn.Dropout2d)  # exactly these types: a subclass may change what the layer does
+_DROPOUT_STREAM = 0x6A09E667F3BCC909  # the dropout masks' seed: the training seed xor this constant
+
+
+@contextlib.contextmanager
+def seeded_dropout(module: nn.Module, seed: int, where: torch.device) -> Iterator[None]:
+    """Within this block, ``module``'s `nn.Dropout` and `nn.Dropout2d` layers draw their masks from a
+    generator of their own, seeded from the training ``seed``, instead of torch's one global
+    generator: owners that train at the same time in one process (threads of a host, an actor
+    or the local mode) would otherwise draw from it in an order that varies from run to run, and
+    the same owner would draw other masks in another process. A seeded fit is then the same in
+    every mode and at any concurrency. Each layer still drops each element (each channel for
+    `Dropout2d`) with probability ``p`` and scales the rest by ``1 / (1 - p)``."""
+    layers = [m for m in module.modules() if isinstance(m, nn.Dropout | nn.Dropout2d) and type(m) in _DROPOUTS]
+    if not layers:
+        yield
+        return
+    generator = torch.Generator(device=where).manual_seed((seed ^ _DROPOUT_STREAM) & (2**63 - 1))
+    for layer in layers:
+        layer.forward = partial(_dropout, layer, generator)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _dropout(layer: nn.Dropout | nn.Dropout2d, generator: torch.Generator, x: torch.Tensor) -> torch.Tensor:
+    p = layer.p
+    if not layer.training or p == 0:
+        return x
+    channels = type(layer) is nn.Dropout2d
+    if channels and x.dim() < 2:
+        return nn.Dropout2d.forward(layer, x)  # type: ignore[arg-type]  # torch's error for an input without channels
+    if p == 1:
+        return x * 0
+    # One draw per element, or per channel of each sample (torch's feature dropout: shape N, C, 1, ...).
+    shape = (*x.shape[:2], *(1,) * (x.dim() - 2)) if channels else x.shape
+    keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p, generator=generator)
+    return x * keep.div_(1 - p)
 
 
 def check(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings) -> update_rules.Stepper:
