@@ -70,6 +70,17 @@ def test_device_benchmark_compares_the_layouts(tmp_path: Path) -> None:
     assert all(r["ms"]["contiguous"] > 0 and r["ms"]["channels-last"] > 0 for r in rows.values())
 
 
+def test_batched_clients_benchmark_trains_what_the_workers_loop_trains(tmp_path: Path) -> None:
+    table, result = run_quick("batched_clients.py", tmp_path, "--devices", "cpu,cuda")
+    assert "together / one after another" in table
+    (row,) = [r for r in result["rows"] if r["device"] == "cpu"]
+    assert row["owners"] == 8 and row["serial_s"] > 0 and row["batched_s"] > 0
+    assert row["steps_max"] >= 2  # an owner of several steps: the others wait for it, unchanged
+    assert row["largest_relative_difference"] < 1e-5  # the batched pass computes the same models
+    if not any(r["device"].startswith("cuda") for r in result["rows"]):
+        assert result["skipped"] == ["cuda"]
+
+
 def test_transport_benchmark_runs(tmp_path: Path) -> None:
     table, result = run_quick("transport.py", tmp_path)
     assert "raw TCP" in table
