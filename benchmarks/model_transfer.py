@@ -12,6 +12,11 @@
 3. The tutorial's round trip ``model.send(bob); model.move(secure_worker); model.get()``: large
    tensors beside the message (what `VirtualWorker`s do) against inside it (``framed = False``
    on every party, as before), alternating, medians.
+4. The aggregator folding a model into a round's sum (`aggregator.SealedSum`: each model added
+   into float32 parts that go into the float64 sums every `FLUSH_EVERY` models) against adding
+   each model into the float64 sums directly (what it did before); 16 models a run, each a fresh
+   copy (cold in the cache, as a moved model is), per fold, with the largest difference between
+   the two means relative to the largest mean weight.
 Models: the MLP and McMahan et al.'s CNN (1.7M weights) of `fedsecure.experiment.models`.
 Prints a table and writes JSON (default benchmarks/results/model_transfer.json).
 
@@ -39,7 +44,7 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     import fedsecure as sy
 from fedsecure.experiment.models import build_model
 from fedsecure.wire import codec
-from fedsecure.worker import attest, modules
+from fedsecure.worker import aggregator, attest, modules
 
 MODELS = {"mlp": (1, 28, 28), "cnn_mcmahan": (1, 28, 28)}
 
@@ -123,6 +128,44 @@ def round_trip(name: str, repeats: int) -> dict[str, Any]:
     return {**{way: statistics.median(v[len(v) // 5:]) for way, v in times.items()}, "same_values": same}
 
 
+def folds(name: str, repeats: int) -> dict[str, Any]:
+    """Milliseconds per fold of 16 fresh models, float32 parts against float64 sums directly."""
+    model = build_model(name, MODELS[name], 10)
+    spec = modules.describe(model)
+    assert spec is not None
+    tensors = [t.detach() for _, t in modules.state_tensors(model)]
+    count = 16
+
+    def by_parts(models: list[list[torch.Tensor]]) -> tuple[float, list[torch.Tensor]]:
+        sealed = aggregator.SealedSum.start(spec, True, tensors)
+        t = time.perf_counter()
+        for i, m in enumerate(models):
+            sealed.add(m, i + 1)
+        sealed.flush()
+        return 1000 * (time.perf_counter() - t) / count, sealed.mean()
+
+    def direct(models: list[list[torch.Tensor]]) -> tuple[float, list[torch.Tensor]]:
+        sums = [torch.zeros(x.shape, dtype=torch.float64) for x in tensors]
+        t = time.perf_counter()
+        for i, m in enumerate(models):
+            for acc, x in zip(sums, m, strict=True):
+                acc.add_(x, alpha=i + 1)
+        elapsed = 1000 * (time.perf_counter() - t) / count
+        total = count * (count + 1) // 2
+        return elapsed, [acc.div_(total).to(x.dtype) for acc, x in zip(sums, tensors, strict=True)]
+
+    times: dict[str, list[float]] = {"fold_parts_ms": [], "fold_float64_ms": []}
+    worst = 0.0
+    for r in range(repeats):
+        models = [[x + 0.01 * (i + r) for x in tensors] for i in range(count)]
+        a_ms, a = by_parts(models)
+        b_ms, b = direct(models)
+        times["fold_parts_ms"].append(a_ms)
+        times["fold_float64_ms"].append(b_ms)
+        worst = max(worst, max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b, strict=True)))
+    return {**{k: statistics.median(v) for k, v in times.items()}, "fold_relative_difference": worst}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=30)
@@ -139,7 +182,8 @@ def main() -> None:
         assert spec is not None
         rows[name] = {**builds(name, args.repeats),
                       **{(k if k == "same_values" else f"round_trip_{k}_ms"): v
-                         for k, v in round_trip(name, args.repeats).items()}}
+                         for k, v in round_trip(name, args.repeats).items()},
+                      **folds(name, max(3, args.repeats // 5))}
     print("| model | build: random weights, copy ms | zeros, copy ms | on meta, adopt ms | meta: built ms "
           "| copied ms | digest SHA-256 ms | BLAKE3 ms | send+move+get, tensors inside ms | beside ms | ratio |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -148,6 +192,12 @@ def main() -> None:
               f"{r['meta_build_ms']:.3f} | {r['meta_copy_ms']:.3f} | "
               f"{r['digest_sha256_ms']:.2f} | {r['digest_blake3_ms']:.2f} | {r['round_trip_inside_ms']:.2f} | "
               f"{r['round_trip_beside_ms']:.2f} | {r['round_trip_beside_ms'] / r['round_trip_inside_ms']:.2f}x |")
+    print()
+    print("| model | fold into float64 sums ms | into float32 parts ms | ratio | largest difference of the means |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, r in rows.items():
+        print(f"| {name} | {r['fold_float64_ms']:.2f} | {r['fold_parts_ms']:.2f} | "
+              f"{r['fold_parts_ms'] / r['fold_float64_ms']:.2f}x | {r['fold_relative_difference']:.1e} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "torch": torch.__version__, "repeats": args.repeats}, indent=1))

@@ -102,41 +102,68 @@ def aggregate_updates(state: WorkerState, msg: m.AggregateUpdates, sender: Sende
     return released.metrics  # what the rule itself releases (a noisy count for adaptive clipping)
 
 
+FLUSH_EVERY = 8
+"""Models added into a sum's float32 part before it goes into the float64 sum (`SealedSum`)."""
+
+
 @dataclass(slots=True)
 class SealedSum:
     """A mean of models folded in as they arrive (`FoldModule`): no request reads it; `CloseSum`
     checks what went in, as `AggregateModules` checks its inputs, and only then makes the mean.
-    float64 sums of each model times its weight (exact products for float32 weights and sample
-    counts below 2**29); models folded into one sum in the same order give the same sum, so the
-    engine keeps one sum per lane, whose owners train one after the other."""
+    Each model times its weight is added into a float32 part (float64 for float64 weights), which
+    goes into a float64 sum every `FLUSH_EVERY` models and at the close: the rounding of at most
+    eight float32 additions per value, where adding each model into the float64 sum directly took
+    1.8x the time (`benchmarks/model_transfer.py`: McMahan's CNN, 2.40 ms a fold against 1.33 ms,
+    16 fresh models, the flushes included; the means differ by 2.1e-7 of the largest weight).
+    Models folded into one sum in the same order give the same sum, so the engine keeps one sum
+    per lane, whose owners train one after the other."""
 
     spec: dict[str, Any]
     weighted: bool
     sums: list[torch.Tensor]  # per tensor: the float64 sum, or for a counter (num_batches_tracked) the largest
+    parts: list[torch.Tensor | None]  # per floating tensor: the models added since the last flush
     likes: list[tuple[torch.dtype, torch.Size]]  # the first model's tensors' dtypes and shapes
     total: int = 0  # the summed weights
+    pending: int = 0  # models in the parts
     sources: list[str | None] = field(default_factory=list)
     labels: lb.Labels = frozenset()
     attestations: list[Attestation | None] = field(default_factory=list)
 
     @classmethod
     def start(cls, spec: dict[str, Any], weighted: bool, tensors: Sequence[torch.Tensor]) -> SealedSum:
+        floating = [t.is_floating_point() for t in tensors]
         return cls(spec, weighted,
-                   [torch.zeros(t.shape, dtype=torch.float64) if t.is_floating_point() else t.detach().clone()
-                    for t in tensors],
+                   [torch.zeros(t.shape, dtype=torch.float64) if f else t.detach().clone()
+                    for t, f in zip(tensors, floating, strict=True)],
+                   [torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, torch.float32)) if f else None
+                    for t, f in zip(tensors, floating, strict=True)],
                    [(t.dtype, t.shape) for t in tensors])
 
     def add(self, tensors: Sequence[torch.Tensor], weight: int) -> None:
-        for acc, t in zip(self.sums, tensors, strict=True):
-            if acc.is_floating_point():
-                acc.add_(t.detach(), alpha=weight)  # computed in float64, without a float64 copy of t
+        for acc, part, t in zip(self.sums, self.parts, tensors, strict=True):
+            if part is not None:
+                part.add_(t.detach(), alpha=weight)
             else:
                 torch.maximum(acc, t, out=acc)
         self.total += weight
+        self.pending += 1
+        if self.pending == FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """The float32 parts into the float64 sums."""
+        if self.pending:
+            for acc, part in zip(self.sums, self.parts, strict=True):
+                if part is not None:
+                    acc.add_(part)
+                    part.zero_()
+            self.pending = 0
 
     def merge(self, other: SealedSum) -> None:
         if other.spec != self.spec or other.weighted != self.weighted:
             raise ProtocolError("sums closed together must be of one architecture, all weighted or all unweighted")
+        self.flush()
+        other.flush()
         for acc, more in zip(self.sums, other.sums, strict=True):
             if acc.is_floating_point():
                 acc.add_(more)
@@ -148,6 +175,7 @@ class SealedSum:
         self.attestations += other.attestations
 
     def mean(self) -> list[torch.Tensor]:
+        self.flush()
         return [acc.div_(self.total).to(dtype).reshape(shape) if acc.is_floating_point() else acc
                 for acc, (dtype, shape) in zip(self.sums, self.likes, strict=True)]
 
@@ -184,7 +212,8 @@ def _fold(state: WorkerState, msg: m.FoldModule) -> None:
 def _sum(state: WorkerState, msg: m.FoldModule, spec: Any, own: list[torch.Tensor]) -> SealedSum:
     """The sum ``msg.sum_id``: made by the first fold (and charged to the model owner's quota)."""
     if msg.sum_id not in state.objects:
-        state.admit(sum(8 * t.numel() for t in own), what="the sum")
+        state.admit(sum(t.numel() * (8 + torch.promote_types(t.dtype, torch.float32).itemsize)  # sum and part
+                        if t.is_floating_point() else t.numel() * t.element_size() for t in own), what="the sum")
         sealed = SealedSum.start(spec, msg.weighted, own)
         state.objects[msg.sum_id] = Entry(sealed)
         return sealed
