@@ -154,3 +154,34 @@ def test_for_training_only_owners_a_sum_closes_only_over_one_round(make_worker: 
         with pytest.raises(sy.PermissionDenied) as info:
             _closed(agg, mixed)
         assert info.value.rule == "cohort", odd
+
+
+def test_a_sum_of_more_models_than_its_float32_part_holds_is_still_their_mean(make_worker: Make) -> None:
+    """Nine models: eight go through the float32 parts into the float64 sums, the ninth at the close."""
+    trust = sy.Policy(trusted_aggregators=frozenset({"agg"}), private_sends=False)
+    torch.manual_seed(2)
+    owners = [make_worker(f"o{i}", policy=trust, data={"x": torch.randn(8 + 2 * i, 3), "y": torch.randint(0, 2, (8 + 2 * i,))})
+              for i in range(9)]
+    agg = make_worker("agg", policy=sy.Policy(strict=True))
+    inputs = [_trained(o, agg) for o in owners]
+    aggregated = RemoteModel.aggregate(agg, inputs, True).get()
+    for model in inputs:
+        model.release()
+    sum_id = new_id()
+    for o in owners:
+        _trained(o, agg).fold(sum_id, True)
+    for folded, expected in zip(_closed(agg, sum_id), aggregated, strict=True):
+        assert torch.allclose(folded, expected, rtol=1e-6, atol=1e-7)
+    assert agg.object_count() == 0
+
+
+def test_a_sum_that_would_pass_the_memory_quota_is_refused_and_the_model_stays(make_worker: Make) -> None:
+    trust = sy.Policy(trusted_aggregators=frozenset({"agg"}), private_sends=False)
+    bob = make_worker("bob", policy=trust, data={"x": torch.randn(8, 3), "y": torch.randint(0, 2, (8,))})
+    model_bytes = sum(t.numel() * t.element_size() for t in _model().state_dict().values())
+    agg = make_worker("agg", policy=sy.Policy(strict=True))
+    agg.core.memory_quota = 2 * model_bytes
+    moved = _trained(bob, agg)  # the model fits; its sum (float64 and float32 per weight) does not
+    with pytest.raises(sy.PermissionDenied, match="the sum would take"):
+        moved.fold(new_id(), True)
+    assert agg.object_count() == 1  # the model was not consumed by the refused fold
