@@ -25,6 +25,11 @@ Three runs (any subset with ``--cases``):
   split: local training (timed inside the workers), the rest of the fit phase (sending, moving,
   aggregating), central evaluation (history's fit_seconds, evaluate_seconds, round_seconds).
 
+- ``--cases run``: ``fedsecure run`` as a user starts it, on ``examples/fashion_mnist.toml`` (60,000
+  images, NIID-Bench's CNN; ``training.epochs = 1``, ``--rounds``) in each of ``--run-modes``
+  (local, processes): the tree's peak PSS and its median over the run. The run keeps only the
+  test set once the owners hold their shares.
+
 Uses Fashion-MNIST from /usr/share/datasets/fashion-mnist when present, else scikit-learn's digits.
 Prints a table and writes JSON (default benchmarks/results/memory.json).
 
@@ -63,7 +68,7 @@ import run as vf  # noqa: E402  (benchmarks/vs_flower/run.py: data preparation, 
 
 MB = 1024.0
 SAMPLE_S = 0.2
-CASES = ("compare", "soak", "cross-device")
+CASES = ("compare", "soak", "cross-device", "run")
 
 
 # ---- sampling a process tree ------------------------------------------------------------------------
@@ -312,6 +317,24 @@ def cross_device(args: argparse.Namespace, work: Path, dataset: str) -> dict[str
     return result
 
 
+def run_cli(args: argparse.Namespace, work: Path, dataset: str) -> dict[str, Any]:
+    """`fedsecure run` of the example experiment, in each of ``--run-modes``."""
+    example = ROOT / "examples" / ("digits.toml" if dataset == "digits" else "fashion_mnist.toml")
+    results: dict[str, Any] = {}
+    for mode in args.run_modes:
+        output = work / f"run-{mode}"
+        output.mkdir()
+        cmd = [sys.executable, "-m", "fedsecure", "run", str(example), "--rounds", str(args.rounds), "--quiet",
+               "--set", "training.epochs=1", "--set", f"workers.mode='{mode}'", "--output", str(output)]
+        started = time.time()
+        result, sampler = measure(cmd, output / "history.json", f"run {mode}")
+        totals = sampler.totals()
+        results[mode] = {"example": example.name, "rounds": len(result["rounds"]), "peak_mb": max(totals),
+                         "median_mb": statistics.median(totals), "seconds": time.time() - started,
+                         "processes": max(len(s) for _, s in sampler.samples)}
+    return results
+
+
 def _median(values: list[Any]) -> Any:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -349,6 +372,12 @@ def report(res: dict[str, Any]) -> str:
         for r, mb in zip(c["rounds"], c["round_mb"], strict=True):
             lines.append(f"| {r['round']} | {r['workers']} | {r['train_seconds']:.2f} | {r['fit_other_seconds']:.2f} | "
                          f"{r['evaluate_seconds']:.2f} | {r['round_seconds']:.2f} | {_f(mb)} |")
+    if "run" in res:
+        lines += ["", "| fedsecure run | mode | rounds | processes | peak tree PSS MB | median MB | s |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for mode, r in res["run"].items():
+            lines.append(f"| {r['example']} | {mode} | {r['rounds']} | {r['processes']} | {_f(r['peak_mb'])} | "
+                         f"{_f(r['median_mb'])} | {_f(r['seconds'], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -371,6 +400,7 @@ def main() -> None:
     ap.add_argument("--cross-rounds", type=int, default=5)
     ap.add_argument("--cross-model", default="mlp", help="the cross-device model: mlp, cnn_mcmahan or cnn_niid")
     ap.add_argument("--evaluate-every", type=int, default=1, help="cross-device: rounds between central evaluations")
+    ap.add_argument("--run-modes", default="local,processes", help="--cases run: the [workers] modes")
     ap.add_argument("--dataset", choices=("auto", "fashion-mnist", "digits"), default="auto")
     ap.add_argument("--quick", action="store_true", help="digits, 2 rounds, small soak and cross-device: seconds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.json"))
@@ -390,7 +420,7 @@ def main() -> None:
         raise SystemExit(f"unknown cases {sorted(unknown)}; choose from {', '.join(CASES)}")
     if "soak" in cases and args.soak < 2:
         raise SystemExit("the soak case needs --soak N with N >= 2 rounds")
-    args.modes, args.soak_modes = args.modes.split(","), args.soak_modes.split(",")
+    args.modes, args.soak_modes, args.run_modes = args.modes.split(","), args.soak_modes.split(","), args.run_modes.split(",")
     dataset = args.dataset
     if dataset == "auto":
         dataset = "fashion-mnist" if vf.fdata.FASHION_MNIST_DIR.is_dir() else "digits"
@@ -406,6 +436,8 @@ def main() -> None:
             res["soak"] = soak(args, work, _sim_data(prepared))
         if "cross-device" in cases:
             res["cross_device"] = cross_device(args, work, dataset)
+        if "run" in cases:
+            res["run"] = run_cli(args, work, dataset)
     table = report(res)
     print(table)
     out = Path(args.out)

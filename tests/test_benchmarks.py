@@ -83,6 +83,15 @@ def test_batched_clients_benchmark_trains_what_the_workers_loop_trains(tmp_path:
         assert result["skipped"] == ["cuda"]
 
 
+def test_memory_benchmark_runs_the_cli_and_the_cross_device_case(tmp_path: Path) -> None:
+    table, result = run_quick("memory.py", tmp_path, "--cases", "run,cross-device")
+    assert "| fedsecure run |" in table and "cross-device, mlp" in table
+    assert sorted(result["run"]) == ["local", "processes"]
+    assert result["run"]["processes"]["processes"] >= 2  # the model owner and its host processes
+    assert all(r["rounds"] == 2 and r["peak_mb"] >= r["median_mb"] > 0 for r in result["run"].values())
+    assert result["cross_device"]["objects_left_on_owners"] == 0
+
+
 def test_transport_benchmark_runs(tmp_path: Path) -> None:
     table, result = run_quick("transport.py", tmp_path)
     assert "raw TCP" in table

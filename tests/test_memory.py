@@ -182,3 +182,30 @@ def test_a_run_keeps_its_long_lived_objects_out_of_the_collectors_sight_until_it
         assert len(seen) == 1 and seen[0] <= frozen and gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("mode", ["local", "processes"])
+def test_a_run_keeps_only_the_test_set_once_the_owners_hold_their_shares(tmp_path, monkeypatch, mode) -> None:
+    """The owners hold copies of their shares (or load them in their own processes): the model owner's
+    training set would be dead weight for the whole run (188 MB of Fashion-MNIST's 60,000 images)."""
+    import weakref
+
+    from fedsecure.experiment.config import Experiment, parse
+    from fedsecure.experiment.run import run_experiment
+    from fedsecure.fl.engine import Engine
+
+    read, alive = Experiment.dataset, []
+    training_sets: list[weakref.ref[torch.Tensor]] = []
+
+    def dataset(self: Experiment) -> Any:
+        data = read(self)
+        training_sets.append(weakref.ref(data.x_train))
+        return data
+
+    inner = Engine.run_round
+    monkeypatch.setattr(Experiment, "dataset", dataset)
+    monkeypatch.setattr(Engine, "run_round", lambda self: alive.append(training_sets[0]() is not None) or inner(self))
+    exp = parse({"experiment": {"rounds": 1, "output": str(tmp_path / "run")}, "data": {"workers": 2},
+                 "workers": {"mode": mode, **({"processes": 1} if mode == "processes" else {})}}, "t.toml")
+    history = run_experiment(exp, progress=False)
+    assert alive == [False] and "central_accuracy" in history.last

@@ -268,7 +268,7 @@ class RaySimulation(Simulation):
         self.requested, self.ray_address = actors, address
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.ship_data = ship_data
-        self._dataset = dataset  # what ship_data sends from, when the caller has read it already
+        self._dataset = dataset if ship_data else None  # what ship_data sends from, when the caller has read it
         self._shipped: list[Any] = []  # each actor's shares in Ray's object store, kept for its restarts
         self.actors = self.processes
         self.nodes: list[str] = []  # the Ray node each actor started on

@@ -54,10 +54,14 @@ def run_experiment(
     with contextlib.ExitStack() as stack:
         stack.enter_context(collected_warnings(display))
         fed = start_workers(exp, data, parts, stack)
+        # The owners hold their shares now (copies in this process, or loaded by host processes and
+        # actors): the run keeps only the test set (`benchmarks/memory.py --cases run`).
+        test_data = (data.x_test, data.y_test)
+        del data, parts
         if fed.where:
             display.note(f"workers: {fed.where}")
         engine = Engine(
-            model, fed.workers, strategy, aggregator=fed.aggregator, test_data=(data.x_test, data.y_test),
+            model, fed.workers, strategy, aggregator=fed.aggregator, test_data=test_data,
             seed=exp.seed, parallelism=fed.parallelism, groups=fed.groups, progress=display,
             checkpoint=exp.output / "checkpoint", settings=exp.settings(),
             secure_aggregation=exp.secure.mode, share_holders=fed.holders, secure=exp.secure.for_run(fed.secagg_ids),
