@@ -17,7 +17,7 @@ import torch
 from fedsecure.data import partition_summary
 from fedsecure.experiment.config import Experiment
 from fedsecure.experiment.models import build_model
-from fedsecure.experiment.workers import counted, start_workers
+from fedsecure.experiment.workers import counted, makes_shares_here, start_workers
 from fedsecure.fl import ConfigurationError, Engine, History
 from fedsecure.fl import checkpoint as ckpt
 from fedsecure.fl.progress import Progress
@@ -51,13 +51,16 @@ def run_experiment(
     exp.output.mkdir(parents=True, exist_ok=True)
     display = Progress(enabled=progress, stream=out, status_file=exp.output / STATUS, name=exp.name,
                        info=_status_info(exp))
+    # The run keeps only the test set (`benchmarks/memory.py --cases run`): the training set goes
+    # once the owners hold copies of their shares, or before host processes and actors start, which
+    # read the data set themselves.
+    test_data = (data.x_test, data.y_test)
+    shares_from = data if makes_shares_here(exp) else None
+    del data
     with contextlib.ExitStack() as stack:
         stack.enter_context(collected_warnings(display))
-        fed = start_workers(exp, data, parts, stack)
-        # The owners hold their shares now (copies in this process, or loaded by host processes and
-        # actors): the run keeps only the test set (`benchmarks/memory.py --cases run`).
-        test_data = (data.x_test, data.y_test)
-        del data, parts
+        fed = start_workers(exp, shares_from, parts, stack)
+        del shares_from, parts
         if fed.where:
             display.note(f"workers: {fed.where}")
         engine = Engine(

@@ -43,11 +43,22 @@ class Federated:
     where: str = ""  # where the owners train, in words, for the run's first lines
 
 
-def start_workers(exp: Experiment, data: Dataset, parts: Sequence[np.ndarray],
+def makes_shares_here(exp: Experiment) -> bool:
+    """Whether this process makes the owners' shares from the data set it read (owners in this
+    process, or a Ray run that ships the shares to its actors); host processes, actors and remote
+    owners read their data themselves otherwise."""
+    w = exp.config.workers
+    return w.mode == "local" or (w.mode == "ray" and w.ship_data)
+
+
+def start_workers(exp: Experiment, data: Dataset | None, parts: Sequence[np.ndarray],
                   stack: contextlib.ExitStack) -> Federated:
-    """The experiment's workers; ``stack`` stops the worker processes it starts."""
+    """The experiment's workers; ``stack`` stops the worker processes it starts. ``data``: the data
+    set as read here, needed where `makes_shares_here` (a Ray run reads it again without it)."""
     w = exp.config.workers
     if w.mode == "local":
+        if data is None:
+            raise ValueError("owners in this process are made from the data set: pass it")
         return local_workers(exp, data, parts)
     if w.mode == "remote":
         return remote_workers(exp)
