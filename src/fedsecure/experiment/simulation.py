@@ -1,6 +1,7 @@
 """Simulation in worker processes: many data owners on one machine, every core busy.
 
-`Simulation` starts ``processes`` host processes (`fedsecure.experiment.host.main`); each
+`Simulation` starts ``processes`` host processes, forked by one process that imported what they
+run (`fedsecure.experiment.host.zygote`: they share those pages until they write to them); each
 loads the data set itself, keeps the shares of the owners assigned to it (balanced by the shares'
 sizes, `assign`) as those owners' private data, and serves them all from one gRPC server, one
 `WorkerCore` per owner, with torch limited to ``threads`` threads so that the hosts do not
@@ -22,6 +23,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -42,7 +44,8 @@ from fedsecure.worker.device import DeviceError, resolve
 from fedsecure.worker.labels import Policy
 
 LISTENING = "listening on "  # the line a host prints when it serves, before its address
-HOST_MAIN = "from fedsecure.experiment.host import main; main()"  # a host process's code (python -c)
+HOST_MAIN = "from fedsecure.experiment.host import main; main()"  # the hosts' zygote (python -c)
+_READY = re.compile(r"simulation host (\d+) " + LISTENING + r"(\S+)")  # a host's line, its index and address
 
 def assign(sizes: list[int], processes: int) -> list[int]:
     """The host of each owner: largest shares first, each to the host with the least data so far
@@ -161,10 +164,10 @@ class Simulation:
         return lanes
 
     def _start_hosts(self) -> list[str]:
-        """Start the hosts; the address where each serves its owners."""
-        for p in range(self.processes):
-            self._hosts.append(self._spawn(p))
-        return [self._address(p, proc) for p, proc in enumerate(self._hosts)]
+        """Start the hosts, forked by one process that imported what they run (`host.zygote`); the
+        address where each serves its owners."""
+        self._hosts.append(self._spawn([self.host_spec(p) for p in range(self.processes)]))
+        return self._addresses(self._hosts[0])
 
     def _owner(self, name: str, host: int, address: str) -> WorkerClient:
         """The model owner's handle on owner ``name``, served by host ``host`` at ``address``."""
@@ -196,29 +199,37 @@ class Simulation:
             },
         }
 
-    def _spawn(self, p: int) -> subprocess.Popen[str]:
-        spec = self.host_spec(p)
+    def _spawn(self, specs: list[dict[str, Any]]) -> subprocess.Popen[str]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads),
                **heap.arena_limit(self.concurrency)}
         proc = subprocess.Popen([sys.executable, "-c", HOST_MAIN], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=None, text=True, env=env)
         assert proc.stdin is not None
-        proc.stdin.write(json.dumps(spec))
+        proc.stdin.write(json.dumps(specs))
         proc.stdin.close()  # the secret travels on a pipe, never on a command line
         return proc
 
-    def _address(self, p: int, proc: subprocess.Popen[str]) -> str:
+    def _addresses(self, proc: subprocess.Popen[str]) -> list[str]:
+        """Each host's address, from the lines its hosts print (in the order they are ready)."""
         assert proc.stdout is not None
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+        found: dict[int, str] = {}
+
+        def read() -> None:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                found.update((int(p), address) for p, address in _READY.findall(line))
+                if len(found) == self.processes:
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
         reader.start()
         reader.join(self.timeout)
-        if not line or LISTENING not in line[0]:
+        if len(found) < self.processes:
+            missing = sorted(set(range(self.processes)) - set(found))
             raise ConfigurationError(
-                f"simulation host {p} did not start within {self.timeout:g} s "
-                f"(exit code {proc.poll()}); its error is above"
+                f"simulation host{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} did not start "
+                f"within {self.timeout:g} s (exit code {proc.poll()}); the error is above"
             )
-        return line[0].split(LISTENING, 1)[1].split()[0]
+        return [found[p] for p in range(self.processes)]
 
     def stop(self) -> None:
         for proc in self._hosts:
