@@ -212,3 +212,34 @@ def test_a_run_keeps_only_the_test_set_once_the_owners_hold_their_shares(tmp_pat
                  "workers": {"mode": mode, **({"processes": 1} if mode == "processes" else {})}}, "t.toml")
     history = run_experiment(exp, progress=False)
     assert alive == [False] * (2 if mode == "processes" else 1) and "central_accuracy" in history.last
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
+def test_simulation_hosts_are_forked_by_one_zygote_and_stop_with_it() -> None:
+    """The hosts share the zygote's imports (copy-on-write); stopping the simulation stops them all."""
+    from fedsecure.experiment.simulation import Simulation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with Simulation({"data": {"dataset": "digits", "workers": 4}}, processes=2) as sim:
+        (zygote,) = sim._hosts
+        hosts = _children(zygote.pid)
+        assert len(hosts) == 2
+        fl.fit(model, sim.workers, fl.FedAvg(training=fl.LocalTraining(epochs=1, batch_size=32, lr=0.1)), rounds=1,
+               aggregator=sim.aggregator, groups=sim.groups)
+    assert zygote.returncode == 0  # every host stopped cleanly on the zygote's SIGTERM
+    assert not [pid for pid in hosts if Path(f"/proc/{pid}").exists()]
+
+
+def test_a_host_that_fails_as_it_starts_is_reported_at_once(tmp_path: Path) -> None:
+    """Not after the start-up timeout: the zygote says which host stopped, with its exit status."""
+    from fedsecure.experiment.simulation import Simulation
+
+    missing = tmp_path / "nowhere.npz"
+    sim = Simulation({"data": {"dataset": str(missing), "workers": 4}}, processes=2, startup_timeout=300)
+    with pytest.raises(fl.ConfigurationError, match="simulation host [01] stopped with exit status 1 as it started"):
+        sim.start()
+    assert sim._hosts == []  # stopped: nothing left behind

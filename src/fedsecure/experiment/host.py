@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedsecure.aggregate.identity import SigningIdentity
 from fedsecure.experiment.config import Experiment, parse
 from fedsecure.experiment.owners import MODEL_OWNER, owner_id, shares_of
-from fedsecure.experiment.simulation import LISTENING, token_for
+from fedsecure.experiment.simulation import FAILED, LISTENING, token_for
 from fedsecure.fl import ConfigurationError
 from fedsecure.transport.grpc import WorkerServer
 from fedsecure.worker.core import WorkerCore
@@ -146,10 +146,13 @@ def zygote(specs: list[Mapping[str, Any]]) -> int:
     signal.signal(signal.SIGINT, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
     failed = 0
-    for pid in children:
-        _, status = os.waitpid(pid, 0)
-        failed |= status != 0
-    return int(failed)
+    for _ in children:
+        pid, status = os.wait()
+        if status != 0:  # said at once: `Simulation` waits for every host's line
+            sys.stdout.write(f"simulation host {children.index(pid)} {FAILED}{os.waitstatus_to_exitcode(status)}\n")
+            sys.stdout.flush()
+            failed = 1
+    return failed
 
 
 def main() -> None:

@@ -45,7 +45,9 @@ from fedsecure.worker.labels import Policy
 
 LISTENING = "listening on "  # the line a host prints when it serves, before its address
 HOST_MAIN = "from fedsecure.experiment.host import main; main()"  # the hosts' zygote (python -c)
+FAILED = "stopped with exit status "  # the zygote's line for a host that failed
 _READY = re.compile(r"simulation host (\d+) " + LISTENING + r"(\S+)")  # a host's line, its index and address
+_FAILED = re.compile(r"simulation host (\d+) " + FAILED + r"(-?\d+)")
 
 def assign(sizes: list[int], processes: int) -> list[int]:
     """The host of each owner: largest shares first, each to the host with the least data so far
@@ -213,16 +215,22 @@ class Simulation:
         """Each host's address, from the lines its hosts print (in the order they are ready)."""
         assert proc.stdout is not None
         found: dict[int, str] = {}
+        failed: list[tuple[str, str]] = []
 
         def read() -> None:
             for line in proc.stdout:  # type: ignore[union-attr]
                 found.update((int(p), address) for p, address in _READY.findall(line))
-                if len(found) == self.processes:
+                failed.extend(_FAILED.findall(line))
+                if len(found) == self.processes or failed:
                     return
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         reader.join(self.timeout)
+        if failed:
+            p, status = failed[0]
+            raise ConfigurationError(f"simulation host {p} stopped with exit status {status} as it started; "
+                                     "its error is above")
         if len(found) < self.processes:
             missing = sorted(set(range(self.processes)) - set(found))
             raise ConfigurationError(
