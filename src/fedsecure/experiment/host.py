@@ -123,7 +123,12 @@ def zygote(specs: list[Mapping[str, Any]]) -> int:
     # A stop that comes while the hosts are forked waits until each process has its handler.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     for index, spec in enumerate(specs):
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # no process left to make: the hosts made so far stop too
+            for made in children:
+                os.kill(made, signal.SIGKILL)
+            raise
         if pid == 0:  # the host
             status = 0
             try:
