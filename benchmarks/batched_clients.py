@@ -66,22 +66,14 @@ def _settings() -> training.Settings:
 def one_after_another(model: nn.Module, owners: list[tuple[torch.Tensor, torch.Tensor, int]],
                       where: torch.device) -> list[list[torch.Tensor]]:
     """Each owner's trained weights from the worker's own loop, on a copy of the global model."""
-    settings, start = _settings(), [p.detach() for p in model.parameters()]
+    settings = _settings()
     trained = []
     for x, y, seed in owners:
-        local = _copy(model, start)
+        local = copy.deepcopy(model)
         training.fit(local, x, y, settings, seed)
         trained.append([p.detach() for p in local.parameters()])
     _sync(where)
     return trained
-
-
-def _copy(model: nn.Module, weights: list[torch.Tensor]) -> nn.Module:
-    local = copy.deepcopy(model)
-    with torch.no_grad():
-        for p, w in zip(local.parameters(), weights, strict=True):
-            p.copy_(w)
-    return local
 
 
 def _batches(owners: list[tuple[torch.Tensor, torch.Tensor, int]], where: torch.device) -> tuple[Any, ...]:
@@ -152,7 +144,7 @@ def measure(name: str, where: torch.device, data: Any, shares: list[Any], sample
     owners = [(data.x_train[torch.from_numpy(shares[i])].to(where), data.y_train[torch.from_numpy(shares[i])].to(where),
                1_000_003 * i + 17) for i in sampled]
     serial, batched = [], []
-    first = {"difference": _largest_difference(together(model, owners, where), one_after_another(model, owners, where))}
+    difference = _largest_difference(together(model, owners, where), one_after_another(model, owners, where))
     for _ in range(repeats):  # after that untimed first run of each, alternating: both see the same machine
         t0 = time.perf_counter()
         a = one_after_another(model, owners, where)
@@ -165,7 +157,7 @@ def measure(name: str, where: torch.device, data: Any, shares: list[Any], sample
     s, t = statistics.median(serial), statistics.median(batched)
     return {"model": name, "device": str(where), "owners": len(owners), "rows": sum(x.shape[0] for x, _, _ in owners),
             "steps_max": max(steps), "steps_total": sum(steps), "serial_s": s, "batched_s": t, "ratio": t / s,
-            "largest_relative_difference": first["difference"], "serial_runs": serial, "batched_runs": batched}
+            "largest_relative_difference": difference, "serial_runs": serial, "batched_runs": batched}
 
 
 def main() -> None:

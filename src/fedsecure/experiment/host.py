@@ -9,13 +9,14 @@ command line) and forks one host per spec. Each host loads the data set itself, 
 of the owners assigned to it as their private data, serves them all from one gRPC server (one
 `WorkerCore` per owner), prints the address it listens on and serves until SIGTERM.
 
-Forked, the hosts share what the zygote imported (torch, gRPC, fedsecure: about 150 MB that a
-fresh process writes as it imports them) until one of them writes to it. `benchmarks/memory.py
+Forked, the hosts share what the zygote imported (torch, gRPC, fedsecure), memory that a fresh
+process writes as it imports them, until one of them writes to it. `benchmarks/memory.py
 --modes processes` (two hosts, 3,000 Fashion-MNIST images, McMahan's CNN), alternating runs with
 the hosts started as processes of their own: the tree's peak PSS 844 and 860 MB then, 737 and
 732 MB forked, at the same time per round. The zygote runs nothing that starts a thread of its
-own (no torch operation, no gRPC channel; numpy's OpenBLAS pool is made fork-safe by OpenBLAS),
-so that forking it is safe.
+own (no torch operation, no gRPC channel), so that forking it is safe; numpy's OpenBLAS, which
+starts its pool at import, stops and restarts it around a fork itself (tests/test_memory.py trains
+in forked hosts).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _shipped(owners: list[int], shares: Mapping[str, Mapping[str, np.ndarray]]) 
 _STOPS = {signal.SIGTERM, signal.SIGINT}
 
 
-def host(spec: Mapping[str, Any], index: int = 0) -> None:
+def host(spec: Mapping[str, Any], index: int) -> None:
     """A host process: serves its owners (`serve`), prints its address, and serves until SIGTERM."""
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())

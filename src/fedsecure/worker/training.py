@@ -163,19 +163,13 @@ def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings,
         return x.shape[0], mean_loss, dp_steps
     anchor = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
     generator = torch.Generator().manual_seed(seed & (2**63 - 1))
-    with seeded_dropout(module, seed, x.device):
-        return _loop(module, x, y, settings, optimizer, params, anchor, generator)
-
-
-def _loop(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings, optimizer: update_rules.Stepper,
-          params: list[nn.Parameter], anchor: list[torch.Tensor], generator: torch.Generator) -> tuple[int, float, int]:
     n, b = x.shape[0], settings.batch_size
     # The summed loss stays where the data is: reading it on the host every step would stop an
     # accelerator's queue each time (float64, the same sums as Python floats).
     total, count, steps = torch.zeros((), dtype=torch.float64, device=x.device), 0, 0
     layout = device.fast_format(module, x.device)
     module.train()
-    with torch.enable_grad():
+    with torch.enable_grad(), seeded_dropout(module, seed, x.device):
         for _ in range(settings.epochs):
             order = torch.randperm(n, generator=generator).to(x.device)  # the same order on any device
             for start in range(0, n, b):
