@@ -14,7 +14,7 @@
    on every party, as before), alternating, medians.
 4. The aggregator folding a model into a round's sum (`aggregator.SealedSum`: each model added
    into float32 parts that go into the float64 sums every `FLUSH_EVERY` models) against adding
-   each model into the float64 sums directly (what it did before); 16 models a run, each a fresh
+   each model into the float64 sums directly (what it did before); 64 models a run, each a fresh
    copy (cold in the cache, as a moved model is), per fold, with the largest difference between
    the two means relative to the largest mean weight.
 Models: the MLP and McMahan et al.'s CNN (1.7M weights) of `fedsecure.experiment.models`.
@@ -129,12 +129,12 @@ def round_trip(name: str, repeats: int) -> dict[str, Any]:
 
 
 def folds(name: str, repeats: int) -> dict[str, Any]:
-    """Milliseconds per fold of 16 fresh models, float32 parts against float64 sums directly."""
+    """Milliseconds per fold of 64 fresh models, float32 parts against float64 sums directly."""
     model = build_model(name, MODELS[name], 10)
     spec = modules.describe(model)
     assert spec is not None
     tensors = [t.detach() for _, t in modules.state_tensors(model)]
-    count = 16
+    count = 64
 
     def by_parts(models: list[list[torch.Tensor]]) -> tuple[float, list[torch.Tensor]]:
         sealed = aggregator.SealedSum.start(spec, True, tensors)

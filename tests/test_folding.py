@@ -1,6 +1,6 @@
-"""The aggregator's mean folded as models arrive (`FoldModule`, `CloseSum`), tried as a model owner
-would try to read more than the mean: the sum is sealed until it is closed, closes once, under the
-checks of `AggregateModules`, and each model joins one sum only."""
+"""The aggregator's mean folded as models arrive (`FoldModule`, `MoveFold`, `CloseSum`), tried as a
+model owner would try to read more than the mean: the sum is sealed until it is closed, closes once,
+under the checks of `AggregateModules`, and each model joins one sum only."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from torch import nn
 import fedsecure as sy
 from fedsecure import fl
 from fedsecure.fl.parties import sendable
+from fedsecure.wire import codec
 from fedsecure.wire import messages as m
 from fedsecure.wire.codec import Ref
 from fedsecure.wire.ids import new_id
+from fedsecure.worker import aggregator
 from fedsecure.worker.remote_model import RemoteModel
 
 Make = Callable[..., sy.VirtualWorker]
@@ -39,10 +41,15 @@ def federation_of_three(make_worker: Make) -> tuple[list[sy.VirtualWorker], sy.V
 
 def _trained(owner: sy.VirtualWorker, agg: sy.VirtualWorker, seed: int = 3) -> RemoteModel:
     """The common model, trained by ``owner`` (Fit: attested, labelled) and moved to ``agg``."""
-    model = _model()
+    return _trained_there(owner, seed).move(agg)
+
+
+def _trained_there(owner: sy.VirtualWorker, seed: int = 3, make: Callable[[], nn.Module] = _model) -> RemoteModel:
+    """The common model (``make()``), trained by ``owner`` and still there."""
+    model = make()
     remote = RemoteModel.put(owner, sendable(model), list(fl.parameters_of(model).values()))
     remote.fit("x", "y", TRAINING, seed)
-    return remote.move(agg)
+    return remote
 
 
 def _closed(agg: sy.VirtualWorker, *sum_ids: int) -> list[torch.Tensor]:
@@ -157,11 +164,12 @@ def test_for_training_only_owners_a_sum_closes_only_over_one_round(make_worker: 
 
 
 def test_a_sum_of_more_models_than_its_float32_part_holds_is_still_their_mean(make_worker: Make) -> None:
-    """Nine models: eight go through the float32 parts into the float64 sums, the ninth at the close."""
+    """FLUSH_EVERY + 1 models: FLUSH_EVERY go through the float32 parts into the float64 sums, the
+    last at the close."""
     trust = sy.Policy(trusted_aggregators=frozenset({"agg"}), private_sends=False)
     torch.manual_seed(2)
     owners = [make_worker(f"o{i}", policy=trust, data={"x": torch.randn(8 + 2 * i, 3), "y": torch.randint(0, 2, (8 + 2 * i,))})
-              for i in range(9)]
+              for i in range(aggregator.FLUSH_EVERY + 1)]
     agg = make_worker("agg", policy=sy.Policy(strict=True))
     inputs = [_trained(o, agg) for o in owners]
     aggregated = RemoteModel.aggregate(agg, inputs, True).get()
@@ -185,3 +193,84 @@ def test_a_sum_that_would_pass_the_memory_quota_is_refused_and_the_model_stays(m
     with pytest.raises(sy.PermissionDenied, match="the sum would take"):
         moved.fold(new_id(), True)
     assert agg.object_count() == 1  # the model was not consumed by the refused fold
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_a_model_moved_into_a_sum_is_folded_as_it_arrives_and_never_stored(federation_of_three, weighted: bool) -> None:  # type: ignore[no-untyped-def]
+    """`MoveFold` (the engine's plain mean): the same sum as a move and a fold, bit for bit, with
+    the model gone from its owner and never an object on the aggregator."""
+    owners, agg = federation_of_three
+    moved_then_folded = new_id()
+    for o in owners:
+        _trained(o, agg).fold(moved_then_folded, weighted)
+    expected = _closed(agg, moved_then_folded)
+    one_request = new_id()
+    for o in owners:
+        remote = _trained_there(o)
+        before = o.object_count()
+        remote.move_fold(agg, one_request, weighted)
+        assert o.object_count() == before - 1 - len(remote.ids)  # the module and its tensors' ids
+        assert agg.object_count() == 1  # the sum, made by the first delivery
+        with pytest.raises(sy.ObjectNotFound):  # the handle is spent: the model is nowhere now
+            agg.request(m.FoldModule(new_id(), remote.module(), weighted))
+    for got, want in zip(_closed(agg, one_request), expected, strict=True):
+        assert torch.equal(got, want)
+    assert agg.object_count() == 0
+
+
+def _wide() -> nn.Module:
+    """A model whose large weights travel beside the messages (`codec.FRAME_MIN`)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 256))
+
+
+def test_a_delivery_folded_as_it_arrives_keeps_nothing_of_the_senders_tensors(federation_of_three) -> None:  # type: ignore[no-untyped-def]
+    """Within one process the delivery reads the sender's large tensors themselves, not copies:
+    changed after the request, they change nothing in the sum."""
+    owners, agg = federation_of_three
+    assert max(t.nbytes for t in _wide().state_dict().values()) >= codec.FRAME_MIN
+    reference = new_id()
+    for o in owners:
+        _trained_there(o, make=_wide).move(agg).fold(reference, True)
+    expected = RemoteModel.close_sum(agg, [reference], len(_wide().state_dict())).get()
+    sum_id, senders = new_id(), []
+    for o in owners:
+        remote = _trained_there(o, make=_wide)
+        senders += list(o.core.objects[remote.module()].obj.state_dict(keep_vars=True).values())
+        remote.move_fold(agg, sum_id, True)
+    with torch.no_grad():
+        for t in senders:
+            t.fill_(7)
+    for got, want in zip(RemoteModel.close_sum(agg, [sum_id], len(expected)).get(), expected, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_a_refused_fold_on_delivery_leaves_the_model_with_its_owner_and_the_sum_as_it_was(federation_of_three, make_worker: Make) -> None:  # type: ignore[no-untyped-def]
+    owners, agg = federation_of_three
+    bob, alice, carol = owners
+    reference = new_id()
+    for o in owners:
+        _trained(o, agg).fold(reference, True)
+    expected = _closed(agg, reference)
+    sum_id = new_id()
+    for o in owners:
+        _trained_there(o).move_fold(agg, sum_id, True)
+    small = nn.Linear(3, 2)
+    lone = RemoteModel.put(alice, sendable(small), list(fl.parameters_of(small).values()))
+    lone.fit("x", "y", TRAINING, 3)
+    before = alice.object_count()
+    with pytest.raises(sy.ProtocolError, match="same architecture"):
+        lone.move_fold(agg, sum_id, True)
+    assert alice.object_count() == before - len(lone.ids)  # the module stays (its tensors' ids went with the request)
+    lone.release()
+    assert alice.object_count() == before - len(lone.ids) - 1
+    elsewhere = make_worker("elsewhere", policy=sy.Policy(strict=True))
+    with pytest.raises(sy.PermissionDenied):  # bob's data trusts only agg
+        _trained_there(bob).move_fold(elsewhere, new_id(), True)
+    assert elsewhere.object_count() == 0
+    model = _model()
+    with pytest.raises(sy.ProtocolError, match="not accepted from a client"):  # only a peer delivers
+        agg.request(m.DeliverFold(sum_id, True, sendable(model), list(fl.parameters_of(model).values()),
+                                  [[] for _ in fl.parameters_of(model)], 5, "", []))
+    for got, want in zip(_closed(agg, sum_id), expected, strict=True):
+        assert torch.equal(got, want)

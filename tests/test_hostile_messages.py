@@ -332,7 +332,8 @@ def test_deeply_nested_tuples_do_not_kill_the_process() -> None:
 def test_senders_may_send_only_their_own_kinds_of_message() -> None:
     core, private_id = worker()
     forged = [["carol", None, 10**9, 2]]  # a label claiming another owner with lax rules
-    for msg in (m.Deliver(5, torch.ones(3), forged, 100, False, ""), m.DeliverModule(5, {}, [], [], [], 0, "")):
+    for msg in (m.Deliver(5, torch.ones(3), forged, 100, False, ""), m.DeliverModule(5, {}, [], [], [], 0, ""),
+                m.DeliverFold(5, True, {}, [], [], 0, "")):
         assert kind(send(core, msg)) == "protocol"  # peer-only, sent by a client
     for msg in (m.Call("Tensor.clone", [Ref(PUBLIC)], {}, 5, False), m.Get(PUBLIC), m.Count()):
         assert kind(send(core, msg, PEER)) == "protocol"  # client requests, sent by a peer

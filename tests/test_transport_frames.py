@@ -143,3 +143,20 @@ def test_nothing_is_allocated_for_bytes_that_never_come(monkeypatch: pytest.Monk
     with pytest.raises(ProtocolError):
         frames.receive(announced, iter([]))
     assert allocated == []
+
+
+def test_a_requests_kind_is_read_from_its_first_bytes_as_decoding_reads_it() -> None:
+    """`peek_kind` decides, before decoding, whether a delivery within one process may read the
+    sender's tensors instead of copies (`m.BORROWS_FRAMES`): it must name the kind `decode_request`
+    finds, for short and long requests, framed or not, and nothing for bytes that are no request."""
+    big = torch.zeros(codec.FRAME_MIN // 4 + 1)
+    for msg in (m.Get(7), m.DeliverFold(1, True, {}, [big], [[]], 3, "mo", []), m.MoveFold(1, "agg", 2, False),
+                m.Batch([m.encode_request(m.Get(7))] * 3)):
+        for framed in (False, True):
+            data = m.encode_request(msg, framed=framed)
+            assert m.peek_kind(data) == msg.KIND == type(m.decode_request(data)).KIND
+    long = msgpack.packb([m.Get.KIND, [], 7, *range(20)])
+    assert long[0] == 0xDC and m.peek_kind(long) == m.Get.KIND  # an array of 16 items or more
+    for garbage in (b"", b"\x91", msgpack.packb({"kind": 4}), msgpack.packb([300, []]), msgpack.packb("x")):
+        assert m.peek_kind(garbage) is None
+    assert {m.DeliverFold.KIND} == m.BORROWS_FRAMES and m.DeliverFold.PEER_ONLY

@@ -3,7 +3,7 @@
 Each round, for every worker the strategy picks: the global model goes to the worker, the worker
 trains it on its own data in one message (`fedsecure.wire.messages.Fit`), and the trained model
 moves from the worker straight to the aggregator, which folds it into the round's sealed sum
-there and then (a plain mean; `FoldModule`), or keeps it for its robust or clipped rule. The
+there and then (a plain mean; `MoveFold`), or keeps it for its robust or clipped rule. The
 aggregator releases only the aggregate, which is all the model owner receives; the strategy turns it into the
 next global model. A worker that fails arrives as a `Failure` value; the round goes on when at
 least ``strategy.min_fit_workers`` answered. With ``secure_aggregation="pairwise"`` or ``"shares"``
@@ -195,15 +195,15 @@ class Engine:
         return model, reply
 
     def _train_one(self, worker: WorkerClient, plan: FitPlan, server_round: int) -> _Trained:
-        """Train, then move the trained model to the aggregator (and there, for a plain mean, fold it
-        into the round's sum at once: the aggregator then holds one sum, not every model)."""
+        """Train, then move the trained model to the aggregator; for a plain mean, the aggregator
+        folds it into the round's sum as it arrives (`MoveFold`), and holds one sum, not every model."""
         model, reply = self._fit_on(worker, plan, server_round)
         try:
             with self.clock.timed("transfer"):
-                model.move(self.aggregator)
-            if self._sums:
-                with self.clock.timed("aggregate"):
-                    model.fold(self._sums[self.groups.get(worker.id, -1)], plan.rule.weighted)
+                if self._sums:
+                    model.move_fold(self.aggregator, self._sums[self.groups.get(worker.id, -1)], plan.rule.weighted)
+                else:
+                    model.move(self.aggregator)
         except BaseException:
             model.release()
             raise

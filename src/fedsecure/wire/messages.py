@@ -24,6 +24,7 @@ from fedsecure.wire.replies import (
     reply_value,
 )
 from fedsecure.wire.requests import (
+    BORROWS_FRAMES,
     REQUESTS,
     Aggregate,
     AggregateModules,
@@ -36,6 +37,7 @@ from fedsecure.wire.requests import (
     CopyModule,
     Count,
     Deliver,
+    DeliverFold,
     DeliverModule,
     DeliverShare,
     Evaluate,
@@ -45,6 +47,7 @@ from fedsecure.wire.requests import (
     GetModule,
     MakeOptimizer,
     Move,
+    MoveFold,
     MoveModule,
     OptimizerCall,
     Owners,
@@ -57,9 +60,11 @@ from fedsecure.wire.requests import (
     Share,
     decode_request,
     encode_request,
+    peek_kind,
 )
 
 __all__ = [
+    "BORROWS_FRAMES",
     "Aggregate",
     "AggregateModules",
     "AggregateShares",
@@ -71,6 +76,7 @@ __all__ = [
     "CopyModule",
     "Count",
     "Deliver",
+    "DeliverFold",
     "DeliverModule",
     "DeliverShare",
     "ERROR_KINDS",
@@ -83,6 +89,7 @@ __all__ = [
     "MAX_TEXT",
     "MakeOptimizer",
     "Move",
+    "MoveFold",
     "MoveModule",
     "OptimizerCall",
     "Owners",
@@ -100,5 +107,6 @@ __all__ = [
     "encode_reply",
     "encode_request",
     "error_reply",
+    "peek_kind",
     "reply_value",
 ]

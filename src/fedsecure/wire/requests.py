@@ -419,6 +419,50 @@ class CloseSum(Request):
     new_ids: Ids
 
 
+@_request(31)
+@dataclass(frozen=True, slots=True)
+class MoveFold(Request):
+    """`MoveModule` and the destination's `FoldModule` in one request: send the model ``module_id``
+    straight into the sealed sum ``sum_id`` on ``destination``, which folds it as it arrives
+    (`DeliverFold`) and never stores it. The model is consumed here, as by a move."""
+
+    module_id: Id
+    destination: Str
+    sum_id: Id
+    weighted: Bool
+
+
+@_request(32, peer_only=True)
+@dataclass(frozen=True, slots=True)
+class DeliverFold(Request):
+    """Worker to worker: a moved module (as `DeliverModule`) to fold at once into the sum ``sum_id``
+    (`MoveFold`). Its tensors are read during the request and kept by nothing: within one process
+    they arrive as views of the sender's, not copies (`fedsecure.worker.core`)."""
+
+    sum_id: Id
+    weighted: Bool
+    spec: Map
+    tensors: Tensors
+    labels: Items
+    samples: Int
+    owner: Str
+    attestation: Items = field(default_factory=list)
+
+
+BORROWS_FRAMES = frozenset({DeliverFold.KIND})
+"""Peer requests whose handler only reads the tensors that came beside it, during the request."""
+
+
+def peek_kind(data: bytes) -> int | None:
+    """The kind of an encoded request, from its first bytes (a MessagePack array whose first item
+    is a small int), without decoding it; None where the bytes do not start that way."""
+    if len(data) >= 2 and 0x90 <= data[0] <= 0x9F and data[1] < 0x80:  # fixarray, positive fixint
+        return data[1]
+    if len(data) >= 4 and data[0] == 0xDC and data[3] < 0x80:  # array 16
+        return data[3]
+    return None
+
+
 def encode_request(msg: Request, *, framed: bool = False, release: list[int] | None = None) -> bytes:
     """``framed``: large tensors travel beside the body (`codec.Framed`), for transports
     that carry them. ``release``: the envelope's list of freed ids, added to the request's own."""

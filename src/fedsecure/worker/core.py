@@ -42,6 +42,7 @@ HANDLERS: dict[type[m.Request], Handler] = {
     # moves between workers, and what arrives from a peer
     m.Move: moves.move,
     m.MoveModule: moves.move_module,
+    m.MoveFold: moves.move_fold,
     m.CopyModule: moves.copy_module,
     m.Deliver: moves.deliver,
     m.DeliverModule: moves.deliver_module,
@@ -49,6 +50,7 @@ HANDLERS: dict[type[m.Request], Handler] = {
     m.Aggregate: aggregator.aggregate,
     m.AggregateModules: aggregator.aggregate_modules,
     m.FoldModule: aggregator.fold_module,
+    m.DeliverFold: aggregator.deliver_fold,
     m.CloseSum: aggregator.close_sum,
     m.AggregateUpdates: aggregator.aggregate_updates,
     m.AggregateShares: aggregator.aggregate_shares,
@@ -76,7 +78,10 @@ class WorkerCore(WorkerState):
         if frames is None:
             reply = self.handle(data, sender, framed=True, max_reply=max_reply)
         else:
-            with codec.incoming([codec.own_copy(t) for t in frames]):
+            # A peer's delivery folded as it arrives reads the sender's tensors during the request
+            # and keeps nothing of them: the sender waits for the reply, so they cannot change.
+            borrowed = sender.kind == "peer" and m.peek_kind(data) in m.BORROWS_FRAMES
+            with codec.incoming([codec.frame(t) if borrowed else codec.own_copy(t) for t in frames]):
                 reply = self.handle(bytes(data), sender, framed=True, max_reply=max_reply)
         if type(reply) is codec.Framed:
             reply = codec.Framed(reply, [codec.own_copy(t) for t in reply.frames])

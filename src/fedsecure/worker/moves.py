@@ -1,7 +1,7 @@
-"""Moves: a value goes straight from this worker to another (`Move`, `MoveModule`), never through
-the model owner, and only where its labels' owners trust the destination; the destination checks
-that again when the value arrives (`Deliver`, `DeliverModule`, sent by the peer). `CopyModule`
-copies a model within the worker.
+"""Moves: a value goes straight from this worker to another (`Move`, `MoveModule`, `MoveFold`), never
+through the model owner, and only where its labels' owners trust the destination; the destination
+checks that again when the value arrives (`Deliver`, `DeliverModule`, `DeliverFold`, sent by the
+peer). `CopyModule` copies a model within the worker.
 
 A moved value keeps its labels, its sample count and this worker's attestation that it is its own
 unmodified work, so the aggregator receiving it can tell a contribution from anything else.
@@ -45,27 +45,33 @@ def move(state: WorkerState, msg: m.Move, sender: Sender) -> Any:
 
 
 def move_module(state: WorkerState, msg: m.MoveModule, sender: Sender) -> Any:
-    entry, module = state.module(msg.module_id)
-    own = [t for _, t in state_tensors(module)]
-    labels = lb.union(own)
-    _check_leaving(state, entry, labels, msg.destination, "the model")
-    spec = describe(module)
-    assert spec is not None  # every module here was built from a description
-    state.peer(
-        msg.destination,
-        m.DeliverModule(
-            msg.new_module_id,
-            spec,
-            [t.detach() for t in own],
-            msg.new_ids,
-            [lb.labels_to_wire(lb.labels_of(t)) for t in own],
-            state.samples_of(entry),
-            CLIENT.get() or "",
-            attest_wire(valid_attestation(entry, module)),
-        ),
-    )
+    spec, own, labels, samples, owner, attestation = _leaving(state, msg.module_id, msg.destination)
+    state.peer(msg.destination, m.DeliverModule(msg.new_module_id, spec, own, msg.new_ids, labels, samples, owner,
+                                                attestation))
     del state.objects[msg.module_id]
     return None
+
+
+def move_fold(state: WorkerState, msg: m.MoveFold, sender: Sender) -> Any:
+    """A move whose destination folds the model into a sum as it arrives (`aggregator.deliver_fold`)."""
+    spec, own, labels, samples, owner, attestation = _leaving(state, msg.module_id, msg.destination)
+    state.peer(msg.destination, m.DeliverFold(msg.sum_id, msg.weighted, spec, own, labels, samples, owner,
+                                              attestation))
+    del state.objects[msg.module_id]
+    return None
+
+
+def _leaving(state: WorkerState, module_id: int, destination: str) -> tuple[Any, list[torch.Tensor], list[Any], int,
+                                                                          str, list[Any]]:
+    """What a moved model's delivery carries, once the model may leave for ``destination``: its
+    description, tensors, each tensor's labels, sample count, model owner and attestation."""
+    entry, module = state.module(module_id)
+    own = [t for _, t in state_tensors(module)]
+    _check_leaving(state, entry, lb.union(own), destination, "the model")
+    spec = describe(module)
+    assert spec is not None  # every module here was built from a description
+    return (spec, [t.detach() for t in own], [lb.labels_to_wire(lb.labels_of(t)) for t in own],
+            state.samples_of(entry), CLIENT.get() or "", attest_wire(valid_attestation(entry, module)))
 
 
 def copy_module(state: WorkerState, msg: m.CopyModule, sender: Sender) -> Any:
@@ -102,6 +108,14 @@ def deliver(state: WorkerState, msg: m.Deliver, sender: Sender) -> Any:
 
 def deliver_module(state: WorkerState, msg: m.DeliverModule, sender: Sender) -> Any:
     state.fresh(msg.module_id, *msg.ids)
+    module, entry = arrived(state, msg, sender)
+    state.install_module(module, msg.module_id, msg.ids, entry)
+    return None
+
+
+def arrived(state: WorkerState, msg: m.DeliverModule | m.DeliverFold, sender: Sender) -> tuple[Any, Entry]:
+    """A delivered model, checked (its labels' owners trust this worker, its description and tensors
+    match, the model owner's quota) and labelled, around the delivered tensors; and its entry."""
     per_tensor = [lb.labels_from_wire(x) for x in msg.labels]
     check_received(state, frozenset().union(*per_tensor), sender)
     attestation = Attestation.from_wire(msg.attestation)
@@ -112,10 +126,8 @@ def deliver_module(state: WorkerState, msg: m.DeliverModule, sender: Sender) -> 
     for t, labels in zip(own, per_tensor, strict=True):
         lb.add_labels(t, labels)
     now = version(module)
-    entry = Entry(module, source=sender.id, version=now, samples=msg.samples, attestation=attestation,
-                  attested_version=now)
-    state.install_module(module, msg.module_id, msg.ids, entry)
-    return None
+    return module, Entry(module, source=sender.id, version=now, samples=msg.samples, attestation=attestation,
+                         attested_version=now)
 
 
 def _check_leaving(state: WorkerState, entry: Entry, labels: lb.Labels, destination: str, what: str) -> None:

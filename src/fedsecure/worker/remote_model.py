@@ -89,6 +89,14 @@ class RemoteModel:
         self.worker, self.module_id, self.ids = destination, module_id, ids
         return self
 
+    def move_fold(self, destination: WorkerClient, sum_id: int, weighted: bool) -> None:
+        """`move` to ``destination`` and `fold` there into the sum ``sum_id`` in one request (to this
+        model's worker): the model is never stored at the destination, and this handle is spent."""
+        source = self.worker
+        self._release_tensors(source)  # freed by the same request, before it runs (as in `move`)
+        source.request(m.MoveFold(self.module(), destination.id, sum_id, weighted))
+        self.live = False
+
     def copy(self) -> RemoteModel:
         """A copy on the same worker."""
         worker, module_id = self.worker, new_id()
