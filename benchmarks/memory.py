@@ -21,9 +21,10 @@ Three runs (any subset with ``--cases``):
   the last within 5% of the first).
 - ``--cross-device``: 10,000 simulated owners (VirtualWorkers in one process) with quantity-skewed
   Fashion-MNIST (each owner one row, plus a Dirichlet(0.5) share of the rest), 1% sampled per
-  round, the MLP; peak PSS (target: under 2 GB), the time to make the owners, and each round's
-  split: local training (timed inside the workers), the rest of the fit phase (sending, moving,
-  aggregating), central evaluation (history's fit_seconds, evaluate_seconds, round_seconds).
+  round, the MLP (``--cross-model``), E=1 B=32 (``--cross-epochs``, ``--cross-batch``); peak PSS
+  (target: under 2 GB), the time to make the owners, and each round's split: local training (timed
+  inside the workers), the rest of the fit phase (sending, moving, aggregating), central evaluation
+  (history's fit_seconds, evaluate_seconds, round_seconds).
 
 - ``--cases run``: ``fedsecure run`` as a user starts it, on ``examples/fashion_mnist.toml`` (60,000
   images, NIID-Bench's CNN; ``training.epochs = 1``, ``--rounds``) in each of ``--run-modes``
@@ -230,7 +231,7 @@ def child_cross_device(args: argparse.Namespace) -> None:
     aggregator = sy.VirtualWorker(id="secure_worker", policy=sy.Policy(strict=True), federation=federation)
     made = time.perf_counter() - made
     model = build_model(args.cross_model, tuple(data.x_train.shape[1:]), data.num_classes)
-    strategy = fl.FedAvg(training=fl.LocalTraining(epochs=1, batch_size=32, lr=0.01,
+    strategy = fl.FedAvg(training=fl.LocalTraining(epochs=args.cross_epochs, batch_size=args.cross_batch, lr=0.01,
                                                    optimizer_args={"momentum": 0.9}),
                          fraction_fit=args.fraction, min_fit_workers=1)
     engine = fl.Engine(model, owners, strategy, aggregator=aggregator, test_data=(data.x_test, data.y_test), seed=0,
@@ -246,6 +247,7 @@ def child_cross_device(args: argparse.Namespace) -> None:
                        "history": {k: row[k] for k in ("train_seconds", "transfer_seconds", "aggregate_seconds") if k in row}})
     left = sum(len(w.core.objects) for w in owners) - 2 * len(owners)  # beyond each owner's x and y
     Path(args.out).write_text(json.dumps({"rounds": rounds, "owners": len(owners), "model": args.cross_model,
+                                          "epochs": args.cross_epochs, "batch_size": args.cross_batch,
                                           "make_owners_seconds": made,
                                           "objects_left_on_owners": left, "pid": os.getpid()}))
 
@@ -306,7 +308,8 @@ def cross_device(args: argparse.Namespace, work: Path, dataset: str) -> dict[str
     out = work / "cross-device.json"
     cmd = [sys.executable, __file__, "--child", "cross-device", "--owners", str(args.owners), "--fraction",
            str(args.fraction), "--rounds", str(args.cross_rounds), "--dataset", dataset, "--cross-model",
-           args.cross_model, "--evaluate-every", str(args.evaluate_every), "--out", str(out)]
+           args.cross_model, "--cross-epochs", str(args.cross_epochs), "--cross-batch", str(args.cross_batch),
+           "--evaluate-every", str(args.evaluate_every), "--out", str(out)]
     result, sampler = measure(cmd, out, "cross-device")
     rounds = result["rounds"]
     for r in rounds:
@@ -364,14 +367,16 @@ def report(res: dict[str, Any]) -> str:
                              f"{_f(p['last_mb'])} | {_f(p['ratio'], '.3f')} |")
     if "cross_device" in res:
         c = res["cross_device"]
-        lines += ["", f"cross-device, {c['model']}: {c['owners']} owners made in {c['make_owners_seconds']:.1f} s; PSS after set-up "
+        lines += ["", f"cross-device, {c['model']}, E={c['epochs']} B={c['batch_size']}: {c['owners']} owners made in "
+                  f"{c['make_owners_seconds']:.1f} s; PSS after set-up "
                   f"{c['after_setup_mb']:.0f} MB, peak {c['peak_mb']:.0f} MB (target < 2048); objects left on owners: "
                   f"{c['objects_left_on_owners']}",
-                  "| round | owners | training s | rest of fit s | evaluation s | round s | PSS MB |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| round | owners | training s | rest of fit s | training / fit | evaluation s | round s | PSS MB |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r, mb in zip(c["rounds"], c["round_mb"], strict=True):
             lines.append(f"| {r['round']} | {r['workers']} | {r['train_seconds']:.2f} | {r['fit_other_seconds']:.2f} | "
-                         f"{r['evaluate_seconds']:.2f} | {r['round_seconds']:.2f} | {_f(mb)} |")
+                         f"{r['train_seconds'] / r['fit_seconds']:.0%} | {r['evaluate_seconds']:.2f} | "
+                         f"{r['round_seconds']:.2f} | {_f(mb)} |")
     if "run" in res:
         lines += ["", "| fedsecure run | mode | rounds | processes | peak tree PSS MB | median MB | s |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -399,6 +404,8 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.01)
     ap.add_argument("--cross-rounds", type=int, default=5)
     ap.add_argument("--cross-model", default="mlp", help="the cross-device model: mlp, cnn_mcmahan or cnn_niid")
+    ap.add_argument("--cross-epochs", type=int, default=1, help="cross-device: local epochs (McMahan et al.: 1, 5, 20)")
+    ap.add_argument("--cross-batch", type=int, default=32, help="cross-device: local batch size (McMahan et al.: 10, 50)")
     ap.add_argument("--evaluate-every", type=int, default=1, help="cross-device: rounds between central evaluations")
     ap.add_argument("--run-modes", default="local,processes", help="--cases run: the [workers] modes")
     ap.add_argument("--dataset", choices=("auto", "fashion-mnist", "digits"), default="auto")

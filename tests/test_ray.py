@@ -278,7 +278,8 @@ exp = load(sys.argv[1], {"experiment.rounds": 1, "experiment.output": sys.argv[2
 rows = run_experiment(exp, progress=False).rows
 done.set()
 print(rows[-1]["central_accuracy"])
-print("monitor" if any("monitor.py" in c for c in seen) else "lean", "raylet" if any("raylet" in c for c in seen) else "")
+print("monitor" if any("monitor.py" in c or "dashboard/dashboard.py" in c for c in seen) else "lean",
+      "raylet" if any("raylet" in c for c in seen) else "")
 """
 
 
@@ -286,7 +287,8 @@ def test_a_local_ray_starts_without_the_monitors_a_one_machine_run_does_not_use(
     cluster: Cluster, tmp_path: Path, one_process: list[dict[str, Any]]
 ) -> None:
     """No address: the run starts its own Ray (in a process of its own here, as `fedsecure run`
-    does), without the autoscaler's monitor and the log monitor, about 100 MB, and stops it; also
+    does), without the autoscaler's monitor, the log monitor and the dashboard process, about 150
+    MB, and stops it; also
     where RAY_ADDRESS names another cluster (it said "num_cpus must not be provided" before)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": cluster.address}
     done = subprocess.run([sys.executable, "-c", LOCAL_RAY, str(DIGITS), str(tmp_path / "out")], capture_output=True,

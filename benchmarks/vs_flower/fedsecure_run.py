@@ -71,27 +71,31 @@ def build_workers(data: wl.Data) -> tuple[list[VirtualWorker], VirtualWorker]:
 def simulation_config(data: wl.Data, path: str) -> dict[str, Any]:
     """An experiment's dictionary whose hosts rebuild exactly the prepared shares.
 
-    The prepared file holds each client's share; the subset in its original order goes into a
-    second file (x_train, y_train, x_test, y_test), which the hosts partition with
-    ``fedsecure.data.partition(..., "dirichlet", alpha=0.5, seed)``, as run.py did.
+    The hosts read the subset in its original order (x_train, y_train, x_test, y_test), which
+    run.py writes beside the prepared file (written here from the clients' arrays where it is
+    missing), and partition it with ``fedsecure.data.partition(..., "dirichlet", alpha=0.5, seed)``,
+    as run.py did.
     """
     import numpy as np
 
     from fedsecure.data import partition
 
-    with np.load(path) as f:
-        idx = np.concatenate([f[f"idx_{c}"] for c in range(data.num_clients)])
-        x = np.concatenate([f[f"x_{c}"] for c in range(data.num_clients)])
-        y = np.concatenate([f[f"y_{c}"] for c in range(data.num_clients)])
-        order = np.argsort(idx, kind="stable")
-        sim_path = str(Path(path).with_suffix(".subset.npz"))
-        np.savez(sim_path, x_train=x[order], y_train=y[order], x_test=f["x_test"], y_test=f["y_test"])
-    parts = partition(y[order], data.num_clients, scheme="dirichlet", alpha=0.5, seed=data.seed)
+    sim_path = Path(path).with_suffix(".subset.npz")
+    if not sim_path.exists():
+        with np.load(path) as f:
+            idx = np.concatenate([f[f"idx_{c}"] for c in range(data.num_clients)])
+            order = np.argsort(idx, kind="stable")
+            np.savez(sim_path, x_train=np.concatenate([f[f"x_{c}"] for c in range(data.num_clients)])[order],
+                     y_train=np.concatenate([f[f"y_{c}"] for c in range(data.num_clients)])[order],
+                     x_test=f["x_test"], y_test=f["y_test"])
+    with np.load(sim_path) as f:
+        y = f["y_train"]
+    parts = partition(y, data.num_clients, scheme="dirichlet", alpha=0.5, seed=data.seed)
     if [len(p) for p in parts] != data.sizes:
         raise SystemExit("the simulation's partition would differ from the prepared one")
     return {
         "experiment": {"seed": data.seed},
-        "data": {"dataset": sim_path, "workers": data.num_clients, "partition": "dirichlet", "alpha": 0.5},
+        "data": {"dataset": str(sim_path), "workers": data.num_clients, "partition": "dirichlet", "alpha": 0.5},
     }
 
 

@@ -127,6 +127,9 @@ def prepare_data(path: Path, *, subset: int, dataset: str, quick: bool, seed: in
         arrays[f"x_{c}"] = np.ascontiguousarray(x_train[idx])
         arrays[f"y_{c}"] = np.ascontiguousarray(y_train[idx])
     np.savez(path, **arrays)  # uncompressed: a system reads one client's members without the rest
+    # fedsecure's simulation partitions the data set itself: the subset in its original order, beside
+    np.savez(path.with_suffix(".subset.npz"), x_train=np.ascontiguousarray(x_train[chosen]),
+             y_train=np.ascontiguousarray(y_train[chosen]), x_test=arrays["x_test"], y_test=arrays["y_test"])
     counts = fdata.partition_counts(y_train[chosen], parts, ds.num_classes)
     return {
         "dataset": ds.name,
