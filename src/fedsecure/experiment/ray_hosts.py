@@ -56,25 +56,29 @@ RETRY_S = 1.0  # seconds a request waits for an actor that already failed to com
 
 LEAN = {"no_monitor": True, "include_log_monitor": False}
 """What a local Ray starts without: the autoscaler's monitor (a one-machine Ray has nothing to
-scale) and the log monitor, which copies every actor's output to this terminal. Each is a Python
-process of about 50 MB (benchmarks/vs_flower's JSON lists them); the actors' output stays in Ray's
-session logs (``/tmp/ray/session_latest/logs/worker-*``), and their failures reach the model owner
-as errors."""
+scale) and the log monitor, which copies every actor's output to this terminal; and, by
+`_no_api_server`, the dashboard process. Each is a Python process of about 50 MB
+(benchmarks/vs_flower's JSON lists them); the actors' output stays in Ray's session logs
+(``/tmp/ray/session_latest/logs/worker-*``), and their failures reach the model owner as errors.
+Ray's job and state APIs, which that dashboard process serves, are not there either; a run that
+needs them (or Ray's dashboard) starts a Ray of its own (``ray start --head``) and joins it with
+``[workers] address``."""
 
 
 def start_local_ray(ray: Any, cpus: int) -> None:
     """``ray.init`` of a local Ray of ``cpus`` CPUs, without the processes of `LEAN`. ``ray.init``
-    takes no such option, so its parameter class is given those two settings while it starts the
-    node; a Ray whose parameters lack them starts as ``ray.init`` alone would."""
+    takes no such option, so its parameter class is given those two settings, and its node class
+    `_no_api_server`, while it starts the node; a Ray whose parameters lack them starts as
+    ``ray.init`` alone would."""
     # "local": a Ray of this run's own even where RAY_ADDRESS names a cluster (joined with `address`)
     options = {"address": "local", "num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
                "logging_level": logging.WARNING}
     try:
-        from ray._private import parameter
+        from ray._private import node, parameter
     except ImportError:
         ray.init(**options)
         return
-    plain = parameter.RayParams
+    plain, api_server = parameter.RayParams, getattr(node.Node, "start_api_server", None)
 
     class Lean(plain):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -82,6 +86,8 @@ def start_local_ray(ray: Any, cpus: int) -> None:
 
     with _starting:
         setattr(parameter, "RayParams", Lean)  # noqa: B010  (a class attribute of Ray's, for this call)
+        if api_server is not None:
+            setattr(node.Node, "start_api_server", _no_api_server)  # noqa: B010
         try:
             ray.init(**options)
         except TypeError:  # a Ray without those parameters
@@ -89,6 +95,14 @@ def start_local_ray(ray: Any, cpus: int) -> None:
             ray.init(**options)
         finally:
             setattr(parameter, "RayParams", plain)  # noqa: B010
+            if api_server is not None:
+                setattr(node.Node, "start_api_server", api_server)  # noqa: B010
+
+
+def _no_api_server(self: Any, **options: Any) -> None:
+    """In place of ``Node.start_api_server`` while a local Ray starts: no dashboard process. With
+    ``include_dashboard=False`` Ray still starts one, which runs only its usage-statistics module
+    (``--modules-to-load=UsageStatsHead``); nothing of a simulation asks it anything."""
 
 
 _starting = threading.Lock()
