@@ -34,9 +34,10 @@ CASES: list[tuple[str, dict[str, Any]]] = [
 
 
 def _trajectory(make: Any, settings: dict[str, Any], dtype: torch.dtype = torch.float32,
-                steps: int = 25) -> list[torch.Tensor]:
+                steps: int = 25, last: bool = False) -> list[torch.Tensor]:
     """Parameters after ``steps`` steps on a fixed problem, in two groups (the second with half the
-    learning rate), one parameter without a gradient some steps, and zero_grad both ways."""
+    learning rate), one parameter without a gradient some steps, and zero_grad both ways; with
+    ``last``, the final step is said to be the last (as a worker's training loop says it)."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(5, 3, generator=gen, dtype=dtype).requires_grad_(),
               torch.randn(3, generator=gen, dtype=dtype).requires_grad_(),
@@ -52,7 +53,10 @@ def _trajectory(make: Any, settings: dict[str, Any], dtype: torch.dtype = torch.
         out.backward()
         if step % 3 == 0:
             params[2].grad = None
-        optimizer.step()
+        if last and step == steps - 1:
+            optimizer.step(last=True)
+        else:
+            optimizer.step()
     return [p.detach().clone() for p in params]
 
 
@@ -63,6 +67,22 @@ def test_the_same_values_as_torch_optim(name: str, settings: dict[str, Any]) -> 
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same operations in the same order
     assert not torch.equal(ours[0], _trajectory(OPTIMIZERS[name], settings, steps=0)[0])  # it moved
+
+
+@pytest.mark.parametrize(("name", "settings"), CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_a_last_step_keeps_no_new_state_and_moves_as_torch_optim(name: str, settings: dict[str, Any], steps: int) -> None:
+    """One step that is also the last (a cross-device owner with one batch): SGD's momentum buffer
+    would be a copy of the gradient, and is not made; the values are torch.optim's, bit for bit."""
+    ours = _trajectory(OPTIMIZERS[name], settings, steps=steps, last=True)
+    theirs = _trajectory(getattr(torch.optim, name), settings, steps=steps)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    p = torch.ones(3, requires_grad=True)
+    optimizer = OPTIMIZERS[name]([p], **settings)
+    p.grad = torch.full((3,), 0.5)
+    optimizer.step(last=True)
+    assert p not in optimizer.state  # nothing kept for a step that will not come
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop", "Adagrad"])

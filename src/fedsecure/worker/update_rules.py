@@ -114,7 +114,9 @@ class Optimizer:
                     p.grad.requires_grad_(False)
                 p.grad.zero_()
 
-    def step(self, closure: None = None) -> None:
+    def step(self, closure: None = None, *, last: bool = False) -> None:
+        """One update. ``last``: this optimizer takes no step after this one (a worker's own training
+        loop says so), so a parameter's state that this step would start is not kept."""
         if closure is not None:
             raise TypeError(f"{self.name}.step takes no closure on a worker")
         with torch.no_grad():
@@ -125,7 +127,10 @@ class Optimizer:
                         continue
                     if p.grad.is_sparse:
                         raise RuntimeError(f"{self.name} on a worker does not support sparse gradients")
-                    type(self).rule(p, p.grad, self.state.setdefault(p, {}), group)
+                    state = self.state.get(p)
+                    if state is None:
+                        state = _Spent() if last else self.state.setdefault(p, {})
+                    type(self).rule(p, p.grad, state, group)
 
     def __repr__(self) -> str:
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.defaults.items())})"
@@ -136,6 +141,10 @@ def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+class _Spent(dict[str, Any]):
+    """The state a rule is given for a parameter's last step, which starts it: not kept."""
+
+
 def _sgd(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: Settings) -> None:
     momentum, weight_decay = group["momentum"], group["weight_decay"]
     grad = -grad if group["maximize"] else grad
@@ -143,7 +152,9 @@ def _sgd(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: Sett
         grad = grad.add(p, alpha=weight_decay)
     if momentum != 0:
         buf = state.get("momentum_buffer")
-        if buf is None:
+        if buf is None and type(state) is _Spent:  # the first step is the last: the buffer would be the gradient
+            buf = grad
+        elif buf is None:
             buf = state["momentum_buffer"] = torch.clone(grad).detach()
         else:
             buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
