@@ -165,3 +165,26 @@ def test_training_in_a_fresh_process_does_not_import_the_compiler() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[]", "True"], out.stdout
+
+
+def test_a_workers_training_loop_steps_torch_optim_as_its_own() -> None:
+    """On an accelerator a worker steps torch.optim's class (which has no ``last``): its training
+    loop gives the same model with either, here on the CPU, one batch and several."""
+    from torch import nn
+
+    from fedsecure import fl
+    from fedsecure.worker import training
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 3, generator=gen), torch.randint(0, 2, (10,), generator=gen)
+    for batch_size in (16, 4):
+        settings = training.parse(fl.LocalTraining(epochs=2, batch_size=batch_size, lr=0.1,
+                                                   optimizer_args={"momentum": 0.9}).to_wire())
+        models = []
+        for make in (update_rules.SGD, torch.optim.SGD):
+            torch.manual_seed(1)
+            module = nn.Linear(3, 2)
+            training.fit(module, x, y, settings, seed=5, optimizer=make(module.parameters(), lr=0.1, momentum=0.9))
+            models.append(module.state_dict())
+        for a, b in zip(*(m.values() for m in models), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

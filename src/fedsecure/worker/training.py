@@ -183,7 +183,10 @@ def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings,
                     (loss + settings.proximal_mu / 2 * prox).backward()
                 else:
                     loss.backward()
-                optimizer.step(last=steps + 1 >= last_steps)
+                if steps + 1 >= last_steps and isinstance(optimizer, update_rules.Optimizer):
+                    optimizer.step(last=True)  # torch.optim's (on an accelerator) has no such step
+                else:
+                    optimizer.step()
                 total += loss.detach().double() * len(index)
                 count += len(index)
                 steps += 1
