@@ -195,15 +195,20 @@ def test_a_sum_that_would_pass_the_memory_quota_is_refused_and_the_model_stays(m
     assert agg.object_count() == 1  # the model was not consumed by the refused fold
 
 
+def _moved_then_folded(owners: list[sy.VirtualWorker], agg: sy.VirtualWorker, weighted: bool) -> list[torch.Tensor]:
+    """The mean of the owners' models, each moved to ``agg`` and folded there (two requests)."""
+    sum_id = new_id()
+    for o in owners:
+        _trained(o, agg).fold(sum_id, weighted)
+    return _closed(agg, sum_id)
+
+
 @pytest.mark.parametrize("weighted", [True, False])
 def test_a_model_moved_into_a_sum_is_folded_as_it_arrives_and_never_stored(federation_of_three, weighted: bool) -> None:  # type: ignore[no-untyped-def]
     """`MoveFold` (the engine's plain mean): the same sum as a move and a fold, bit for bit, with
     the model gone from its owner and never an object on the aggregator."""
     owners, agg = federation_of_three
-    moved_then_folded = new_id()
-    for o in owners:
-        _trained(o, agg).fold(moved_then_folded, weighted)
-    expected = _closed(agg, moved_then_folded)
+    expected = _moved_then_folded(owners, agg, weighted)
     one_request = new_id()
     for o in owners:
         remote = _trained_there(o)
@@ -247,11 +252,8 @@ def test_a_delivery_folded_as_it_arrives_keeps_nothing_of_the_senders_tensors(fe
 
 def test_a_refused_fold_on_delivery_leaves_the_model_with_its_owner_and_the_sum_as_it_was(federation_of_three, make_worker: Make) -> None:  # type: ignore[no-untyped-def]
     owners, agg = federation_of_three
-    bob, alice, carol = owners
-    reference = new_id()
-    for o in owners:
-        _trained(o, agg).fold(reference, True)
-    expected = _closed(agg, reference)
+    bob, alice, _ = owners
+    expected = _moved_then_folded(owners, agg, True)
     sum_id = new_id()
     for o in owners:
         _trained_there(o).move_fold(agg, sum_id, True)
