@@ -294,6 +294,7 @@ def test_a_local_ray_starts_without_the_monitors_a_one_machine_run_does_not_use(
     done = subprocess.run([sys.executable, "-c", LOCAL_RAY, str(DIGITS), str(tmp_path / "out")], capture_output=True,
                           text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
+    assert "Token authentication is enabled" not in done.stderr  # Ray's notice of its default, for a Ray of the run's own
     accuracy, processes = done.stdout.split("\n")[-3:-1]
     assert float(accuracy) == pytest.approx(one_process[0]["central_accuracy"], abs=1e-9)
     assert processes == "lean raylet"

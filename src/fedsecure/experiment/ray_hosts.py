@@ -84,7 +84,9 @@ def start_local_ray(ray: Any, cpus: int) -> None:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **{**LEAN, **kwargs})
 
+    notices = logging.getLogger(AUTH_LOGGER)
     with _starting:
+        notices.addFilter(_token_notice)
         setattr(parameter, "RayParams", Lean)  # noqa: B010  (a class attribute of Ray's, for this call)
         if api_server is not None:
             setattr(node.Node, "start_api_server", _no_api_server)  # noqa: B010
@@ -97,6 +99,17 @@ def start_local_ray(ray: Any, cpus: int) -> None:
             setattr(parameter, "RayParams", plain)  # noqa: B010
             if api_server is not None:
                 setattr(node.Node, "start_api_server", api_server)  # noqa: B010
+            notices.removeFilter(_token_notice)
+
+
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _token_notice(record: logging.LogRecord) -> bool:
+    """Whether to show a record of `AUTH_LOGGER` while a local Ray starts: not Ray's notice that a
+    new local cluster turns token authentication on, its default (this Ray is the run's own, on
+    loopback, and stops with it); its warning that authentication is off still shows."""
+    return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def _no_api_server(self: Any, **options: Any) -> None:
