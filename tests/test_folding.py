@@ -276,3 +276,42 @@ def test_a_refused_fold_on_delivery_leaves_the_model_with_its_owner_and_the_sum_
                                   [[] for _ in fl.parameters_of(model)], 5, "", []))
     for got, want in zip(_closed(agg, sum_id), expected, strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("sizes", [(3, 5), (33, 2), (40, 70, 1)])
+def test_a_sum_makes_its_float64_sum_at_its_first_flush_with_the_same_numbers(sizes: tuple[int, ...]) -> None:
+    """Lanes of at most FLUSH_EVERY models hold no float64 sum before the close, and lanes closed
+    together give, bit for bit, the mean of float64 sums made at the start (as sums did before)."""
+    flush_every = aggregator.FLUSH_EVERY
+    gen = torch.Generator().manual_seed(0)
+    like = [torch.zeros(4, 3), torch.zeros(3), torch.tensor(0)]  # a weight, a bias, a counter
+    lanes = [[([torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen), torch.tensor(k)],
+               int(torch.randint(1, 50, (), generator=gen))) for k in range(n)] for n in sizes]
+    sums = []
+    for lane in lanes:
+        sealed = aggregator.SealedSum.start({}, True, like)
+        for tensors, weight in lane:
+            sealed.add(tensors, weight)
+        assert (sealed.sums[0] is None) == (len(lane) < flush_every)  # no float64 copy until a flush
+        sums.append(sealed)
+    for more in sums[1:]:
+        sums[0].merge(more)
+    got = sums[0].mean()
+    merged: list[torch.Tensor] = [torch.zeros(t.shape, dtype=torch.float64) for t in like[:2]]
+    total = 0
+    for lane in lanes:  # sums made at the start, flushed every FLUSH_EVERY models and at the close
+        lane_sums = [torch.zeros(t.shape, dtype=torch.float64) for t in like[:2]]
+        parts = [torch.zeros_like(t) for t in like[:2]]
+        for i, (tensors, weight) in enumerate(lane, start=1):
+            for part, t in zip(parts, tensors, strict=False):
+                part.add_(t, alpha=weight)
+            total += weight
+            if i % flush_every == 0 or i == len(lane):
+                for acc, part in zip(lane_sums, parts, strict=True):
+                    acc.add_(part)
+                    part.zero_()
+        for acc, lane_sum in zip(merged, lane_sums, strict=True):
+            acc.add_(lane_sum)
+    for mean, acc in zip(got[:2], merged, strict=True):
+        assert torch.equal(mean, (acc / total).to(torch.float32))
+    assert int(got[2]) == max(sizes) - 1  # the counter: the largest
