@@ -138,6 +138,7 @@ class OwnerHost:
     def __init__(self, spec: Mapping[str, Any], bind: str | None, shares: Mapping[str, Any] | None = None) -> None:
         import ray
 
+        self._instance = os.urandom(8).hex()  # this start of the actor (Ray may restart it at the same address)
         try:
             self._server = serve(spec, bind or ray.util.get_node_ip_address(), shares)
         except DatasetNotFound as exc:  # the path is the model owner's, read on this actor's node
@@ -148,6 +149,10 @@ class OwnerHost:
     def address(self) -> str:
         return self._server.address
 
+    def where(self) -> tuple[str, str]:
+        """Where it serves, and which start of the actor serves there."""
+        return self._server.address, self._instance
+
     def node(self) -> str:
         """The id of the Ray node this actor runs on."""
         import ray
@@ -156,12 +161,15 @@ class OwnerHost:
 
 
 class _Host:
-    """One actor as the model owner sees it: where it serves now, and a transport to each of its
-    owners there. After a request failed, the next one first asks the actor where it serves (Ray
-    may have restarted it elsewhere) and waits for it to run again."""
+    """One actor as the model owner sees it: where it serves now (and which start of it), and a
+    transport to each of its owners there. After a request failed, the next one first asks the
+    actor where it serves and waits for it to run again. A restarted actor gets new transports,
+    also where it serves at the old address (its port free again): the old channels wait out
+    gRPC's reconnection backoff, and their requests failed at once."""
 
-    def __init__(self, index: int, actor: Any, address: str, token: str, timeout: float) -> None:
-        self.index, self.actor, self.address = index, actor, address
+    def __init__(self, index: int, actor: Any, where: tuple[str, str], token: str, timeout: float) -> None:
+        self.index, self.actor = index, actor
+        self.address, self._instance = where
         self._token, self._timeout = token, timeout
         self._transports: dict[str, GrpcTransport] = {}
         self._check = False  # a request failed: ask the actor where it is before the next one
@@ -177,9 +185,10 @@ class _Host:
                 transport = self._transports[name] = GrpcTransport(name, self.address, token=self._token)
             return transport
 
-    def _ask(self, timeout: float) -> str:
+    def _ask(self, timeout: float) -> tuple[str, str]:
         ray = import_ray()
-        return str(ray.get(self.actor.address.remote(), timeout=timeout))
+        address, instance = ray.get(self.actor.where.remote(), timeout=timeout)
+        return str(address), str(instance)
 
     def _find(self, name: str) -> None:
         """Wait for the actor to serve again (its address may be new); else a `WorkerUnavailable`."""
@@ -189,7 +198,7 @@ class _Host:
         deadline = time.monotonic() + wait
         while True:
             try:
-                address = self._ask(max(deadline - time.monotonic(), 0.1))
+                where = self._ask(max(deadline - time.monotonic(), 0.1))
                 break
             except restarting:
                 if time.monotonic() >= deadline:
@@ -200,8 +209,8 @@ class _Host:
             except ray.exceptions.RayActorError as exc:
                 raise WorkerUnavailable(f"worker {name!r}: the Ray actor hosting it (actor {self.index}) died and "
                                         f"cannot be restarted: {_reason(exc)}") from None
-        if address != self.address:
-            self.address, self._transports = address, {}  # the old transports' channels close when dropped
+        if where[1] != self._instance:  # restarted, maybe at the same address (a port free again)
+            (self.address, self._instance), self._transports = where, {}  # the old channels close when dropped
         self._check = self._waited = False
 
     def _gone(self, name: str, waited: float) -> NoReturn:
@@ -214,7 +223,7 @@ class _Host:
         ray = import_ray()
         restarting = getattr(ray.exceptions, "ActorUnavailableError", ())
         try:
-            address = self._ask(ASK_S)
+            address, instance = self._ask(ASK_S)
         except ray.exceptions.GetTimeoutError:
             what = f"does not answer Ray within {ASK_S:g} s"
         except restarting:
@@ -222,8 +231,8 @@ class _Host:
         except ray.exceptions.RayActorError as err:
             what = f"died ({_reason(err)})"
         else:
-            if address == self.address:
-                return exc  # it runs where it ran: the request itself failed (a deadline, say)
+            if instance == self._instance:
+                return exc  # it runs as it ran: the request itself failed (a deadline, say)
             what = f"died, and Ray restarted it at {address} without what it held"
         with self._lock:
             self._check = True
@@ -365,7 +374,7 @@ class RaySimulation(Simulation):
         self._shipped = self._ship(ray) if self.ship_data else [None] * self.actors
         self._actors = [actor.remote(self.host_spec(p), bind, self._shipped[p]) for p in range(self.actors)]
         try:
-            addresses = [str(a) for a in ray.get([a.address.remote() for a in self._actors], timeout=self.timeout)]
+            wheres = [(str(a), str(i)) for a, i in ray.get([a.where.remote() for a in self._actors], timeout=self.timeout)]
             self.nodes = [str(n) for n in ray.get([a.node.remote() for a in self._actors], timeout=self.timeout)]
         except ray.exceptions.GetTimeoutError:
             raise ConfigurationError(
@@ -374,8 +383,8 @@ class RaySimulation(Simulation):
                 "num_cpus or num_gpus") from None
         except ray.exceptions.RayActorError as exc:
             raise ConfigurationError(f"a Ray actor hosting owners failed to start: {_reason(exc)}") from None
-        self._homes = [_Host(p, a, addresses[p], self.owner_token, self.timeout) for p, a in enumerate(self._actors)]
-        return addresses
+        self._homes = [_Host(p, a, wheres[p], self.owner_token, self.timeout) for p, a in enumerate(self._actors)]
+        return [address for address, _ in wheres]
 
     def _ship(self, ray: Any) -> list[Any]:
         """Each actor's shares, put once into Ray's object store: read and partitioned here, so that
