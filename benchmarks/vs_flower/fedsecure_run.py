@@ -72,9 +72,8 @@ def simulation_config(data: wl.Data, path: str) -> dict[str, Any]:
     """An experiment's dictionary whose hosts rebuild exactly the prepared shares.
 
     The hosts read the subset in its original order (x_train, y_train, x_test, y_test), which
-    run.py writes beside the prepared file (written here from the clients' arrays where it is
-    missing), and partition it with ``fedsecure.data.partition(..., "dirichlet", alpha=0.5, seed)``,
-    as run.py did.
+    run.py writes beside the prepared file, and partition it with
+    ``fedsecure.data.partition(..., "dirichlet", alpha=0.5, seed)``, as run.py did.
     """
     import numpy as np
 
@@ -82,12 +81,7 @@ def simulation_config(data: wl.Data, path: str) -> dict[str, Any]:
 
     sim_path = Path(path).with_suffix(".subset.npz")
     if not sim_path.exists():
-        with np.load(path) as f:
-            idx = np.concatenate([f[f"idx_{c}"] for c in range(data.num_clients)])
-            order = np.argsort(idx, kind="stable")
-            np.savez(sim_path, x_train=np.concatenate([f[f"x_{c}"] for c in range(data.num_clients)])[order],
-                     y_train=np.concatenate([f[f"y_{c}"] for c in range(data.num_clients)])[order],
-                     x_test=f["x_test"], y_test=f["y_test"])
+        raise SystemExit(f"{sim_path} is missing: run.py writes it beside {path} when it prepares the data")
     with np.load(sim_path) as f:
         y = f["y_train"]
     parts = partition(y, data.num_clients, scheme="dirichlet", alpha=0.5, seed=data.seed)

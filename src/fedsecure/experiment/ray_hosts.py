@@ -146,9 +146,6 @@ class OwnerHost:
                                   "only the model owner's machine can read reaches the actors with [workers] "
                                   "ship_data = true") from None
 
-    def address(self) -> str:
-        return self._server.address
-
     def where(self) -> tuple[str, str]:
         """Where it serves, and which start of the actor serves there."""
         return self._server.address, self._instance
@@ -164,8 +161,8 @@ class _Host:
     """One actor as the model owner sees it: where it serves now (and which start of it), and a
     transport to each of its owners there. After a request failed, the next one first asks the
     actor where it serves and waits for it to run again. A restarted actor gets new transports,
-    also where it serves at the old address (its port free again): the old channels wait out
-    gRPC's reconnection backoff, and their requests failed at once."""
+    also where it serves at the old address (its port free again): in one test run whose restarted
+    actor did, the old transports' requests of the next round all failed at once."""
 
     def __init__(self, index: int, actor: Any, where: tuple[str, str], token: str, timeout: float) -> None:
         self.index, self.actor = index, actor

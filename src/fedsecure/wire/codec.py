@@ -204,10 +204,10 @@ def _frame(data: bytes) -> torch.Tensor:
 def own_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A frame handed over within one process, as its receiver keeps it: a copy that shares no
     memory with the sender's tensor (a plain dense CPU tensor, or `ProtocolError`)."""
-    return frame(tensor).clone(memory_format=torch.contiguous_format)
+    return borrowed(tensor).clone(memory_format=torch.contiguous_format)
 
 
-def frame(tensor: torch.Tensor) -> torch.Tensor:
+def borrowed(tensor: torch.Tensor) -> torch.Tensor:
     """A frame handed over within one process, to be read during the request only: the sender's
     tensor itself, detached (a plain dense CPU tensor, or `ProtocolError`)."""
     if type(tensor) is not torch.Tensor or tensor.layout != torch.strided or tensor.device.type != "cpu":

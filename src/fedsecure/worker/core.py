@@ -80,8 +80,8 @@ class WorkerCore(WorkerState):
         else:
             # A peer's delivery folded as it arrives reads the sender's tensors during the request
             # and keeps nothing of them: the sender waits for the reply, so they cannot change.
-            borrowed = sender.kind == "peer" and m.peek_kind(data) in m.BORROWS_FRAMES
-            with codec.incoming([codec.frame(t) if borrowed else codec.own_copy(t) for t in frames]):
+            borrows = sender.kind == "peer" and m.peek_kind(data) in m.BORROWS_FRAMES
+            with codec.incoming([codec.borrowed(t) if borrows else codec.own_copy(t) for t in frames]):
                 reply = self.handle(bytes(data), sender, framed=True, max_reply=max_reply)
         if type(reply) is codec.Framed:
             reply = codec.Framed(reply, [codec.own_copy(t) for t in reply.frames])

@@ -170,7 +170,7 @@ def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings,
     layout = device.fast_format(module, x.device)
     module.train()
     with torch.enable_grad(), seeded_dropout(module, seed, x.device):
-        last_steps = min(settings.epochs * math.ceil(n / b), settings.max_steps or math.inf)  # the last step's number
+        last_steps = planned_steps(n, settings)
         for _ in range(settings.epochs):
             order = torch.randperm(n, generator=generator).to(x.device)  # the same order on any device
             for start in range(0, n, b):
