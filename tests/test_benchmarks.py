@@ -130,6 +130,23 @@ def test_vs_flower_harness_runs(tmp_path: Path) -> None:
     assert plain["median_round_s"] > 0 and plain["memory"]["peak_rss_mb"] > 0
     workload = result["workload"]
     assert sum(workload["client_sizes"]) == workload["train_images"] and workload["clients"] == 10
+    # where the tree's memory was at its peak, process by process, each named by what it runs
+    memory = result["runs"]["plain"][0]["memory"]
+    assert [p["program"] for p in memory["pss_at_peak"]] == ["plain_loop.py"] and memory["pss_at_peak"][0]["pss_mb"] > 0
+    assert f"PSS at the peak ({memory['pss_peak_when']}): plain_loop.py " in table
+
+
+def test_vs_flower_names_each_process_by_what_it_runs() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks" / "vs_flower"))
+    try:
+        from run import program
+    finally:
+        sys.path.pop(0)
+    assert program(["/venv/bin/python", "-u", "/site-packages/ray/dashboard/agent.py", "--x=1", ""]) == "agent.py"
+    assert program(["/venv/bin/python3.11", "-c", "from fedsecure.experiment.host import main; main()"]) == "python -c"
+    assert program(["/site-packages/ray/core/src/ray/gcs/gcs_server", "--log_dir=/tmp"]) == "gcs_server"
+    assert program(["ray::OwnerHost", "", ""]) == "ray::OwnerHost"
+    assert program([""]) == program([]) == "?"
 
 
 def test_additive_shares_benchmark_runs(tmp_path: Path) -> None:

@@ -32,9 +32,10 @@ on the 10,000 test images after each round.
    libraries, Ray's object store in /dev/shm) once per process and so overstates, and the sum of
    PSS (/proc/PID/smaps_rollup; a shared page split among its sharers, sampled every 10th time),
    which adds up to what the tree really occupies. Peaks are maxima over samples, so a spike
-   shorter than the interval can be missed. The JSON names each process's PSS in the sample of the
-   tree's peak (``pss_at_peak``) and when it was (``pss_peak_when``: start-up, or which round and,
-   for fedsecure, whether in the fit phase or after it).
+   shorter than the interval can be missed. Each process's PSS in the sample of the tree's peak
+   (``pss_at_peak``, each process named by the script or binary it runs) and when that was
+   (``pss_peak_when``: start-up, or which round and, for fedsecure, whether in the fit phase or
+   after it) are printed after each run and go to the JSON.
 
 Prints a table (median and total seconds per round, accuracy per round, peak tree memory, the ratios
 fedsecure/Flower, fedsecure/plain and Flower/plain) and writes JSON, by default to
@@ -211,6 +212,7 @@ class TreeMonitor(threading.Thread):
         self.at_peak: dict[int, float] = {}  # pid -> its PSS MB in the sample of the tree's peak PSS
         self.peak_time: float | None = None  # when that sample was taken
         self.names: dict[int, str] = {}
+        self.programs: dict[int, str] = {}  # what each process runs (`program`)
         self.cpu_ticks: dict[int, int] = {}  # pid -> CPU ticks it had used when last seen
         self.machine_start = _machine_busy_ticks()
         self.machine_end = self.machine_start
@@ -233,11 +235,14 @@ class TreeMonitor(threading.Thread):
                 if mb > self.top.get(pid, 0.0):
                     self.top[pid] = mb
                 if pid not in self.seen:
-                    self.seen.add(pid)
                     try:
-                        self.names[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:100]
+                        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
                     except OSError:
-                        self.names[pid] = "?"
+                        argv = []
+                    self.names[pid] = " ".join(argv)[:100] or "?"
+                    self.programs[pid] = program(argv)
+                    if any(argv):  # a process still starting has none yet: read it again next time
+                        self.seen.add(pid)
             pss = None
             if i % PSS_EVERY == 0:
                 each = {pid: _pss_kb(pid) / 1024 for pid in pids}
@@ -284,13 +289,13 @@ class TreeMonitor(threading.Thread):
             "peak_rss_mb": max(rss, default=0.0),
             "peak_pss_mb": max(pss, default=0.0),
             "max_processes": max((s[3] for s in self.samples), default=0),
-            "processes_seen": len(self.seen),
+            "processes_seen": len(self.names),
             "largest_processes": [
                 {"pid": pid, "peak_rss_mb": round(mb, 1), "cmd": self.names.get(pid, "?")} for pid, mb in biggest
             ],
             # where the tree's peak PSS was, process by process (driver, actors, Ray's own processes)
             "pss_at_peak": [
-                {"pid": pid, "pss_mb": round(mb, 1), "cmd": self.names.get(pid, "?")}
+                {"pid": pid, "pss_mb": round(mb, 1), "program": self.programs.get(pid, "?"), "cmd": self.names.get(pid, "?")}
                 for pid, mb in sorted(self.at_peak.items(), key=lambda kv: -kv[1])
             ],
         }
@@ -366,7 +371,29 @@ def run_system(system: str, data: Path, rounds: int, workdir: Path, threads: int
         result["others_cpu_s_per_round"] = cpu[1] / len(secs)
     print(f"[{system}] median round {result['median_round_s']:.2f} s, peak tree RSS "
           f"{result['memory']['peak_rss_mb']:.0f} MB, PSS {result['memory']['peak_pss_mb']:.0f} MB", flush=True)
+    if result["memory"].get("pss_at_peak"):
+        print(f"[{system}] PSS at the peak ({result['memory']['pss_peak_when']}): "
+              f"{peak_split(result['memory']['pss_at_peak'])}", flush=True)
     return result
+
+
+def program(argv: list[str]) -> str:
+    """What a process runs, from its command line: the script of a Python process, else its binary."""
+    words = [w for w in argv if w]
+    if not words:
+        return "?"
+    if Path(words[0]).name.startswith("python"):
+        if words[1:2] == ["-c"]:
+            return "python -c"
+        script = next((w for w in words[1:] if not w.startswith("-")), None)
+        if script:
+            return Path(script).name
+    return Path(words[0]).name
+
+
+def peak_split(at_peak: list[dict[str, Any]]) -> str:
+    """The tree's PSS at its peak, process by process (largest first, in MB)."""
+    return ", ".join(f"{p.get('program', '?')} {p['pss_mb']:.0f}" for p in at_peak)
 
 
 def peak_when(at: float | None, result: dict[str, Any]) -> str | None:

@@ -20,6 +20,13 @@ at a time from 1208-1248 MB in three runs to 1168-1194 MB in four; that peak cam
 round's fit, before the trim. Made once requests stop, with
 the heap limit below in place: 1098-1149 MB in four runs against 1128-1152 MB in two before. Elsewhere
 than glibc it does nothing.
+
+What a trim cannot give back: the free top of a thread's own heap. glibc returns it only once it
+exceeds the trim threshold, twice the largest block it has mapped on its own and then freed (up to
+64 MB). In the model owner's process of that Ray run, whose evaluation frees 25 MB blocks, the
+request threads' heaps held 40-90 MB so (benchmarks/vs_flower/README.md, "Where fedsecure-ray's
+memory is"); only a threshold fixed for the whole process returns it, at a cost to that process's
+own evaluation, so it is left to the user.
 """
 
 from __future__ import annotations
