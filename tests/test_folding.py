@@ -278,12 +278,17 @@ def test_a_refused_fold_on_delivery_leaves_the_model_with_its_owner_and_the_sum_
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("chunk", [aggregator.SUM_CHUNK, 5])
 @pytest.mark.parametrize("sizes", [(3, 5), (33, 2), (40, 70, 1)])
-def test_a_sum_makes_its_float64_sum_at_its_first_flush_with_the_same_numbers(sizes: tuple[int, ...]) -> None:
+def test_a_sum_makes_its_float64_sum_at_its_first_flush_with_the_same_numbers(
+    sizes: tuple[int, ...], chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Lanes of at most FLUSH_EVERY models hold no float64 sum before the close, and lanes closed
-    together give, bit for bit, the mean of float64 sums made at the start (as sums did before)."""
+    together give, bit for bit, the mean of float64 sums made at the start (as sums did before),
+    also where flushes and the close add a few values at a time (chunks of 5 of a 4x3 weight)."""
+    monkeypatch.setattr(aggregator, "SUM_CHUNK", chunk)
     flush_every = aggregator.FLUSH_EVERY
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(chunk)  # not the values of a mean just freed
     like = [torch.zeros(4, 3), torch.zeros(3), torch.tensor(0)]  # a weight, a bias, a counter
     lanes = [[([torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen), torch.tensor(k)],
                int(torch.randint(1, 50, (), generator=gen))) for k in range(n)] for n in sizes]
