@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -137,11 +138,11 @@ def test_vs_flower_harness_runs(tmp_path: Path) -> None:
 
 
 def test_vs_flower_names_each_process_by_what_it_runs() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks" / "vs_flower"))
-    try:
-        from run import program
-    finally:
-        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location("vs_flower_run", ROOT / "benchmarks" / "vs_flower" / "run.py")
+    assert spec is not None and spec.loader is not None
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    program = harness.program
     assert program(["/venv/bin/python", "-u", "/site-packages/ray/dashboard/agent.py", "--x=1", ""]) == "agent.py"
     assert program(["/venv/bin/python3.11", "-c", "from fedsecure.experiment.host import main; main()"]) == "python -c"
     assert program(["/site-packages/ray/core/src/ray/gcs/gcs_server", "--log_dir=/tmp"]) == "gcs_server"
