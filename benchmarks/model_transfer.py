@@ -16,7 +16,7 @@
    into float32 parts that go into the float64 sums every `FLUSH_EVERY` models) against adding
    each model into the float64 sums directly (what it did before); 64 models a run, each a fresh
    copy (cold in the cache, as a moved model is), per fold, with the largest difference between
-   the two means relative to the largest mean weight.
+   the two means relative to the largest mean weight, and the close of the sum (its mean).
 Models: the MLP and McMahan et al.'s CNN (1.7M weights) of `fedsecure.experiment.models`.
 Prints a table and writes JSON (default benchmarks/results/model_transfer.json).
 
@@ -136,13 +136,15 @@ def folds(name: str, repeats: int) -> dict[str, Any]:
     tensors = [t.detach() for _, t in modules.state_tensors(model)]
     count = 64
 
-    def by_parts(models: list[list[torch.Tensor]]) -> tuple[float, list[torch.Tensor]]:
+    def by_parts(models: list[list[torch.Tensor]]) -> tuple[float, float, list[torch.Tensor]]:
         sealed = aggregator.SealedSum.start(spec, True, tensors)
         t = time.perf_counter()
         for i, m in enumerate(models):
             sealed.add(m, i + 1)
         sealed.flush()
-        return 1000 * (time.perf_counter() - t) / count, sealed.mean()
+        folded = time.perf_counter()
+        mean = sealed.mean()
+        return 1000 * (folded - t) / count, 1000 * (time.perf_counter() - folded), mean
 
     def direct(models: list[list[torch.Tensor]]) -> tuple[float, list[torch.Tensor]]:
         sums = [torch.zeros(x.shape, dtype=torch.float64) for x in tensors]
@@ -154,13 +156,14 @@ def folds(name: str, repeats: int) -> dict[str, Any]:
         total = count * (count + 1) // 2
         return elapsed, [acc.div_(total).to(x.dtype) for acc, x in zip(sums, tensors, strict=True)]
 
-    times: dict[str, list[float]] = {"fold_parts_ms": [], "fold_float64_ms": []}
+    times: dict[str, list[float]] = {"fold_parts_ms": [], "fold_float64_ms": [], "close_ms": []}
     worst = 0.0
     for r in range(repeats):
         models = [[x + 0.01 * (i + r) for x in tensors] for i in range(count)]
-        a_ms, a = by_parts(models)
+        a_ms, close_ms, a = by_parts(models)
         b_ms, b = direct(models)
         times["fold_parts_ms"].append(a_ms)
+        times["close_ms"].append(close_ms)
         times["fold_float64_ms"].append(b_ms)
         worst = max(worst, max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b, strict=True)))
     return {**{k: statistics.median(v) for k, v in times.items()}, "fold_relative_difference": worst}
@@ -193,11 +196,13 @@ def main() -> None:
               f"{r['digest_sha256_ms']:.2f} | {r['digest_blake3_ms']:.2f} | {r['round_trip_inside_ms']:.2f} | "
               f"{r['round_trip_beside_ms']:.2f} | {r['round_trip_beside_ms'] / r['round_trip_inside_ms']:.2f}x |")
     print()
-    print("| model | fold into float64 sums ms | into float32 parts ms | ratio | largest difference of the means |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| model | fold into float64 sums ms | into float32 parts ms | ratio | largest difference of the means "
+          "| close ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
         print(f"| {name} | {r['fold_float64_ms']:.2f} | {r['fold_parts_ms']:.2f} | "
-              f"{r['fold_parts_ms'] / r['fold_float64_ms']:.2f}x | {r['fold_relative_difference']:.1e} |")
+              f"{r['fold_parts_ms'] / r['fold_float64_ms']:.2f}x | {r['fold_relative_difference']:.1e} | "
+              f"{r['close_ms']:.2f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "torch": torch.__version__, "repeats": args.repeats}, indent=1))

@@ -42,7 +42,7 @@ def test_model_transfer_benchmark_runs(tmp_path: Path) -> None:
         assert row["build_ms"] > 0 and row["round_trip_beside_ms"] > 0 and row["round_trip_inside_ms"] > 0
         assert all(row[k] > 0 for k in ("build_random_ms", "receive_ms", "digest_sha256_ms", "digest_blake3_ms"))
         assert row["meta_build_ms"] > 0 and row["meta_copy_ms"] > 0
-        assert row["fold_parts_ms"] > 0 and row["fold_float64_ms"] > 0
+        assert row["fold_parts_ms"] > 0 and row["fold_float64_ms"] > 0 and row["close_ms"] > 0
         assert row["fold_relative_difference"] < 1e-6  # float32 parts: the mean to float32's rounding
 
 

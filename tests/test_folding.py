@@ -320,3 +320,15 @@ def test_a_sum_makes_its_float64_sum_at_its_first_flush_with_the_same_numbers(
     for mean, acc in zip(got[:2], merged, strict=True):
         assert torch.equal(mean, (acc / total).to(torch.float32))
     assert int(got[2]) == max(sizes) - 1  # the counter: the largest
+
+
+def test_a_fold_into_what_is_not_a_sum_is_refused_under_the_name_of_its_request(federation_of_three) -> None:  # type: ignore[no-untyped-def]
+    (bob, alice, _), agg = federation_of_three
+    held = torch.zeros(2).send(agg)  # a tensor, held there while the folds try it
+    not_a_sum = held.id_at_location
+    with pytest.raises(sy.OperationNotAllowed, match="is not a sum of models") as folded:
+        _trained(bob, agg).fold(not_a_sum, True)
+    assert folded.value.op == "FoldModule"
+    with pytest.raises(sy.FedsecureError, match="is not a sum of models") as delivered:
+        _trained_there(alice).move_fold(agg, not_a_sum, True)
+    assert "DeliverFold" in repr(delivered.value) + str(getattr(delivered.value, "op", ""))

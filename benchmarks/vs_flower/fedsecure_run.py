@@ -25,6 +25,11 @@ How the 2 cores are used (``--mode``):
   (``parallelism=2``), torch with 1 thread per owner: the thread budget of Flower's run;
 - ``serial``: in-process owners one after the other, torch with 2 threads: what the plain loop does.
 
+``--mmap-threshold MB`` fixes glibc's mmap threshold in this process (``mallopt``), which also
+fixes its trim threshold at 128 KB: freed heap tops go back at once, at a cost to this process's
+evaluation (benchmarks/vs_flower/README.md, "Where fedsecure-ray's memory is"). fedsecure itself
+never sets it.
+
 A round is timed from the end of one central evaluation (round 1: that of the initial model) to
 the end of the next, as on the other systems; the engine's own per-round timings go to the JSON too.
 
@@ -100,7 +105,13 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="cores to use")
     parser.add_argument("--mode", choices=("processes", "ray", "ray-1x2", "threads", "serial"), default="processes")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--mmap-threshold", type=int, default=0,
+                        help="MB: fix glibc's mmap threshold in this process (and so its trim threshold at 128 KB)")
     args = parser.parse_args()
+    if args.mmap_threshold:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, args.mmap_threshold << 20)  # M_MMAP_THRESHOLD
 
     t0 = time.time()
     cores = args.processes
@@ -162,6 +173,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({
         "system": "fedsecure",
         "mode": args.mode,
+        "mmap_threshold_mb": args.mmap_threshold or None,
         "threads": cores,
         "train_threads": train_threads,
         "parallelism": 2 if parallel else 1,

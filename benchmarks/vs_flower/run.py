@@ -20,6 +20,9 @@ on the 10,000 test images after each round.
      2 Ray actors of 1 CPU (1 torch thread) each on a local Ray, the aggregator in the main process;
    - fedsecure-ray-1x2 (only when asked for): fedsecure's Ray mode on the same 2 CPUs as one
      actor of 2 CPUs that trains 2 owners at a time (``concurrency = 2``), 1 torch thread each;
+   - fedsecure-ray-fixed (only when asked for): fedsecure-ray with glibc's mmap threshold fixed
+     at 32 MB in the main process (``fedsecure_run.py --mmap-threshold 32``), which also fixes its
+     trim threshold at 128 KB: what the main process's freed memory costs (README);
    - fedsecure-threads (only when asked for): the owners as VirtualWorkers in one process, 2
      training at a time with 1 torch thread each;
    - fedsecure-serial (only when asked for): in one process, one owner at a time, 2 torch threads;
@@ -80,7 +83,8 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
     import fedsecure.data as fdata
 
-SYSTEMS = ("plain", "flower", "flower-1x2", "fedsecure", "fedsecure-ray", "fedsecure-ray-1x2", "fedsecure-threads", "fedsecure-serial", "plain-1thread")
+SYSTEMS = ("plain", "flower", "flower-1x2", "fedsecure", "fedsecure-ray", "fedsecure-ray-1x2", "fedsecure-ray-fixed",
+           "fedsecure-threads", "fedsecure-serial", "plain-1thread")
 DEFAULT_SYSTEMS = ("plain", "flower", "fedsecure")
 # --ray: both sides on Ray, on 2 CPUs as 2 actors of 1 CPU, and as 1 actor of 2 CPUs
 RAY_SYSTEMS = ("fedsecure-ray", "flower", "fedsecure-ray-1x2", "flower-1x2")
@@ -207,7 +211,6 @@ class TreeMonitor(threading.Thread):
         self.root, self.interval = root, interval
         # time, tree RSS MB, tree PSS MB, processes, tree CPU s, machine busy CPU s
         self.samples: list[tuple[float, float, float | None, int, float, float]] = []
-        self.seen: set[int] = set()
         self.top: dict[int, float] = {}  # pid -> its own peak RSS MB
         self.at_peak: dict[int, float] = {}  # pid -> its PSS MB in the sample of the tree's peak PSS
         self.peak_time: float | None = None  # when that sample was taken
@@ -234,15 +237,10 @@ class TreeMonitor(threading.Thread):
                 rss += mb
                 if mb > self.top.get(pid, 0.0):
                     self.top[pid] = mb
-                if pid not in self.seen:
-                    try:
-                        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-                    except OSError:
-                        argv = []
-                    self.names[pid] = " ".join(argv)[:100] or "?"
-                    self.programs[pid] = program(argv)
-                    if any(argv):  # a process still starting has none yet: read it again next time
-                        self.seen.add(pid)
+                # read again with each PSS sample: a process caught between fork and exec shows its
+                # parent's command line, one still starting none, and Ray retitles its workers
+                if pid not in self.names or i % PSS_EVERY == 0:
+                    self._read_command(pid)
             pss = None
             if i % PSS_EVERY == 0:
                 each = {pid: _pss_kb(pid) / 1024 for pid in pids}
@@ -254,6 +252,16 @@ class TreeMonitor(threading.Thread):
                                  self.machine_end / hz))
             i += 1
             self._stop_event.wait(self.interval)
+
+    def _read_command(self, pid: int) -> None:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # gone
+            return
+        if any(argv):
+            self.names[pid], self.programs[pid] = " ".join(argv)[:100], program(argv)
+        else:
+            self.names.setdefault(pid, "?")
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -321,9 +329,10 @@ def command(system: str, data: Path, rounds: int, out: Path, threads: int) -> li
                 "--threads", str(threads), "--out", str(out), *one_actor]
     if system.startswith("fedsecure"):
         mode = {"fedsecure": "processes", "fedsecure-ray": "ray", "fedsecure-ray-1x2": "ray-1x2",
-                "fedsecure-threads": "threads", "fedsecure-serial": "serial"}[system]
+                "fedsecure-ray-fixed": "ray", "fedsecure-threads": "threads", "fedsecure-serial": "serial"}[system]
+        fixed = ["--mmap-threshold", "32"] if system == "fedsecure-ray-fixed" else []
         return [sys.executable, str(HERE / "fedsecure_run.py"), "--data", str(data), "--rounds", str(rounds),
-                "--processes", str(threads), "--mode", mode, "--out", str(out)]
+                "--processes", str(threads), "--mode", mode, "--out", str(out), *fixed]
     raise SystemExit(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
 
 

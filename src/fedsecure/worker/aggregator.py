@@ -139,16 +139,12 @@ class SealedSum:
     the part into the mean's float64 sum as a flush would have (the same numbers, one float64 copy
     of the model less per lane while the round trains: 16 lanes of 5 of McMahan's CNNs took 101 MB
     instead of 304 MB before the close, one-off). The close makes the mean `SUM_CHUNK` values at a
-    time, from every lane merged in (`merge`), in float64 sums of a chunk: it never holds a float64
-    copy of the whole model, nor the float64 copy of a float32 part that adding it whole makes.
-    McMahan's CNN, 2 lanes of 5 models: the close took at most 25 MB besides the lanes' parts, and
-    now 10 MB, 6.3 MB of it the mean (one-off, blocks of 256 KB and more counted as allocated and
-    freed); with 1 torch thread it took 7.1-13.6 ms and now 6.4-6.8 ms, a later flush 6.4-6.9 ms
-    and now 2.8-3.3 ms (15 each, medians of two runs). Besides the mean, a close of a model of P
-    values held 2P float64 values at once (its sum and the copy of a part being added), now
-    2 `SUM_CHUNK` at most, whatever the model's size. In the Ray benchmark's model owner this did
-    not shrink what glibc keeps in the request threads' heaps (33-63 MB after three rounds, against
-    44-91 MB before: `fedsecure.worker.heap`)."""
+    time from every lane merged in (`merge`), and a flush adds its part the same way: besides the
+    mean they hold at most 2 `SUM_CHUNK` float64 values, whatever the model's size, where whole
+    tensors took 2P for a model of P values (the float64 sum, and the float64 copy torch makes on
+    the CPU of a float32 part added to it). One-off, McMahan's CNN in 2 lanes of 5 models: the
+    close took at most 10 MB besides the lanes' parts (6.3 MB of it the mean) against 25 MB, and a
+    later flush 2.8-3.3 ms against 6.4-6.9 ms; `benchmarks/model_transfer.py` times the close."""
 
     spec: dict[str, Any]
     weighted: bool
@@ -244,7 +240,7 @@ class SealedSum:
 def fold_module(state: WorkerState, msg: m.FoldModule, sender: Sender) -> Any:
     with state.sums_lock:
         entry, module = state.module(msg.module_id)
-        _fold(state, msg.sum_id, msg.weighted, entry, module)
+        _fold(state, msg.sum_id, msg.weighted, entry, module, "FoldModule")
         del state.objects[msg.module_id]  # each model joins one sum only
     return None
 
@@ -254,11 +250,11 @@ def deliver_fold(state: WorkerState, msg: m.DeliverFold, sender: Sender) -> Any:
     never stored, so nothing else can use it."""
     module, entry = moves.arrived(state, msg, sender)
     with state.sums_lock:
-        _fold(state, msg.sum_id, msg.weighted, entry, module)
+        _fold(state, msg.sum_id, msg.weighted, entry, module, "DeliverFold")
     return None
 
 
-def _fold(state: WorkerState, sum_id: int, weighted: bool, entry: Entry, module: torch.nn.Module) -> None:
+def _fold(state: WorkerState, sum_id: int, weighted: bool, entry: Entry, module: torch.nn.Module, op: str) -> None:
     spec = describe(module)
     own = [t for _, t in state_tensors(module)]
     if state.policy.strict:
@@ -266,7 +262,7 @@ def _fold(state: WorkerState, sum_id: int, weighted: bool, entry: Entry, module:
     weight = (entry.samples if entry.source is not None else state.samples) if weighted else 1  # as `_weights`
     if weight <= 0:
         raise ProtocolError("a weighted mean needs every contributor's sample count; this model's worker reported none")
-    sealed = _sum(state, sum_id, weighted, spec, own)
+    sealed = _sum(state, sum_id, weighted, spec, own, op)
     if sealed.spec != spec:
         raise ProtocolError("only models of the same architecture can be aggregated")
     if sealed.weighted != weighted:
@@ -279,7 +275,7 @@ def _fold(state: WorkerState, sum_id: int, weighted: bool, entry: Entry, module:
     sealed.attestations.append(attestation)
 
 
-def _sum(state: WorkerState, sum_id: int, weighted: bool, spec: Any, own: list[torch.Tensor]) -> SealedSum:
+def _sum(state: WorkerState, sum_id: int, weighted: bool, spec: Any, own: list[torch.Tensor], op: str) -> SealedSum:
     """The sum ``sum_id``: made by the first fold (and charged to the model owner's quota)."""
     if sum_id not in state.objects:
         state.admit(sum(t.numel() * (8 + torch.promote_types(t.dtype, torch.float32).itemsize)  # sum and part
@@ -287,7 +283,7 @@ def _sum(state: WorkerState, sum_id: int, weighted: bool, spec: Any, own: list[t
         sealed = SealedSum.start(spec, weighted, own)
         state.objects[sum_id] = Entry(sealed)
         return sealed
-    return _sealed(state, sum_id, "FoldModule")
+    return _sealed(state, sum_id, op)
 
 
 def _sealed(state: WorkerState, sum_id: int, op: str) -> SealedSum:

@@ -24,9 +24,9 @@ than glibc it does nothing.
 What a trim cannot give back: the free top of a thread's own heap. glibc returns it only once it
 exceeds the trim threshold, twice the largest block it has mapped on its own and then freed (up to
 64 MB). In the model owner's process of that Ray run, whose evaluation frees 25 MB blocks, the
-request threads' heaps held 40-90 MB so (benchmarks/vs_flower/README.md, "Where fedsecure-ray's
+threads' heaps held 24-91 MB so (one-off; benchmarks/vs_flower/README.md, "Where fedsecure-ray's
 memory is"); only a threshold fixed for the whole process returns it, at a cost to that process's
-own evaluation, so it is left to the user.
+own evaluation, so it is left to the user (the benchmark's ``fedsecure-ray-fixed`` measures it).
 """
 
 from __future__ import annotations

@@ -169,8 +169,11 @@ def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings,
     total, count, steps = torch.zeros((), dtype=torch.float64, device=x.device), 0, 0
     layout = device.fast_format(module, x.device)
     module.train()
+    planned = planned_steps(n, settings)
+    # The last step keeps no new state (`update_rules.Optimizer`); torch.optim's, which a worker
+    # steps on an accelerator, takes no such argument.
+    last_step = partial(optimizer.step, last=True) if isinstance(optimizer, update_rules.Optimizer) else optimizer.step
     with torch.enable_grad(), seeded_dropout(module, seed, x.device):
-        last_steps = planned_steps(n, settings)
         for _ in range(settings.epochs):
             order = torch.randperm(n, generator=generator).to(x.device)  # the same order on any device
             for start in range(0, n, b):
@@ -183,10 +186,7 @@ def fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings,
                     (loss + settings.proximal_mu / 2 * prox).backward()
                 else:
                     loss.backward()
-                if steps + 1 >= last_steps and isinstance(optimizer, update_rules.Optimizer):
-                    optimizer.step(last=True)  # torch.optim's (on an accelerator) has no such step
-                else:
-                    optimizer.step()
+                (last_step if steps + 1 >= planned else optimizer.step)()
                 total += loss.detach().double() * len(index)
                 count += len(index)
                 steps += 1
