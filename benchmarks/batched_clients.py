@@ -48,7 +48,7 @@ try:
 except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent / "src"))
 
-from memory import _quantity_shares  # noqa: E402  the cross-device shares, one definition
+from memory import quantity_shares  # noqa: E402  the cross-device shares, one definition
 
 from fedsecure.data import load_digits, load_fashion_mnist  # noqa: E402
 from fedsecure.experiment.models import build_model  # noqa: E402
@@ -180,7 +180,7 @@ def main() -> None:
         dataset = "digits" if args.quick else "fashion-mnist"
     except Exception:  # noqa: BLE001  a machine without Debian's dataset-fashion-mnist
         data, dataset = load_digits(), "digits"
-    shares = _quantity_shares(len(data.y_train), args.owners, 0)
+    shares = quantity_shares(len(data.y_train), args.owners, 0)
     sampled = torch.randperm(args.owners, generator=torch.Generator().manual_seed(1))[: args.sampled].tolist()
     if args.quick:  # and the largest owner, whose several steps the batched pass pads the others to
         sampled[-1] = max(range(args.owners), key=lambda i: len(shares[i]))

@@ -26,6 +26,12 @@ Three runs (any subset with ``--cases``):
   inside the workers), the rest of the fit phase (sending, moving, aggregating), central evaluation
   (history's fit_seconds, evaluate_seconds, round_seconds).
 
+- ``--cases cross-device-run``: ``fedsecure run examples/fashion_mnist_cross_device.toml`` (the
+  same owners and sampling, McMahan's CNN, E=5 B=10, ``--cross-rounds`` rounds, central evaluation
+  at the last) in each of ``--run-modes`` (local, processes, ray): peak tree PSS, and each
+  round's split from the run's own history (the engine's clock: the owners' ``Fit`` requests,
+  the model's moves to and from them, the aggregator's close).
+
 - ``--cases run``: ``fedsecure run`` as a user starts it, on ``examples/fashion_mnist.toml`` (60,000
   images, NIID-Bench's CNN; ``training.epochs = 1``, ``--rounds``) in each of ``--run-modes``
   (local, processes): the tree's peak PSS and its median over the run. The run keeps only the
@@ -69,7 +75,7 @@ import run as vf  # noqa: E402  (benchmarks/vs_flower/run.py: data preparation, 
 
 MB = 1024.0
 SAMPLE_S = 0.2
-CASES = ("compare", "soak", "cross-device", "run")
+CASES = ("compare", "soak", "cross-device", "cross-device-run", "run")
 
 
 # ---- sampling a process tree ------------------------------------------------------------------------
@@ -186,16 +192,12 @@ def child_experiment(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps({"rounds": rounds, "pid": os.getpid()}))
 
 
-def _quantity_shares(n: int, owners: int, seed: int) -> list[Any]:
-    """Quantity skew over ``owners``: each owner one row, plus a Dirichlet(0.5) share of the rest
-    (`fedsecure.data.partition`'s "quantity" needs a minimum size that 10,000 owners of 60,000 rows
-    with Dirichlet sizes cannot all reach)."""
-    import numpy as np
+def quantity_shares(n: int, owners: int, seed: int) -> list[Any]:
+    """The cross-device shares: each owner one row, plus a Dirichlet(0.5) share of the rest (the
+    product's quantity skew with a floor, as ``examples/fashion_mnist_cross_device.toml`` asks for)."""
+    from fedsecure.data import quantity_skew
 
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    cuts = owners + (np.cumsum(rng.dirichlet(np.full(owners, 0.5))) * (n - owners)).astype(np.int64)[:-1]
-    return [np.concatenate([order[i : i + 1], part]) for i, part in enumerate(np.split(order[owners:], cuts - owners))]
+    return quantity_skew(n, owners, alpha=0.5, seed=seed, min_size=1, floor=True)
 
 
 def child_cross_device(args: argparse.Namespace) -> None:
@@ -222,7 +224,7 @@ def child_cross_device(args: argparse.Namespace) -> None:
     training.fit = timed_fit  # type: ignore[assignment]
     data = load_digits() if args.dataset == "digits" else load_fashion_mnist()
     made = time.perf_counter()
-    shares = _quantity_shares(len(data.y_train), args.owners, vf.SEED)
+    shares = quantity_shares(len(data.y_train), args.owners, vf.SEED)
     federation = sy.Federation()
     policy = sy.Policy(trusted_aggregators=frozenset({"secure_worker"}), private_sends=False)
     owners = [sy.VirtualWorker(id=f"o{i:05d}", data={"x": data.x_train[torch.from_numpy(s)],
@@ -338,6 +340,31 @@ def run_cli(args: argparse.Namespace, work: Path, dataset: str) -> dict[str, Any
     return results
 
 
+def cross_device_run(args: argparse.Namespace, work: Path, dataset: str) -> dict[str, Any]:
+    """`fedsecure run` of the cross-device example, in each of ``--run-modes`` (on digits: ``--owners``
+    of them, with ``--quick`` 300)."""
+    example = ROOT / "examples" / "fashion_mnist_cross_device.toml"
+    digits = ["--set", "data.dataset='digits'", "--set", f"data.workers={args.owners}"] if dataset == "digits" else []
+    results: dict[str, Any] = {}
+    for mode in args.run_modes:
+        output = work / f"cross-device-run-{mode}"
+        output.mkdir()
+        cmd = [sys.executable, "-m", "fedsecure", "run", str(example), "--rounds", str(args.cross_rounds), "--quiet",
+               "--set", f"workers.mode='{mode}'", "--set", f"experiment.evaluate_every={args.cross_rounds}",
+               *digits, "--output", str(output)]
+        started = time.time()
+        result, sampler = measure(cmd, output / "history.json", f"cross-device run {mode}")
+        fits = [r for r in result["rounds"] if "central_accuracy" not in r]  # the rounds without evaluation
+        split = {k: statistics.median(r[k] for r in fits) for k in ("fit_seconds", "train_seconds",
+                                                                     "transfer_seconds", "aggregate_seconds")}
+        results[mode] = {"rounds": len(result["rounds"]), "peak_mb": max(sampler.totals()),
+                         "processes": max(len(s) for _, s in sampler.samples), "seconds": time.time() - started,
+                         "median_round_s": statistics.median(r["round_seconds"] for r in fits), **split,
+                         "evaluate_seconds": result["rounds"][-1].get("evaluate_seconds"),
+                         "central_accuracy": result["rounds"][-1].get("central_accuracy")}
+    return results
+
+
 def _median(values: list[Any]) -> Any:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -377,6 +404,15 @@ def report(res: dict[str, Any]) -> str:
             lines.append(f"| {r['round']} | {r['workers']} | {r['train_seconds']:.2f} | {r['fit_other_seconds']:.2f} | "
                          f"{r['train_seconds'] / r['fit_seconds']:.0%} | {r['evaluate_seconds']:.2f} | "
                          f"{r['round_seconds']:.2f} | {_f(mb)} |")
+    if "cross_device_run" in res:
+        lines += ["", "| cross-device example | processes | peak tree PSS MB | s/round | training s | moving s | "
+                  "aggregating s | training / fit | evaluation s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for mode, r in res["cross_device_run"].items():
+            lines.append(f"| {mode} | {r['processes']} | {_f(r['peak_mb'])} | {r['median_round_s']:.2f} | "
+                         f"{r['train_seconds']:.2f} | {r['transfer_seconds']:.2f} | {r['aggregate_seconds']:.2f} | "
+                         f"{r['train_seconds'] / r['fit_seconds']:.0%} | {_f(r['evaluate_seconds'], '.2f')} |")
+        lines.append("(medians over the rounds without evaluation; training: the owners' Fit requests, digest "
+                     "and dry run included; moving: the model to each owner and on to the aggregator)")
     if "run" in res:
         lines += ["", "| fedsecure run | mode | rounds | processes | peak tree PSS MB | median MB | s |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -407,7 +443,8 @@ def main() -> None:
     ap.add_argument("--cross-epochs", type=int, default=1, help="cross-device: local epochs (McMahan et al.: 1, 5, 20)")
     ap.add_argument("--cross-batch", type=int, default=32, help="cross-device: local batch size (McMahan et al.: 10, 50)")
     ap.add_argument("--evaluate-every", type=int, default=1, help="cross-device: rounds between central evaluations")
-    ap.add_argument("--run-modes", default="local,processes", help="--cases run: the [workers] modes")
+    ap.add_argument("--run-modes", default="local,processes", help="--cases run and cross-device-run: the [workers] "
+                    "modes (local, processes, ray)")
     ap.add_argument("--dataset", choices=("auto", "fashion-mnist", "digits"), default="auto")
     ap.add_argument("--quick", action="store_true", help="digits, 2 rounds, small soak and cross-device: seconds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.json"))
@@ -443,6 +480,8 @@ def main() -> None:
             res["soak"] = soak(args, work, _sim_data(prepared))
         if "cross-device" in cases:
             res["cross_device"] = cross_device(args, work, dataset)
+        if "cross-device-run" in cases:
+            res["cross_device_run"] = cross_device_run(args, work, dataset)
         if "run" in cases:
             res["run"] = run_cli(args, work, dataset)
     table = report(res)

@@ -93,6 +93,16 @@ def test_memory_benchmark_runs_the_cli_and_the_cross_device_case(tmp_path: Path)
     assert result["cross_device"]["objects_left_on_owners"] == 0
 
 
+def test_memory_benchmark_runs_the_cross_device_example_in_each_mode(tmp_path: Path) -> None:
+    table, result = run_quick("memory.py", tmp_path, "--cases", "cross-device-run", "--run-modes", "local,processes")
+    assert "| cross-device example |" in table
+    runs = result["cross_device_run"]
+    assert sorted(runs) == ["local", "processes"] and runs["processes"]["processes"] >= 3  # owner, zygote, hosts
+    for r in runs.values():
+        assert r["rounds"] == 2 and r["central_accuracy"] is not None and r["peak_mb"] > 0
+        assert 0 < r["train_seconds"] < r["fit_seconds"] and r["transfer_seconds"] > 0
+
+
 def test_transport_benchmark_runs(tmp_path: Path) -> None:
     table, result = run_quick("transport.py", tmp_path)
     assert "raw TCP" in table

@@ -31,6 +31,7 @@ from fedsecure.data import (
     load_npz,
     partition,
     partition_counts,
+    partition_csv,
     partition_records,
     partition_summary,
     quantity_skew,
@@ -318,6 +319,29 @@ def test_quantity_skew_sizes_vary_with_alpha() -> None:
     assert min(len(p) for p in parts) >= 50 and sum(len(p) for p in parts) == 5000
 
 
+def test_quantity_skew_with_a_floor_serves_ten_thousand_workers() -> None:
+    """Cross-device: 10,000 workers of 60,000 samples. Redrawn Dirichlet splits leave about a
+    fifth of them empty, so asking each for a sample fails; with a floor it is one draw."""
+    with pytest.raises(PartitionError, match="floor=True"):
+        quantity_skew(60_000, 10_000, alpha=0.5, min_size=1, max_tries=5)
+    parts = partition(np.zeros(60_000, dtype=np.int64), 10_000, scheme="quantity", alpha=0.5, min_size=1, floor=True)
+    sizes = np.array([len(p) for p in parts])
+    assert len(parts) == 10_000 and sizes.min() >= 1 and sizes.sum() == 60_000
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(60_000))
+    assert sizes.max() > 40 and np.median(sizes) < 5  # skewed: most hold a few samples, some many
+    again = quantity_skew(60_000, 10_000, alpha=0.5, min_size=1, floor=True)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = quantity_skew(60_000, 10_000, alpha=0.5, min_size=1, floor=True, seed=1)
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+    three = quantity_skew(100, 10, alpha=0.5, min_size=3, floor=True)
+    assert min(len(p) for p in three) >= 3 and sum(len(p) for p in three) == 100
+    assert [len(p) for p in quantity_skew(30, 10, alpha=0.5, min_size=3, floor=True)] == [3] * 10
+    with pytest.raises(PartitionError, match="takes alpha, floor, max_tries, min_size"):
+        partition(np.zeros(20, dtype=np.int64), 2, scheme="quantity", alpha=1.0, flor=True)
+    with pytest.raises(PartitionError, match="'dirichlet' takes alpha, max_tries, min_size, not floor"):
+        partition(np.zeros(20, dtype=np.int64), 2, scheme="dirichlet", alpha=1.0, floor=True)
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -346,10 +370,25 @@ def test_partition_summary_table_and_records() -> None:
     assert table[2].split() == ["0", "3", "2", "|", "2", "1", "0"]
     assert table[3].split() == ["1", "4", "2", "|", "0", "1", "3"]
     assert table[5].split() == ["total", "7", "3", "|", "2", "2", "3"]
-    assert "exactly one worker" in table[6] and table[7].endswith("0.375")  # (3/7 + 9/28) / 2
+    assert "exactly one worker" in table[6]
+    assert table[7] == "samples per worker: min 3, median 3.5, mean 3.5, max 4"
+    assert table[8].endswith("0.375")  # (3/7 + 9/28) / 2
     records = partition_records(labels, parts, 3)
     assert json.loads(json.dumps(records)) == records
     assert records[1] == {"worker": 1, "samples": 4, "classes": 2, "counts": [0, 1, 3]}
+
+
+def test_summary_shows_the_first_rows_and_the_csv_has_them_all() -> None:
+    labels = np.arange(12) % 3
+    parts = [np.array([i, i + 6]) for i in range(6)]
+    table = partition_summary(labels, parts, 3, rows=2).splitlines()
+    assert [row.split()[0] for row in table[2:5]] == ["0", "1", "..."]
+    assert table[4] == "... 4 more workers"
+    assert table[6].split()[:3] == ["total", "12", "3"]  # the totals are of every worker, shown or not
+    assert partition_summary(labels, parts, 3, rows=6) == partition_summary(labels, parts, 3)
+    rows = partition_csv(labels, parts, 3).splitlines()
+    assert rows[0] == "worker,samples,classes,class_0,class_1,class_2"
+    assert rows[1:] == [f"{i},2,1,{','.join('2' if c == i % 3 else '0' for c in range(3))}" for i in range(6)]
 
 
 def test_summary_reports_overlap_and_gaps() -> None:
@@ -510,3 +549,13 @@ def test_load_csv_errors(tmp_path: Path, text: str, kwargs: dict[str, object], m
     (tmp_path / "bad.csv").write_text(text)
     with pytest.raises(DatasetError, match=message):
         load_csv(tmp_path / "bad.csv", **kwargs)  # type: ignore[arg-type]
+
+
+def test_an_owners_held_out_part_leaves_it_a_row_to_train_on() -> None:
+    from fedsecure.experiment.owners import _split
+
+    x, y = torch.arange(8.0).reshape(4, 2), torch.arange(4)
+    for rows, fraction, held in [(2, 0.9, 1), (2, 0.2, 1), (4, 0.5, 2), (4, 0.99, 3)]:
+        part = _split(x[:rows], y[:rows], fraction, seed=0)
+        assert (len(part["y_test"]), len(part["y"])) == (held, rows - held)
+        assert sorted(part["y_test"].tolist() + part["y"].tolist()) == list(range(rows))

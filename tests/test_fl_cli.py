@@ -83,6 +83,8 @@ def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
         ("experiment.evaluate_every=0", "evaluate_every must be >= 1"),
         ("workers.threads=2", "threads sets a simulation host's torch threads: it needs mode = \"processes\""),
         ("workers.concurrency=2", "concurrency sets how many owners a simulation host trains at a time"),
+        ("data.floor=true", "scheme 'dirichlet' takes alpha, max_tries, min_size, not floor"),
+        ("data.min_size=0", "min_size must be a positive integer, not 0"),
     ],
 )
 def test_bad_experiment_files_get_a_clear_error(tmp_path: Path, setting: str, message: str) -> None:
@@ -240,3 +242,36 @@ def test_evaluating_every_few_rounds_and_always_after_the_last(tmp_path: Path) -
     assert [r["round"] for r in rows if "central_accuracy" in r] == [2, 4, 5]
     assert all("train_loss" in r for r in rows)  # every round trained
     assert rows[-1]["central_accuracy"] > 0.5
+
+
+CROSS_DEVICE = ("--set", "data.workers=300", "--set", "data.partition='quantity'", "--set", "data.floor=true",
+                "--set", "strategy.fraction_fit=0.02", "--set", "strategy.min_fit_workers=1")
+
+
+def test_a_cross_device_run_of_many_small_owners(tmp_path: Path) -> None:
+    """300 owners of 2 to 30-odd digits (quantity skew with a floor), 6 of them a round: the table
+    shows the first owners and the file has every one; each owner trains and evaluates."""
+    done = fedsecure("run", str(DIGITS), "--rounds", "2", *CROSS_DEVICE, "--set", "data.min_size=2",
+                     "--set", "strategy.fraction_evaluate=0.05", "--output", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "... 280 more workers" in done.stderr and "failed" not in done.stderr
+    assert f"every worker's row: {tmp_path / 'out' / 'partition.csv'}" in done.stderr
+    sizes = [line.split(",")[1] for line in (tmp_path / "out" / "partition.csv").read_text().splitlines()]
+    assert sizes[0] == "samples" and len(sizes) == 301 and min(map(int, sizes[1:])) >= 2
+    assert max(map(int, sizes[1:])) > 10 * min(map(int, sizes[1:]))  # skewed
+    rows = json.loads((tmp_path / "out" / "history.json").read_text())["rounds"]
+    assert [(r["workers"], len(r["finished"])) for r in rows] == [(6, 6), (6, 6)]
+    assert all(r["finished"] == r["chosen"] for r in rows)
+
+
+def test_owners_of_one_sample_with_a_held_out_part_are_refused(tmp_path: Path) -> None:
+    done = fedsecure("run", str(DIGITS), "--rounds", "1", *CROSS_DEVICE, "--set", "data.min_size=1",
+                     "--output", "out", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "[data] test_fraction = 0.2 holds out a row of every owner, but" in done.stderr
+    assert "set [data] min_size = 2, or test_fraction = 0" in done.stderr
+    assert not (tmp_path / "out" / "history.json").exists()
+    done = fedsecure("run", str(DIGITS), "--rounds", "1", *CROSS_DEVICE, "--set", "data.min_size=1",
+                     "--set", "data.test_fraction=0.0", "--set", "strategy.fraction_evaluate=0.0", "--output", "out",
+                     cwd=tmp_path)
+    assert done.returncode == 0, done.stderr

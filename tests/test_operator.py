@@ -234,3 +234,18 @@ def test_the_fashion_mnist_first_look_learns(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     rows = read_json(tmp_path / "o" / "history.json")["rounds"]
     assert len(rows) == 3 and rows[-1]["central_accuracy"] > 0.4  # chance is 0.1; the full 15 rounds reach ~0.78
+
+
+def test_the_cross_device_example_samples_a_hundred_of_ten_thousand_owners(tmp_path: Path) -> None:
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
+        if os.environ.get("FEDSECURE_REQUIRE_DATASETS") == "1":
+            pytest.fail("Fashion-MNIST is required here: apt-get install dataset-fashion-mnist")
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    done = fedsecure("run", str(ROOT / "examples" / "fashion_mnist_cross_device.toml"), "--rounds", "2",
+                     "--output", "o", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "... 9980 more workers" in done.stderr and "samples per worker: min 1, median 3, mean 6.0" in done.stderr
+    assert len((tmp_path / "o" / "partition.csv").read_text().splitlines()) == 10_001
+    rows = read_json(tmp_path / "o" / "history.json")["rounds"]
+    assert [len(r["finished"]) for r in rows] == [100, 100] and len(set(rows[0]["chosen"]) & set(rows[1]["chosen"])) < 10
+    assert "central_accuracy" in rows[-1] and "central_accuracy" not in rows[0]  # every 10th round, and the last

@@ -19,7 +19,13 @@ from fedsecure.data.files import load_csv, load_npz
 from fedsecure.data.idx import read_idx, write_idx
 from fedsecure.data.packaged import FASHION_MNIST_DIR, load_digits, load_fashion_mnist
 from fedsecure.data.partition import dirichlet, iid, quantity_skew, shards
-from fedsecure.data.summary import label_skew, partition_counts, partition_records, partition_summary
+from fedsecure.data.summary import (
+    label_skew,
+    partition_counts,
+    partition_csv,
+    partition_records,
+    partition_summary,
+)
 from fedsecure.errors import DatasetError, DatasetNotFound, PartitionError
 
 __all__ = [
@@ -39,6 +45,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_npz",
     "partition",
+    "partition_csv",
     "partition_counts",
     "partition_records",
     "partition_summary",

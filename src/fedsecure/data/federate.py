@@ -20,7 +20,7 @@ _OPTIONS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "iid": (frozenset(), frozenset()),
     "dirichlet": (frozenset({"alpha"}), frozenset({"min_size", "max_tries"})),
     "shards": (frozenset({"classes_per_worker"}), frozenset()),
-    "quantity": (frozenset({"alpha"}), frozenset({"min_size", "max_tries"})),
+    "quantity": (frozenset({"alpha"}), frozenset({"min_size", "max_tries", "floor"})),
 }
 _EXAMPLES = {"alpha": "alpha=0.5", "classes_per_worker": "classes_per_worker=2"}
 
@@ -31,7 +31,7 @@ def partition(
     """The index arrays of `iid`, `dirichlet`, `shards` or `quantity_skew`, chosen by ``scheme``.
 
     ``options`` are the chosen partitioner's own: ``alpha`` (and ``min_size``, ``max_tries``) for
-    "dirichlet" and "quantity", ``classes_per_worker`` for "shards".
+    "dirichlet" and "quantity", ``floor`` for "quantity", ``classes_per_worker`` for "shards".
     """
     if scheme not in _OPTIONS:
         raise PartitionError(f"unknown scheme {scheme!r}; choose one of {', '.join(map(repr, _OPTIONS))}")

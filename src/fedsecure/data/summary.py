@@ -60,25 +60,41 @@ def label_skew(labels: Any, parts: Sequence[np.ndarray], num_classes: int) -> fl
     return float((0.5 * np.abs(counts / sizes - overall).sum(axis=1)).mean())
 
 
-def partition_summary(labels: Any, parts: Sequence[np.ndarray], num_classes: int) -> str:
-    """A readable table: one row per worker with its sample count and per-class counts, then totals."""
+def partition_summary(labels: Any, parts: Sequence[np.ndarray], num_classes: int, *, rows: int | None = None) -> str:
+    """A readable table: one row per worker with its sample count and per-class counts, then totals,
+    the workers' sizes and the label skew. ``rows``: show at most that many workers (the first
+    ones) and say how many are not shown; `partition_csv` has every row."""
     counts = partition_counts(labels, parts, num_classes)
     total = counts.sum(axis=0)
-    rows = [_cells(str(worker), row) for worker, row in enumerate(counts)] + [_cells("total", total)]
+    shown = counts if rows is None else counts[:max(rows, 0)]
+    lines = [_cells(str(worker), row) for worker, row in enumerate(shown)] + [_cells("total", total)]
     header = ["worker", "samples", "classes"] + [str(c) for c in range(num_classes)]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
         left = "  ".join(cell.rjust(width) for cell, width in zip(cells[:3], widths[:3], strict=True))
         right = " ".join(cell.rjust(width) for cell, width in zip(cells[3:], widths[3:], strict=True))
         return f"{left} | {right}"
 
-    lines = [line(header), "-" * len(line(header)), *(line(row) for row in rows[:-1])]
-    lines += ["-" * len(line(header)), line(rows[-1]), _coverage(len(as_labels(labels)), parts)]
+    text = [line(header), "-" * len(line(header)), *(line(row) for row in lines[:-1])]
+    if len(shown) < len(counts):
+        text.append(f"... {len(counts) - len(shown)} more workers")
+    text += ["-" * len(line(header)), line(lines[-1]), _coverage(len(as_labels(labels)), parts)]
+    if len(counts):
+        sizes = counts.sum(axis=1)
+        text.append(f"samples per worker: min {int(sizes.min())}, median {float(np.median(sizes)):g}, "
+                    f"mean {float(sizes.mean()):.1f}, max {int(sizes.max())}")
     if len(parts) and all(len(part) for part in parts):
         skew = label_skew(labels, parts, num_classes)
-        lines.append(f"label skew (mean total variation to the overall mix): {skew:.3f}")
-    return "\n".join(lines)
+        text.append(f"label skew (mean total variation to the overall mix): {skew:.3f}")
+    return "\n".join(text)
+
+
+def partition_csv(labels: Any, parts: Sequence[np.ndarray], num_classes: int) -> str:
+    """Every worker's row of `partition_summary` as CSV: worker, samples, classes, then one count per class."""
+    counts = partition_counts(labels, parts, num_classes)
+    header = ",".join(["worker", "samples", "classes", *(f"class_{c}" for c in range(num_classes))])
+    return "\n".join([header, *(",".join(_cells(str(worker), row)) for worker, row in enumerate(counts))]) + "\n"
 
 
 def _cells(first: str, row: np.ndarray) -> list[str]:

@@ -17,7 +17,10 @@ runs (data sets, output, tensorboard, certificates); a path given on the command
                   evaluations, default 1; the last round is always evaluated)
     [data]        dataset ("digits", "fashion_mnist", or a .npz / .csv path), path, subset,
                   workers, partition ("iid", "dirichlet", "shards", "quantity"), alpha,
-                  classes_per_worker, test_fraction (held out on each worker for federated evaluation)
+                  classes_per_worker, min_size (dirichlet, quantity: samples each worker holds at
+                  least; default 10), floor (quantity: every worker gets min_size samples first and
+                  only the rest is split by Dirichlet(alpha), for thousands of workers), test_fraction
+                  (held out on each worker for federated evaluation)
     [model]       name ("mlp", "cnn_niid", "cnn_mcmahan"), hidden (mlp), dropout (before the output layer)
     [strategy]    name (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad), fraction_fit,
                   min_fit_workers, fraction_evaluate, and the strategy's own settings
@@ -110,6 +113,8 @@ class DataSection:
     partition: str = "iid"
     alpha: float | None = None
     classes_per_worker: int | None = None
+    min_size: int | None = None
+    floor: bool | None = None
     test_fraction: float = 0.0
 
     def __post_init__(self) -> None:
@@ -385,8 +390,17 @@ class Experiment:
 
     def partitions(self, data: Dataset) -> list[np.ndarray]:
         d = self.config.data
-        options = _given(d, ("alpha", "classes_per_worker"))
-        return partition(data.y_train, d.workers, scheme=d.partition, seed=self.seed, **options)  # type: ignore[arg-type]
+        options = _given(d, ("alpha", "classes_per_worker", "min_size", "floor"))
+        parts = partition(data.y_train, d.workers, scheme=d.partition, seed=self.seed, **options)  # type: ignore[arg-type]
+        if d.test_fraction > 0:  # each owner holds out at least one row and trains on at least one
+            alone = [i for i, part in enumerate(parts) if len(part) < 2]
+            if alone:
+                raise ConfigurationError(
+                    f"{self.source}: [data] test_fraction = {d.test_fraction} holds out a row of every owner, but "
+                    f"{len(alone)} of the {len(parts)} owners hold a single sample (the first: owner number {alone[0]}), "
+                    "which could not both train and evaluate: set [data] min_size = 2, or test_fraction = 0 (no "
+                    "federated evaluation; the model owner's central evaluation stays)")
+        return parts
 
     def training(self) -> LocalTraining:
         return self.config.training.local_training()

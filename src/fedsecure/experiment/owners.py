@@ -22,10 +22,12 @@ def owner_id(index: int) -> str:
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> dict[str, torch.Tensor]:
+    """The training part and the held-out part (``fraction`` of the rows, at least one) of a share;
+    an owner of one row keeps it for training and holds out none (cross-device owners hold a few)."""
     if fraction <= 0:
         return {"x": x, "y": y}
     order = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
-    cut = max(1, int(round(len(y) * fraction)))
+    cut = min(max(1, int(round(len(y) * fraction))), len(y) - 1)
     test, train = order[:cut], order[cut:]
     return {"x": x[train], "y": y[train], "x_test": x[test], "y_test": y[test]}
 

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import torch
 
-from fedsecure.data import partition_summary
+from fedsecure.data import partition_csv, partition_summary
 from fedsecure.experiment.config import Experiment
 from fedsecure.experiment.models import build_model
 from fedsecure.experiment.workers import counted, makes_shares_here, start_workers
@@ -44,11 +44,15 @@ def run_experiment(
     model = build_model(exp.config.model.name, tuple(data.x_train.shape[1:]), data.num_classes,
                         **exp.config.model.options())
     parts = [] if remote else exp.partitions(data)  # remote owners hold their own data
-    if not remote and progress:
-        out.write(f"{exp.name}: {data.name}, {len(data.y_train)} training samples over {len(parts)} workers\n")
-        out.write(partition_summary(data.y_train, parts, data.num_classes) + "\n")
     strategy = exp.strategy()
     exp.output.mkdir(parents=True, exist_ok=True)
+    if not remote:
+        (exp.output / PARTITION).write_text(partition_csv(data.y_train, parts, data.num_classes))
+    if not remote and progress:
+        out.write(f"{exp.name}: {data.name}, {len(data.y_train)} training samples over {len(parts)} workers\n")
+        out.write(partition_summary(data.y_train, parts, data.num_classes, rows=SUMMARY_ROWS) + "\n")
+        if len(parts) > SUMMARY_ROWS:
+            out.write(f"every worker's row: {exp.output / PARTITION}\n")
     display = Progress(enabled=progress, stream=out, status_file=exp.output / STATUS, name=exp.name,
                        info=_status_info(exp))
     # The run keeps only the test set (`benchmarks/memory.py --cases run`): the training set goes
@@ -99,6 +103,8 @@ def _frozen() -> Iterator[None]:
 
 
 STATUS = "status.json"  # the run's state while it goes and after (`fedsecure.fl.progress`)
+PARTITION = "partition.csv"  # what each simulated owner holds, one row per owner (`fedsecure.data.partition_csv`)
+SUMMARY_ROWS = 20  # owners shown in the partition table printed at the start; the file has them all
 
 
 def _status_info(exp: Experiment) -> dict[str, Any]:
