@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+from fedsecure.experiment.config import load as load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,6 +104,38 @@ def test_memory_benchmark_runs_the_cross_device_example_in_each_mode(tmp_path: P
     for r in runs.values():
         assert r["rounds"] == 2 and r["central_accuracy"] is not None and r["peak_mb"] > 0
         assert 0 < r["train_seconds"] < r["fit_seconds"] and r["transfer_seconds"] > 0
+
+
+def test_cross_device_comparison_runs_fedsecure_on_the_example(tmp_path: Path) -> None:
+    table, result = run_quick("vs_flower/cross_device.py", tmp_path, "--systems", "fedsecure")  # no Flower venv
+    assert "| fedsecure |" in table and result["workload"]["owners"] == 300
+    (run,) = result["runs"]["fedsecure"]
+    assert [r["round"] for r in run["rounds"]] == [1, 2] and run["median_fit_s"] > 0 and run["accuracy"] is not None
+    assert run["max_processes"] == 1 and run["stray_processes"] == 0
+
+
+def test_flowers_cross_device_data_is_fedsecures_partition(tmp_path: Path) -> None:
+    """The directory Flower's clients read holds, for each owner, the rows fedsecure's run gives it."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "vs_flower"))
+    try:
+        spec = importlib.util.spec_from_file_location("cross_device_bench", ROOT / "benchmarks" / "vs_flower" / "cross_device.py")
+        assert spec is not None and spec.loader is not None
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        import workload
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks" / "vs_flower"))
+    bench.prepare(tmp_path / "d", owners=300, digits=True)
+    data = workload.CrossDevice(str(tmp_path / "d"))
+    exp = load_experiment(ROOT / "examples" / "fashion_mnist_cross_device.toml",
+                          {"data.dataset": "digits", "data.workers": 300})
+    digits = exp.dataset()
+    parts = exp.partitions(digits)
+    assert data.owners == 300 and data.image_size == 8
+    for c in (0, 7, 299):
+        x, y = data.owner(c)
+        assert torch.equal(x, digits.x_train[torch.from_numpy(parts[c])])
+        assert torch.equal(y, digits.y_train[torch.from_numpy(parts[c])])
 
 
 def test_transport_benchmark_runs(tmp_path: Path) -> None:

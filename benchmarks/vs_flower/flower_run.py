@@ -25,6 +25,7 @@ also reports its actor's process id and resident memory, so the JSON shows how a
 Run (normally from run.py):
     python flower_run.py --setup                       # make the virtual environment, once
     .venv-flower/bin/python flower_run.py --data DATA.npz --rounds 5 --out RESULT.json
+    .venv-flower/bin/python flower_run.py --cross-device DIR --rounds 8 --out RESULT.json   # cross_device.py's
 """
 
 from __future__ import annotations
@@ -82,6 +83,22 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def simulate(server_app: Any, client_app: Any, nodes: int, args: argparse.Namespace) -> None:
+    """Flower's simulation of ``nodes`` SuperNodes on a local Ray of ``--threads`` CPUs, with
+    ClientApp actors of ``--client-cpus`` CPUs each."""
+    from flwr.simulation import run_simulation
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=nodes,
+        backend_config={
+            "client_resources": {"num_cpus": args.client_cpus, "num_gpus": 0.0},
+            "init_args": {"num_cpus": args.threads, "num_gpus": 0, "include_dashboard": False},
+        },
+    )
+
+
 def run(args: argparse.Namespace) -> None:
     t0 = time.time()
     import torch
@@ -90,8 +107,6 @@ def run(args: argparse.Namespace) -> None:
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
     from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-    from flwr.simulation import run_simulation
-
     sys.path.insert(0, str(HERE))
     import workload as wl
 
@@ -168,15 +183,7 @@ def run(args: argparse.Namespace) -> None:
             evaluate_fn=central_evaluation,
         )
 
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=n,
-        backend_config={
-            "client_resources": {"num_cpus": args.client_cpus, "num_gpus": 0.0},
-            "init_args": {"num_cpus": args.threads, "num_gpus": 0, "include_dashboard": False},
-        },
-    )
+    simulate(server_app, client_app, n, args)
 
     if len(evaluations) != args.rounds + 1:
         raise SystemExit(f"Flower finished {len(evaluations) - 1} of {args.rounds} rounds; see its log above")
@@ -201,6 +208,81 @@ def run(args: argparse.Namespace) -> None:
     }, indent=1))
 
 
+def run_cross_device(args: argparse.Namespace) -> None:
+    """cross_device.py's workload on Flower: ``--cross-device DIR`` (`workload.CrossDevice`) with one
+    virtual SuperNode per owner, ``--fraction`` of them sampled per round by Flower's FedAvg, each
+    training E=``--epochs`` B=``--batch`` on its rows; central evaluation every ``--evaluate-every``
+    rounds and after the last. A round's fit phase is timed from the end of the round before it
+    (its evaluation, if any) to the start of its own central evaluation."""
+    t0 = time.time()
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    sys.path.insert(0, str(HERE))
+    import workload as wl
+
+    torch.set_num_threads(args.threads)
+    data = wl.CrossDevice(args.cross_device)
+    n = data.owners
+    client_app = ClientApp()
+    cache: dict[str, Any] = {}  # per actor process: the mapped data set, opened once
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(args.client_threads)
+        cid = int(context.node_config["partition-id"])
+        config = msg.content["config"]
+        local = cache.get("data") or cache.setdefault("data", wl.CrossDevice(str(config["data"])))
+        x, y = local.owner(cid)
+        model = wl.cnn(local.image_size)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        loss = wl.train(model, x, y, epochs=args.epochs, batch_size=args.batch,
+                        shuffle_seed=wl.client_seed(local.seed, int(config["server-round"]), cid))
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                              "metrics": MetricRecord({"num-examples": len(y), "train-loss": loss})})
+        return Message(content=content, reply_to=msg)
+
+    x_test, y_test = data.test()
+    eval_model = wl.cnn(data.image_size)
+    marks: list[tuple[int, float, float]] = []  # (round, fit phase ended, its evaluation ended)
+    accuracy: dict[int, float] = {}
+
+    def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        started = time.time()
+        result = None
+        if server_round == 0 or server_round % args.evaluate_every == 0 or server_round == args.rounds:
+            eval_model.load_state_dict(arrays.to_torch_state_dict())
+            loss, acc = wl.evaluate(eval_model, x_test, y_test)
+            accuracy[server_round] = acc
+            print(f"flower round {server_round}: test accuracy {acc:.4f}", flush=True)
+            result = MetricRecord({"test-loss": loss, "test-accuracy": acc})
+        marks.append((server_round, started, time.time()))
+        return result
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = FedAvg(fraction_train=args.fraction, fraction_evaluate=0.0, min_train_nodes=1,
+                          min_available_nodes=n)
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(wl.initial_model(data.image_size, data.seed).state_dict()),
+                       num_rounds=args.rounds, train_config=ConfigRecord({"data": str(Path(args.cross_device).resolve())}),
+                       evaluate_fn=central_evaluation)
+
+    simulate(server_app, client_app, n, args)
+    if len(marks) != args.rounds + 1:
+        raise SystemExit(f"Flower finished {len(marks) - 1} of {args.rounds} rounds; see its log above")
+    rounds = [{"round": r, "start": marks[r - 1][2], "end": marks[r][2], "seconds": marks[r][2] - marks[r - 1][2],
+               "fit_seconds": marks[r][1] - marks[r - 1][2], "evaluate_seconds": marks[r][2] - marks[r][1],
+               "test_accuracy": accuracy.get(r)} for r in range(1, args.rounds + 1)]
+    Path(args.out).write_text(json.dumps({
+        "system": "flower", "versions": versions(), "owners": n, "fraction": args.fraction, "epochs": args.epochs,
+        "batch_size": args.batch, "started": t0, "setup_seconds": rounds[0]["start"] - t0, "rounds": rounds,
+    }, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setup", action="store_true", help="create the virtual environment and exit")
@@ -210,12 +292,20 @@ def main() -> None:
     parser.add_argument("--client-threads", type=int, default=1, help="torch threads per client actor")
     parser.add_argument("--client-cpus", type=int, default=1, help="Ray CPUs per client actor")
     parser.add_argument("--out")
+    parser.add_argument("--cross-device", help="cross_device.py's data directory: run that workload instead")
+    parser.add_argument("--fraction", type=float, default=0.01, help="--cross-device: owners sampled per round")
+    parser.add_argument("--epochs", type=int, default=5, help="--cross-device: local epochs")
+    parser.add_argument("--batch", type=int, default=10, help="--cross-device: local batch size")
+    parser.add_argument("--evaluate-every", type=int, default=10, help="--cross-device: rounds between evaluations")
     args = parser.parse_args()
     if args.setup:
         print(setup())
         return
+    if args.cross_device and args.out:
+        run_cross_device(args)
+        return
     if not args.data or not args.out:
-        parser.error("--data and --out are required (or --setup)")
+        parser.error("--data and --out are required (or --cross-device DIR and --out, or --setup)")
     run(args)
 
 

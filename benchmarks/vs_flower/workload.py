@@ -133,6 +133,31 @@ class Data:
             return torch.from_numpy(f["x_test"]), torch.from_numpy(f["y_test"])
 
 
+class CrossDevice:
+    """The prepared data directory of the cross-device comparison (cross_device.py writes it): the
+    whole training set, each owner's rows of it, and the test set, as ``.npy`` files mapped from
+    disk (``mmap_mode="r"``), so that every process reads one owner's rows without loading the rest.
+
+    ``rows.npy`` holds the owners' row indices one owner after the other, ``offsets.npy`` where
+    each owner's start (``owners + 1`` values)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.owners, self.image_size, self.seed = (int(v) for v in np.load(f"{path}/meta.npy"))  # in that order
+        self.offsets = np.load(f"{path}/offsets.npy", mmap_mode="r")
+        self.rows = np.load(f"{path}/rows.npy", mmap_mode="r")
+        self.x = np.load(f"{path}/x_train.npy", mmap_mode="r")
+        self.y = np.load(f"{path}/y_train.npy", mmap_mode="r")
+
+    def owner(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.asarray(self.rows[self.offsets[c] : self.offsets[c + 1]])
+        return torch.from_numpy(self.x[rows]), torch.from_numpy(self.y[rows])
+
+    def test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(np.load(f"{self.path}/x_test.npy")),
+                torch.from_numpy(np.load(f"{self.path}/y_test.npy")))
+
+
 def round_record(server_round: int, start: float, end: float, loss: float, accuracy: float, **extra: Any) -> dict[str, Any]:
     """One round as every system reports it: its wall-clock span (``time.time()``) and central metrics."""
     return {
