@@ -3,8 +3,9 @@
 The workload of ``examples/fashion_mnist_cross_device.toml``: Fashion-MNIST's 60,000 training
 images over 10,000 owners with quantity skew (`fedsecure.data.quantity_skew` with ``floor=True``:
 one image each first, the rest in Dirichlet(0.5) proportions; 1 to 74 images, 6 on average), 1%
-of them sampled per round, McMahan et al.'s CNN trained E=5 B=10 with SGD (lr 0.01, momentum 0.9),
-central evaluation on the 10,000 test images every ``--evaluate-every`` rounds and after the last.
+of them sampled per round, McMahan et al.'s CNN trained E=5 B=10 (``--epochs``, ``--batch``) with
+SGD (lr 0.01, momentum 0.9), central evaluation on the 10,000 test images every
+``--evaluate-every`` rounds and after the last.
 Every system's owners hold the same rows: fedsecure partitions the data set itself with that call
 and the example's seed, and this script writes the same partition for Flower (``workload.CrossDevice``:
 ``.npy`` files each process maps from disk).
@@ -83,10 +84,11 @@ def command(system: str, args: argparse.Namespace, data: Path, out: Path) -> lis
         import flower_run  # noqa: PLC0415
 
         return [str(flower_run.setup()), str(HERE / "flower_run.py"), "--cross-device", str(data), "--out", str(out),
-                "--rounds", str(args.rounds), "--fraction", str(args.fraction), "--epochs", "5", "--batch", "10",
+                "--rounds", str(args.rounds), "--fraction", str(args.fraction), "--epochs", str(args.epochs),
+                "--batch", str(args.batch),
                 "--evaluate-every", str(args.evaluate_every), "--threads", "2"]
     sets = {"experiment.evaluate_every": args.evaluate_every, "strategy.fraction_fit": args.fraction,
-            "strategy.min_fit_workers": 1}
+            "strategy.min_fit_workers": 1, "training.epochs": args.epochs, "training.batch_size": args.batch}
     if system == "fedsecure-ray":
         sets["workers.mode"] = "'ray'"
     if args.quick:
@@ -143,7 +145,8 @@ def run_system(system: str, args: argparse.Namespace, data: Path, work: Path) ->
 def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
     med = {s: statistics.median(r["median_fit_s"] for r in rs) for s, rs in runs.items()}
     flower = med.get("flower")
-    lines = [f"cross-device: {args.owners} owners, {args.fraction:.0%} a round, E=5 B=10, {args.rounds} rounds "
+    lines = [f"cross-device: {args.owners} owners, {args.fraction:.0%} a round, E={args.epochs} B={args.batch}, "
+             f"{args.rounds} rounds "
              f"(medians over the rounds, then over {args.repeats} run(s) each)",
              "| system | fit phase s/round | / Flower | tree CPU s | peak tree PSS MB | processes | accuracy |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -163,6 +166,8 @@ def main() -> None:
     ap.add_argument("--owners", type=int, default=10_000)
     ap.add_argument("--fraction", type=float, default=0.01)
     ap.add_argument("--evaluate-every", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=5, help="local epochs E (the example's 5; McMahan et al.: 1, 5, 20)")
+    ap.add_argument("--batch", type=int, default=10, help="local batch size B (the example's 10)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="digits, 300 owners, 2 rounds: seconds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cross_device.json"))
@@ -192,7 +197,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "workload": {**info, "fraction": args.fraction, "rounds": args.rounds, "evaluate_every": args.evaluate_every,
-                     "epochs": 5, "batch_size": 10},
+                     "epochs": args.epochs, "batch_size": args.batch},
         "runs": runs, "table": table,
     }, indent=1))
     print(f"wrote {out}")
