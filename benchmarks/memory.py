@@ -6,7 +6,7 @@ processes: a page shared by several processes counts once in their sum). Per rou
 is the median of the samples taken during that round (robust to a sample caught mid-allocation);
 the peak is the largest sample. With ``--repeats``, each number is the median over the repeats.
 
-Three runs (any subset with ``--cases``):
+The cases (any subset with ``--cases``):
 
 - default: the vs_flower workload (``benchmarks/vs_flower``: Fashion-MNIST subset, Dirichlet(0.5)
   over 10 owners, McMahan's CNN, E=1, B=32, SGD with momentum, central evaluation every round),
