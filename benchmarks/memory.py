@@ -51,10 +51,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -489,8 +487,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        **vf.stamp(),
         "workload": {**{k: v for k, v in info.items() if k != "class_counts"}, "rounds": args.rounds,
                      "repeats": args.repeats, "soak_rounds": args.soak},
         **res, "table": table,

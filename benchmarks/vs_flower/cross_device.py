@@ -31,17 +31,10 @@ Run:  python benchmarks/vs_flower/cross_device.py [--rounds 6] [--systems fedsec
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
-import os
-import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -101,26 +94,11 @@ def run_system(system: str, args: argparse.Namespace, data: Path, work: Path) ->
     out = work / system
     log = work / f"{system}.log"
     cmd = command(system, args, data, out if system != "flower" else work / "flower.json")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
-    if system == "flower":
-        env.pop("PYTHONPATH")  # its own environment
     print(f"[{system}] running ... (log: {log})", flush=True)
-    with open(log, "w") as logf:
-        started = time.time()
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        monitor = vf.TreeMonitor(proc.pid)
-        monitor.start()
-        rc = proc.wait()
-        seconds = time.time() - started
-        stray = {pid for pid in vf.tree_pids(proc.pid, vf._proc_table()) if pid != proc.pid}
-        monitor.stop()
-    for pid in stray:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    if rc != 0:
+    ran = vf.run_monitored(cmd, log, flower=system == "flower")
+    if ran.returncode != 0:
         tail = "\n  ".join(log.read_text(errors="replace").splitlines()[-15:])
-        raise SystemExit(f"[{system}] failed with exit status {rc}:\n  {tail}")
+        raise SystemExit(f"[{system}] failed with exit status {ran.returncode}:\n  {tail}")
     if system == "flower":
         result = json.loads((work / "flower.json").read_text())
         rounds = [{"round": r["round"], "fit_seconds": r["fit_seconds"], "accuracy": r["test_accuracy"]}
@@ -129,12 +107,12 @@ def run_system(system: str, args: argparse.Namespace, data: Path, work: Path) ->
         rows = json.loads((out / "history.json").read_text())["rounds"]
         rounds = [{"round": r["round"], "fit_seconds": r["round_seconds"] - r["evaluate_seconds"],
                    "accuracy": r.get("central_accuracy")} for r in rows]
-    memory = monitor.summary()
+    memory = ran.monitor.summary()
     fits = [r["fit_seconds"] for r in rounds]
     summary = {"system": system, "rounds": rounds, "median_fit_s": statistics.median(fits),
-               "accuracy": rounds[-1]["accuracy"], "process_seconds": seconds, "tree_cpu_s": memory["tree_cpu_s"],
+               "accuracy": rounds[-1]["accuracy"], "process_seconds": ran.ended - ran.started, "tree_cpu_s": memory["tree_cpu_s"],
                "others_cpu_s": memory["others_cpu_s"], "peak_pss_mb": memory["peak_pss_mb"],
-               "max_processes": memory["max_processes"], "stray_processes": len(stray),
+               "max_processes": memory["max_processes"], "stray_processes": ran.stray,
                "pss_at_peak": memory["pss_at_peak"]}
     print(f"[{system}] fit phase median {summary['median_fit_s']:.2f} s a round, peak PSS "
           f"{summary['peak_pss_mb']:.0f} MB ({vf.peak_split(memory['pss_at_peak'])}), accuracy "
@@ -194,8 +172,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        **vf.stamp(),
         "workload": {**info, "fraction": args.fraction, "rounds": args.rounds, "evaluate_every": args.evaluate_every,
                      "epochs": args.epochs, "batch_size": args.batch},
         "runs": runs, "table": table,

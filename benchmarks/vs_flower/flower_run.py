@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> None:
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
     from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
     sys.path.insert(0, str(HERE))
     import workload as wl
 
@@ -220,6 +221,7 @@ def run_cross_device(args: argparse.Namespace) -> None:
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
+
     sys.path.insert(0, str(HERE))
     import workload as wl
 
@@ -227,14 +229,13 @@ def run_cross_device(args: argparse.Namespace) -> None:
     data = wl.CrossDevice(args.cross_device)
     n = data.owners
     client_app = ClientApp()
-    cache: dict[str, Any] = {}  # per actor process: the mapped data set, opened once
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(args.client_threads)
         cid = int(context.node_config["partition-id"])
         config = msg.content["config"]
-        local = cache.get("data") or cache.setdefault("data", wl.CrossDevice(str(config["data"])))
+        local = wl.cross_device(str(config["data"]))  # mapped once per actor process
         x, y = local.owner(cid)
         model = wl.cnn(local.image_size)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())

@@ -71,7 +71,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -336,15 +336,23 @@ def command(system: str, data: Path, rounds: int, out: Path, threads: int) -> li
     raise SystemExit(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
 
 
-def run_system(system: str, data: Path, rounds: int, workdir: Path, threads: int, log: Path) -> dict[str, Any]:
-    out = workdir / f"{system}.json"
-    out.unlink(missing_ok=True)
-    cmd = command(system, data, rounds, out, threads)
+class Monitored(NamedTuple):
+    """A command run to its end while its process tree was sampled."""
+
+    returncode: int
+    started: float
+    ended: float
+    monitor: TreeMonitor
+    stray: int  # processes of its tree still there when it ended (stopped since)
+
+
+def run_monitored(cmd: list[str], log: Path, *, flower: bool) -> Monitored:
+    """Run ``cmd`` (output to ``log``) in a session of its own, sampling its tree until it ends;
+    fedsecure's source on its path, or (``flower``) Flower's environment alone."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
-    if system.startswith("flower"):
+    if flower:
         env.pop("PYTHONPATH")  # its own environment; workload.py is imported by path
-    print(f"[{system}] {' '.join(cmd[1:2])} ... (log: {log})", flush=True)
     with open(log, "w") as logf:
         started = time.time()
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -358,14 +366,30 @@ def run_system(system: str, data: Path, rounds: int, workdir: Path, threads: int
     for pid in stray:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    result: dict[str, Any] = {"system": system, "returncode": rc, "process_seconds": ended - started,
-                              "memory": monitor.summary(), "stray_processes": len(stray), "log": str(log)}
+    return Monitored(rc, started, ended, monitor, len(stray))
+
+
+def stamp() -> dict[str, Any]:
+    """When and where a benchmark ran, for the head of its JSON."""
+    return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}}
+
+
+def run_system(system: str, data: Path, rounds: int, workdir: Path, threads: int, log: Path) -> dict[str, Any]:
+    out = workdir / f"{system}.json"
+    out.unlink(missing_ok=True)
+    cmd = command(system, data, rounds, out, threads)
+    print(f"[{system}] {' '.join(cmd[1:2])} ... (log: {log})", flush=True)
+    ran = run_monitored(cmd, log, flower=system.startswith("flower"))
+    monitor = ran.monitor
+    result: dict[str, Any] = {"system": system, "returncode": ran.returncode, "process_seconds": ran.ended - ran.started,
+                              "memory": monitor.summary(), "stray_processes": ran.stray, "log": str(log)}
     if out.is_file():
         result.update(json.loads(out.read_text()))
-    if rc != 0 or not out.is_file() or not result.get("rounds"):
+    if ran.returncode != 0 or not out.is_file() or not result.get("rounds"):
         tail = log.read_text(errors="replace").splitlines()[-15:]
         result["available"] = False
-        result.setdefault("reason", f"exit status {rc}; last lines of its log:\n  " + "\n  ".join(tail))
+        result.setdefault("reason", f"exit status {ran.returncode}; last lines of its log:\n  " + "\n  ".join(tail))
         print(f"[{system}] did not complete: {result['reason']}", flush=True)
         return result
     result["available"] = True
@@ -601,9 +625,8 @@ def write(out: Path, args: argparse.Namespace, data_info: dict[str, Any], result
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "vs_flower",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "cores": os.cpu_count(), "threads_used": args.threads},
+        **(head := stamp()),
+        "machine": {**head["machine"], "threads_used": args.threads},
         "workload": {"title": title, "rounds": args.rounds, "quick": args.quick, **data_info},
         "sampling": {"interval_s": SAMPLE_S, "pss_every": PSS_EVERY},
         "summary": summary,

@@ -16,6 +16,7 @@ data in round ``r`` (1-based) with a generator seeded ``client_seed(seed, r, c)`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -156,6 +157,12 @@ class CrossDevice:
     def test(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(np.load(f"{self.path}/x_test.npy")),
                 torch.from_numpy(np.load(f"{self.path}/y_test.npy")))
+
+
+@functools.lru_cache(maxsize=2)
+def cross_device(path: str) -> CrossDevice:
+    """The `CrossDevice` directory ``path``, mapped once per process (a Flower actor's every call)."""
+    return CrossDevice(path)
 
 
 def round_record(server_round: int, start: float, end: float, loss: float, accuracy: float, **extra: Any) -> dict[str, Any]:

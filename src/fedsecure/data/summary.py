@@ -52,7 +52,11 @@ def partition_records(labels: Any, parts: Sequence[np.ndarray], num_classes: int
 
 def label_skew(labels: Any, parts: Sequence[np.ndarray], num_classes: int) -> float:
     """Mean total variation distance between each worker's label distribution and the overall one."""
-    counts = partition_counts(labels, parts, num_classes).astype(np.float64)
+    return _skew(partition_counts(labels, parts, num_classes))
+
+
+def _skew(counts: np.ndarray) -> float:
+    counts = counts.astype(np.float64)
     sizes = counts.sum(axis=1, keepdims=True)
     if not len(counts) or not sizes.all():
         raise PartitionError("label skew needs at least one worker, each with at least one sample")
@@ -84,9 +88,8 @@ def partition_summary(labels: Any, parts: Sequence[np.ndarray], num_classes: int
         sizes = counts.sum(axis=1)
         text.append(f"samples per worker: min {int(sizes.min())}, median {float(np.median(sizes)):g}, "
                     f"mean {float(sizes.mean()):.1f}, max {int(sizes.max())}")
-    if len(parts) and all(len(part) for part in parts):
-        skew = label_skew(labels, parts, num_classes)
-        text.append(f"label skew (mean total variation to the overall mix): {skew:.3f}")
+        if sizes.all():
+            text.append(f"label skew (mean total variation to the overall mix): {_skew(counts):.3f}")
     return "\n".join(text)
 
 

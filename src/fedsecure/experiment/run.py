@@ -48,11 +48,11 @@ def run_experiment(
     exp.output.mkdir(parents=True, exist_ok=True)
     if not remote:
         (exp.output / PARTITION).write_text(partition_csv(data.y_train, parts, data.num_classes))
-    if not remote and progress:
-        out.write(f"{exp.name}: {data.name}, {len(data.y_train)} training samples over {len(parts)} workers\n")
-        out.write(partition_summary(data.y_train, parts, data.num_classes, rows=SUMMARY_ROWS) + "\n")
-        if len(parts) > SUMMARY_ROWS:
-            out.write(f"every worker's row: {exp.output / PARTITION}\n")
+        if progress:
+            out.write(f"{exp.name}: {data.name}, {len(data.y_train)} training samples over {len(parts)} workers\n")
+            out.write(partition_summary(data.y_train, parts, data.num_classes, rows=SUMMARY_ROWS) + "\n")
+            if len(parts) > SUMMARY_ROWS:
+                out.write(f"every worker's row: {exp.output / PARTITION}\n")
     display = Progress(enabled=progress, stream=out, status_file=exp.output / STATUS, name=exp.name,
                        info=_status_info(exp))
     # The run keeps only the test set (`benchmarks/memory.py --cases run`): the training set goes
