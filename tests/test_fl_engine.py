@@ -74,6 +74,21 @@ def test_the_model_owner_receives_only_aggregates(digits) -> None:
     assert len(history) == 3 and history.last["workers"] == 3
 
 
+def test_nothing_of_a_round_stays_on_its_workers_while_the_model_owner_evaluates(digits) -> None:
+    """The mean is freed by the request that reads it, not by the aggregator's next one: the store
+    itself, not what a flush would leave, is empty during the central evaluation."""
+    workers, agg, _ = federation(digits)
+    held: list[int] = []
+
+    def central(parameters):
+        held.append(sum(len(w.core.objects) for w in (agg, *workers)))
+        return {}
+
+    base = sum(len(w.core.objects) for w in workers)  # the owners' own data
+    fl.fit(mlp(), workers, fl.FedAvg(training=TRAINING, evaluate_fn=central), rounds=2, aggregator=agg)
+    assert held == [base, base]  # after each round
+
+
 def test_a_trained_update_cannot_be_fetched_from_its_worker(digits) -> None:
     workers, _, _ = federation(digits)
     w = workers[0]

@@ -143,10 +143,12 @@ class RemoteModel:
         """The model's tensors (with ``grads``: ``{"values": [...], "grads": [...]}``), if the worker's
         policy lets them leave; the worker deletes the model, and this handle is spent."""
         worker = self.worker
-        reply = worker.request(m.GetModule(self.module(), grads))
-        self.live = False
+        # Its tensors' ids are freed by the same request, before it runs (as in `move`): the
+        # model's memory goes back now, not with the worker's next request (an aggregator's mean
+        # would otherwise stay there through the model owner's evaluation).
         self._release_tensors(worker)
-        return reply
+        self.live = False
+        return worker.request(m.GetModule(self.module(), grads))
 
     def release(self) -> None:
         """Forget the model on its worker (freed with the next request there)."""
