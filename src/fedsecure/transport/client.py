@@ -55,8 +55,10 @@ class GrpcTransport:
     """A transport (bytes in, bytes out) to one worker's server, with a deadline per request.
 
     ``persistent``: requests go over pooled long-lived streams (for a model owner, whose
-    requests follow one another); otherwise each request opens a stream of its own (for
-    worker-to-worker moves, which are few and large).
+    requests follow one another), and a large tensor sent to the same server again is named
+    instead (`fedsecure.transport.kept`: the round's model to each owner a server hosts);
+    otherwise each request opens a stream of its own (for worker-to-worker moves, which are
+    few and large, and never the same twice).
     """
 
     def __init__(
@@ -89,7 +91,8 @@ class GrpcTransport:
         seconds = self.deadline if deadline is None else deadline
         try:
             return self._link.exchange(
-                self.worker_id, data, deadline=seconds, limit=self.max_message, keep=self.persistent
+                self.worker_id, data, deadline=seconds, limit=self.max_message, keep=self.persistent,
+                reuse=self.persistent,
             )
         except streams.Expired:
             raise WorkerUnavailable(

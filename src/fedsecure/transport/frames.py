@@ -5,7 +5,7 @@ The head carries the msgpack body of a `codec.Framed` message and announces its 
 tensor storage on one end and written straight into new tensors on the other::
 
     head     := u16 len(worker) | worker (utf-8) | u32 len(manifest) | manifest | body
-    manifest := msgpack [[dtype name, [dim, ...]], ...]
+    manifest := msgpack [[dtype name, [dim, ...]], ...]   (a third field: `fedsecure.transport.kept`)
 
 ``worker`` names the hosted worker a request is for (empty in replies). A chunk holds at
 most `CHUNK` bytes and never spans two frames. The receiver checks the announced sizes
@@ -21,13 +21,15 @@ the CPU's cache, and gRPC's per-message cost (tens of microseconds) is small aga
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import torch
 
 from fedsecure.errors import ProtocolError
+from fedsecure.transport import kept
 from fedsecure.wire import codec
 
 CHUNK = 1 << 20
@@ -54,18 +56,27 @@ class Frame:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    keep: bool = False  # the receiver keeps a copy (`fedsecure.transport.kept`)
+    name: bytes | None = None  # no bytes follow: the receiver's kept frame with this digest
 
 
-def outgoing(worker: str, message: bytes) -> tuple[bytes, list[memoryview]]:
+def outgoing(worker: str, message: bytes, plan: list[tuple[str, bytes | None]] | None = None
+             ) -> tuple[bytes, list[memoryview]]:
     """The head of ``message`` (a `codec.Framed` one or plain bytes) for ``worker``, and
-    its frames' bytes (views of tensor storage, not copies)."""
+    its frames' bytes (views of tensor storage, not copies). ``plan``: for each frame, whether
+    to send it, send and keep it, or name it (`kept.Reuse.plan`); by default, send each."""
     tensors = getattr(message, "frames", [])
-    manifest = msgpack.packb([[codec.dtype_name(t.dtype), list(t.shape)] for t in tensors])
+    plan = plan or [(kept.SEND, None)] * len(tensors)
+    entries: list[list[Any]] = []
+    for t, (how, d) in zip(tensors, plan, strict=True):
+        entry: list[Any] = [codec.dtype_name(t.dtype), list(t.shape)]
+        entries.append(entry if how == kept.SEND else [*entry, True if how == kept.KEEP else d])
+    manifest = msgpack.packb(entries)
     name = worker.encode()
     head = b"".join(
         (_WORKER.pack(len(name)), name, _MANIFEST.pack(len(manifest)), manifest, message)
     )
-    return head, [codec.tensor_bytes(t) for t in tensors]
+    return head, [codec.tensor_bytes(t) for t, (how, _) in zip(tensors, plan, strict=True) if how != kept.NAME]
 
 
 def chunks(head: bytes, views: list[memoryview]) -> Iterator[bytes]:
@@ -113,29 +124,40 @@ def read_manifest(rest: memoryview, *, limit: int, what: str) -> tuple[list[Fram
     body = rest[_MANIFEST.size + n :]
     frames, total = [], len(body)
     for entry in entries:
-        if not isinstance(entry, list) or len(entry) != 2:
-            raise ProtocolError("each frame is announced as [dtype, shape]")
+        if not isinstance(entry, list) or len(entry) not in (2, 3):
+            raise ProtocolError("each frame is announced as [dtype, shape] or [dtype, shape, true or a 32-byte digest]")
         dtype = codec.parse_dtype(entry[0])
         nbytes = codec.check_shape(entry[1]) * codec.itemsize(dtype)
         if nbytes == 0:
             raise ProtocolError("an empty tensor travels inside the message, not as a frame")
+        extra = entry[2] if len(entry) == 3 else False
+        if extra is not False and extra is not True and not (isinstance(extra, bytes) and len(extra) == 32):
+            raise ProtocolError("a frame's third field is true (keep it) or a 32-byte digest (a kept frame)")
         total += nbytes
         if total > limit:
             raise TooLarge(too_large(what, total, limit))
-        frames.append(Frame(dtype, tuple(entry[1]), nbytes))
+        frames.append(Frame(dtype, tuple(entry[1]), nbytes, keep=extra is True,
+                            name=extra if isinstance(extra, bytes) else None))
     if total > limit:
         raise TooLarge(too_large(what, total, limit))
     return frames, bytes(body)
 
 
-def receive(frames: list[Frame], messages: Iterator[bytes]) -> list[torch.Tensor]:
-    """The announced frames' tensors, filled chunk by chunk from ``messages``.
+def receive(frames: list[Frame], messages: Iterator[bytes],
+            named: Callable[[bytes], torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The announced frames' tensors, filled chunk by chunk from ``messages``; a named frame is
+    ``named(digest)``, a copy of the receiver's kept one (none may be named where it is None).
 
     A frame's tensor is allocated when its first chunk arrives, so a sender that stops
     early costs no more memory than it sent (pages are touched as they are written).
     """
     tensors = []
     for frame in frames:
+        if frame.name is not None:
+            if named is None:
+                raise ProtocolError("a reply cannot name a kept frame: only requests do")
+            tensors.append(named(frame.name))
+            continue
         tensor: torch.Tensor | None = None
         view = memoryview(b"")
         at = 0

@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 
 from fedsecure.errors import ProtocolError, WorkerUnavailable
-from fedsecure.transport import frames
+from fedsecure.transport import frames, kept
 from fedsecure.transport.certs import common_name
 from fedsecure.transport.client import GrpcTransport
 from fedsecure.transport.frames import CHUNK
@@ -136,6 +136,7 @@ class WorkerServer:
         self.max_message = max_message
         self._hosted: dict[str, _Hosted] = {}
         self._budget = _Budget(max_message)
+        self.kept = kept.Kept(min(kept.BUDGET, max_message))  # frames callers sent, to be named again
         self._lock = threading.Lock()
         self._stopping = False
         self._idle: set[grpc.ServicerContext] = set()  # streams waiting for their next request
@@ -304,8 +305,14 @@ class WorkerServer:
         hosted, sender = self._admit(worker, credential, context)
         with _refusing(context):
             announced, body = frames.read_manifest(rest, limit=self.max_message, what="the request")
+            named = [(f.name, f.dtype, f.shape) for f in announced if f.name is not None]
+            if named:  # refused before a byte of its frames is read where one is not held
+                self.kept.check(credential, named)
             with self._budget.reserve(credential, sum(f.nbytes for f in announced)):
-                tensors = frames.receive(announced, requests)
+                tensors = frames.receive(announced, requests, functools.partial(self.kept.copy, credential))
+            for frame, tensor in zip(announced, tensors, strict=True):
+                if frame.keep:
+                    self.kept.keep(credential, tensor)
         with hosted.gate.enter(sender):
             with codec.incoming(tensors):
                 reply = hosted.core.handle(body, sender, framed=True, max_reply=self.max_message)
@@ -361,6 +368,7 @@ class WorkerServer:
         for context in idle:
             context.cancel()  # type: ignore[attr-defined]
         self._server.stop(grace).wait()
+        self.kept.clear()
         for hosted in self._hosted.values():
             for transport in hosted.peers.values():
                 transport.close()
@@ -421,5 +429,7 @@ def _refusing(context: grpc.ServicerContext) -> Iterator[None]:
         yield
     except frames.TooLarge as exc:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    except kept.Missing as exc:  # the caller sends the frame again in full
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     except ProtocolError as exc:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

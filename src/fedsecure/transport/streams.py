@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from fedsecure.transport import frames
+from fedsecure.transport import frames, kept
 
 IDLE = 10.0  # seconds an unused stream stays open
 
@@ -80,8 +80,9 @@ class Stream:
     def alive(self) -> bool:
         return not (self.closed or self.expired) and bool(self._replies.is_active())
 
-    def exchange(self, worker: str, data: bytes, deadline: float, limit: int) -> bytes:
-        head, views = frames.outgoing(worker, data)
+    def exchange(self, worker: str, data: bytes, deadline: float, limit: int,
+                 plan: list[tuple[str, bytes | None]] | None = None) -> bytes:
+        head, views = frames.outgoing(worker, data, plan)
         self.due = due = time.monotonic() + deadline
         WATCHDOG.watch(self)
         try:
@@ -126,16 +127,36 @@ class Link:
         self.metadata = tuple(metadata)
         self._idle: list[Stream] = []
         self._lock = threading.Lock()
+        self.reuse = kept.Reuse()
 
-    def exchange(self, worker: str, data: bytes, *, deadline: float, limit: int, keep: bool) -> bytes:
+    def exchange(self, worker: str, data: bytes, *, deadline: float, limit: int, keep: bool,
+                 reuse: bool = False) -> bytes:
         """Send one request to ``worker`` and return its reply; ``keep``: on a pooled
-        stream, else on one opened for this request alone."""
+        stream, else on one opened for this request alone; ``reuse``: large frames sent
+        before are kept by the server and then named (`fedsecure.transport.kept`)."""
+        tensors = getattr(data, "frames", None) if reuse else None
+        plan = self.reuse.plan(tensors) if tensors else None
+        try:
+            reply = self._exchange(worker, data, deadline, limit, keep, plan)
+        except grpc.RpcError as exc:
+            named = plan is not None and any(how == kept.NAME for how, _ in plan)
+            if not named or getattr(exc, "code", lambda: None)() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise  # not a kept.Missing
+            self.reuse.missed()  # the server dropped them (or restarted): send them again
+            plan = self.reuse.plan(tensors, naming=False)  # type: ignore[arg-type]
+            reply = self._exchange(worker, data, deadline, limit, keep, plan)
+        if plan is not None:
+            self.reuse.done(plan)
+        return reply
+
+    def _exchange(self, worker: str, data: bytes, deadline: float, limit: int, keep: bool,
+                  plan: list[tuple[str, bytes | None]] | None) -> bytes:
         stream = self._take() if keep else None
         if stream is None:
             stream = Stream(self, None if keep else deadline)
         done = False
         try:
-            reply = stream.exchange(worker, data, deadline, limit)
+            reply = stream.exchange(worker, data, deadline, limit, plan)
             done = True
             return reply
         finally:
