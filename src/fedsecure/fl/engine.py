@@ -35,6 +35,7 @@ from fedsecure.fl.progress import Progress
 from fedsecure.fl.report import RoundClock, epsilon_of, local_epsilon, who
 from fedsecure.fl.secure import SecureSettings, Trained, secure_mean, shared_mean
 from fedsecure.fl.strategy import (
+    EVAL_BATCH,
     AggregationRule,
     ConfigurationError,
     EvaluateAggregate,
@@ -414,7 +415,7 @@ class Engine:
         if self.test_data is not None:
             load_parameters(self.model, self.parameters)
             x, y = self.test_data
-            loss, correct, count = training.evaluate(self.model, x, y, self.test_loss, 1024).tolist()
+            loss, correct, count = training.evaluate(self.model, x, y, self.test_loss, EVAL_BATCH).tolist()
             metrics["central_loss"] = loss / count
             if self.test_loss in ("cross_entropy", "nll_loss"):
                 metrics["central_accuracy"] = correct / count
