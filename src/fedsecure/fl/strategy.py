@@ -36,6 +36,7 @@ from fedsecure.errors import FedsecureError
 from fedsecure.worker.training import LOSSES
 
 Parameters = dict[str, torch.Tensor]
+"""A model's state: parameter and buffer names to tensors, in `state_dict` order."""
 
 EVAL_BATCH = 256
 """Images per forward pass of an evaluation, central (the engine's, on the model owner's test set)
@@ -44,8 +45,6 @@ process, 2 threads, medians of 5, two runs each): 2.75-2.78 s and 47 MB above th
 memory at 256 a pass, against 3.52-3.95 s and 245-259 MB at 1024 (each pass's activations outgrow
 the CPU's caches), 3.00 s and 166 MB at 512, 2.85 s and 12 MB at 128; NIID-Bench's CNN
 0.22-0.31 s at 256 against 0.29-0.34 s at 1024."""
-"""A model's state: parameter and buffer names to tensors, in `state_dict` order."""
-
 
 
 class ConfigurationError(FedsecureError, ValueError):
