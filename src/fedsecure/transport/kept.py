@@ -90,14 +90,15 @@ class Reuse:
                     out.append((SEND, None))
         return out
 
-    def done(self, plan: list[tuple[str, bytes | None]]) -> None:
-        """The request went through: the frames it kept or named are held, as of now."""
+    def done(self, plan: list[tuple[str, bytes | None]], sent: float) -> None:
+        """The request sent at ``sent`` (`time.monotonic`) went through: the frames it kept or
+        named are held, used last no sooner than then (the server used them after)."""
         now = time.monotonic()
         with self._lock:
             for how, d in plan:
                 if how != SEND and d is not None:
                     self._seen.pop(d, None)
-                    self._held[d] = now
+                    self._held[d] = sent
             for d in [d for d, used in self._held.items() if now - used >= IDLE_S]:
                 del self._held[d]
 

@@ -136,6 +136,7 @@ class Link:
         before are kept by the server and then named (`fedsecure.transport.kept`)."""
         tensors = getattr(data, "frames", None) if reuse else None
         plan = self.reuse.plan(tensors) if tensors else None
+        sent = time.monotonic()
         try:
             reply = self._exchange(worker, data, deadline, limit, keep, plan)
         except grpc.RpcError as exc:
@@ -144,9 +145,10 @@ class Link:
                 raise  # not a kept.Missing
             self.reuse.missed()  # the server dropped them (or restarted): send them again
             plan = self.reuse.plan(tensors, naming=False)  # type: ignore[arg-type]
+            sent = time.monotonic()
             reply = self._exchange(worker, data, deadline, limit, keep, plan)
         if plan is not None:
-            self.reuse.done(plan)
+            self.reuse.done(plan, sent)
         return reply
 
     def _exchange(self, worker: str, data: bytes, deadline: float, limit: int, keep: bool,
