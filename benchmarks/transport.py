@@ -13,6 +13,11 @@ Measured on this machine, against workers in their own processes (`WorkerProcess
    worker-to-worker ``move``, next to a raw TCP copy of the same bytes (``sendall`` of a
    memoryview into a thread's ``recv_into`` a preallocated buffer, then a one-byte ack) as the
    ceiling. Target: at least half the ceiling at 100 MiB.
+4. one tensor to many workers of one server (the round's model to the owners a simulation host
+   serves): ``x.send(w)`` of the same 6.4 MiB tensor to each of N workers hosted by one in-process
+   `WorkerServer`, where the server keeps it after the second send and the rest name it by digest
+   (`fedsecure.transport.kept`), against sends of new content each time (never named); a new
+   tensor every round.
 Prints a table and writes JSON (default benchmarks/results/transport.json).
 
 Run:  python benchmarks/transport.py [--quick] [--out PATH]
@@ -284,6 +289,42 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else format(value, spec) + suffix
 
 
+def bench_broadcast(workers: int, nbytes: int, rounds: int) -> dict[str, Any]:
+    """Milliseconds per ``send`` of one tensor to each of ``workers`` workers of one server,
+    repeated content (named from the third send of a round) against new content each send."""
+    server = WorkerServer()
+    names = [f"w{i}" for i in range(workers)]
+    for name in names:
+        server.add(WorkerCore(name), callers={OWNER: ("client", "owner")})
+    server.start()
+    try:
+        clients = [sy.connect(n, server.address, credentials=OWNER) for n in names]
+        t: dict[str, list[float]] = {"full": [], "named": [], "fresh": []}
+        same = True
+        for _ in range(rounds):
+            x = torch.rand(nbytes // 4)
+            fresh = [torch.rand(nbytes // 4) for _ in clients]
+            for kind, tensors in (("repeat", [x] * len(clients)), ("fresh", fresh)):
+                pointers = []
+                for i, (w, tensor) in enumerate(zip(clients, tensors, strict=True)):
+                    t0 = time.perf_counter()
+                    pointers.append(tensor.send(w))
+                    spent = time.perf_counter() - t0
+                    t["fresh" if kind == "fresh" else "full" if i < 2 else "named"].append(spent)
+                same = same and all(torch.equal(p.get(), v) for p, v in zip(pointers, tensors, strict=True))
+                del pointers
+                for w in clients:
+                    w.flush()
+        named_held = server.kept.named
+    finally:
+        server.stop(1.0)
+    ms = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+    per_round = {"repeat": 2 * ms["full"] + (workers - 2) * ms["named"], "fresh": workers * ms["fresh"]}
+    return {"workers": workers, "size_bytes": nbytes, "rounds": rounds, "median_ms": ms,
+            "round_ms": per_round, "round_ratio": per_round["repeat"] / per_round["fresh"],
+            "named_sends": named_held, "same_values": same, "seconds": t}
+
+
 def report(result: dict[str, Any]) -> None:
     m = result["machine"]
     print(f"transport on loopback  {result['date']}  python {m['python']}  torch {m['torch']}  "
@@ -317,6 +358,14 @@ def report(result: dict[str, Any]) -> None:
     met = result["transfer_target_met"]
     print(f"target: send, get and move of {size_name(TARGET_SIZE)} at least {TARGET_RATIO:.0%} of raw TCP: "
           + ("not measured" if met is None else "met" if met else "NOT met"))
+    b = result["broadcast"]
+    print(f"\none tensor ({b['size_bytes'] / MIB:.2f} MiB) to {b['workers']} workers of one server, {b['rounds']} rounds, "
+          "ms per send (median)")
+    print(f"{'new content each send':28} {b['median_ms']['fresh']:7.2f}")
+    print(f"{'same: the first two':28} {b['median_ms']['full']:7.2f}")
+    print(f"{'same: named (kept frames)':28} {b['median_ms']['named']:7.2f}")
+    print(f"a round's sends: {b['round_ms']['repeat']:.1f} ms against {b['round_ms']['fresh']:.1f} ms "
+          f"({b['round_ratio']:.2f}x); named sends {b['named_sends']}; same values: {'yes' if b['same_values'] else 'NO'}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -376,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["transfers"].append(bench_transfer(nbytes, n, alice, bob, sink))
             except sy.FedsecureError as exc:
                 result["transfers"].append({"size_bytes": nbytes, "skipped": f"{type(exc).__name__}: {exc}"})
+        result["broadcast"] = bench_broadcast(*((6, 6400 << 10, 2) if args.quick else (20, 6400 << 10, 10)))
     # ru_maxrss is in KiB; the children's is the largest worker's, known once they have exited
     result["peak_rss_mib"] = {"client": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                               "largest worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}

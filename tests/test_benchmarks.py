@@ -143,6 +143,8 @@ def test_transport_benchmark_runs(tmp_path: Path) -> None:
     assert "raw TCP" in table
     assert all(row["same_values"] for row in result["transfers"])
     assert all(p["correct"] for p in result["pipeline"])
+    b = result["broadcast"]  # the same tensor to 6 workers of one server, twice: 4 sends a round named
+    assert "named (kept frames)" in table and b["same_values"] and b["named_sends"] == 4 * b["rounds"]
 
 
 def test_secure_aggregation_benchmark_runs(tmp_path: Path) -> None:
