@@ -182,3 +182,36 @@ def test_fedavg_over_one_server_names_the_rounds_model_and_trains_as_in_process(
                            aggregator=sy.VirtualWorker(id="agg", policy=Policy(strict=True), federation=fed), seed=5)
     for a, b in zip(served.state_dict().values(), in_process.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_server_keeps_at_most_its_budget_for_a_caller_dropping_the_least_recently_used() -> None:
+    store = kept.Kept(budget=5 << 20)  # room for two of the 2 MiB tensors
+    a, b, c = big(10), big(11), big(12)
+    store.keep(b"one", a), store.keep(b"one", b)
+    announced = [frames.Frame(torch.float32, tuple(a.shape), a.nbytes, name=kept.digest(a))]
+    assert torch.equal(store.copies(b"one", announced)[0], a)  # a is now the more recently used
+    store.keep(b"one", c)
+    assert store.held(b"one") == 2 * a.nbytes
+    with pytest.raises(kept.Missing):  # b went, the least recently used
+        store.copies(b"one", [frames.Frame(torch.float32, tuple(b.shape), b.nbytes, name=kept.digest(b))])
+    assert torch.equal(store.copies(b"one", announced)[0], a)
+    store.keep(b"two", big(13))  # another caller's copies count against its own budget
+    assert store.held(b"one") == 2 * a.nbytes and store.held(b"two") == a.nbytes
+    store.keep(b"one", torch.zeros(3 << 20))  # 12 MiB: more than the budget, never kept
+    assert store.held(b"one") == 2 * a.nbytes
+    store.clear()
+
+
+def test_worker_to_worker_transports_send_every_frame_in_full() -> None:
+    """Moves between workers (a stream per request) carry models that are never the same twice:
+    they are neither hashed for nor kept."""
+    from fedsecure.transport.client import GrpcTransport
+    from fedsecure.worker.client import WorkerClient
+
+    x = big(6)
+    with hosting(*NAMES) as server:
+        for name in NAMES:
+            client = WorkerClient(name, GrpcTransport(name, server.address, token=OWNER, persistent=False))
+            client.framed = True
+            assert torch.equal(x.send(client).get(), x)
+        assert server.kept.named == 0 and server.kept.held(OWNER.encode()) == 0

@@ -99,6 +99,20 @@ def simulate(server_app: Any, client_app: Any, nodes: int, args: argparse.Namesp
     )
 
 
+def received(msg: Any, context: Any, threads: int, open_data: Any, wl: Any) -> tuple[int, int, Any, Any]:
+    """A ClientApp call's first steps, in both workloads: its torch threads, its client's number,
+    the round, its data (``open_data(path)``, the path the server configured) and the model sent."""
+    import torch
+
+    torch.set_num_threads(threads)
+    cid = int(context.node_config["partition-id"])
+    config = msg.content["config"]
+    local = open_data(str(config["data"]))
+    model = wl.cnn(local.image_size)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return cid, int(config["server-round"]), local, model
+
+
 def run(args: argparse.Namespace) -> None:
     t0 = time.time()
     import torch
@@ -121,15 +135,10 @@ def run(args: argparse.Namespace) -> None:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(args.client_threads)
-        cid = int(context.node_config["partition-id"])
-        config = msg.content["config"]
-        local_data = wl.Data(str(config["data"]))
+        cid, server_round, local_data, model = received(msg, context, args.client_threads, wl.Data, wl)
         x, y = local_data.client(cid)
-        model = wl.cnn(local_data.image_size)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         started = time.time()
-        loss = wl.train(model, x, y, shuffle_seed=wl.client_seed(local_data.seed, int(config["server-round"]), cid))
+        loss = wl.train(model, x, y, shuffle_seed=wl.client_seed(local_data.seed, server_round, cid))
         metrics = MetricRecord({
             "num-examples": len(y),
             "train-loss": loss,
@@ -232,15 +241,11 @@ def run_cross_device(args: argparse.Namespace) -> None:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(args.client_threads)
-        cid = int(context.node_config["partition-id"])
-        config = msg.content["config"]
-        local = wl.cross_device(str(config["data"]))  # mapped once per actor process
+        # the data mapped once per actor process (`workload.cross_device`)
+        cid, server_round, local, model = received(msg, context, args.client_threads, wl.cross_device, wl)
         x, y = local.owner(cid)
-        model = wl.cnn(local.image_size)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         loss = wl.train(model, x, y, epochs=args.epochs, batch_size=args.batch,
-                        shuffle_seed=wl.client_seed(local.seed, int(config["server-round"]), cid))
+                        shuffle_seed=wl.client_seed(local.seed, server_round, cid))
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
                               "metrics": MetricRecord({"num-examples": len(y), "train-loss": loss})})
         return Message(content=content, reply_to=msg)

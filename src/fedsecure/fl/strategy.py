@@ -40,8 +40,8 @@ Parameters = dict[str, torch.Tensor]
 
 EVAL_BATCH = 256
 """Images per forward pass of an evaluation, central (the engine's, on the model owner's test set)
-and federated (the workers'). McMahan et al.'s CNN on Fashion-MNIST's 10,000 test images (one
-process, 2 threads, medians of 5, two runs each): 2.75-2.78 s and 47 MB above the process's
+and federated (the workers'). McMahan et al.'s CNN on Fashion-MNIST's 10,000 test images (one-off:
+one process, 2 threads, medians of 5, two runs each): 2.75-2.78 s and 47 MB above the process's
 memory at 256 a pass, against 3.52-3.95 s and 245-259 MB at 1024 (each pass's activations outgrow
 the CPU's caches), 3.00 s and 166 MB at 512, 2.85 s and 12 MB at 128; NIID-Bench's CNN
 0.22-0.31 s at 256 against 0.29-0.34 s at 1024."""

@@ -21,7 +21,7 @@ the CPU's cache, and gRPC's per-message cost (tens of microseconds) is small aga
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,19 +144,20 @@ def read_manifest(rest: memoryview, *, limit: int, what: str) -> tuple[list[Fram
 
 
 def receive(frames: list[Frame], messages: Iterator[bytes],
-            named: Callable[[bytes], torch.Tensor] | None = None) -> list[torch.Tensor]:
+            named: Mapping[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The announced frames' tensors, filled chunk by chunk from ``messages``; a named frame is
-    ``named(digest)``, a copy of the receiver's kept one (none may be named where it is None).
+    ``named[its place]``, a copy of the receiver's kept one (`kept.Kept.copies`; none may be
+    named where ``named`` is None).
 
     A frame's tensor is allocated when its first chunk arrives, so a sender that stops
     early costs no more memory than it sent (pages are touched as they are written).
     """
     tensors = []
-    for frame in frames:
+    for i, frame in enumerate(frames):
         if frame.name is not None:
             if named is None:
                 raise ProtocolError("a reply cannot name a kept frame: only requests do")
-            tensors.append(named(frame.name))
+            tensors.append(named[i])
             continue
         tensor: torch.Tensor | None = None
         view = memoryview(b"")

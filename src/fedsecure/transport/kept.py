@@ -34,12 +34,18 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import blake3
 import torch
 
 from fedsecure.errors import ProtocolError
 from fedsecure.wire import codec
+from fedsecure.worker import heap
+
+if TYPE_CHECKING:
+    from fedsecure.transport.frames import Frame
 
 KEEP_MIN = 1 << 20  # bytes: smaller frames are sent every time (their copies cost less than a hash)
 IDLE_S = 2.0  # seconds a kept frame stays unused before its server drops it
@@ -110,42 +116,44 @@ class Reuse:
             self._held.clear()
 
 
+@dataclass(slots=True)
+class _Copy:
+    tensor: torch.Tensor
+    used: float  # `time.monotonic` of its last use
+
+
 class Kept:
     """The serving side: each caller's kept frames, by digest."""
 
     def __init__(self, budget: int = BUDGET) -> None:
         self.budget = budget
         self._lock = threading.Lock()
-        self._frames: dict[bytes, OrderedDict[bytes, list[object]]] = {}  # caller -> digest -> [tensor, last use]
-        self._bytes: dict[bytes, int] = {}
+        self._frames: dict[bytes, OrderedDict[bytes, _Copy]] = {}  # caller -> digest -> copy, oldest use first
         self._timer: threading.Timer | None = None
         self.named = 0  # frames served from a copy kept here
 
-    def check(self, caller: bytes, named: Sequence[tuple[bytes, torch.dtype, tuple[int, ...]]]) -> None:
-        """Raise `Missing` unless every named frame is held for ``caller`` with that dtype and
-        shape (before any of the request's bytes are read)."""
+    def copies(self, caller: bytes, frames: Sequence[Frame]) -> dict[int, torch.Tensor]:
+        """A copy of each frame a request names, by its place among ``frames``, each marked as used
+        now; `Missing` unless every one is held for ``caller`` with the announced dtype and shape
+        (called before any of the request's bytes are read)."""
+        out: dict[int, torch.Tensor] = {}
+        if all(frame.name is None for frame in frames):  # most requests
+            return out
         with self._lock:
-            frames = self._frames.get(caller, OrderedDict())
-            for d, dtype, shape in named:
-                entry = frames.get(d)
-                t = entry[0] if entry is not None else None
-                if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
-                    raise Missing(f"this server holds no frame {d.hex()[:16]} of {codec.dtype_name(dtype)} "
-                                  f"{list(shape)} for this caller (it keeps one {IDLE_S:g} s after its last use)")
-
-    def copy(self, caller: bytes, d: bytes) -> torch.Tensor:
-        """A copy of ``caller``'s kept frame ``d`` (checked by `check`), marked as used now."""
-        with self._lock:
-            frames = self._frames.get(caller)
-            entry = frames.get(d) if frames is not None else None
-            if entry is None:  # dropped since `check`
-                raise Missing(f"this server no longer holds the frame {d.hex()[:16]} for this caller")
-            entry[1] = time.monotonic()
-            self._frames[caller].move_to_end(d)
-            kept = entry[0]
-            self.named += 1
-        assert isinstance(kept, torch.Tensor)
-        return kept.clone()
+            held = self._frames.get(caller, OrderedDict())
+            for i, frame in enumerate(frames):
+                if frame.name is None:
+                    continue
+                kept = held.get(frame.name)
+                if kept is None or kept.tensor.dtype != frame.dtype or tuple(kept.tensor.shape) != frame.shape:
+                    raise Missing(f"this server holds no frame {frame.name.hex()[:16]} of "
+                                  f"{codec.dtype_name(frame.dtype)} {list(frame.shape)} for this caller "
+                                  f"(it keeps one {IDLE_S:g} s after its last use)")
+                kept.used = time.monotonic()
+                held.move_to_end(frame.name)
+                out[i] = kept.tensor
+            self.named += len(out)
+        return {i: t.clone() for i, t in out.items()}  # outside the lock; each frame a tensor of its own
 
     def keep(self, caller: bytes, tensor: torch.Tensor) -> None:
         """Keep a copy of ``tensor`` for ``caller`` under the digest of its bytes."""
@@ -153,49 +161,45 @@ class Kept:
             return
         d = digest(tensor)
         with self._lock:
-            frames = self._frames.setdefault(caller, OrderedDict())
-            if d in frames:
-                frames[d][1] = time.monotonic()
-                frames.move_to_end(d)
+            held = self._frames.setdefault(caller, OrderedDict())
+            if d in held:
+                held[d].used = time.monotonic()
+                held.move_to_end(d)
             else:
-                frames[d] = [tensor.clone(), time.monotonic()]
-                self._bytes[caller] = self._bytes.get(caller, 0) + tensor.nbytes
-                while self._bytes[caller] > self.budget:
-                    self._drop(caller, next(iter(frames)))
+                held[d] = _Copy(tensor.clone(), time.monotonic())
+                while self._held(caller) > self.budget:
+                    self._drop(caller, next(iter(held)))  # the least recently used first
             self._schedule()
 
     def held(self, caller: bytes) -> int:
         """Bytes kept for ``caller``."""
         with self._lock:
-            return self._bytes.get(caller, 0)
+            return self._held(caller)
+
+    def _held(self, caller: bytes) -> int:
+        return sum(c.tensor.nbytes for c in self._frames.get(caller, {}).values())
 
     def _drop(self, caller: bytes, d: bytes) -> None:
-        tensor = self._frames[caller].pop(d)[0]
-        assert isinstance(tensor, torch.Tensor)
-        self._bytes[caller] -= tensor.nbytes
+        del self._frames[caller][d]
         if not self._frames[caller]:
-            del self._frames[caller], self._bytes[caller]
+            del self._frames[caller]
 
     def _schedule(self) -> None:
         """A timer for the next drop (the caller holds the lock)."""
         if self._timer is None and self._frames:
-            oldest = min(e[1] for frames in self._frames.values() for e in frames.values())  # type: ignore[type-var]
-            wait = max(0.01, oldest + IDLE_S - time.monotonic())  # type: ignore[operator]
-            self._timer = threading.Timer(wait, self._expire)
+            oldest = min(c.used for held in self._frames.values() for c in held.values())
+            self._timer = threading.Timer(max(0.01, oldest + IDLE_S - time.monotonic()), self._expire)
             self._timer.daemon = True
             self._timer.start()
 
     def _expire(self) -> None:
-        from fedsecure.worker import heap
-
         now, dropped = time.monotonic(), False
         with self._lock:
             self._timer = None
             for caller in list(self._frames):
-                for d, (_, used) in list(self._frames[caller].items()):
-                    if now - used >= IDLE_S:  # type: ignore[operator]
-                        self._drop(caller, d)
-                        dropped = True
+                for d in [d for d, c in self._frames[caller].items() if now - c.used >= IDLE_S]:
+                    self._drop(caller, d)
+                    dropped = True
             self._schedule()
         if dropped:
             heap.trim()  # the dropped copies go back to the system now
@@ -203,7 +207,6 @@ class Kept:
     def clear(self) -> None:
         with self._lock:
             self._frames.clear()
-            self._bytes.clear()
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None

@@ -305,11 +305,9 @@ class WorkerServer:
         hosted, sender = self._admit(worker, credential, context)
         with _refusing(context):
             announced, body = frames.read_manifest(rest, limit=self.max_message, what="the request")
-            named = [(f.name, f.dtype, f.shape) for f in announced if f.name is not None]
-            if named:  # refused before a byte of its frames is read where one is not held
-                self.kept.check(credential, named)
             with self._budget.reserve(credential, sum(f.nbytes for f in announced)):
-                tensors = frames.receive(announced, requests, functools.partial(self.kept.copy, credential))
+                named = self.kept.copies(credential, announced)  # or refused before a byte of the frames is read
+                tensors = frames.receive(announced, requests, named)
             for frame, tensor in zip(announced, tensors, strict=True):
                 if frame.keep:
                     self.kept.keep(credential, tensor)
