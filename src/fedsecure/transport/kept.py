@@ -35,7 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import blake3
 import torch
@@ -43,9 +43,6 @@ import torch
 from fedsecure.errors import ProtocolError
 from fedsecure.wire import codec
 from fedsecure.worker import heap
-
-if TYPE_CHECKING:
-    from fedsecure.transport.frames import Frame
 
 KEEP_MIN = 1 << 20  # bytes: smaller frames are sent every time (their copies cost less than a hash)
 IDLE_S = 2.0  # seconds a kept frame stays unused before its server drops it
@@ -116,6 +113,17 @@ class Reuse:
             self._held.clear()
 
 
+class Announced(Protocol):
+    """A frame as a request's head announces it (`fedsecure.transport.frames.Frame`)."""
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def name(self) -> bytes | None: ...
+
+
 @dataclass(slots=True)
 class _Copy:
     tensor: torch.Tensor
@@ -132,7 +140,7 @@ class Kept:
         self._timer: threading.Timer | None = None
         self.named = 0  # frames served from a copy kept here
 
-    def copies(self, caller: bytes, frames: Sequence[Frame]) -> dict[int, torch.Tensor]:
+    def copies(self, caller: bytes, frames: Sequence[Announced]) -> dict[int, torch.Tensor]:
         """A copy of each frame a request names, by its place among ``frames``, each marked as used
         now; `Missing` unless every one is held for ``caller`` with the announced dtype and shape
         (called before any of the request's bytes are read)."""
