@@ -21,7 +21,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks notebooks
 	$(VENV)/bin/mypy
-	$(PY) -m pytest
+	# A test process per core, each test file in one of them (its module fixtures start once);
+	# then Ray's tests on their own: a Ray node that starts beside a busy test process can miss
+	# its raylet's 30 s start-up wait.
+	$(PY) -m pytest -n auto --dist loadfile --ignore=tests/test_ray.py
+	$(PY) -m pytest tests/test_ray.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/pointer_overhead.py

@@ -39,7 +39,7 @@ def test_t_minus_1_shares_take_every_value_equally_often_whatever_the_secret(sec
     assert len(seen) == p * p and set(seen.values()) == {1}  # uniform, so independent of the secret
 
 
-@pytest.mark.parametrize("candidate", [b"", os.urandom(32), b"\xff" * 64])
+@pytest.mark.parametrize("candidate", [b"", os.urandom(32), b"\xff" * 64], ids=["empty", "random", "ff64"])
 def test_t_minus_1_real_shares_are_consistent_with_every_secret(candidate: bytes) -> None:
     """Two of three shares of one secret, plus a third made up, reconstruct any other secret."""
     kept = split(os.urandom(32), threshold=3, xs=[1, 2, 3])[:2]
