@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Test processes of `make test`: the CPUs this process may run on (`make test TESTERS=1`: one).
+TESTERS ?= $(shell nproc 2>/dev/null || echo 1)
 
 .PHONY: demo test lint bench docs clean
 
@@ -21,10 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks notebooks
 	$(VENV)/bin/mypy
-	# A test process per core, each test file in one of them (its module fixtures start once);
+	# A test process per CPU, each test file in one of them (its module fixtures start once);
 	# then Ray's tests on their own: a Ray node that starts beside a busy test process can miss
 	# its raylet's 30 s start-up wait.
-	$(PY) -m pytest -n auto --dist loadfile --ignore=tests/test_ray.py
+	$(PY) -m pytest -n $(TESTERS) --dist loadfile --ignore=tests/test_ray.py
 	$(PY) -m pytest tests/test_ray.py
 
 bench: $(STAMP)
