@@ -24,10 +24,9 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks notebooks
 	$(VENV)/bin/mypy
 	# A test process per CPU, each test file in one of them (its module fixtures start once);
-	# then Ray's tests on their own: a Ray node that starts beside a busy test process can miss
-	# its raylet's 30 s start-up wait.
-	$(PY) -m pytest -n $(TESTERS) --dist loadfile --ignore=tests/test_ray.py
-	$(PY) -m pytest tests/test_ray.py
+	# then the tests marked `alone` (Ray's), one after the other.
+	$(PY) -m pytest -n $(TESTERS) --dist loadfile -m "not alone"
+	$(PY) -m pytest -m alone
 
 bench: $(STAMP)
 	$(PY) benchmarks/pointer_overhead.py

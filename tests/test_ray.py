@@ -29,6 +29,10 @@ from fedsecure.experiment.ray_hosts import RaySimulation
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
+# Ray's raylet waits a fixed 30 s for its node to register, which a start beside other busy tests
+# can miss (the cluster fixture starts once more when it does)
+pytestmark = pytest.mark.alone
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits.toml"
 ROUNDS = 3
