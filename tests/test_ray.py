@@ -7,6 +7,7 @@ import collections
 import contextlib
 import io
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import torch
 
 from fedsecure import fl
 from fedsecure.data import load_digits
-from fedsecure.experiment import load, ray_hosts, run_experiment
+from fedsecure.experiment import load, local_ray, ray_hosts, run_experiment
 from fedsecure.experiment.models import build_model
 from fedsecure.experiment.ray_hosts import RaySimulation
 
@@ -268,12 +269,15 @@ def descendants():
         more = {p for p, q in parent.items() if q in mine} - mine
         mine, grew = mine | more, bool(more)
     return mine - {os.getpid()}
-seen, done = set(), threading.Event()
+seen, arenas, done = set(), set(), threading.Event()
 def sample():
     while not done.wait(0.2):
         for pid in descendants():
             try:
-                seen.add(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode())
+                seen.add(command := open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode())
+                if command.startswith("ray::OwnerHost"):
+                    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\\0")
+                    arenas.update(e.decode() for e in env if e.startswith(b"MALLOC_ARENA_MAX="))
             except OSError:
                 pass
 threading.Thread(target=sample, daemon=True).start()
@@ -282,17 +286,18 @@ exp = load(sys.argv[1], {"experiment.rounds": 1, "experiment.output": sys.argv[2
 rows = run_experiment(exp, progress=False).rows
 done.set()
 print(rows[-1]["central_accuracy"])
-print("monitor" if any("monitor.py" in c or "dashboard/dashboard.py" in c for c in seen) else "lean",
-      "raylet" if any("raylet" in c for c in seen) else "")
+python = ("monitor.py", "dashboard/dashboard.py", "dashboard/agent.py", "runtime_env/agent/main.py")
+print(sorted(p for p in python if any(p in c for c in seen)) or "lean", "raylet" if any("raylet" in c for c in seen) else "",
+      "actor" if any(c.startswith("ray::OwnerHost") for c in seen) else "", *sorted(arenas))
 """
 
 
-def test_a_local_ray_starts_without_the_monitors_a_one_machine_run_does_not_use(
+def test_a_local_ray_starts_without_the_processes_a_one_machine_run_does_not_use(
     cluster: Cluster, tmp_path: Path, one_process: list[dict[str, Any]]
 ) -> None:
     """No address: the run starts its own Ray (in a process of its own here, as `fedsecure run`
-    does), without the autoscaler's monitor, the log monitor and the dashboard process, about 150
-    MB, and stops it; also
+    does), without the autoscaler's monitor, the log monitor, the dashboard process and the two
+    agents, about 50 MB each, and stops it; its actors get their environment from the raylet's; also
     where RAY_ADDRESS names another cluster (it said "num_cpus must not be provided" before)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": cluster.address}
     done = subprocess.run([sys.executable, "-c", LOCAL_RAY, str(DIGITS), str(tmp_path / "out")], capture_output=True,
@@ -301,7 +306,102 @@ def test_a_local_ray_starts_without_the_monitors_a_one_machine_run_does_not_use(
     assert "Token authentication is enabled" not in done.stderr  # Ray's notice of its default, for a Ray of the run's own
     accuracy, processes = done.stdout.split("\n")[-3:-1]
     assert float(accuracy) == pytest.approx(one_process[0]["central_accuracy"], abs=1e-9)
-    assert processes == "lean raylet"
+    arenas = "" if "MALLOC_ARENA_MAX" in os.environ else " MALLOC_ARENA_MAX=2"  # from the raylet's environment
+    assert processes == "lean raylet actor" + arenas
+
+
+RAYLET = ["/ray/raylet", "--node_id=ab12", "--metrics-agent-port=0",
+          "--dashboard_agent_command=/venv/bin/python -u /ray/dashboard/agent.py --node-id=ab12",
+          "--runtime_env_agent_command=/venv/bin/python -u /ray/_private/runtime_env/agent/main.py", "--head"]
+
+
+def test_each_agent_of_a_local_ray_has_a_stand_in_that_reports_its_ports_unused_and_ends_with_the_raylet(
+    tmp_path: Path,
+) -> None:
+    session = tmp_path / "session dir"  # a space: the stand-in quotes what it writes
+    session.mkdir()
+    names = {port: getattr(ray._raylet, port) for ports in local_ray.AGENTS.values() for port in ports}
+    command = local_ray.without_agents([*RAYLET, f"--session_dir={session}"], names)
+    assert command is not None and command[0] == "/ray/raylet" and command[-1] == f"--session_dir={session}"
+    assert command[1:3] == RAYLET[1:3] and command[5] == "--head"  # the rest as it was
+    # the raylet runs each agent's command as its child; here a parent that ends after a second does
+    children = []
+    for flag in ("--dashboard_agent_command=", "--runtime_env_agent_command="):
+        (arg,) = [a for a in command if a.startswith(flag)]
+        parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                                   "print(subprocess.Popen(sys.argv[1:]).pid, flush=True); time.sleep(1)",
+                                   *shlex.split(arg[len(flag):])], stdout=subprocess.PIPE, text=True)
+        children.append((parent, int(parent.stdout.readline())))  # type: ignore[union-attr]
+    expected = {f"{name}_ab12" for name in names.values()}
+    deadline = time.monotonic() + 30
+    while {p.name for p in session.iterdir()} != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {p.name for p in session.iterdir()} == expected  # the raylet's names, no half-written file
+    assert all(p.read_text().strip() == "-1" for p in session.iterdir())
+    for parent, child in children:
+        assert parent.wait(timeout=30) == 0
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), "the stand-in outlived the raylet"
+    # a raylet's command without what the stand-ins need: left to Ray
+    assert local_ray.without_agents(RAYLET, names) is None
+    assert local_ray.without_agents([f"--session_dir={session}", *RAYLET[:4]], names) is None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+STAND_INS_FAIL = """
+import logging, os, sys, ray
+from fedsecure.experiment import local_ray
+real, calls = ray.init, []
+def init(**options):  # the first start fails after its processes started, as a raylet that never registers would
+    calls.append(real(**options))
+    if len(calls) == 1:
+        raise Exception("The current node timed out during startup.")
+ray.init = init
+local_ray.start_local_ray(ray, 1, {"FEDSECURE_PROBE": "1"})
+@ray.remote
+def probe():
+    return os.environ.get("FEDSECURE_PROBE")
+print(ray.get(probe.remote(), timeout=60))
+mine = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+def parent(pid):
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError):
+        return 0
+def command(pid):
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode()
+    except OSError:
+        return ""
+tree, grew = {os.getpid()}, True
+while grew:
+    more = {p for p in mine if parent(p) in tree} - tree
+    tree, grew = tree | more, bool(more)
+seen = [command(p) for p in tree - {os.getpid()}]
+print(sum("gcs_server" in c for c in seen), sum("/raylet " in c for c in seen),
+      sum(c.startswith("ray::DashboardAgent") or "dashboard/agent.py" in c and "/raylet " not in c for c in seen),
+      sum("kill -0" in c and "/raylet " not in c for c in seen))
+ray.shutdown()
+"""
+
+
+def test_a_local_ray_whose_stand_ins_fail_starts_again_with_its_agents(tmp_path: Path) -> None:
+    """Another Ray's raylet could refuse the stand-ins: the run says so, stops what that start left
+    running (its GCS and raylet) and starts Ray with its own agents, and still the environment."""
+    done = subprocess.run([sys.executable, "-c", STAND_INS_FAIL], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stderr
+    assert "with stand-ins for its agents did not start (The current node timed out" in done.stderr
+    probe, counts = done.stdout.split("\n")[-3:-1]
+    assert probe == "1"
+    assert counts == "1 1 1 0"  # one GCS, one raylet, the dashboard agent, no stand-in
 
 
 BLOCK_RAY = """

@@ -41,6 +41,7 @@ from fedsecure.data import Dataset
 from fedsecure.errors import DatasetNotFound, WorkerUnavailable
 from fedsecure.experiment.config import Experiment
 from fedsecure.experiment.host import serve
+from fedsecure.experiment.local_ray import start_local_ray
 from fedsecure.experiment.owners import shares_of
 from fedsecure.experiment.simulation import Simulation, assign
 from fedsecure.fl import ConfigurationError
@@ -52,73 +53,6 @@ INSTALL = "pip install 'fedsecure[ray]'"
 LOOPBACK = "127.0.0.1"
 ASK_S = 10.0  # seconds to ask a live actor where it serves (it answers in milliseconds)
 RETRY_S = 1.0  # seconds a request waits for an actor that already failed to come back once
-
-
-LEAN = {"no_monitor": True, "include_log_monitor": False}
-"""What a local Ray starts without: the autoscaler's monitor (a one-machine Ray has nothing to
-scale) and the log monitor, which copies every actor's output to this terminal; and, by
-`_no_api_server`, the dashboard process. Each is a Python process of about 50 MB
-(benchmarks/vs_flower's JSON lists them); the actors' output stays in Ray's session logs
-(``/tmp/ray/session_latest/logs/worker-*``), and their failures reach the model owner as errors.
-Ray's job and state APIs, which that dashboard process serves, are not there either; a run that
-needs them (or Ray's dashboard) starts a Ray of its own (``ray start --head``) and joins it with
-``[workers] address``."""
-
-
-def start_local_ray(ray: Any, cpus: int) -> None:
-    """``ray.init`` of a local Ray of ``cpus`` CPUs, without the processes of `LEAN`. ``ray.init``
-    takes no such option, so its parameter class is given those two settings, and its node class
-    `_no_api_server`, while it starts the node; a Ray whose parameters lack them starts as
-    ``ray.init`` alone would."""
-    # "local": a Ray of this run's own even where RAY_ADDRESS names a cluster (joined with `address`)
-    options = {"address": "local", "num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
-               "logging_level": logging.WARNING}
-    try:
-        from ray._private import node, parameter
-    except ImportError:
-        ray.init(**options)
-        return
-    plain, api_server = parameter.RayParams, getattr(node.Node, "start_api_server", None)
-
-    class Lean(plain):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **{**LEAN, **kwargs})
-
-    notices = logging.getLogger(AUTH_LOGGER)
-    with _starting:
-        notices.addFilter(_token_notice)
-        setattr(parameter, "RayParams", Lean)  # noqa: B010  (a class attribute of Ray's, for this call)
-        if api_server is not None:
-            setattr(node.Node, "start_api_server", _no_api_server)  # noqa: B010
-        try:
-            ray.init(**options)
-        except TypeError:  # a Ray without those parameters
-            setattr(parameter, "RayParams", plain)  # noqa: B010
-            ray.init(**options)
-        finally:
-            setattr(parameter, "RayParams", plain)  # noqa: B010
-            if api_server is not None:
-                setattr(node.Node, "start_api_server", api_server)  # noqa: B010
-            notices.removeFilter(_token_notice)
-
-
-AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
-
-
-def _token_notice(record: logging.LogRecord) -> bool:
-    """Whether to show a record of `AUTH_LOGGER` while a local Ray starts: not Ray's notice that a
-    new local cluster turns token authentication on, its default (this Ray is the run's own, on
-    loopback, and stops with it); its warning that authentication is off still shows."""
-    return not record.getMessage().startswith("Token authentication is enabled")
-
-
-def _no_api_server(self: Any, **options: Any) -> None:
-    """In place of ``Node.start_api_server`` while a local Ray starts: no dashboard process. With
-    ``include_dashboard=False`` Ray still starts one, which runs only its usage-statistics module
-    (``--modules-to-load=UsageStatsHead``); nothing of a simulation asks it anything."""
-
-
-_starting = threading.Lock()
 
 
 def import_ray() -> Any:
@@ -309,6 +243,7 @@ class RaySimulation(Simulation):
         self._homes: list[_Host] = []
         self._ray: Any = None
         self._disconnect = False
+        self._own = False  # a local Ray that this simulation started
 
     def _owner_device(self) -> str:
         """``[workers] device`` as written: each actor resolves it on its own node."""
@@ -333,7 +268,9 @@ class RaySimulation(Simulation):
         try:
             if self.ray_address is None:
                 cpus = self.requested * self.num_cpus if self.requested else os.cpu_count() or 1
-                start_local_ray(ray, max(1, round(cpus)))
+                # the actors' environment from the raylet's: a local Ray has no runtime_env (local_ray.py)
+                start_local_ray(ray, max(1, round(cpus)), heap.arena_limit(self.concurrency))
+                self._own = True
             else:
                 ray.init(address=self.ray_address, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -363,7 +300,7 @@ class RaySimulation(Simulation):
 
     def _start_hosts(self) -> list[str]:
         ray = self._ray
-        env = heap.arena_limit(self.concurrency)  # read when the actor's process starts
+        env = {} if self._own else heap.arena_limit(self.concurrency)  # read when the actor's process starts
         actor = ray.remote(OwnerHost).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=-1,
                                               scheduling_strategy="SPREAD",
                                               runtime_env={"env_vars": env} if env else None)
@@ -412,7 +349,7 @@ class RaySimulation(Simulation):
         super().stop()
         if self._disconnect:
             ray.shutdown()  # stops a local Ray; only disconnects from a cluster that was joined
-            self._disconnect = False
+            self._disconnect = self._own = False
 
     def __enter__(self) -> RaySimulation:
         return self.start()
