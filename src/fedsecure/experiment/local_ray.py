@@ -1,10 +1,10 @@
 """A Ray of the run's own on this machine, started with only the processes a simulation uses.
 
-``ray.init`` on one machine starts, besides the GCS and the raylet, seven Python processes of
-50-55 MB each: the autoscaler's monitor, the log monitor, the dashboard process (also with
-``include_dashboard=False``: it then runs only Ray's usage statistics), the dashboard agent and
-the runtime environment agent, and one idle worker per CPU, which become the actors. A
-simulation uses the GCS, the raylet and the workers; `start_local_ray` starts nothing else:
+``ray.init`` on one machine starts, besides the GCS, the raylet and an idle worker per CPU (which
+become the actors), five Python processes of 50-55 MB each: the autoscaler's monitor, the log
+monitor, the dashboard process (also with ``include_dashboard=False``: it then runs only Ray's
+usage statistics), the dashboard agent and the runtime environment agent. A simulation uses the
+GCS, the raylet and the workers; `start_local_ray` starts nothing else:
 
 - the monitor, the log monitor and the dashboard process: not started (`LEAN`, `_no_api_server`);
 - the two agents, which the raylet itself starts and waits for (each reports its ports in a
