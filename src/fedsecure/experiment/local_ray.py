@@ -55,8 +55,9 @@ _starting = threading.Lock()
 def start_local_ray(ray: Any, cpus: int, env: Mapping[str, str] | None = None) -> None:
     """``ray.init`` of a local Ray of ``cpus`` CPUs with only the processes a simulation uses (the
     module's docstring), ``env`` added to the raylet's environment, which the workers it starts
-    inherit. A Ray whose internals lack what this needs starts as ``ray.init`` alone would (with
-    ``env``); so does one whose raylet does not start with the stand-ins."""
+    inherit. A Ray whose raylet does not start with the stand-ins starts again with its agents
+    (and ``env``); one whose internals lack what this needs starts as ``ray.init`` alone would, its
+    workers with Ray's environment."""
     # "local": a Ray of this run's own even where RAY_ADDRESS names a cluster (joined with `address`)
     options = {"address": "local", "num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
                "logging_level": logging.WARNING}
@@ -64,6 +65,9 @@ def start_local_ray(ray: Any, cpus: int, env: Mapping[str, str] | None = None) -
         from ray import _raylet
         from ray._private import node, parameter, services
     except ImportError:
+        ray.init(**options)
+        return
+    if not callable(getattr(services, "start_ray_process", None)):
         ray.init(**options)
         return
     names = {port: getattr(_raylet, port, None) for ports in AGENTS.values() for port in ports}
