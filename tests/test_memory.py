@@ -5,6 +5,12 @@ own data meanwhile."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,6 +241,75 @@ def test_simulation_hosts_are_forked_by_one_zygote_and_stop_with_it() -> None:
                aggregator=sim.aggregator, groups=sim.groups)
     assert zygote.returncode == 0  # every host stopped cleanly on the zygote's SIGTERM
     assert not [pid for pid in hosts if Path(f"/proc/{pid}").exists()]
+
+
+def _gone(pids: list[int], within: float = 20.0) -> list[int]:
+    """Those of ``pids`` still running after ``within`` seconds (a zombie has ended)."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
+            except OSError:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+TGKILL = {"x86_64": 234, "aarch64": 131}  # the syscall's number
+
+
+@pytest.mark.skipif(platform.machine() not in TGKILL or sys.platform != "linux", reason="tgkill on Linux")
+def test_a_host_stops_when_its_sigterm_comes_to_a_thread_other_than_its_main_one() -> None:
+    """The kernel gives a process's signal to any thread that does not block it; Python runs the
+    handler only once the main thread wakes. Sent to each of gRPC's threads in turn, as the kernel
+    may, the zygote's SIGTERM still stops the host."""
+    from fedsecure.experiment.simulation import Simulation
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with Simulation({"data": {"dataset": "digits", "workers": 2}}, processes=1) as sim:
+        (zygote,) = sim._hosts
+        (host,) = _children(zygote.pid)
+        threads = [int(t.name) for t in Path(f"/proc/{host}/task").iterdir() if int(t.name) != host]
+        assert threads, "the host serves from threads of gRPC's"
+        assert libc.syscall(TGKILL[platform.machine()], host, threads[-1], signal.SIGTERM) == 0
+        assert _gone([host]) == []
+        assert zygote.wait(10) == 0  # the host stopped cleanly
+
+
+def test_a_killed_run_leaves_no_host_behind() -> None:
+    """SIGKILL to the run (nothing of it can stop its hosts): its zygote sees it gone and stops
+    them; SIGKILL to a zygote: its hosts see it gone and stop."""
+    started = subprocess.Popen([sys.executable, "-c", KILLED_RUN], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert started.stdout is not None
+    zygote, *hosts = map(int, started.stdout.readline().split())
+    assert len(hosts) == 2
+    started.kill()
+    started.wait()
+    assert _gone([zygote, *hosts]) == []
+
+    from fedsecure.experiment.simulation import Simulation
+
+    with Simulation({"data": {"dataset": "digits", "workers": 4}}, processes=2) as sim:
+        (proc,) = sim._hosts
+        hosts = _children(proc.pid)
+        proc.kill()
+        assert _gone(hosts) == []
+
+
+KILLED_RUN = """
+import pathlib, time
+from fedsecure.experiment.simulation import Simulation
+sim = Simulation({"data": {"dataset": "digits", "workers": 4}}, processes=2).start()
+(zygote,) = sim._hosts
+hosts = [c for t in pathlib.Path(f"/proc/{zygote.pid}/task").iterdir() for c in (t / "children").read_text().split()]
+print(zygote.pid, *hosts, flush=True)
+time.sleep(600)
+"""
 
 
 def test_a_host_that_fails_as_it_starts_is_reported_at_once(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import json
 import logging
 import shlex
 import sys
-import threading
+import time
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
             run_experiment(exp, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
             if args.dashboard is not None and sys.stdin.isatty():
                 print("fedsecure run: the run ended; the dashboard stays up until Ctrl-C", file=sys.stderr, flush=True)
-                threading.Event().wait()
+                while True:  # until Ctrl-C, whose KeyboardInterrupt comes when this thread wakes
+                    time.sleep(0.5)
     except FedsecureError as exc:
         log.error("%s", exc)
         print(f"fedsecure run: {exc}", file=sys.stderr)

@@ -302,7 +302,8 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
+    while not stopping.wait(0.5):  # wakes to run a handler that a signal to another thread left waiting
+        pass
     server.stop(grace=5.0)  # calls in flight finish first
     print(f"fedsecure {'strict aggregator' if policy.strict else 'worker'} {core.id!r} stopped", flush=True)
     return 0

@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
@@ -98,10 +99,21 @@ def _shipped(owners: list[int], shares: Mapping[str, Mapping[str, np.ndarray]]) 
 
 
 _STOPS = {signal.SIGTERM, signal.SIGINT}
+POLL_S = 0.1
+"""How often a host looks whether it was told to stop or lost its zygote, and the zygote whether it
+lost the process that started it. Python runs a signal's handler only once the main thread wakes,
+so a SIGTERM that the kernel gives one of gRPC's threads leaves a main thread that waits with no
+timeout waiting for good (tests/test_memory.py sends one so). In one test run a host outlived its
+run by minutes, its main thread waiting on a lock with no timeout, and held the pipe that the
+run's caller read to its end; a host whose zygote was killed had no one left to stop it."""
+GRACE_S = 2.0  # what a host's calls in flight get to finish when it stops
+STOP_S = 5.0  # how much longer a host waits for its server to stop
 
 
 def host(spec: Mapping[str, Any], index: int) -> None:
-    """A host process: serves its owners (`serve`), prints its address, and serves until SIGTERM."""
+    """A host process: serves its owners (`serve`), prints its address, and serves until SIGTERM,
+    SIGINT or the end of its zygote (killed, it could not pass a stop on)."""
+    zygote = os.getppid()
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
@@ -111,13 +123,22 @@ def host(spec: Mapping[str, Any], index: int) -> None:
     # separate write of the newline would let another host's line fall between.
     sys.stdout.write(f"simulation host {index} {LISTENING}{server.address}\n")
     sys.stdout.flush()
-    stopping.wait()
-    server.stop(2.0)
+    while not stopping.wait(POLL_S) and os.getppid() == zygote:
+        pass
+    # calls in flight get GRACE_S; a server whose stop never ends does not keep the host
+    stop = threading.Thread(target=server.stop, args=(GRACE_S,), daemon=True)
+    stop.start()
+    stop.join(GRACE_S + STOP_S)
+    if stop.is_alive():
+        sys.stderr.write(f"simulation host {index}: its server did not stop within {GRACE_S + STOP_S:g} s; "
+                         "the host ends without it\n")
 
 
 def zygote(specs: list[Mapping[str, Any]]) -> int:
-    """Fork one host per spec; forward SIGTERM and SIGINT to them; wait for all; the exit status
+    """Fork one host per spec; forward SIGTERM and SIGINT to them, and a SIGTERM when the process
+    that started this one ends (killed, a run cannot stop its hosts); wait for all; the exit status
     (0 where every host stopped cleanly)."""
+    owner = os.getppid()
     gc.collect()
     gc.freeze()  # the imports' objects: a collection in a host would write to (so copy) their pages
     children: list[int] = []
@@ -151,9 +172,16 @@ def zygote(specs: list[Mapping[str, Any]]) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
-    failed = 0
-    for _ in children:
-        pid, status = os.wait()
+    failed, left, orphaned = 0, set(children), False
+    while left:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:  # none ended: the process that started this one (the run) may have
+            if not orphaned and os.getppid() != owner:
+                orphaned = True
+                forward(signal.SIGTERM, None)
+            time.sleep(POLL_S)
+            continue
+        left.discard(pid)
         if status != 0:  # said at once: `Simulation` waits for every host's line
             sys.stdout.write(f"simulation host {children.index(pid)} {FAILED}{os.waitstatus_to_exitcode(status)}\n")
             sys.stdout.flush()
