@@ -7,7 +7,9 @@ imported module as ``__main__`` makes Python warn on every start.
 The zygote reads the hosts' specs as JSON on stdin (the secret travels on a pipe, never on a
 command line) and forks one host per spec. Each host loads the data set itself, keeps the shares
 of the owners assigned to it as their private data, serves them all from one gRPC server (one
-`WorkerCore` per owner), prints the address it listens on and serves until SIGTERM.
+`WorkerCore` per owner), prints the address it listens on and serves until SIGTERM or until its
+zygote is gone; the zygote stops the hosts when the run that started it is gone (a killed run
+leaves no host serving).
 
 Forked, the hosts share what the zygote imported (torch, gRPC, fedsecure), memory that a fresh
 process writes as it imports them, until one of them writes to it. `benchmarks/memory.py
