@@ -81,8 +81,8 @@ def start_local_ray(ray: Any, cpus: int, env: Mapping[str, str] | None = None) -
             if not patches.stand_ins:
                 raise
             log.warning("a local Ray with stand-ins for its agents did not start (%s); starting it with them", exc)
+            ray.shutdown()  # first: a driver still connected would end this process once its GCS is gone
             patches.stop_started()
-            ray.shutdown()
             patches.stand_ins = False
             ray.init(**options)
 
