@@ -11,6 +11,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 import fedsecure as sy
 from fedsecure import fl
 from fedsecure.data import federate, load_digits
+from processes import children, still_running
 
 
 def test_owners_hold_only_their_data_between_rounds() -> None:
@@ -223,10 +225,6 @@ def test_a_run_keeps_only_the_test_set_once_the_owners_hold_their_shares(tmp_pat
     assert alive == [False] * (2 if mode == "processes" else 1) and "central_accuracy" in history.last
 
 
-def _children(pid: int) -> list[int]:
-    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
-
-
 def test_simulation_hosts_are_forked_by_one_zygote_and_stop_with_it() -> None:
     """The hosts share the zygote's imports (copy-on-write); stopping the simulation stops them all."""
     from fedsecure.experiment.simulation import Simulation
@@ -235,28 +233,12 @@ def test_simulation_hosts_are_forked_by_one_zygote_and_stop_with_it() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     with Simulation({"data": {"dataset": "digits", "workers": 4}}, processes=2) as sim:
         (zygote,) = sim._hosts
-        hosts = _children(zygote.pid)
+        hosts = children(zygote.pid)
         assert len(hosts) == 2
         fl.fit(model, sim.workers, fl.FedAvg(training=fl.LocalTraining(epochs=1, batch_size=32, lr=0.1)), rounds=1,
                aggregator=sim.aggregator, groups=sim.groups)
     assert zygote.returncode == 0  # every host stopped cleanly on the zygote's SIGTERM
     assert not [pid for pid in hosts if Path(f"/proc/{pid}").exists()]
-
-
-def _gone(pids: list[int], within: float = 20.0) -> list[int]:
-    """Those of ``pids`` still running after ``within`` seconds (a zombie has ended)."""
-    deadline = time.monotonic() + within
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                    alive.append(pid)
-            except OSError:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.1)
 
 
 TGKILL = {"x86_64": 234, "aarch64": 131}  # the syscall's number
@@ -265,18 +247,18 @@ TGKILL = {"x86_64": 234, "aarch64": 131}  # the syscall's number
 @pytest.mark.skipif(platform.machine() not in TGKILL or sys.platform != "linux", reason="tgkill on Linux")
 def test_a_host_stops_when_its_sigterm_comes_to_a_thread_other_than_its_main_one() -> None:
     """The kernel gives a process's signal to any thread that does not block it; Python runs the
-    handler only once the main thread wakes. Sent to each of gRPC's threads in turn, as the kernel
-    may, the zygote's SIGTERM still stops the host."""
+    handler only once the main thread wakes. Sent to one of gRPC's threads, as the kernel may, the
+    zygote's SIGTERM still stops the host."""
     from fedsecure.experiment.simulation import Simulation
 
     libc = ctypes.CDLL(None, use_errno=True)
     with Simulation({"data": {"dataset": "digits", "workers": 2}}, processes=1) as sim:
         (zygote,) = sim._hosts
-        (host,) = _children(zygote.pid)
+        (host,) = children(zygote.pid)
         threads = [int(t.name) for t in Path(f"/proc/{host}/task").iterdir() if int(t.name) != host]
         assert threads, "the host serves from threads of gRPC's"
         assert libc.syscall(TGKILL[platform.machine()], host, threads[-1], signal.SIGTERM) == 0
-        assert _gone([host]) == []
+        assert still_running([host]) == []
         assert zygote.wait(10) == 0  # the host stopped cleanly
 
 
@@ -286,28 +268,64 @@ def test_a_killed_run_leaves_no_host_behind() -> None:
     started = subprocess.Popen([sys.executable, "-c", KILLED_RUN], stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert started.stdout is not None
-    zygote, *hosts = map(int, started.stdout.readline().split())
+    zygote = int(started.stdout.readline())
+    hosts = children(zygote)
     assert len(hosts) == 2
     started.kill()
     started.wait()
-    assert _gone([zygote, *hosts]) == []
+    assert still_running([zygote, *hosts]) == []
 
     from fedsecure.experiment.simulation import Simulation
 
     with Simulation({"data": {"dataset": "digits", "workers": 4}}, processes=2) as sim:
         (proc,) = sim._hosts
-        hosts = _children(proc.pid)
+        hosts = children(proc.pid)
         proc.kill()
-        assert _gone(hosts) == []
+        assert still_running(hosts) == []
+
+
+def test_a_host_whose_server_does_not_stop_ends_after_its_grace_and_a_bound(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The host's body, here in the test's process, with a server whose stop never ends: told to
+    stop, the host gives it GRACE_S and STOP_S, says so and returns (its process then exits)."""
+    from fedsecure.experiment import host
+
+    stuck = threading.Event()
+
+    class Stuck:
+        address = "127.0.0.1:1"
+
+        def stop(self, grace: float) -> None:
+            stuck.wait()
+
+    monkeypatch.setattr(host, "serve", lambda spec: Stuck())
+    monkeypatch.setattr(host, "GRACE_S", 0.2)
+    monkeypatch.setattr(host, "STOP_S", 0.3)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    stop = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        stop.start()
+        started = time.monotonic()
+        host.host({}, 3)
+        took = time.monotonic() - started
+    finally:
+        stop.cancel()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        stuck.set()
+    assert 0.3 + 0.5 <= took < 10, took  # the signal's 0.3 s, then the grace and the bound
+    out, err = capsys.readouterr()
+    assert "simulation host 3 listening on 127.0.0.1:1" in out
+    assert "simulation host 3: its server did not stop within 0.5 s" in err
 
 
 KILLED_RUN = """
-import pathlib, time
+import time
 from fedsecure.experiment.simulation import Simulation
 sim = Simulation({"data": {"dataset": "digits", "workers": 4}}, processes=2).start()
 (zygote,) = sim._hosts
-hosts = [c for t in pathlib.Path(f"/proc/{zygote.pid}/task").iterdir() for c in (t / "children").read_text().split()]
-print(zygote.pid, *hosts, flush=True)
+print(zygote.pid, flush=True)  # its hosts have started: start() waits for their addresses
 time.sleep(600)
 """
 

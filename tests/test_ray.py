@@ -26,6 +26,7 @@ from fedsecure.data import load_digits
 from fedsecure.experiment import load, local_ray, ray_hosts, run_experiment
 from fedsecure.experiment.models import build_model
 from fedsecure.experiment.ray_hosts import RaySimulation
+from processes import TREE, still_running
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -254,32 +255,20 @@ def load_ray_workers(exp: Any) -> Iterator[Any]:
         yield start_workers(exp, data, exp.partitions(data), stack)
 
 
-LOCAL_RAY = """
-import os, sys, threading
+LOCAL_RAY = TREE + """
+import sys, threading
 from fedsecure.experiment import load, run_experiment
-def descendants():
-    parent = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            parent[int(pid)] = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            pass
-    mine, grew = {os.getpid()}, True
-    while grew:
-        more = {p for p, q in parent.items() if q in mine} - mine
-        mine, grew = mine | more, bool(more)
-    return mine - {os.getpid()}
 seen, arenas, done = set(), set(), threading.Event()
 def sample():
     while not done.wait(0.2):
         for pid in descendants():
-            try:
-                seen.add(command := open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode())
-                if command.startswith("ray::OwnerHost"):
+            seen.add(line := command(pid))
+            if line.startswith("ray::OwnerHost"):
+                try:
                     env = open(f"/proc/{pid}/environ", "rb").read().split(b"\\0")
-                    arenas.update(e.decode() for e in env if e.startswith(b"MALLOC_ARENA_MAX="))
-            except OSError:
-                pass
+                except OSError:
+                    continue
+                arenas.update(e.decode() for e in env if e.startswith(b"MALLOC_ARENA_MAX="))
 threading.Thread(target=sample, daemon=True).start()
 exp = load(sys.argv[1], {"experiment.rounds": 1, "experiment.output": sys.argv[2], "workers.mode": "ray",
                          "workers.actors": 1, "workers.num_cpus": 1.0})
@@ -340,23 +329,14 @@ def test_each_agent_of_a_local_ray_has_a_stand_in_that_reports_its_ports_unused_
     assert all(p.read_text().strip() == "-1" for p in session.iterdir())
     for parent, child in children:
         assert parent.wait(timeout=30) == 0
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(child), "the stand-in outlived the raylet"
+        assert still_running([child]) == [], "the stand-in outlived the raylet"
     # a raylet's command without what the stand-ins need: left to Ray
     assert local_ray.without_agents(RAYLET, names) is None
     assert local_ray.without_agents([f"--session_dir={session}", *RAYLET[:4]], names) is None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except OSError:
-        return False
-
-
-STAND_INS_FAIL = """
-import logging, os, sys, ray
+STAND_INS_FAIL = TREE + """
+import ray
 from fedsecure.experiment import local_ray
 real, calls = ray.init, []
 def init(**options):  # the first start fails after its processes started, as a raylet that never registers would
@@ -369,22 +349,7 @@ local_ray.start_local_ray(ray, 1, {"FEDSECURE_PROBE": "1"})
 def probe():
     return os.environ.get("FEDSECURE_PROBE")
 print(ray.get(probe.remote(), timeout=60))
-mine = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-def parent(pid):
-    try:
-        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError):
-        return 0
-def command(pid):
-    try:
-        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode()
-    except OSError:
-        return ""
-tree, grew = {os.getpid()}, True
-while grew:
-    more = {p for p in mine if parent(p) in tree} - tree
-    tree, grew = tree | more, bool(more)
-seen = [command(p) for p in tree - {os.getpid()}]
+seen = [command(p) for p in descendants()]
 print(sum("gcs_server" in c for c in seen), sum("/raylet " in c for c in seen),
       sum(c.startswith("ray::DashboardAgent") or "dashboard/agent.py" in c and "/raylet " not in c for c in seen),
       sum("kill -0" in c and "/raylet " not in c for c in seen))

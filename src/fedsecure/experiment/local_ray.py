@@ -1,7 +1,7 @@
 """A Ray of the run's own on this machine, started with only the processes a simulation uses.
 
 ``ray.init`` on one machine starts, besides the GCS, the raylet and an idle worker per CPU (which
-become the actors), five Python processes of 50-55 MB each: the autoscaler's monitor, the log
+become the actors), five Python processes of 49-63 MB each: the autoscaler's monitor, the log
 monitor, the dashboard process (also with ``include_dashboard=False``: it then runs only Ray's
 usage statistics), the dashboard agent and the runtime environment agent. A simulation uses the
 GCS, the raylet and the workers; `start_local_ray` starts nothing else:
@@ -64,42 +64,43 @@ def start_local_ray(ray: Any, cpus: int, env: Mapping[str, str] | None = None) -
     try:
         from ray import _raylet
         from ray._private import node, parameter, services
-    except ImportError:
-        ray.init(**options)
-        return
-    if not callable(getattr(services, "start_ray_process", None)):
+
+        services.start_ray_process  # noqa: B018  (what the stand-ins and env go through)
+    except (ImportError, AttributeError):
         ray.init(**options)
         return
     names = {port: getattr(_raylet, port, None) for ports in AGENTS.values() for port in ports}
-    with _starting, _Patches(parameter, node, services, names, dict(env or {})) as patches:
+    known = os.name == "posix" and all(isinstance(name, str) for name in names.values())
+    with _starting, _Patches(parameter, node, services, names if known else None, dict(env or {})) as patches:
         try:
             ray.init(**options)
         except TypeError:  # a Ray without the parameters of LEAN
             patches.plain_parameters()
             ray.init(**options)
         except Exception as exc:
-            if not patches.stand_ins:
+            if not patches.stood_in:
                 raise
             log.warning("a local Ray with stand-ins for its agents did not start (%s); starting it with them", exc)
             ray.shutdown()  # first: a driver still connected would end this process once its GCS is gone
             patches.stop_started()
-            patches.stand_ins = False
+            patches.names = None
             ray.init(**options)
 
 
 class _Patches:
     """While a local Ray starts: Ray's node parameters with `LEAN`, its node class without the
-    dashboard process, its raylet's command with the agents' stand-ins (while ``stand_ins``) and
-    ``env``, and Ray's notice of token authentication filtered; the processes Ray started."""
+    dashboard process, its raylet's command with the agents' stand-ins (while ``names``, the port
+    files' names, are given) and ``env``, and Ray's notice of token authentication filtered; the
+    processes Ray started, and whether a raylet started with the stand-ins (``stood_in``)."""
 
-    def __init__(self, parameter: Any, node: Any, services: Any, names: Mapping[str, str | None],
+    def __init__(self, parameter: Any, node: Any, services: Any, names: Mapping[str, Any] | None,
                  env: dict[str, str]) -> None:
         self.parameter, self.node, self.services = parameter, node, services
         self.params, self.api_server = parameter.RayParams, getattr(node.Node, "start_api_server", None)
         self.start_process = services.start_ray_process
-        self.names = {k: v for k, v in names.items() if isinstance(v, str)}
-        self.env, self.stand_ins = env, len(self.names) == len(names) and os.name == "posix"
+        self.names, self.env = names, env
         self.started: list[Any] = []
+        self.stood_in = False
 
     def __enter__(self) -> _Patches:
         plain = self.params
@@ -118,7 +119,9 @@ class _Patches:
     def _start(self, command: list[str], process_type: str, *args: Any, **kwargs: Any) -> Any:
         """``services.start_ray_process``, with the raylet's command and environment changed."""
         if process_type == "raylet":
-            command = (without_agents(command, self.names) if self.stand_ins else None) or command
+            lean = None if self.names is None else without_agents(command, self.names)
+            self.stood_in = self.stood_in or lean is not None
+            command = lean or command
             kwargs["env_updates"] = {**(kwargs.get("env_updates") or {}), **self.env}
         info = self.start_process(command, process_type, *args, **kwargs)
         self.started.append(info)

@@ -242,8 +242,7 @@ class RaySimulation(Simulation):
         self._actors: list[Any] = []
         self._homes: list[_Host] = []
         self._ray: Any = None
-        self._disconnect = False
-        self._own = False  # a local Ray that this simulation started
+        self._disconnect = False  # this simulation started Ray (a local one) or joined it (an address)
 
     def _owner_device(self) -> str:
         """``[workers] device`` as written: each actor resolves it on its own node."""
@@ -270,7 +269,6 @@ class RaySimulation(Simulation):
                 cpus = self.requested * self.num_cpus if self.requested else os.cpu_count() or 1
                 # the actors' environment from the raylet's: a local Ray has no runtime_env (local_ray.py)
                 start_local_ray(ray, max(1, round(cpus)), heap.arena_limit(self.concurrency))
-                self._own = True
             else:
                 ray.init(address=self.ray_address, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -300,7 +298,8 @@ class RaySimulation(Simulation):
 
     def _start_hosts(self) -> list[str]:
         ray = self._ray
-        env = {} if self._own else heap.arena_limit(self.concurrency)  # read when the actor's process starts
+        own = self._disconnect and self.ray_address is None  # a local Ray: the raylet's environment has it
+        env = {} if own else heap.arena_limit(self.concurrency)  # read when the actor's process starts
         actor = ray.remote(OwnerHost).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=-1,
                                               scheduling_strategy="SPREAD",
                                               runtime_env={"env_vars": env} if env else None)
@@ -349,7 +348,7 @@ class RaySimulation(Simulation):
         super().stop()
         if self._disconnect:
             ray.shutdown()  # stops a local Ray; only disconnects from a cluster that was joined
-            self._disconnect = self._own = False
+            self._disconnect = False
 
     def __enter__(self) -> RaySimulation:
         return self.start()
